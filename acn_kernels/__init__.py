@@ -1,0 +1,6 @@
+"""Fused Triton and CUDA kernels for Auto-Compressing Networks."""
+__version__ = "0.1.0"
+
+from .models import CONNECTIVITIES, Encoder, MLP, Mixer, ViT  # noqa: E402
+
+__all__ = ["CONNECTIVITIES", "Encoder", "MLP", "Mixer", "ViT", "__version__"]

@@ -1,0 +1,23 @@
+"""Argument checks shared by ops and models: each raises with the argument's name, the accepted
+values and what was given, so a user never meets a bare assert or a crash inside a kernel."""
+from __future__ import annotations
+
+from typing import Iterable
+
+
+def check_choice(name: str, value, choices: Iterable) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> None:
+    if value % divisor != 0:
+        raise ValueError(
+            f"{name} must be divisible by {divisor_name}={divisor}, got {name}={value}"
+        )

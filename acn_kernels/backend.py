@@ -1,0 +1,48 @@
+"""Backend choice, in one place.
+
+    "reference"  pure PyTorch (`acn_kernels.reference`), any device
+    "triton"     the fused Triton kernels: CUDA tensors, or CPU tensors under Triton's interpreter
+    "auto"       Triton for CUDA tensors; for CPU tensors Triton only when the interpreter is on,
+                 the reference otherwise (the documented CPU path, not a fallback)
+
+Triton decides at decoration time whether a kernel is compiled or interpreted, so the
+interpreter counts as on only if TRITON_INTERPRET=1 was set before acn_kernels was imported.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import torch
+
+from ._validation import check_choice
+
+BACKENDS = ("auto", "reference", "triton")
+
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+# Read once, at import, because that is when the kernels are decorated.
+TRITON_INTERPRETED = TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Returns "reference" or "triton" for tensors on `device`, or raises with what to do."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "reference":
+        return "reference"
+    if backend == "triton":
+        if not TRITON_AVAILABLE:
+            raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+        if device.type != "cuda" and not TRITON_INTERPRETED:
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, got tensors on {device}; to run the Triton "
+                "kernels on the CPU set TRITON_INTERPRET=1 before importing acn_kernels, "
+                "or use backend='reference'")
+        return "triton"
+    if device.type == "cuda":
+        if TRITON_AVAILABLE:
+            return "triton"
+        warnings.warn("backend='auto': triton is not installed, CUDA tensors use the reference path",
+                      stacklevel=3)
+        return "reference"
+    return "triton" if TRITON_INTERPRETED else "reference"

@@ -1,0 +1,26 @@
+"""Command line: `python -m acn_kernels {demo,info}`."""
+from __future__ import annotations
+
+import argparse
+
+
+def _add_demo(commands) -> None:
+    demo = commands.add_parser("demo", help="train acn/residual/ffn twins on digits and probe every depth")
+    demo.add_argument("--model", choices=("mlp", "mixer"), default="mlp")
+    demo.add_argument("--depth", type=int, default=None, help="blocks (default: 12 for mlp, 8 for mixer)")
+    demo.add_argument("--epochs", type=int, default=None, help="default: 40 for mlp, 15 for mixer")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--plot", default=None, help="PNG path (default: acn_demo_<model>.png)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m acn_kernels", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_demo(commands)
+    commands.add_parser("info", help="versions and available backends")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+        return run_demo(args.model, depth=args.depth, epochs=args.epochs, seed=args.seed, plot=args.plot)
+    from .info import print_info
+    return print_info()

@@ -1,0 +1,48 @@
+"""`python -m acn_kernels info`: versions and which backends this machine can run."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import __version__
+from .backend import TRITON_AVAILABLE, TRITON_INTERPRETED
+
+
+def _triton_version() -> str:
+    if not TRITON_AVAILABLE:
+        return "not installed"
+    import triton
+    return triton.__version__
+
+
+def _cuda_extension() -> str:
+    try:
+        from . import _C  # noqa: F401
+    except ImportError:
+        return "not built"
+    return "built"
+
+
+def _gpu() -> str:
+    if not torch.cuda.is_available():
+        return "none"
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+
+
+def print_info() -> int:
+    rows = [
+        ("acn_kernels", __version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("torch CUDA", torch.version.cuda or "CPU build"),
+        ("triton", _triton_version()),
+        ("triton interpreter", "on (TRITON_INTERPRET=1)" if TRITON_INTERPRETED else "off"),
+        ("CUDA extension", _cuda_extension()),
+        ("GPU", _gpu()),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0

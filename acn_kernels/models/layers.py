@@ -1,0 +1,67 @@
+"""Building blocks shared by the model families."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._validation import check_choice, check_divisible, check_positive_int
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+    "identity": nn.Identity,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    check_choice("activation", name, ACTIVATIONS)
+    return ACTIVATIONS[name]()
+
+
+class FeedForward(nn.Sequential):
+    """Linear -> activation -> Linear."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu"):
+        super().__init__(nn.Linear(dim, hidden_dim), make_activation(activation), nn.Linear(hidden_dim, dim))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over (batch, tokens, dim)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        check_positive_int("heads", heads)
+        check_divisible("dim", dim, "heads", heads)
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads).unbind(2)
+        attended = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class PatchEmbedding(nn.Module):
+    """(batch, channels, H, W) -> (batch, patches, dim) with non-overlapping square patches."""
+
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int):
+        super().__init__()
+        for name, value in (("image_size", image_size), ("patch_size", patch_size),
+                            ("in_channels", in_channels), ("dim", dim)):
+            check_positive_int(name, value)
+        check_divisible("image_size", image_size, "patch_size", patch_size)
+        self.image_size = image_size
+        self.num_patches = (image_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        expected = (self.proj.in_channels, self.image_size, self.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must have shape (batch, {', '.join(map(str, expected))}), "
+                             f"got {tuple(images.shape)}")
+        return self.proj(images).flatten(2).transpose(1, 2)

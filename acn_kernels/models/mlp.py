@@ -1,0 +1,44 @@
+"""MLP: x_0 = Linear(input), blocks act(Linear(x)), final LayerNorm, linear head."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._validation import check_positive_int
+from .base import DepthModel
+from .layers import make_activation
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, dim: int, activation: str, residual: bool):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        self.act = make_activation(activation)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.linear(x))
+        return x + out if self.residual else out
+
+
+class MLP(DepthModel):
+    def __init__(self, in_features: int, dim: int, depth: int, num_classes: int,
+                 activation: str = "gelu", connectivity: str = "acn"):
+        super().__init__(depth, connectivity)
+        for name, value in (("in_features", in_features), ("dim", dim), ("num_classes", num_classes)):
+            check_positive_int(name, value)
+        make_activation(activation)  # validates the name before any block is built
+        self.input_proj = nn.Linear(in_features, dim)
+        self.blocks = nn.ModuleList(
+            MLPBlock(dim, activation, residual=connectivity == "residual") for _ in range(depth))
+        self.final_norm = nn.LayerNorm(dim)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.dim() != 2 or inputs.shape[1] != self.input_proj.in_features:
+            raise ValueError(f"inputs must have shape (batch, {self.input_proj.in_features}), "
+                             f"got {tuple(inputs.shape)}")
+        return self.input_proj(inputs)
+
+    def readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(hidden)

@@ -1,0 +1,200 @@
+"""The model semantics of ACN-NOTES section 1, checked against hand-written recurrences."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from acn_kernels.models import CONNECTIVITIES, MLP, Encoder, Mixer, ViT
+
+BATCH = 3
+
+
+def make(family: str, connectivity: str, depth: int = 3):
+    if family == "mlp":
+        return MLP(7, 12, depth, 5, connectivity=connectivity), torch.randn(BATCH, 7)
+    if family == "mixer":
+        return (Mixer(6, 2, 3, 8, depth, token_dim=5, channel_dim=11, num_classes=4, connectivity=connectivity),
+                torch.randn(BATCH, 3, 6, 6))
+    if family == "vit":
+        return (ViT(6, 3, 2, 8, depth, heads=2, mlp_dim=13, num_classes=4, connectivity=connectivity),
+                torch.randn(BATCH, 2, 6, 6))
+    return (Encoder(11, 9, 8, depth, heads=2, mlp_dim=13, num_classes=4, connectivity=connectivity),
+            torch.randint(0, 11, (BATCH, 7)))
+
+
+FAMILIES = ("mlp", "mixer", "vit", "encoder")
+HIDDEN_SHAPES = {"mlp": (BATCH, 12), "mixer": (BATCH, 10, 8), "vit": (BATCH, 4, 8), "encoder": (BATCH, 7, 8)}
+every_model = pytest.mark.parametrize("family", FAMILIES)
+every_connectivity = pytest.mark.parametrize("connectivity", CONNECTIVITIES)
+
+
+def block_outputs(model, inputs):
+    """x_0 = embed(inputs), x_i = block_i(x_{i-1}): the chain without any long connection."""
+    xs = [model.embed(inputs)]
+    for block in model.blocks:
+        xs.append(block(xs[-1]))
+    return xs
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    torch.manual_seed(hash(request.node.name) % 2**31)
+
+
+@every_model
+def test_acn_output_is_head_of_the_sum_of_all_layer_outputs(family):
+    model, inputs = make(family, "acn")
+    xs = block_outputs(model, inputs)
+    assert all(x.abs().sum() > 0 for x in xs)
+    expected = model.readout(model.final_norm(sum(xs)))
+    torch.testing.assert_close(model(inputs), expected)
+
+
+@every_model
+def test_acn_partial_sum_differences_are_block_outputs(family):
+    model, inputs = make(family, "acn", depth=4)
+    sums = model.partial_sums(inputs)
+    assert sums.shape == (5, *HIDDEN_SHAPES[family])
+    x_prev = sums[0]
+    torch.testing.assert_close(x_prev, model.embed(inputs))
+    for k, block in enumerate(model.blocks, start=1):
+        x_k = sums[k] - sums[k - 1]
+        torch.testing.assert_close(x_k, block(x_prev), rtol=1e-5, atol=1e-5)
+        x_prev = x_k
+
+
+@every_model
+@pytest.mark.parametrize("connectivity", ("residual", "ffn"))
+def test_partial_sums_of_chains_are_the_state_after_k_blocks(family, connectivity):
+    model, inputs = make(family, connectivity)
+    torch.testing.assert_close(model.partial_sums(inputs), torch.stack(block_outputs(model, inputs)))
+
+
+def mlp_step(block, x):
+    return F.gelu(F.linear(x, block.linear.weight, block.linear.bias))
+
+
+def test_mlp_connectivities_follow_their_recurrences():
+    for connectivity in CONNECTIVITIES:
+        model, inputs = make("mlp", connectivity)
+        sums = model.partial_sums(inputs)
+        x = model.input_proj(inputs)
+        y = x
+        for k, block in enumerate(model.blocks, start=1):
+            if connectivity == "residual":
+                x = x + mlp_step(block, x)
+                expected = x
+            else:
+                x = mlp_step(block, x)
+                y = y + x
+                expected = y if connectivity == "acn" else x
+            torch.testing.assert_close(sums[k], expected)
+
+
+@pytest.mark.parametrize("family", ("vit", "encoder"))
+@every_connectivity
+def test_transformer_blocks_have_skips_only_when_residual(family, connectivity):
+    model, inputs = make(family, connectivity)
+    block = model.blocks[0]
+    x = model.embed(inputs)
+    if family == "vit":
+        h = block.attn(block.norm1(x)) + (x if connectivity == "residual" else 0)
+        expected = block.mlp(block.norm2(h)) + (h if connectivity == "residual" else 0)
+    else:
+        h = block.norm1(block.attn(x) + (x if connectivity == "residual" else 0))
+        expected = block.norm2(block.mlp(h) + (h if connectivity == "residual" else 0))
+    torch.testing.assert_close(block(x), expected)
+
+
+@every_connectivity
+def test_mixer_block_keeps_the_authors_tail_skip(connectivity):
+    model, inputs = make("mixer", connectivity)
+    block = model.blocks[0]
+    x = model.embed(inputs)
+    skip = connectivity == "residual"
+    mixed = block.token_mlp(block.token_norm(x).transpose(1, 2)).transpose(1, 2) + (x if skip else 0)
+    channels = block.channel_mlp(block.channel_norm(mixed)) + (mixed if skip else 0)
+    expected = block.tail_norm(torch.relu(block.tail(channels) + x))
+    torch.testing.assert_close(block(x), expected)
+
+
+@every_model
+@every_connectivity
+def test_probe_matches_truncate_at_every_depth(family, connectivity):
+    model, inputs = make(family, connectivity)
+    model.eval()
+    logits = model.probe(inputs)
+    assert logits.shape == (model.depth + 1, BATCH, model.classifier.out_features)
+    for k in range(model.depth + 1):
+        torch.testing.assert_close(model.truncate(k)(inputs), logits[k])
+    torch.testing.assert_close(logits[-1], model(inputs))
+
+
+def test_truncate_shares_parameters_and_leaves_the_original_whole():
+    model, inputs = make("vit", "acn", depth=4)
+    short = model.truncate(2)
+    assert short.depth == 2 and model.depth == 4
+    assert short.blocks[1].attn.qkv.weight is model.blocks[1].attn.qkv.weight
+    assert short.classifier.weight is model.classifier.weight
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)
+    torch.testing.assert_close(short(inputs), model.probe(inputs)[2])
+    assert len(list(short.parameters())) < len(list(model.parameters()))
+
+
+def test_acn_gradient_fans_out_to_every_layer():
+    """dLoss/dx_i = g + J_{i+1}^T dLoss/dx_{i+1}, and dLoss/dx_L = g, with g = dLoss/dy."""
+    model, inputs = make("mlp", "acn", depth=4)
+    xs = [model.embed(inputs)]
+    for block in model.blocks:
+        xs.append(block(xs[-1]))
+    for x in xs:
+        x.retain_grad()
+    y = sum(xs)
+    y.retain_grad()
+    model.readout(model.final_norm(y)).pow(2).sum().backward()
+    g = y.grad
+    torch.testing.assert_close(xs[-1].grad, g)
+    for i in range(len(xs) - 2, -1, -1):
+        x_i = xs[i].detach().requires_grad_(True)
+        (vjp,) = torch.autograd.grad(model.blocks[i](x_i), x_i, grad_outputs=xs[i + 1].grad)
+        torch.testing.assert_close(xs[i].grad, g + vjp, rtol=1e-5, atol=1e-6)
+
+
+@every_model
+def test_same_seed_same_model_and_outputs(family):
+    torch.manual_seed(123)
+    first, inputs = make(family, "acn")
+    torch.manual_seed(123)
+    second, _ = make(family, "acn")
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(first(inputs), second(inputs))
+    torch.manual_seed(124)
+    third, _ = make(family, "acn")
+    assert not torch.equal(first.classifier.weight, third.classifier.weight)
+
+
+def test_bad_arguments_raise_value_errors_naming_them():
+    with pytest.raises(ValueError, match=r"connectivity must be one of \('acn', 'residual', 'ffn'\), got 'dense'"):
+        MLP(4, 8, 2, 3, connectivity="dense")
+    with pytest.raises(ValueError, match=r"depth must be an integer >= 1, got 0"):
+        ViT(8, 4, 3, 8, 0, 2, 16, 10)
+    with pytest.raises(ValueError, match=r"image_size must be divisible by patch_size=3, got image_size=8"):
+        Mixer(8, 3, 3, 8, 2, 4, 16, 10)
+    with pytest.raises(ValueError, match=r"dim must be divisible by heads=3, got dim=8"):
+        Encoder(10, 8, 8, 2, 3, 16, 2)
+    with pytest.raises(ValueError, match=r"activation must be one of .*, got 'tanh'"):
+        MLP(4, 8, 2, 3, activation="tanh")
+    with pytest.raises(ValueError, match=r"depth must be an integer >= 1, got True"):
+        MLP(4, 8, True, 3)
+    model, inputs = make("mlp", "acn")
+    with pytest.raises(ValueError, match=r"k must be an integer in \[0, 3\], got 4"):
+        model.truncate(4)
+    with pytest.raises(ValueError, match=r"inputs must have shape \(batch, 7\), got \(3, 6\)"):
+        model(inputs[:, :6])
+    vit, images = make("vit", "acn")
+    with pytest.raises(ValueError, match=r"images must have shape \(batch, 2, 6, 6\), got \(3, 2, 6, 5\)"):
+        vit(images[..., :5])
+    encoder, tokens = make("encoder", "acn")
+    with pytest.raises(ValueError, match=r"length <= 9"):
+        encoder(torch.randint(0, 11, (2, 10)))
