@@ -1,0 +1,147 @@
+"""What the fused ops share: argument checks, the (rows, D) view of a tensor, output allocation,
+launch sizes, and the Triton helpers for a tile of normalized rows."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._validation import check_choice
+from ..backend import TRITON_INTERPRETED
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# One row of the norm kernels lives in registers; past this a row would spill.
+MAX_NORM_DIM = 16384
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def check_tensor(name: str, value, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {tuple(dtypes)}, got {value.dtype}")
+    return value
+
+
+def check_shape(name: str, value: torch.Tensor, expected: tuple) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
+
+
+def check_device(name: str, value: torch.Tensor, device: torch.device) -> None:
+    if value.device != device:
+        raise ValueError(f"{name} must be on {device} like x, got {value.device}")
+
+
+def check_running_sum(y, x: torch.Tensor) -> None:
+    """y is None (the chain's start) or a tensor shaped like x, in x's dtype or float32."""
+    if y is None:
+        return
+    check_tensor("y", y, dtypes=tuple({x.dtype, torch.float32}))
+    check_shape("y", y, x.shape)
+    check_device("y", y, x.device)
+
+
+def check_norm_params(weight, bias, dim: int, device: torch.device) -> None:
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None and name == "bias":
+            continue
+        check_tensor(name, param)
+        check_shape(name, param, (dim,))
+        check_device(name, param, device)
+
+
+def check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+
+def check_norm_kind(norm: str) -> None:
+    check_choice("norm", norm, ("layernorm", "rmsnorm"))
+
+
+def check_triton_norm_dim(dim: int) -> None:
+    if dim > MAX_NORM_DIM:
+        raise ValueError(f"the Triton norm kernels take a last dimension of at most {MAX_NORM_DIM}, "
+                         f"got {dim}; use backend='reference' for wider rows")
+
+
+# ----------------------------------------------------------------------------- tensors and launches
+
+def rows_of(t: torch.Tensor) -> torch.Tensor:
+    """(rows, D) view of t; copies only if the last stride is not 1 or the leading dims do not fold."""
+    if t.dim() > 0 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, t.shape[-1])
+
+
+def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every kernel output is allocated here. ACN_KERNELS_POISON=1 fills it with NaN first, so an
+    element a kernel fails to write shows up in the result."""
+    if os.environ.get("ACN_KERNELS_POISON") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def row_tile(dim: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_D, num_warps): a tile of about 4K elements, whole rows of width dim."""
+    block_d = triton.next_power_of_2(dim)
+    block_rows = max(1, min(16, 4096 // block_d))
+    num_warps = min(16, max(1, block_rows * block_d // 512))
+    return block_rows, block_d, num_warps
+
+
+def reduction_programs(tiles: int, device: torch.device) -> int:
+    """Programs of a kernel that also reduces dweight/dbias: each keeps one partial row, and the
+    fixed count makes the final sum deterministic for a given device and shape."""
+    if device.type == "cuda":
+        return min(tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(tiles, 8)
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Triton's interpreter computes tl.dot on bf16 operands wrongly; there (never on a GPU) the
+    operands are upcast first."""
+    return TRITON_INTERPRETED and dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- Triton helpers
+
+@triton.jit
+def load_rows(ptr, rows, cols, stride, mask):
+    """A (BLOCK_ROWS, BLOCK_D) tile of a (rows, D) matrix as float32; 64-bit row offsets."""
+    offsets = rows.to(tl.int64)[:, None] * stride + cols[None, :]
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_rows(ptr, rows, cols, stride, mask, value):
+    offsets = rows.to(tl.int64)[:, None] * stride + cols[None, :]
+    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def normalize_tile(v, mask, dim, eps, IS_LAYERNORM: tl.constexpr):
+    """(mean, rstd, v_hat) of each row of a float32 tile; mean is 0 for RMSNorm."""
+    if IS_LAYERNORM:
+        mean = tl.sum(v, axis=1) / dim
+        v = tl.where(mask, v - mean[:, None], 0.0)
+    else:
+        mean = tl.zeros_like(tl.sum(v, axis=1))
+    rstd = tl.rsqrt(tl.sum(v * v, axis=1) / dim + eps)
+    return mean, rstd, v * rstd[:, None]
+
+
+@triton.jit
+def norm_input_grad(dout, v_hat, w, rstd, mask, dim, IS_LAYERNORM: tl.constexpr):
+    """dLoss/dv of out = v_hat * w + b, from dout = dLoss/dout (float32 tiles)."""
+    wdout = dout * w[None, :]
+    proj = tl.sum(wdout * v_hat, axis=1) / dim
+    if IS_LAYERNORM:
+        dv = wdout - v_hat * proj[:, None] - (tl.sum(wdout, axis=1) / dim)[:, None]
+    else:
+        dv = wdout - v_hat * proj[:, None]
+    return tl.where(mask, dv * rstd[:, None], 0.0)

@@ -1,0 +1,201 @@
+"""accumulate_norm: the ACN block boundary, one pass forward and one pass backward.
+
+Math, per row of width D (x is (..., D); y, the running sum, is None or shaped like x):
+
+    y_out = y + x                         (y is None: y_out is x itself, no copy)
+    v     = x          if normalize == "input"  (the next block's first norm)
+            y_out      if normalize == "sum"    (the ACN's final norm)
+    out   = (v - mean(v)) * rstd * w + b  layernorm, rstd = 1 / sqrt(var(v) + eps)
+            v * rstd * w + b              rmsnorm,   rstd = 1 / sqrt(mean(v^2) + eps)
+
+Backward, with v_hat = (v - mean) * rstd and dv = rstd * (w*dout - v_hat * mean(w*dout*v_hat)
+[- mean(w*dout) for layernorm]):
+
+    normalize="input":  dx = dy_out + dv,  dy = dy_out (the same tensor, no copy)
+    normalize="sum":    dx = dy = dy_out + dv
+    dw = sum over rows of dout * v_hat,  db = sum over rows of dout   (per-program partial rows,
+    then one sum: deterministic, no atomics)
+
+Bytes, for R rows, A = R*D elements at x's size, A_y at y's size (float32 y: twice A for bf16 x):
+
+    forward   reads x, y, w, b:                 A + A_y + 2D       writes y_out, out, mean, rstd:  A_y + A + 8R
+    backward  reads dout, dy_out, v, w, stats:  A + A_y + (A or A_y) + D + 8R
+              writes dx:                        A  (+ A_y for dy when normalize="sum" and y is float32
+              under a 16-bit x)  + 4*P*D per reduced parameter, P = programs (a few per SM)
+
+Eager PyTorch moves 5A forward and 6A backward per boundary (ACN-NOTES section 5); this op 4A and 4A.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from .._validation import check_choice
+from ..backend import resolve_backend
+from ._common import (check_eps, check_norm_kind, check_norm_params, check_running_sum, check_tensor,
+                      check_triton_norm_dim, load_rows, new_buffer, norm_input_grad, normalize_tile,
+                      reduction_programs, row_tile, rows_of, store_rows)
+
+
+@triton.jit
+def accumulate_norm_fwd_kernel(
+    x_ptr, y_ptr, w_ptr, b_ptr, y_out_ptr, out_ptr, mean_ptr, rstd_ptr,
+    n_rows, dim, x_stride, y_stride, y_out_stride, out_stride, eps,
+    HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, IS_LAYERNORM: tl.constexpr,
+    NORMALIZE_SUM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < dim)[None, :]
+    v = load_rows(x_ptr, rows, cols, x_stride, mask)
+    if HAS_Y:
+        total = (load_rows(y_ptr, rows, cols, y_stride, mask) + v).to(y_out_ptr.dtype.element_ty)
+        store_rows(y_out_ptr, rows, cols, y_out_stride, mask, total)
+        if NORMALIZE_SUM:
+            # The stored (rounded) sum is what the reference normalizes and backward re-reads.
+            v = total.to(tl.float32)
+    mean, rstd, v_hat = normalize_tile(v, mask, dim, eps, IS_LAYERNORM)
+    out = v_hat * tl.load(w_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)[None, :]
+    store_rows(out_ptr, rows, cols, out_stride, mask, out)
+    if IS_LAYERNORM:
+        tl.store(mean_ptr + rows, mean, mask=row_mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def accumulate_norm_bwd_kernel(
+    dout_ptr, dy_out_ptr, v_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dy_ptr, dw_ptr, db_ptr,
+    n_rows, dim, dout_stride, dy_out_stride, v_stride, dx_stride, dy_stride,
+    HAS_DY_OUT: tl.constexpr, STORE_DY: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_LAYERNORM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for tile in range(pid, tl.cdiv(n_rows, BLOCK_ROWS), tl.num_programs(0)):
+        rows = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        v = load_rows(v_ptr, rows, cols, v_stride, mask)
+        if IS_LAYERNORM:
+            v -= tl.load(mean_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        v_hat = tl.where(mask, v * rstd[:, None], 0.0)
+        dout = load_rows(dout_ptr, rows, cols, dout_stride, mask)
+        dw += tl.sum(dout * v_hat, axis=0)
+        if HAS_BIAS:
+            db += tl.sum(dout, axis=0)
+        dv = norm_input_grad(dout, v_hat, w, rstd, mask, dim, IS_LAYERNORM)
+        if HAS_DY_OUT:
+            dv += load_rows(dy_out_ptr, rows, cols, dy_out_stride, mask)
+        store_rows(dx_ptr, rows, cols, dx_stride, mask, dv)
+        if STORE_DY:
+            store_rows(dy_ptr, rows, cols, dy_stride, mask, dv)
+    tl.store(dw_ptr + pid * dim + cols, dw, mask=col_mask)
+    if HAS_BIAS:
+        tl.store(db_ptr + pid * dim + cols, db, mask=col_mask)
+
+
+def launch_forward(x2, y2, weight, bias, eps: float, is_layernorm: bool, normalize_sum: bool):
+    """(y_out, out, mean, rstd) for (rows, D) views; y_out and mean are None where not produced."""
+    n_rows, dim = x2.shape
+    block_rows, block_d, num_warps = row_tile(dim)
+    y_out = new_buffer((n_rows, dim), y2.dtype, x2.device) if y2 is not None else None
+    out = new_buffer((n_rows, dim), x2.dtype, x2.device)
+    mean = new_buffer((n_rows,), torch.float32, x2.device) if is_layernorm else None
+    rstd = new_buffer((n_rows,), torch.float32, x2.device)
+    # Unused pointers get a harmless stand-in; the constexpr flags keep the kernel off them.
+    accumulate_norm_fwd_kernel[(max(1, triton.cdiv(n_rows, block_rows)),)](
+        x2, y2 if y2 is not None else x2, weight, bias if bias is not None else weight,
+        y_out if y_out is not None else out, out, mean if mean is not None else rstd, rstd,
+        n_rows, dim, x2.stride(0), y2.stride(0) if y2 is not None else 0,
+        y_out.stride(0) if y_out is not None else 0, out.stride(0), eps,
+        HAS_Y=y2 is not None, HAS_BIAS=bias is not None, IS_LAYERNORM=is_layernorm,
+        NORMALIZE_SUM=normalize_sum, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps)
+    return y_out, out, mean, rstd
+
+
+def launch_backward(dout2, dy_out2, v2, weight, mean, rstd, has_bias: bool, is_layernorm: bool,
+                    dx_dtype: torch.dtype, dy_dtype: torch.dtype | None):
+    """(dx, dy, dweight, dbias) in float32 for the reductions; dy only when dy_dtype is given."""
+    n_rows, dim = v2.shape
+    device = v2.device
+    block_rows, block_d, num_warps = row_tile(dim)
+    programs = max(1, reduction_programs(triton.cdiv(n_rows, block_rows), device))
+    dx = new_buffer((n_rows, dim), dx_dtype, device)
+    dy = new_buffer((n_rows, dim), dy_dtype, device) if dy_dtype is not None else None
+    dw = new_buffer((programs, dim), torch.float32, device)
+    db = new_buffer((programs, dim), torch.float32, device) if has_bias else None
+    accumulate_norm_bwd_kernel[(programs,)](
+        dout2, dy_out2 if dy_out2 is not None else dout2, v2, weight,
+        mean if mean is not None else rstd, rstd, dx, dy if dy is not None else dx, dw,
+        db if db is not None else dw,
+        n_rows, dim, dout2.stride(0), dy_out2.stride(0) if dy_out2 is not None else 0, v2.stride(0),
+        dx.stride(0), dy.stride(0) if dy is not None else 0,
+        HAS_DY_OUT=dy_out2 is not None, STORE_DY=dy is not None, HAS_BIAS=has_bias,
+        IS_LAYERNORM=is_layernorm, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps)
+    return dx, dy, dw.sum(0), db.sum(0) if db is not None else None
+
+
+class AccumulateNorm(torch.autograd.Function):
+    """Outputs (y_out, out); y_out is None when y is None (the caller returns x in its place)."""
+
+    @staticmethod
+    def forward(ctx, x, y, weight, bias, eps, is_layernorm, normalize_sum):
+        x2 = rows_of(x)
+        y2 = rows_of(y) if y is not None else None
+        y_out, out, mean, rstd = launch_forward(x2, y2, weight, bias, eps, is_layernorm, normalize_sum)
+        normalized = y_out if normalize_sum and y is not None else x2
+        ctx.save_for_backward(normalized, weight, mean, rstd)
+        ctx.set_materialize_grads(False)
+        ctx.is_layernorm, ctx.has_bias = is_layernorm, bias is not None
+        ctx.sum_has_own_grad = normalize_sum and y is not None
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.y_dtype = y.dtype if y is not None else None
+        return (y_out.view(x.shape) if y_out is not None else None), out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy_out, dout):
+        normalized, weight, mean, rstd = ctx.saved_tensors
+        if dout is None:
+            return dy_out.to(ctx.x_dtype), dy_out, None, None, None, None, None
+        dy_out2 = rows_of(dy_out) if dy_out is not None else None
+        split_dy = ctx.sum_has_own_grad and ctx.y_dtype != ctx.x_dtype
+        dx, dy, dw, db = launch_backward(
+            rows_of(dout), dy_out2, normalized, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm,
+            ctx.x_dtype, ctx.y_dtype if split_dy else None)
+        dx = dx.view(ctx.x_shape)
+        if ctx.sum_has_own_grad:
+            dy = dy.view(ctx.x_shape) if split_dy else dx
+        else:
+            dy = dy_out
+        return (dx, dy, dw.to(weight.dtype), db.to(weight.dtype) if db is not None else None,
+                None, None, None)
+
+
+def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm="layernorm", normalize="input",
+                    backend="auto"):
+    """Returns (y_out, out): y_out = y + x and out = norm(x) (normalize="input") or norm(y_out)
+    (normalize="sum"). See the module docstring for the math and the bytes moved."""
+    check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., D), got a 0-d tensor")
+    check_running_sum(y, x)
+    check_norm_params(weight, bias, x.shape[-1], x.device)
+    check_eps(eps)
+    check_norm_kind(norm)
+    check_choice("normalize", normalize, ("input", "sum"))
+    if resolve_backend(backend, x.device) == "reference":
+        return reference.accumulate_norm(x, y, weight, bias, eps=eps, norm_kind=norm, normalize=normalize)
+    check_triton_norm_dim(x.shape[-1])
+    y_out, out = AccumulateNorm.apply(x, y, weight, bias, float(eps), norm == "layernorm",
+                                      normalize == "sum")
+    return (x if y is None else y_out), out

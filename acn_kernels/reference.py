@@ -1,0 +1,60 @@
+"""The specification: every fused op written in plain PyTorch, differentiable by autograd.
+
+It imports nothing that it checks. Each function computes in the dtype it is given (so float64
+inputs give the exact answer the tests measure against) and follows the same dtype rules as the
+fused ops: y_out keeps y's dtype, every other output keeps x's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORMS = ("layernorm", "rmsnorm")
+NORMALIZE = ("input", "sum")
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
+    "identity": lambda z: z,
+}
+
+
+def norm(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
+    """LayerNorm or RMSNorm over the last dimension, statistics in at least float32."""
+    compute = torch.promote_types(v.dtype, torch.float32)
+    v32 = v.to(compute)
+    if kind == "layernorm":
+        v32 = v32 - v32.mean(dim=-1, keepdim=True)
+    normed = v32 * torch.rsqrt(v32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    out = normed * weight.to(compute)
+    if bias is not None:
+        out = out + bias.to(compute)
+    return out.to(v.dtype)
+
+
+def accumulate(y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """y + x in y's dtype; the chain's start (y is None) is x itself."""
+    return x if y is None else (y + x).to(y.dtype)
+
+
+def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm_kind="layernorm", normalize="input"):
+    """(y_out, out): y_out = y + x, out = norm(x) or norm(y_out) in x's dtype."""
+    y_out = accumulate(y, x)
+    source = x if normalize == "input" else y_out
+    return y_out, norm(source, weight, bias, eps, norm_kind).to(x.dtype)
+
+
+def linear_act_accumulate(x, weight, bias, y, *, activation="gelu"):
+    """(h, y_out): h = act(x @ weight.T + bias), y_out = y + h."""
+    h = ACTIVATIONS[activation](F.linear(x, weight, bias))
+    return h, accumulate(y, h)
+
+
+def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm_kind="layernorm"):
+    """norm(y_k) for k = 0..L, where y_k = xs[0] + ... + xs[k]; shape of xs."""
+    outs, y = [], None
+    for x in xs:
+        y = accumulate(y, x)
+        outs.append(norm(y, weight, bias, eps, norm_kind))
+    return torch.stack(outs)
