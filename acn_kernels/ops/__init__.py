@@ -1,4 +1,6 @@
 """Fused ops, one per module: Triton kernels, their launchers and autograd Functions."""
 from .accumulate_norm import accumulate_norm
+from .linear_act_accumulate import linear_act_accumulate
+from .probe_norm import probe_norm
 
-__all__ = ["accumulate_norm"]
+__all__ = ["accumulate_norm", "linear_act_accumulate", "probe_norm"]

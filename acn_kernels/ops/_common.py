@@ -36,13 +36,13 @@ def check_device(name: str, value: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} must be on {device} like x, got {value.device}")
 
 
-def check_running_sum(y, x: torch.Tensor) -> None:
-    """y is None (the chain's start) or a tensor shaped like x, in x's dtype or float32."""
+def check_running_sum(y, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """y is None (the chain's start) or a tensor of the block output's shape, in its dtype or float32."""
     if y is None:
         return
-    check_tensor("y", y, dtypes=tuple({x.dtype, torch.float32}))
-    check_shape("y", y, x.shape)
-    check_device("y", y, x.device)
+    check_tensor("y", y, dtypes=tuple(dict.fromkeys((dtype, torch.float32))))
+    check_shape("y", y, shape)
+    check_device("y", y, device)
 
 
 def check_norm_params(weight, bias, dim: int, device: torch.device) -> None:

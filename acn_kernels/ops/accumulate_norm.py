@@ -188,7 +188,7 @@ def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm="layernorm", norm
     check_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (..., D), got a 0-d tensor")
-    check_running_sum(y, x)
+    check_running_sum(y, x.shape, x.dtype, x.device)
     check_norm_params(weight, bias, x.shape[-1], x.device)
     check_eps(eps)
     check_norm_kind(norm)

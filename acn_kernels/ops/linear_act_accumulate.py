@@ -1,0 +1,245 @@
+"""linear_act_accumulate: an MLP layer of an ACN with the running sum in its GEMM epilogue.
+
+Math, for x (..., K), weight (N, K) as in nn.Linear, bias (N,) or None, y None or (..., N):
+
+    z     = x @ weight.T + bias
+    h     = act(z)                         act in relu, gelu, gelu_tanh, silu, identity
+    y_out = y + h                          (y is None: y_out is h itself, no copy)
+
+Backward, with dh and dy_out the gradients of the two outputs (h feeds the next layer, y_out the
+long connection; both reach z):
+
+    dz = (dh + dy_out) * act'(z)           one fused elementwise pass
+    dx = dz @ weight,  dweight = dz.T @ x,  dbias = sum over rows of dz   (cuBLAS via torch.matmul)
+    dy = dy_out                            (the same tensor, no copy)
+
+Bytes beyond the GEMM's own operands, for M rows, A = M*N elements at x's size, A_y at y's size:
+
+    forward epilogue   reads bias, y (A_y)      writes h (A), y_out (A_y), z (A; gelu, gelu_tanh, silu)
+    backward pass      reads dh, dy_out, z or h (A + A_y + A)      writes dz (A)
+
+Eager PyTorch writes z, then h, then reads both for y + h, and in backward adds dh + dy_out and
+multiplies by act'(z) in separate passes: about 5A more per layer (ACN-NOTES section 5).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from .._validation import check_choice
+from ..backend import resolve_backend
+from ._common import (check_device, check_running_sum, check_shape, check_tensor, dot_in_fp32, load_rows,
+                      new_buffer, rows_of, store_rows)
+
+ACTIVATIONS = tuple(reference.ACTIVATIONS)
+# act'(z) needs z itself for these; relu reads h > 0 and identity needs nothing.
+# The constants are constexpr globals; each expression keeps a tensor on the left of them, since
+# constexpr * tensor stays a constexpr under Triton's interpreter and then fails.
+NEEDS_PREACTIVATION = ("gelu", "gelu_tanh", "silu")
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+GELU_TANH_CUBIC = tl.constexpr(0.044715)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def activation(z, ACTIVATION: tl.constexpr):
+    out = z
+    if ACTIVATION == "relu":
+        out = tl.maximum(z, 0.0)
+    if ACTIVATION == "gelu":
+        out = 0.5 * z * (1.0 + tl.math.erf(z * SQRT_HALF))
+    if ACTIVATION == "gelu_tanh":
+        tanh = 2.0 * tl.sigmoid((z + z * z * z * GELU_TANH_CUBIC) * SQRT_2_OVER_PI * 2.0) - 1.0
+        out = 0.5 * z * (1.0 + tanh)
+    if ACTIVATION == "silu":
+        out = z * tl.sigmoid(z)
+    return out
+
+
+@triton.jit
+def activation_grad(saved, ACTIVATION: tl.constexpr):
+    """act'(z) from what the forward saved: z, or h for relu."""
+    grad = tl.full(saved.shape, 1.0, tl.float32)
+    if ACTIVATION == "relu":
+        grad = tl.where(saved > 0.0, 1.0, 0.0)
+    if ACTIVATION == "gelu":
+        grad = 0.5 * (1.0 + tl.math.erf(saved * SQRT_HALF)) + saved * INV_SQRT_2PI * tl.exp(-0.5 * saved * saved)
+    if ACTIVATION == "gelu_tanh":
+        inner = (saved + saved * saved * saved * GELU_TANH_CUBIC) * SQRT_2_OVER_PI
+        tanh = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        grad = 0.5 * (1.0 + tanh) + 0.5 * saved * (1.0 - tanh * tanh) * SQRT_2_OVER_PI * (
+            1.0 + saved * saved * GELU_TANH_CUBIC * 3.0)
+    if ACTIVATION == "silu":
+        sig = tl.sigmoid(saved)
+        grad = sig * (1.0 + saved * (1.0 - sig))
+    return grad
+
+
+@triton.jit
+def linear_act_accumulate_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, h_ptr, z_ptr, y_out_ptr,
+    M, N, K, x_stride_m, x_stride_k, w_stride_n, w_stride_k, y_stride, h_stride, z_stride, y_out_stride,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Y: tl.constexpr, STORE_Z: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped order: GROUP_M row-blocks walk the column-blocks together, so weight tiles stay in L2.
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * x_stride_m + ks[None, :] * x_stride_k
+    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * w_stride_n + ks[:, None] * w_stride_k
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + ks) < K
+        a = tl.load(x_ptrs, mask=(rows < M)[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_mask[:, None] & (cols < N)[None, :], other=0.0)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * x_stride_k
+        w_ptrs += BLOCK_K * w_stride_k
+
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if STORE_Z:
+        store_rows(z_ptr, rows, cols, z_stride, mask, acc)
+    h = activation(acc, ACTIVATION).to(h_ptr.dtype.element_ty)
+    store_rows(h_ptr, rows, cols, h_stride, mask, h)
+    if HAS_Y:
+        store_rows(y_out_ptr, rows, cols, y_out_stride, mask,
+                   load_rows(y_ptr, rows, cols, y_stride, mask) + h.to(tl.float32))
+
+
+@triton.jit
+def activation_backward_kernel(
+    dh_ptr, dy_out_ptr, saved_ptr, dz_ptr, n_elements,
+    HAS_DH: tl.constexpr, HAS_DY_OUT: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    grad = tl.zeros((BLOCK,), dtype=tl.float32)
+    if HAS_DH:
+        grad += tl.load(dh_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DY_OUT:
+        grad += tl.load(dy_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if ACTIVATION != "identity":
+        saved = tl.load(saved_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        grad *= activation_grad(saved, ACTIVATION)
+    tl.store(dz_ptr + offsets, grad.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+ELEMENTWISE_BLOCK = 1024
+
+
+def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
+    """Tile sizes: 128x128 output tiles (smaller for small problems; tl.dot needs 16 or more)."""
+    def fit(size: int, most: int) -> int:
+        return max(16, min(most, triton.next_power_of_2(size)))
+
+    block_m, block_n = fit(M, 128), fit(N, 128)
+    block_k = fit(K, 32 if dtype == torch.float32 else 64)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """float32 GEMMs follow torch's own switch, so the kernel and eager agree on using TF32."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def launch_forward(x2, weight, bias, y2, act: str):
+    """(h, y_out, saved) for x2 (M, K); saved is z or h (what act' needs) or None for identity."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    device, dtype = x2.device, x2.dtype
+    h = new_buffer((M, N), dtype, device)
+    z = new_buffer((M, N), dtype, device) if act in NEEDS_PREACTIVATION else None
+    y_out = new_buffer((M, N), y2.dtype, device) if y2 is not None else None
+    tiles = gemm_tiles(M, N, K, dtype)
+    grid = (max(1, triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"])),)
+    linear_act_accumulate_fwd_kernel[grid](
+        x2, weight, bias if bias is not None else weight, y2 if y2 is not None else h, h,
+        z if z is not None else h, y_out if y_out is not None else h,
+        M, N, K, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+        y2.stride(0) if y2 is not None else 0, h.stride(0), z.stride(0) if z is not None else 0,
+        y_out.stride(0) if y_out is not None else 0,
+        ACTIVATION=act, HAS_BIAS=bias is not None, HAS_Y=y2 is not None, STORE_Z=z is not None,
+        DOT_IN_FP32=dot_in_fp32(dtype), INPUT_PRECISION=input_precision(dtype), **tiles)
+    saved = z if z is not None else (h if act == "relu" else None)
+    return h, y_out, saved
+
+
+def launch_activation_backward(dh, dy_out, saved, act: str, shape, dtype, device):
+    """dz = (dh + dy_out) * act'(z) over contiguous (M, N) buffers."""
+    dz = new_buffer(shape, dtype, device)
+    n_elements = dz.numel()
+    dh = dh.contiguous() if dh is not None else None
+    dy_out = dy_out.contiguous() if dy_out is not None else None
+    stand_in = dz
+    activation_backward_kernel[(max(1, triton.cdiv(n_elements, ELEMENTWISE_BLOCK)),)](
+        dh if dh is not None else stand_in, dy_out if dy_out is not None else stand_in,
+        saved if saved is not None else stand_in, dz, n_elements,
+        HAS_DH=dh is not None, HAS_DY_OUT=dy_out is not None, ACTIVATION=act, BLOCK=ELEMENTWISE_BLOCK)
+    return dz
+
+
+class LinearActAccumulate(torch.autograd.Function):
+    """Outputs (h, y_out); y_out is None when y is None (the caller returns h in its place)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, y, act):
+        x2 = rows_of(x)
+        y2 = rows_of(y) if y is not None else None
+        h, y_out, saved = launch_forward(x2, weight, bias, y2, act)
+        ctx.save_for_backward(x2, weight, saved)
+        ctx.set_materialize_grads(False)
+        ctx.act, ctx.has_bias, ctx.x_shape = act, bias is not None, x.shape
+        out_shape = (*x.shape[:-1], weight.shape[0])
+        return h.view(out_shape), (y_out.view(out_shape) if y_out is not None else None)
+
+    @staticmethod
+    def backward(ctx, dh, dy_out):
+        x2, weight, saved = ctx.saved_tensors
+        shape = (x2.shape[0], weight.shape[0])
+        dz = launch_activation_backward(
+            dh.reshape(shape) if dh is not None else None, dy_out.reshape(shape) if dy_out is not None else None,
+            saved, ctx.act, shape, x2.dtype, x2.device)
+        dx = (dz @ weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dweight = dz.t() @ x2 if ctx.needs_input_grad[1] else None
+        dbias = dz.sum(0, dtype=torch.float32).to(dz.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dweight, dbias, dy_out, None
+
+
+def linear_act_accumulate(x, weight, bias, y, *, activation="gelu", backend="auto"):
+    """Returns (h, y_out): h = act(x @ weight.T + bias), y_out = y + h. See the module docstring."""
+    check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., K), got a 0-d tensor")
+    check_tensor("weight", weight, dtypes=(x.dtype,))
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must have shape (out_features, {x.shape[-1]}), got {tuple(weight.shape)}")
+    check_device("weight", weight, x.device)
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(x.dtype,))
+        check_shape("bias", bias, (weight.shape[0],))
+        check_device("bias", bias, x.device)
+    check_running_sum(y, (*x.shape[:-1], weight.shape[0]), x.dtype, x.device)
+    check_choice("activation", activation, ACTIVATIONS)
+    if resolve_backend(backend, x.device) == "reference":
+        return reference.linear_act_accumulate(x, weight, bias, y, activation=activation)
+    h, y_out = LinearActAccumulate.apply(x, weight, bias, y, activation)
+    return h, (h if y is None else y_out)

@@ -1,0 +1,171 @@
+"""probe_norm: the shared final norm applied to every partial sum, for probing and early exit.
+
+Math: xs is (L+1, ..., D), the layer outputs x_0..x_L of an ACN.
+
+    y_k   = x_0 + ... + x_k        (float32 running sum inside the kernel)
+    out_k = norm(y_k) * w + b      layernorm or rmsnorm over D, as in accumulate_norm
+
+Backward, with dy_k = norm backward of dout_k at y_k (see accumulate_norm):
+
+    dx_k = dy_k + dy_{k+1} + ... + dy_L      (a suffix sum: x_k feeds every y_j with j >= k)
+    dw   = sum over k and rows of dout_k * y_hat_k,  db = sum of dout_k  (deterministic partials)
+
+The backward walks k = L..0 keeping y_k in float32: one pass over xs rebuilds y_L, then
+y_{k-1} = y_k - x_k. Bytes, for R rows, A = R*D elements of xs's size:
+
+    forward   reads xs (L+1)A, w, b        writes outs (L+1)A, mean and rstd 8(L+1)R
+    backward  reads dout (L+1)A, xs 2(L+1)A, stats 8(L+1)R, w
+              writes dxs (L+1)A + 4*P*D per reduced parameter (P programs)
+
+Eager PyTorch (cumsum, then a norm per depth) reads and writes the partial sums as well.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ..backend import resolve_backend
+from ._common import (check_eps, check_norm_kind, check_norm_params, check_tensor, check_triton_norm_dim,
+                      load_rows, new_buffer, norm_input_grad, normalize_tile, reduction_programs,
+                      row_tile, store_rows)
+
+
+@triton.jit
+def probe_norm_fwd_kernel(
+    xs_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr,
+    depth, n_rows, dim, xs_layer_stride, xs_row_stride, out_layer_stride, out_row_stride, eps,
+    HAS_BIAS: tl.constexpr, IS_LAYERNORM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < dim)[None, :]
+    w = tl.load(w_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)
+    b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)
+    xs_layer_stride = tl.cast(xs_layer_stride, tl.int64)
+    out_layer_stride = tl.cast(out_layer_stride, tl.int64)
+    total = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
+    for k in range(0, depth):
+        total += load_rows(xs_ptr + k * xs_layer_stride, rows, cols, xs_row_stride, mask)
+        mean, rstd, v_hat = normalize_tile(total, mask, dim, eps, IS_LAYERNORM)
+        out = v_hat * w[None, :] + b[None, :]
+        store_rows(out_ptr + k * out_layer_stride, rows, cols, out_row_stride, mask, out)
+        if IS_LAYERNORM:
+            tl.store(mean_ptr + k * n_rows + rows, mean, mask=row_mask)
+        tl.store(rstd_ptr + k * n_rows + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def probe_norm_bwd_kernel(
+    dout_ptr, xs_ptr, w_ptr, mean_ptr, rstd_ptr, dxs_ptr, dw_ptr, db_ptr,
+    depth, n_rows, dim, dout_layer_stride, dout_row_stride, xs_layer_stride, xs_row_stride,
+    dxs_layer_stride, dxs_row_stride,
+    HAS_BIAS: tl.constexpr, IS_LAYERNORM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dout_layer_stride = tl.cast(dout_layer_stride, tl.int64)
+    xs_layer_stride = tl.cast(xs_layer_stride, tl.int64)
+    dxs_layer_stride = tl.cast(dxs_layer_stride, tl.int64)
+    for tile in range(pid, tl.cdiv(n_rows, BLOCK_ROWS), tl.num_programs(0)):
+        rows = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        total = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
+        for k in range(0, depth):
+            total += load_rows(xs_ptr + k * xs_layer_stride, rows, cols, xs_row_stride, mask)
+        grad = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
+        for step in range(0, depth):
+            k = depth - 1 - step
+            centered = total
+            if IS_LAYERNORM:
+                centered = total - tl.load(mean_ptr + k * n_rows + rows, mask=row_mask, other=0.0)[:, None]
+            rstd = tl.load(rstd_ptr + k * n_rows + rows, mask=row_mask, other=0.0)
+            v_hat = tl.where(mask, centered * rstd[:, None], 0.0)
+            dout = load_rows(dout_ptr + k * dout_layer_stride, rows, cols, dout_row_stride, mask)
+            dw += tl.sum(dout * v_hat, axis=0)
+            if HAS_BIAS:
+                db += tl.sum(dout, axis=0)
+            grad += norm_input_grad(dout, v_hat, w, rstd, mask, dim, IS_LAYERNORM)
+            store_rows(dxs_ptr + k * dxs_layer_stride, rows, cols, dxs_row_stride, mask, grad)
+            total -= load_rows(xs_ptr + k * xs_layer_stride, rows, cols, xs_row_stride, mask)
+    tl.store(dw_ptr + pid * dim + cols, dw, mask=col_mask)
+    if HAS_BIAS:
+        tl.store(db_ptr + pid * dim + cols, db, mask=col_mask)
+
+
+def layers_of(t: torch.Tensor) -> torch.Tensor:
+    """(L+1, rows, D) view of t; copies only if the last stride is not 1 or the dims do not fold."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def launch_forward(xs3, weight, bias, eps: float, is_layernorm: bool):
+    depth, n_rows, dim = xs3.shape
+    block_rows, block_d, num_warps = row_tile(dim)
+    out = new_buffer((depth, n_rows, dim), xs3.dtype, xs3.device)
+    mean = new_buffer((depth, n_rows), torch.float32, xs3.device) if is_layernorm else None
+    rstd = new_buffer((depth, n_rows), torch.float32, xs3.device)
+    probe_norm_fwd_kernel[(max(1, triton.cdiv(n_rows, block_rows)),)](
+        xs3, weight, bias if bias is not None else weight, out, mean if mean is not None else rstd, rstd,
+        depth, n_rows, dim, xs3.stride(0), xs3.stride(1), out.stride(0), out.stride(1), eps,
+        HAS_BIAS=bias is not None, IS_LAYERNORM=is_layernorm, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+        num_warps=num_warps)
+    return out, mean, rstd
+
+
+def launch_backward(dout3, xs3, weight, mean, rstd, has_bias: bool, is_layernorm: bool):
+    depth, n_rows, dim = xs3.shape
+    device = xs3.device
+    block_rows, block_d, num_warps = row_tile(dim)
+    programs = max(1, reduction_programs(triton.cdiv(n_rows, block_rows), device))
+    dxs = new_buffer((depth, n_rows, dim), xs3.dtype, device)
+    dw = new_buffer((programs, dim), torch.float32, device)
+    db = new_buffer((programs, dim), torch.float32, device) if has_bias else None
+    probe_norm_bwd_kernel[(programs,)](
+        dout3, xs3, weight, mean if mean is not None else rstd, rstd, dxs, dw, db if db is not None else dw,
+        depth, n_rows, dim, dout3.stride(0), dout3.stride(1), xs3.stride(0), xs3.stride(1),
+        dxs.stride(0), dxs.stride(1),
+        HAS_BIAS=has_bias, IS_LAYERNORM=is_layernorm, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+        num_warps=num_warps)
+    return dxs, dw.sum(0), db.sum(0) if db is not None else None
+
+
+class ProbeNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xs, weight, bias, eps, is_layernorm):
+        xs3 = layers_of(xs)
+        out, mean, rstd = launch_forward(xs3, weight, bias, eps, is_layernorm)
+        ctx.save_for_backward(xs3, weight, mean, rstd)
+        ctx.is_layernorm, ctx.has_bias, ctx.xs_shape = is_layernorm, bias is not None, xs.shape
+        return out.view(xs.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        xs3, weight, mean, rstd = ctx.saved_tensors
+        dxs, dw, db = launch_backward(layers_of(dout), xs3, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm)
+        return (dxs.view(ctx.xs_shape), dw.to(weight.dtype), db.to(weight.dtype) if db is not None else None,
+                None, None)
+
+
+def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm", backend="auto"):
+    """norm(x_0 + ... + x_k) for every k, shape of xs = (L+1, ..., D). See the module docstring."""
+    check_tensor("xs", xs)
+    if xs.dim() < 2:
+        raise ValueError(f"xs must have shape (L+1, ..., D) with at least 2 dims, got {tuple(xs.shape)}")
+    check_norm_params(weight, bias, xs.shape[-1], xs.device)
+    check_eps(eps)
+    check_norm_kind(norm)
+    if resolve_backend(backend, xs.device) == "reference":
+        return reference.probe_norm(xs, weight, bias, eps=eps, norm_kind=norm)
+    check_triton_norm_dim(xs.shape[-1])
+    return ProbeNorm.apply(xs, weight, bias, float(eps), norm == "layernorm")
