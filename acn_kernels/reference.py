@@ -20,7 +20,7 @@ ACTIVATIONS = {
 }
 
 
-def norm(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
+def apply_norm(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
     """LayerNorm or RMSNorm over the last dimension, statistics in at least float32."""
     compute = torch.promote_types(v.dtype, torch.float32)
     v32 = v.to(compute)
@@ -38,11 +38,11 @@ def accumulate(y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return x if y is None else (y + x).to(y.dtype)
 
 
-def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm_kind="layernorm", normalize="input"):
+def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm="layernorm", normalize="input"):
     """(y_out, out): y_out = y + x, out = norm(x) or norm(y_out) in x's dtype."""
     y_out = accumulate(y, x)
     source = x if normalize == "input" else y_out
-    return y_out, norm(source, weight, bias, eps, norm_kind).to(x.dtype)
+    return y_out, apply_norm(source, weight, bias, eps, norm).to(x.dtype)
 
 
 def linear_act_accumulate(x, weight, bias, y, *, activation="gelu"):
@@ -51,10 +51,10 @@ def linear_act_accumulate(x, weight, bias, y, *, activation="gelu"):
     return h, accumulate(y, h)
 
 
-def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm_kind="layernorm"):
+def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm"):
     """norm(y_k) for k = 0..L, where y_k = xs[0] + ... + xs[k]; shape of xs."""
     outs, y = [], None
     for x in xs:
         y = accumulate(y, x)
-        outs.append(norm(y, weight, bias, eps, norm_kind))
+        outs.append(apply_norm(y, weight, bias, eps, norm))
     return torch.stack(outs)

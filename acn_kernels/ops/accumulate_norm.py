@@ -152,6 +152,8 @@ class AccumulateNorm(torch.autograd.Function):
     def forward(ctx, x, y, weight, bias, eps, is_layernorm, normalize_sum):
         x2 = rows_of(x)
         y2 = rows_of(y) if y is not None else None
+        weight = weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None
         y_out, out, mean, rstd = launch_forward(x2, y2, weight, bias, eps, is_layernorm, normalize_sum)
         normalized = y_out if normalize_sum and y is not None else x2
         ctx.save_for_backward(normalized, weight, mean, rstd)
@@ -194,7 +196,7 @@ def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm="layernorm", norm
     check_norm_kind(norm)
     check_choice("normalize", normalize, ("input", "sum"))
     if resolve_backend(backend, x.device) == "reference":
-        return reference.accumulate_norm(x, y, weight, bias, eps=eps, norm_kind=norm, normalize=normalize)
+        return reference.accumulate_norm(x, y, weight, bias, eps=eps, norm=norm, normalize=normalize)
     check_triton_norm_dim(x.shape[-1])
     y_out, out = AccumulateNorm.apply(x, y, weight, bias, float(eps), norm == "layernorm",
                                       normalize == "sum")

@@ -204,6 +204,7 @@ class LinearActAccumulate(torch.autograd.Function):
     def forward(ctx, x, weight, bias, y, act):
         x2 = rows_of(x)
         y2 = rows_of(y) if y is not None else None
+        bias = bias.contiguous() if bias is not None else None
         h, y_out, saved = launch_forward(x2, weight, bias, y2, act)
         ctx.save_for_backward(x2, weight, saved)
         ctx.set_materialize_grads(False)

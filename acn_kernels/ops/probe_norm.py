@@ -144,6 +144,8 @@ class ProbeNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs, weight, bias, eps, is_layernorm):
         xs3 = layers_of(xs)
+        weight = weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None
         out, mean, rstd = launch_forward(xs3, weight, bias, eps, is_layernorm)
         ctx.save_for_backward(xs3, weight, mean, rstd)
         ctx.is_layernorm, ctx.has_bias, ctx.xs_shape = is_layernorm, bias is not None, xs.shape
@@ -166,6 +168,6 @@ def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm", backend="au
     check_eps(eps)
     check_norm_kind(norm)
     if resolve_backend(backend, xs.device) == "reference":
-        return reference.probe_norm(xs, weight, bias, eps=eps, norm_kind=norm)
+        return reference.probe_norm(xs, weight, bias, eps=eps, norm=norm)
     check_triton_norm_dim(xs.shape[-1])
     return ProbeNorm.apply(xs, weight, bias, float(eps), norm == "layernorm")

@@ -1,0 +1,282 @@
+"""Every fused op against the reference: forward and every gradient, fresh random inputs, odd
+shapes, non-contiguous layouts, each dtype, NaN-poisoned outputs, determinism and every error path.
+Runs the Triton kernels on CUDA where there is a GPU, under Triton's interpreter otherwise."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from acn_kernels import backend as backend_module
+from acn_kernels import reference
+from acn_kernels.ops import accumulate_norm, linear_act_accumulate, probe_norm
+from acn_kernels.ops._common import MAX_NORM_DIM
+
+from op_harness import DEVICE, DTYPES, check_op, randn, run
+
+ODD_SHAPES = [(1, 1), (1, 17), (3, 5, 129), (70, 33)]
+ACTIVATIONS = tuple(reference.ACTIVATIONS)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer a kernel allocates starts as NaN, so an element it fails to write fails the test."""
+    monkeypatch.setenv("ACN_KERNELS_POISON", "1")
+
+
+def norm_params(dim, bias=True):
+    return randn(dim), (randn(dim) if bias else None)
+
+
+# ----------------------------------------------------------------------------- accumulate_norm
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+@pytest.mark.parametrize("norm", ("layernorm", "rmsnorm"))
+@pytest.mark.parametrize("normalize", ("input", "sum"))
+def test_accumulate_norm_matches_reference(dtype, shape, norm, normalize):
+    x, y = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype, scale=3.0)
+    weight, bias = norm_params(shape[-1])
+    check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, bias), dtype,
+             norm=norm, normalize=normalize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", ("input", "sum"))
+def test_accumulate_norm_chain_start_returns_x_as_the_sum(dtype, normalize):
+    x = randn(4, 3, 40, dtype=dtype)
+    weight, bias = norm_params(40)
+    (y_out, out), _ = check_op(accumulate_norm, reference.accumulate_norm, (x, None, weight, bias), dtype,
+                               normalize=normalize)
+    assert y_out.data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("normalize", ("input", "sum"))
+def test_accumulate_norm_float32_running_sum_with_16_bit_x(dtype, normalize):
+    x, y = randn(6, 7, 96, dtype=dtype), randn(6, 7, 96, scale=4.0)
+    weight, bias = norm_params(96)
+    (y_out, out), _ = check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, bias), dtype,
+                               normalize=normalize)
+    assert y_out.dtype == torch.float32 and out.dtype == dtype
+
+
+@pytest.mark.parametrize("norm", ("layernorm", "rmsnorm"))
+def test_accumulate_norm_without_bias_and_with_16_bit_weight(norm):
+    x, y = randn(9, 65, dtype=torch.bfloat16), randn(9, 65, dtype=torch.bfloat16)
+    weight = randn(65, dtype=torch.bfloat16)
+    check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, None), torch.bfloat16, norm=norm,
+             normalize="sum", eps=1e-3)
+
+
+@pytest.mark.parametrize("layout", ("strided_rows", "strided_last_dim", "transposed_leading_dims"))
+def test_accumulate_norm_non_contiguous_inputs(layout):
+    dim = 48
+    if layout == "strided_rows":
+        x, y = randn(10, 2 * dim)[:, :dim], randn(10, 3 * dim)[:, dim:2 * dim]
+    elif layout == "strided_last_dim":
+        x, y = randn(10, 2 * dim)[:, ::2], randn(10, dim)
+    else:
+        x, y = randn(5, 3, dim).transpose(0, 1), randn(3, 5, dim)
+    assert not x.is_contiguous()
+    weight, bias = randn(2 * dim)[::2], randn(3 * dim)[::3]
+    for normalize in ("input", "sum"):
+        check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, bias), torch.float32,
+                 normalize=normalize)
+
+
+def test_accumulate_norm_gradients_when_only_one_output_is_used():
+    x, y = randn(5, 33), randn(5, 33)
+    weight, bias = norm_params(33)
+    for pick in (0, 1):
+        outs, grads, g = run(lambda *a: accumulate_norm(*a, backend="triton", normalize="sum")[pick],
+                             (x, y, weight, bias))
+        ref_outs, ref_grads, _ = run(lambda *a: reference.accumulate_norm(*a, normalize="sum")[pick],
+                                     (x, y, weight, bias), g)
+        for actual, expected in zip(grads, ref_grads):
+            if expected is None:  # weight and bias do not reach y_out
+                assert actual is None or not actual.any()
+            else:
+                torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 40), dim=st.integers(1, 300), norm=st.sampled_from(("layernorm", "rmsnorm")),
+       normalize=st.sampled_from(("input", "sum")), has_y=st.booleans(), has_bias=st.booleans())
+def test_accumulate_norm_random_shapes(rows, dim, norm, normalize, has_y, has_bias):
+    x = randn(rows, dim)
+    y = randn(rows, dim) if has_y else None
+    weight, bias = norm_params(dim, has_bias)
+    check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, bias), torch.float32,
+             norm=norm, normalize=normalize)
+
+
+# ----------------------------------------------------------------------------- probe_norm
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 2, 17), (4, 3, 5, 129), (6, 37, 64)])
+@pytest.mark.parametrize("norm", ("layernorm", "rmsnorm"))
+def test_probe_norm_matches_reference(dtype, shape, norm):
+    xs = randn(*shape, dtype=dtype)
+    weight, bias = norm_params(shape[-1])
+    check_op(probe_norm, reference.probe_norm, (xs, weight, bias), dtype, norm=norm)
+
+
+def test_probe_norm_non_contiguous_and_without_bias():
+    xs = randn(8, 5, 4, 80)[:, ::2, :, ::2]  # strided layers, rows and last dim
+    weight, _ = norm_params(40)
+    check_op(probe_norm, reference.probe_norm, (xs, weight, None), torch.float32, norm="rmsnorm")
+    xs = randn(5, 3, 100)[:, :, :60]  # strided rows, last stride 1: no copy
+    check_op(probe_norm, reference.probe_norm, (xs, randn(120)[::2], randn(60)), torch.float32)
+
+
+def test_probe_norm_last_depth_is_the_final_norm_of_the_whole_sum():
+    xs = randn(5, 6, 32)
+    weight, bias = norm_params(32)
+    outs = probe_norm(xs, weight, bias, backend="triton")
+    _, final = accumulate_norm(xs.sum(0), None, weight, bias, normalize="sum", backend="triton")
+    torch.testing.assert_close(outs[-1], final, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- linear_act_accumulate
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", [((1, 1), 1), ((3, 5, 19), 17), ((70, 33), 129)])
+def test_linear_act_accumulate_matches_reference(dtype, activation, shape):
+    x_shape, out_features = shape
+    in_features = x_shape[-1]
+    x = randn(*x_shape, dtype=dtype)
+    weight = randn(out_features, in_features, dtype=dtype, scale=in_features ** -0.5)
+    bias = randn(out_features, dtype=dtype)
+    y = randn(*x_shape[:-1], out_features, dtype=dtype, scale=2.0)
+    check_op(linear_act_accumulate, reference.linear_act_accumulate, (x, weight, bias, y), dtype,
+             activation=activation)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_act_accumulate_chain_start_and_no_bias(dtype):
+    x, weight = randn(9, 40, dtype=dtype), randn(24, 40, dtype=dtype, scale=0.2)
+    (h, y_out), _ = check_op(linear_act_accumulate, reference.linear_act_accumulate, (x, weight, None, None),
+                             dtype, activation="gelu")
+    assert y_out is h
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_linear_act_accumulate_float32_running_sum(dtype):
+    x, weight, bias = randn(4, 8, 32, dtype=dtype), randn(48, 32, dtype=dtype, scale=0.2), randn(48, dtype=dtype)
+    y = randn(4, 8, 48, scale=5.0)
+    (h, y_out), _ = check_op(linear_act_accumulate, reference.linear_act_accumulate, (x, weight, bias, y),
+                             dtype, activation="silu")
+    assert h.dtype == dtype and y_out.dtype == torch.float32
+
+
+def test_linear_act_accumulate_non_contiguous_inputs():
+    x = randn(30, 2, 50)[:, 1, :]            # strided rows
+    weight = randn(50, 40, scale=0.2).t()   # column-major
+
+    y = randn(40, 30).t()                    # last stride not 1: copied
+    bias = randn(80)[::2]
+    check_op(linear_act_accumulate, reference.linear_act_accumulate, (x, weight, bias, y), torch.float32,
+             activation="gelu_tanh")
+
+
+def test_bf16_gemm_is_right_under_the_interpreter():
+    """The interpreter's bf16 tl.dot is wrong unless its operands are upcast (ACN-NOTES section 6)."""
+    x, weight = randn(64, 64, dtype=torch.bfloat16), randn(64, 64, dtype=torch.bfloat16, scale=0.125)
+    h, _ = linear_act_accumulate(x, weight, None, None, activation="identity", backend="triton")
+    exact = x.double() @ weight.double().t()
+    assert (h.double() - exact).abs().max() <= 2 * (x @ weight.t()).double().sub(exact).abs().max() + 0.05
+
+
+# ----------------------------------------------------------------------------- every op
+
+def op_calls(dtype=torch.float32):
+    x, y, weight, bias = randn(6, 33, dtype=dtype), randn(6, 33, dtype=dtype), randn(33), randn(33)
+    w_lin, b_lin = randn(21, 33, dtype=dtype, scale=0.2), randn(21, dtype=dtype)
+    y_lin = randn(6, 21, dtype=dtype)
+    return {
+        "accumulate_norm": (accumulate_norm, (x, y, weight, bias), {"normalize": "sum"}),
+        "probe_norm": (probe_norm, (torch.stack([x, y, x * 2]), weight, bias), {}),
+        "linear_act_accumulate": (linear_act_accumulate, (x, w_lin, b_lin, y_lin), {"activation": "gelu"}),
+    }
+
+
+@pytest.mark.parametrize("name", ("accumulate_norm", "probe_norm", "linear_act_accumulate"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitwise_deterministic(name, dtype):
+    op, args, kwargs = op_calls(dtype)[name]
+    first, first_grads, g = run(lambda *a: op(*a, backend="triton", **kwargs), args)
+    for _ in range(2):
+        again, again_grads, _ = run(lambda *a: op(*a, backend="triton", **kwargs), args, g)
+        for a, b in zip((*first, *first_grads), (*again, *again_grads)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ("accumulate_norm", "probe_norm", "linear_act_accumulate"))
+def test_reference_backend_is_the_reference(name):
+    op, args, kwargs = op_calls()[name]
+    ref = getattr(reference, name)
+    for a, b in zip(op(*args, backend="reference", **kwargs), ref(*args, **kwargs)):
+        assert torch.equal(a, b)
+
+
+def test_auto_backend_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    assert backend_module.resolve_backend("auto", cpu) == ("triton" if backend_module.TRITON_INTERPRETED else "reference")
+    monkeypatch.setattr(backend_module, "TRITON_INTERPRETED", False)
+    assert backend_module.resolve_backend("auto", cpu) == "reference"
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors, got tensors on cpu.*TRITON_INTERPRET=1"):
+        backend_module.resolve_backend("triton", cpu)
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'triton'\), got 'cuda'"):
+        accumulate_norm(randn(2, 4), None, randn(4), backend="cuda")
+
+
+ERRORS = [
+    (lambda x, w: accumulate_norm(x.tolist(), None, w), TypeError, r"x must be a torch.Tensor, got list"),
+    (lambda x, w: accumulate_norm(x.int(), None, w), TypeError, r"x must have dtype in .*, got torch.int32"),
+    (lambda x, w: accumulate_norm(x[0, 0], None, w), ValueError, r"x must have at least one dimension"),
+    (lambda x, w: accumulate_norm(x, x[:, :3], w), ValueError, r"y must have shape \(4, 8\), got \(4, 3\)"),
+    (lambda x, w: accumulate_norm(x.bfloat16(), x.half(), w), TypeError,
+     r"y must have dtype in \(torch.bfloat16, torch.float32\), got torch.float16"),
+    (lambda x, w: accumulate_norm(x, None, w[:5]), ValueError, r"weight must have shape \(8,\), got \(5,\)"),
+    (lambda x, w: accumulate_norm(x, None, w, w[:2]), ValueError, r"bias must have shape \(8,\), got \(2,\)"),
+    (lambda x, w: accumulate_norm(x, None, w.to("meta")), ValueError, r"weight must be on cpu like x, got meta"),
+    (lambda x, w: accumulate_norm(x, None, w, norm="batchnorm"), ValueError,
+     r"norm must be one of \('layernorm', 'rmsnorm'\), got 'batchnorm'"),
+    (lambda x, w: accumulate_norm(x, None, w, normalize="output"), ValueError,
+     r"normalize must be one of \('input', 'sum'\), got 'output'"),
+    (lambda x, w: accumulate_norm(x, None, w, eps=-1.0), ValueError, r"eps must be a positive number, got -1.0"),
+    (lambda x, w: accumulate_norm(randn(1, MAX_NORM_DIM + 1), None, randn(MAX_NORM_DIM + 1), backend="triton"),
+     ValueError, rf"at most {MAX_NORM_DIM}, got {MAX_NORM_DIM + 1}; use backend='reference'"),
+    (lambda x, w: probe_norm(x[0], w), ValueError, r"xs must have shape \(L\+1, ..., D\) with at least 2 dims, got \(8,\)"),
+    (lambda x, w: probe_norm(x, w[:3]), ValueError, r"weight must have shape \(8,\), got \(3,\)"),
+    (lambda x, w: probe_norm(x, w, norm="l2"), ValueError, r"norm must be one of"),
+    (lambda x, w: linear_act_accumulate(x, randn(5, 7), None, None), ValueError,
+     r"weight must have shape \(out_features, 8\), got \(5, 7\)"),
+    (lambda x, w: linear_act_accumulate(x, randn(5, 8, dtype=torch.float16), None, None), TypeError,
+     r"weight must have dtype in \(torch.float32,\), got torch.float16"),
+    (lambda x, w: linear_act_accumulate(x, randn(5, 8), w, None), ValueError, r"bias must have shape \(5,\), got \(8,\)"),
+    (lambda x, w: linear_act_accumulate(x, randn(5, 8), None, x), ValueError, r"y must have shape \(4, 5\), got \(4, 8\)"),
+    (lambda x, w: linear_act_accumulate(x, randn(5, 8), None, None, activation="tanh"), ValueError,
+     r"activation must be one of \('relu', 'gelu', 'gelu_tanh', 'silu', 'identity'\), got 'tanh'"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", ERRORS)
+def test_bad_input_raises_a_clear_error(call, error, message):
+    if DEVICE != "cpu" and "like x, got meta" in message:
+        message = message.replace("cpu", DEVICE + ".*")
+    with pytest.raises(error, match=message):
+        call(randn(4, 8), randn(8))
+
+
+@pytest.mark.gpu
+def test_accumulate_norm_rows_past_2_to_the_31_elements():
+    """64-bit offsets: 2^31 + a few elements of bf16 (4 GiB) in one tensor."""
+    rows, dim = (2 ** 31) // 4096 + 3, 4096
+    x = torch.randn(rows, dim, device="cuda", dtype=torch.bfloat16)
+    weight = torch.ones(dim, device="cuda")
+    y_out, out = accumulate_norm(x, x, weight, backend="triton")
+    tail = slice(rows - 3, rows)
+    ref_y, ref_out = reference.accumulate_norm(x[tail], x[tail], weight)
+    torch.testing.assert_close(y_out[tail], ref_y)
+    torch.testing.assert_close(out[tail], ref_out, rtol=2e-2, atol=2e-2)
