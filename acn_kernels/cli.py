@@ -1,4 +1,4 @@
-"""Command line: `python -m acn_kernels {demo,info}`."""
+"""Command line: `python -m acn_kernels {demo,info,compile-report}`."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +18,14 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_demo(commands)
     commands.add_parser("info", help="versions and available backends")
+    report = commands.add_parser("compile-report", help="compile every Triton kernel for sm_80 and sm_90; "
+                                 "registers, spills, shared memory")
+    report.add_argument("--only", default=None, help="one kernel, by its function name")
+    report.add_argument("--jobs", type=int, default=None, help="parallel compilations (default: all cores)")
     args = parser.parse_args(argv)
+    if args.command == "compile-report":
+        from .compile_report import run_report
+        return run_report(args.only, args.jobs)
     if args.command == "demo":
         from .demo import run_demo
         return run_demo(args.model, depth=args.depth, epochs=args.epochs, seed=args.seed, plot=args.plot)

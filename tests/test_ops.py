@@ -8,7 +8,10 @@ from hypothesis import given, settings, strategies as st
 from acn_kernels import backend as backend_module
 from acn_kernels import reference
 from acn_kernels.ops import accumulate_norm, linear_act_accumulate, probe_norm
-from acn_kernels.ops._common import MAX_NORM_DIM
+from acn_kernels.ops.accumulate_norm import BWD_PER_THREAD as NORM_BWD_PER_THREAD
+from acn_kernels.ops.accumulate_norm import FWD_PER_THREAD as NORM_FWD_PER_THREAD
+from acn_kernels.ops.probe_norm import BWD_PER_THREAD as PROBE_BWD_PER_THREAD
+from acn_kernels.ops._common import fits_in_registers
 
 from op_harness import DEVICE, DTYPES, check_op, randn, run
 
@@ -83,6 +86,20 @@ def test_accumulate_norm_non_contiguous_inputs(layout):
                  normalize=normalize)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", (4097, 8193))
+@pytest.mark.parametrize("norm", ("layernorm", "rmsnorm"))
+def test_accumulate_norm_rows_too_wide_for_registers(dtype, dim, norm):
+    """4097: the backward walks chunks; 8193: the forward does too."""
+    assert not fits_in_registers(dim, NORM_BWD_PER_THREAD)
+    assert fits_in_registers(dim, NORM_FWD_PER_THREAD) == (dim < 8192)
+    x, y = randn(3, dim, dtype=dtype), randn(3, dim)
+    weight, bias = norm_params(dim)
+    for normalize in ("input", "sum"):
+        check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, bias), dtype, norm=norm,
+                 normalize=normalize)
+
+
 def test_accumulate_norm_gradients_when_only_one_output_is_used():
     x, y = randn(5, 33), randn(5, 33)
     weight, bias = norm_params(33)
@@ -126,6 +143,16 @@ def test_probe_norm_non_contiguous_and_without_bias():
     check_op(probe_norm, reference.probe_norm, (xs, weight, None), torch.float32, norm="rmsnorm")
     xs = randn(5, 3, 100)[:, :, :60]  # strided rows, last stride 1: no copy
     check_op(probe_norm, reference.probe_norm, (xs, randn(120)[::2], randn(60)), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", ("layernorm", "rmsnorm"))
+def test_probe_norm_rows_too_wide_for_registers(dtype, norm):
+    dim = 2049
+    assert not fits_in_registers(dim, PROBE_BWD_PER_THREAD)
+    xs = randn(3, 2, dim, dtype=dtype)
+    weight, bias = norm_params(dim)
+    check_op(probe_norm, reference.probe_norm, (xs, weight, bias), dtype, norm=norm)
 
 
 def test_probe_norm_last_depth_is_the_final_norm_of_the_whole_sum():
@@ -245,8 +272,6 @@ ERRORS = [
     (lambda x, w: accumulate_norm(x, None, w, normalize="output"), ValueError,
      r"normalize must be one of \('input', 'sum'\), got 'output'"),
     (lambda x, w: accumulate_norm(x, None, w, eps=-1.0), ValueError, r"eps must be a positive number, got -1.0"),
-    (lambda x, w: accumulate_norm(randn(1, MAX_NORM_DIM + 1), None, randn(MAX_NORM_DIM + 1), backend="triton"),
-     ValueError, rf"at most {MAX_NORM_DIM}, got {MAX_NORM_DIM + 1}; use backend='reference'"),
     (lambda x, w: probe_norm(x[0], w), ValueError, r"xs must have shape \(L\+1, ..., D\) with at least 2 dims, got \(8,\)"),
     (lambda x, w: probe_norm(x, w[:3]), ValueError, r"weight must have shape \(8,\), got \(3,\)"),
     (lambda x, w: probe_norm(x, w, norm="l2"), ValueError, r"norm must be one of"),

@@ -12,8 +12,6 @@ from .._validation import check_choice
 from ..backend import TRITON_INTERPRETED
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# One row of the norm kernels lives in registers; past this a row would spill.
-MAX_NORM_DIM = 16384
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -63,12 +61,6 @@ def check_norm_kind(norm: str) -> None:
     check_choice("norm", norm, ("layernorm", "rmsnorm"))
 
 
-def check_triton_norm_dim(dim: int) -> None:
-    if dim > MAX_NORM_DIM:
-        raise ValueError(f"the Triton norm kernels take a last dimension of at most {MAX_NORM_DIM}, "
-                         f"got {dim}; use backend='reference' for wider rows")
-
-
 # ----------------------------------------------------------------------------- tensors and launches
 
 def rows_of(t: torch.Tensor) -> torch.Tensor:
@@ -86,12 +78,34 @@ def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def row_tile(dim: int) -> tuple[int, int, int]:
-    """(BLOCK_ROWS, BLOCK_D, num_warps): a tile of about 4K elements, whole rows of width dim."""
+MAX_WARPS = 16  # 512 threads a program keep 128 registers each
+
+
+def fits_in_registers(dim: int, per_thread: int) -> bool:
+    """Whether a whole row of width dim fits in one program at `per_thread` elements a thread."""
+    return triton.next_power_of_2(dim) <= MAX_WARPS * 32 * per_thread
+
+
+def row_tile(dim: int, per_thread: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_D, num_warps) for a kernel that holds whole rows in registers: about 2K
+    elements a tile, at most `per_thread` of them per thread, the most that kernel's live values
+    allow without spilling (compile-report checks every tile this returns)."""
     block_d = triton.next_power_of_2(dim)
-    block_rows = max(1, min(16, 4096 // block_d))
-    num_warps = min(16, max(1, block_rows * block_d // 512))
+    block_rows = max(1, min(16, 2048 // block_d))
+    num_warps = min(MAX_WARPS, max(1, block_rows * block_d // (32 * per_thread)))
     return block_rows, block_d, num_warps
+
+
+def launch_options(num_warps: int) -> dict:
+    """Launch options of the norm kernels. An explicit register budget (the most one program may
+    use) because, left alone, ptxas trades a few bytes of spills for occupancy on some tiles."""
+    return {"num_warps": num_warps, "maxnreg": min(255, 65536 // (32 * num_warps))}
+
+
+def chunk_tile(dim: int, per_thread: int) -> tuple[int, int, int]:
+    """(BLOCK_D, num_chunks, num_warps) for a row too wide for registers, walked in chunks."""
+    block_d = MAX_WARPS * 32 * per_thread
+    return block_d, triton.cdiv(dim, block_d), MAX_WARPS
 
 
 def reduction_programs(tiles: int, device: torch.device) -> int:
@@ -136,12 +150,23 @@ def normalize_tile(v, mask, dim, eps, IS_LAYERNORM: tl.constexpr):
 
 
 @triton.jit
-def norm_input_grad(dout, v_hat, w, rstd, mask, dim, IS_LAYERNORM: tl.constexpr):
-    """dLoss/dv of out = v_hat * w + b, from dout = dLoss/dout (float32 tiles)."""
-    wdout = dout * w[None, :]
-    proj = tl.sum(wdout * v_hat, axis=1) / dim
+def norm_grad_row_terms(wdout, v_hat, dim):
+    """The two row means that the norm backward needs: mean(w*dout*v_hat) and mean(w*dout)."""
+    return tl.sum(wdout * v_hat, axis=1) / dim, tl.sum(wdout, axis=1) / dim
+
+
+@triton.jit
+def norm_grad_from_terms(wdout, v_hat, rstd, proj, wdout_mean, mask, IS_LAYERNORM: tl.constexpr):
+    """dLoss/dv of out = v_hat * w + b, given wdout = w * dLoss/dout and the row terms."""
+    dv = wdout - v_hat * proj[:, None]
     if IS_LAYERNORM:
-        dv = wdout - v_hat * proj[:, None] - (tl.sum(wdout, axis=1) / dim)[:, None]
-    else:
-        dv = wdout - v_hat * proj[:, None]
+        dv -= wdout_mean[:, None]
     return tl.where(mask, dv * rstd[:, None], 0.0)
+
+
+@triton.jit
+def norm_input_grad(dout, v_hat, w, rstd, mask, dim, IS_LAYERNORM: tl.constexpr):
+    """dLoss/dv for whole rows held in registers (float32 tiles)."""
+    wdout = dout * w[None, :]
+    proj, wdout_mean = norm_grad_row_terms(wdout, v_hat, dim)
+    return norm_grad_from_terms(wdout, v_hat, rstd, proj, wdout_mean, mask, IS_LAYERNORM)

@@ -35,8 +35,15 @@ from .. import reference
 from .._validation import check_choice
 from ..backend import resolve_backend
 from ._common import (check_eps, check_norm_kind, check_norm_params, check_running_sum, check_tensor,
-                      check_triton_norm_dim, load_rows, new_buffer, norm_input_grad, normalize_tile,
+                      chunk_tile, fits_in_registers, launch_options, load_rows, new_buffer,
+                      norm_grad_from_terms, norm_grad_row_terms, norm_input_grad, normalize_tile,
                       reduction_programs, row_tile, rows_of, store_rows)
+
+
+# Elements of a row that one thread holds: the forward keeps about four row-sized values live,
+# the backward about eight, so these are the most each allows without spilling (compile-report).
+FWD_PER_THREAD = 16
+BWD_PER_THREAD = 8
 
 
 @triton.jit
@@ -46,6 +53,7 @@ def accumulate_norm_fwd_kernel(
     HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, IS_LAYERNORM: tl.constexpr,
     NORMALIZE_SUM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Whole rows in registers: BLOCK_ROWS rows of width dim <= BLOCK_D per program."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
     row_mask = rows < n_rows
@@ -68,12 +76,78 @@ def accumulate_norm_fwd_kernel(
 
 
 @triton.jit
+def wide_row_chunk(x_ptr, y_ptr, y_out_ptr, rows, cols, x_stride, y_stride, mask,
+                   HAS_Y: tl.constexpr, NORMALIZE_SUM: tl.constexpr):
+    """One chunk of the row that the wide forward normalizes: x, or the rounded y + x."""
+    v = load_rows(x_ptr, rows, cols, x_stride, mask)
+    if HAS_Y and NORMALIZE_SUM:
+        v = (load_rows(y_ptr, rows, cols, y_stride, mask) + v).to(y_out_ptr.dtype.element_ty).to(tl.float32)
+    return v
+
+
+@triton.jit
+def accumulate_norm_fwd_wide_kernel(
+    x_ptr, y_ptr, w_ptr, b_ptr, y_out_ptr, out_ptr, mean_ptr, rstd_ptr,
+    n_rows, dim, x_stride, y_stride, y_out_stride, out_stride, eps, num_chunks,
+    HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, IS_LAYERNORM: tl.constexpr,
+    NORMALIZE_SUM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """A row wider than the registers hold, one row per program, in three passes over its
+    chunks (the sum, the centered sum of squares, the output); the re-reads hit L2."""
+    rows = tl.program_id(0) + tl.arange(0, 1)
+    chunk = tl.arange(0, BLOCK_D)
+    row_sum = tl.zeros((1,), dtype=tl.float32)
+    for c in range(0, num_chunks):
+        cols = c * BLOCK_D + chunk
+        mask = (cols < dim)[None, :]
+        v = load_rows(x_ptr, rows, cols, x_stride, mask)
+        if HAS_Y:
+            total = (load_rows(y_ptr, rows, cols, y_stride, mask) + v).to(y_out_ptr.dtype.element_ty)
+            store_rows(y_out_ptr, rows, cols, y_out_stride, mask, total)
+            if NORMALIZE_SUM:
+                v = total.to(tl.float32)
+        row_sum += tl.sum(v, axis=1)
+    mean = tl.zeros((1,), dtype=tl.float32)
+    if IS_LAYERNORM:
+        mean = row_sum / dim
+    squares = tl.zeros((1,), dtype=tl.float32)
+    for c in range(0, num_chunks):
+        cols = c * BLOCK_D + chunk
+        mask = (cols < dim)[None, :]
+        v = wide_row_chunk(x_ptr, y_ptr, y_out_ptr, rows, cols, x_stride, y_stride, mask, HAS_Y, NORMALIZE_SUM)
+        centered = tl.where(mask, v - mean[:, None], 0.0)
+        squares += tl.sum(centered * centered, axis=1)
+    rstd = tl.rsqrt(squares / dim + eps)
+    for c in range(0, num_chunks):
+        cols = c * BLOCK_D + chunk
+        mask = (cols < dim)[None, :]
+        v = wide_row_chunk(x_ptr, y_ptr, y_out_ptr, rows, cols, x_stride, y_stride, mask, HAS_Y, NORMALIZE_SUM)
+        out = (v - mean[:, None]) * rstd[:, None] * tl.load(w_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            out += tl.load(b_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)[None, :]
+        store_rows(out_ptr, rows, cols, out_stride, mask, out)
+    if IS_LAYERNORM:
+        tl.store(mean_ptr + rows, mean)
+    tl.store(rstd_ptr + rows, rstd)
+
+
+@triton.jit
+def saved_v_hat(v_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride, row_mask, mask, IS_LAYERNORM: tl.constexpr):
+    """(v - mean) * rstd from the normalized input and the forward's statistics."""
+    v = load_rows(v_ptr, rows, cols, v_stride, mask)
+    if IS_LAYERNORM:
+        v -= tl.load(mean_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    return tl.where(mask, v * tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)[:, None], 0.0)
+
+
+@triton.jit
 def accumulate_norm_bwd_kernel(
     dout_ptr, dy_out_ptr, v_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dy_ptr, dw_ptr, db_ptr,
     n_rows, dim, dout_stride, dy_out_stride, v_stride, dx_stride, dy_stride,
     HAS_DY_OUT: tl.constexpr, STORE_DY: tl.constexpr, HAS_BIAS: tl.constexpr,
     IS_LAYERNORM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Whole rows in registers; each program walks its row tiles and keeps dw, db partial rows."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < dim
@@ -84,11 +158,8 @@ def accumulate_norm_bwd_kernel(
         rows = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < n_rows
         mask = row_mask[:, None] & col_mask[None, :]
-        v = load_rows(v_ptr, rows, cols, v_stride, mask)
-        if IS_LAYERNORM:
-            v -= tl.load(mean_ptr + rows, mask=row_mask, other=0.0)[:, None]
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-        v_hat = tl.where(mask, v * rstd[:, None], 0.0)
+        v_hat = saved_v_hat(v_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride, row_mask, mask, IS_LAYERNORM)
         dout = load_rows(dout_ptr, rows, cols, dout_stride, mask)
         dw += tl.sum(dout * v_hat, axis=0)
         if HAS_BIAS:
@@ -104,44 +175,112 @@ def accumulate_norm_bwd_kernel(
         tl.store(db_ptr + pid * dim + cols, db, mask=col_mask)
 
 
-def launch_forward(x2, y2, weight, bias, eps: float, is_layernorm: bool, normalize_sum: bool):
-    """(y_out, out, mean, rstd) for (rows, D) views; y_out and mean are None where not produced."""
+@triton.jit
+def accumulate_norm_bwd_wide_kernel(
+    dout_ptr, dy_out_ptr, v_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dy_ptr, dw_ptr, db_ptr,
+    n_rows, dim, dout_stride, dy_out_stride, v_stride, dx_stride, dy_stride, num_chunks,
+    HAS_DY_OUT: tl.constexpr, STORE_DY: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_LAYERNORM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Rows wider than the registers hold: two passes over each row's chunks (the row terms,
+    then the gradient). dw, db partial rows live in global memory (zeroed by the launcher), each
+    owned by one program, so the sum stays deterministic."""
+    pid = tl.program_id(0)
+    chunk = tl.arange(0, BLOCK_D)
+    for row in range(pid, n_rows, tl.num_programs(0)):
+        rows = row + tl.arange(0, 1)
+        row_mask = rows < n_rows
+        rstd = tl.load(rstd_ptr + rows)
+        proj = tl.zeros((1,), dtype=tl.float32)
+        wdout_mean = tl.zeros((1,), dtype=tl.float32)
+        for c in range(0, num_chunks):
+            cols = c * BLOCK_D + chunk
+            mask = (cols < dim)[None, :]
+            v_hat = saved_v_hat(v_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride, row_mask, mask, IS_LAYERNORM)
+            wdout = load_rows(dout_ptr, rows, cols, dout_stride, mask) * tl.load(
+                w_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)[None, :]
+            chunk_proj, chunk_mean = norm_grad_row_terms(wdout, v_hat, dim)
+            proj += chunk_proj
+            wdout_mean += chunk_mean
+        for c in range(0, num_chunks):
+            cols = c * BLOCK_D + chunk
+            col_mask = cols < dim
+            mask = col_mask[None, :]
+            v_hat = saved_v_hat(v_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride, row_mask, mask, IS_LAYERNORM)
+            dout = load_rows(dout_ptr, rows, cols, dout_stride, mask)
+            wdout = dout * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            dv = norm_grad_from_terms(wdout, v_hat, rstd, proj, wdout_mean, mask, IS_LAYERNORM)
+            if HAS_DY_OUT:
+                dv += load_rows(dy_out_ptr, rows, cols, dy_out_stride, mask)
+            store_rows(dx_ptr, rows, cols, dx_stride, mask, dv)
+            if STORE_DY:
+                store_rows(dy_ptr, rows, cols, dy_stride, mask, dv)
+            partial = dw_ptr + pid * dim + cols
+            tl.store(partial, tl.load(partial, mask=col_mask) + tl.sum(dout * v_hat, axis=0), mask=col_mask)
+            if HAS_BIAS:
+                partial = db_ptr + pid * dim + cols
+                tl.store(partial, tl.load(partial, mask=col_mask) + tl.sum(dout, axis=0), mask=col_mask)
+
+
+def launch_forward(x2, y2, weight, bias, eps: float, is_layernorm: bool, normalize_sum: bool,
+                   out_dtype: torch.dtype | None = None):
+    """(y_out, out, mean, rstd) for (rows, D) views; y_out and mean are None where not produced.
+    out has x's dtype unless out_dtype is given."""
     n_rows, dim = x2.shape
-    block_rows, block_d, num_warps = row_tile(dim)
-    y_out = new_buffer((n_rows, dim), y2.dtype, x2.device) if y2 is not None else None
-    out = new_buffer((n_rows, dim), x2.dtype, x2.device)
-    mean = new_buffer((n_rows,), torch.float32, x2.device) if is_layernorm else None
-    rstd = new_buffer((n_rows,), torch.float32, x2.device)
+    device = x2.device
+    y_out = new_buffer((n_rows, dim), y2.dtype, device) if y2 is not None else None
+    out = new_buffer((n_rows, dim), out_dtype or x2.dtype, device)
+    mean = new_buffer((n_rows,), torch.float32, device) if is_layernorm else None
+    rstd = new_buffer((n_rows,), torch.float32, device)
     # Unused pointers get a harmless stand-in; the constexpr flags keep the kernel off them.
-    accumulate_norm_fwd_kernel[(max(1, triton.cdiv(n_rows, block_rows)),)](
-        x2, y2 if y2 is not None else x2, weight, bias if bias is not None else weight,
-        y_out if y_out is not None else out, out, mean if mean is not None else rstd, rstd,
-        n_rows, dim, x2.stride(0), y2.stride(0) if y2 is not None else 0,
-        y_out.stride(0) if y_out is not None else 0, out.stride(0), eps,
-        HAS_Y=y2 is not None, HAS_BIAS=bias is not None, IS_LAYERNORM=is_layernorm,
-        NORMALIZE_SUM=normalize_sum, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps)
+    args = (x2, y2 if y2 is not None else x2, weight, bias if bias is not None else weight,
+            y_out if y_out is not None else out, out, mean if mean is not None else rstd, rstd,
+            n_rows, dim, x2.stride(0), y2.stride(0) if y2 is not None else 0,
+            y_out.stride(0) if y_out is not None else 0, out.stride(0), eps)
+    flags = dict(HAS_Y=y2 is not None, HAS_BIAS=bias is not None, IS_LAYERNORM=is_layernorm,
+                 NORMALIZE_SUM=normalize_sum)
+    if fits_in_registers(dim, FWD_PER_THREAD):
+        block_rows, block_d, num_warps = row_tile(dim, FWD_PER_THREAD)
+        accumulate_norm_fwd_kernel[(max(1, triton.cdiv(n_rows, block_rows)),)](
+            *args, **flags, BLOCK_ROWS=block_rows, BLOCK_D=block_d, **launch_options(num_warps))
+    else:
+        block_d, num_chunks, num_warps = chunk_tile(dim, FWD_PER_THREAD)
+        accumulate_norm_fwd_wide_kernel[(max(1, n_rows),)](
+            *args, num_chunks, **flags, BLOCK_D=block_d, **launch_options(num_warps))
     return y_out, out, mean, rstd
 
 
 def launch_backward(dout2, dy_out2, v2, weight, mean, rstd, has_bias: bool, is_layernorm: bool,
                     dx_dtype: torch.dtype, dy_dtype: torch.dtype | None):
-    """(dx, dy, dweight, dbias) in float32 for the reductions; dy only when dy_dtype is given."""
+    """(dx, dy, dweight, dbias), the reductions in float32; dy only when dy_dtype is given."""
     n_rows, dim = v2.shape
     device = v2.device
-    block_rows, block_d, num_warps = row_tile(dim)
-    programs = max(1, reduction_programs(triton.cdiv(n_rows, block_rows), device))
+    wide = not fits_in_registers(dim, BWD_PER_THREAD)
+    if wide:
+        block_d, num_chunks, num_warps = chunk_tile(dim, BWD_PER_THREAD)
+        programs = max(1, reduction_programs(n_rows, device))
+    else:
+        block_rows, block_d, num_warps = row_tile(dim, BWD_PER_THREAD)
+        programs = max(1, reduction_programs(triton.cdiv(n_rows, block_rows), device))
     dx = new_buffer((n_rows, dim), dx_dtype, device)
     dy = new_buffer((n_rows, dim), dy_dtype, device) if dy_dtype is not None else None
-    dw = new_buffer((programs, dim), torch.float32, device)
-    db = new_buffer((programs, dim), torch.float32, device) if has_bias else None
-    accumulate_norm_bwd_kernel[(programs,)](
-        dout2, dy_out2 if dy_out2 is not None else dout2, v2, weight,
-        mean if mean is not None else rstd, rstd, dx, dy if dy is not None else dx, dw,
-        db if db is not None else dw,
-        n_rows, dim, dout2.stride(0), dy_out2.stride(0) if dy_out2 is not None else 0, v2.stride(0),
-        dx.stride(0), dy.stride(0) if dy is not None else 0,
-        HAS_DY_OUT=dy_out2 is not None, STORE_DY=dy is not None, HAS_BIAS=has_bias,
-        IS_LAYERNORM=is_layernorm, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps)
+    # The wide kernel adds into its partial rows, so they start at zero.
+    partial = torch.zeros if wide else new_buffer
+    dw = partial((programs, dim), dtype=torch.float32, device=device)
+    db = partial((programs, dim), dtype=torch.float32, device=device) if has_bias else None
+    args = (dout2, dy_out2 if dy_out2 is not None else dout2, v2, weight,
+            mean if mean is not None else rstd, rstd, dx, dy if dy is not None else dx, dw,
+            db if db is not None else dw,
+            n_rows, dim, dout2.stride(0), dy_out2.stride(0) if dy_out2 is not None else 0, v2.stride(0),
+            dx.stride(0), dy.stride(0) if dy is not None else 0)
+    flags = dict(HAS_DY_OUT=dy_out2 is not None, STORE_DY=dy is not None, HAS_BIAS=has_bias,
+                 IS_LAYERNORM=is_layernorm)
+    if wide:
+        accumulate_norm_bwd_wide_kernel[(programs,)](
+            *args, num_chunks, **flags, BLOCK_D=block_d, **launch_options(num_warps))
+    else:
+        accumulate_norm_bwd_kernel[(programs,)](
+            *args, **flags, BLOCK_ROWS=block_rows, BLOCK_D=block_d, **launch_options(num_warps))
     return dx, dy, dw.sum(0), db.sum(0) if db is not None else None
 
 
@@ -197,7 +336,6 @@ def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm="layernorm", norm
     check_choice("normalize", normalize, ("input", "sum"))
     if resolve_backend(backend, x.device) == "reference":
         return reference.accumulate_norm(x, y, weight, bias, eps=eps, norm=norm, normalize=normalize)
-    check_triton_norm_dim(x.shape[-1])
     y_out, out = AccumulateNorm.apply(x, y, weight, bias, float(eps), norm == "layernorm",
                                       normalize == "sum")
     return (x if y is None else y_out), out

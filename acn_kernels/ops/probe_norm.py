@@ -27,9 +27,16 @@ import triton.language as tl
 
 from .. import reference
 from ..backend import resolve_backend
-from ._common import (check_eps, check_norm_kind, check_norm_params, check_tensor, check_triton_norm_dim,
-                      load_rows, new_buffer, norm_input_grad, normalize_tile, reduction_programs,
-                      row_tile, store_rows)
+from .accumulate_norm import launch_backward as rows_backward
+from .accumulate_norm import launch_forward as rows_forward
+from ._common import (check_eps, check_norm_kind, check_norm_params, check_tensor, fits_in_registers,
+                      launch_options, load_rows, new_buffer, norm_input_grad, normalize_tile, reduction_programs,
+                      row_tile, rows_of, store_rows)
+
+# Row elements a thread holds: the backward keeps the running sum, the running gradient and the
+# norm backward's values live at once (compile-report checks that these do not spill).
+FWD_PER_THREAD = 16
+BWD_PER_THREAD = 4
 
 
 @triton.jit
@@ -111,7 +118,7 @@ def layers_of(t: torch.Tensor) -> torch.Tensor:
 
 def launch_forward(xs3, weight, bias, eps: float, is_layernorm: bool):
     depth, n_rows, dim = xs3.shape
-    block_rows, block_d, num_warps = row_tile(dim)
+    block_rows, block_d, num_warps = row_tile(dim, FWD_PER_THREAD)
     out = new_buffer((depth, n_rows, dim), xs3.dtype, xs3.device)
     mean = new_buffer((depth, n_rows), torch.float32, xs3.device) if is_layernorm else None
     rstd = new_buffer((depth, n_rows), torch.float32, xs3.device)
@@ -119,14 +126,14 @@ def launch_forward(xs3, weight, bias, eps: float, is_layernorm: bool):
         xs3, weight, bias if bias is not None else weight, out, mean if mean is not None else rstd, rstd,
         depth, n_rows, dim, xs3.stride(0), xs3.stride(1), out.stride(0), out.stride(1), eps,
         HAS_BIAS=bias is not None, IS_LAYERNORM=is_layernorm, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
-        num_warps=num_warps)
+        **launch_options(num_warps))
     return out, mean, rstd
 
 
 def launch_backward(dout3, xs3, weight, mean, rstd, has_bias: bool, is_layernorm: bool):
     depth, n_rows, dim = xs3.shape
     device = xs3.device
-    block_rows, block_d, num_warps = row_tile(dim)
+    block_rows, block_d, num_warps = row_tile(dim, BWD_PER_THREAD)
     programs = max(1, reduction_programs(triton.cdiv(n_rows, block_rows), device))
     dxs = new_buffer((depth, n_rows, dim), xs3.dtype, device)
     dw = new_buffer((programs, dim), torch.float32, device)
@@ -136,17 +143,31 @@ def launch_backward(dout3, xs3, weight, mean, rstd, has_bias: bool, is_layernorm
         depth, n_rows, dim, dout3.stride(0), dout3.stride(1), xs3.stride(0), xs3.stride(1),
         dxs.stride(0), dxs.stride(1),
         HAS_BIAS=has_bias, IS_LAYERNORM=is_layernorm, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
-        num_warps=num_warps)
+        **launch_options(num_warps))
     return dxs, dw.sum(0), db.sum(0) if db is not None else None
 
 
+def running_sums(xs3: torch.Tensor) -> torch.Tensor:
+    """y_0..y_L in float32, as (rows, D): the wide plan's input to the row kernels."""
+    return xs3.float().cumsum(0).view(-1, xs3.shape[-1])
+
+
 class ProbeNorm(torch.autograd.Function):
+    """Rows that fit in registers take the fused kernels above. Wider rows take a plan of three
+    steps: a float32 cumsum, then accumulate_norm's row kernels over all (L+1)*rows rows, and in
+    backward a reverse cumsum. It reads and writes the float32 partial sums, so it moves more bytes."""
+
     @staticmethod
     def forward(ctx, xs, weight, bias, eps, is_layernorm):
         xs3 = layers_of(xs)
         weight = weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
-        out, mean, rstd = launch_forward(xs3, weight, bias, eps, is_layernorm)
+        ctx.wide = not fits_in_registers(xs3.shape[-1], BWD_PER_THREAD)
+        if ctx.wide:
+            _, out, mean, rstd = rows_forward(
+                running_sums(xs3), None, weight, bias, eps, is_layernorm, False, out_dtype=xs.dtype)
+        else:
+            out, mean, rstd = launch_forward(xs3, weight, bias, eps, is_layernorm)
         ctx.save_for_backward(xs3, weight, mean, rstd)
         ctx.is_layernorm, ctx.has_bias, ctx.xs_shape = is_layernorm, bias is not None, xs.shape
         return out.view(xs.shape)
@@ -154,7 +175,13 @@ class ProbeNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         xs3, weight, mean, rstd = ctx.saved_tensors
-        dxs, dw, db = launch_backward(layers_of(dout), xs3, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm)
+        if ctx.wide:
+            dys, _, dw, db = rows_backward(
+                rows_of(dout), None, running_sums(xs3), weight, mean, rstd, ctx.has_bias, ctx.is_layernorm,
+                torch.float32, None)
+            dxs = dys.view(xs3.shape).flip(0).cumsum(0).flip(0).to(xs3.dtype)
+        else:
+            dxs, dw, db = launch_backward(layers_of(dout), xs3, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm)
         return (dxs.view(ctx.xs_shape), dw.to(weight.dtype), db.to(weight.dtype) if db is not None else None,
                 None, None)
 
@@ -169,5 +196,4 @@ def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm", backend="au
     check_norm_kind(norm)
     if resolve_backend(backend, xs.device) == "reference":
         return reference.probe_norm(xs, weight, bias, eps=eps, norm=norm)
-    check_triton_norm_dim(xs.shape[-1])
     return ProbeNorm.apply(xs, weight, bias, float(eps), norm == "layernorm")
