@@ -2,5 +2,7 @@
 __version__ = "0.1.0"
 
 from .models import CONNECTIVITIES, Encoder, MLP, Mixer, ViT  # noqa: E402
+from .ops import accumulate_norm, linear_act_accumulate, probe_norm  # noqa: E402
 
-__all__ = ["CONNECTIVITIES", "Encoder", "MLP", "Mixer", "ViT", "__version__"]
+__all__ = ["CONNECTIVITIES", "Encoder", "MLP", "Mixer", "ViT", "__version__", "accumulate_norm",
+           "linear_act_accumulate", "probe_norm"]

@@ -1,4 +1,8 @@
-"""The main job and the info command, as a user runs them (small settings)."""
+"""The command line as a user runs it: the demo (small settings), info and compile-report."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from acn_kernels.cli import main
@@ -36,3 +40,26 @@ def test_info_lists_backends(capsys):
     out = capsys.readouterr().out
     for row in ("torch", "triton", "triton interpreter", "CUDA extension", "GPU"):
         assert row in out
+
+
+def run_module(*args, interpret: bool):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, "-m", "acn_kernels", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_compile_report_compiles_a_kernel_for_sm80_and_sm90_without_a_gpu():
+    result = run_module("compile-report", "--only", "accumulate_norm_fwd_wide_kernel", interpret=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("accumulate_norm_fwd_wide_kernel")]
+    assert len(rows) == 6  # three dtypes, two targets
+    assert {row.split()[3] for row in rows} == {"sm_80", "sm_90"}
+    assert "6 compilations, 0 failed or spilled" in result.stdout
+
+
+def test_compile_report_refuses_to_run_under_the_interpreter():
+    result = run_module("compile-report", interpret=True)
+    assert result.returncode == 2 and "unset TRITON_INTERPRET" in result.stderr
+    assert run_module("compile-report", "--only", "no_such_kernel", interpret=False).returncode == 2
