@@ -24,6 +24,10 @@ Bytes, for R rows, A = R*D elements at x's size, A_y at y's size (float32 y: twi
               under a 16-bit x)  + 4*P*D per reduced parameter, P = programs (a few per SM)
 
 Eager PyTorch moves 5A forward and 6A backward per boundary (ACN-NOTES section 5); this op 4A and 4A.
+
+Rows wider than the registers hold (D > 8192 forward, D > 4096 backward) are walked in chunks by
+the *_wide kernels: the same bytes from DRAM, with the row re-read from L2 (three passes forward,
+two backward) and the dweight/dbias partial rows updated in L2.
 """
 from __future__ import annotations
 
