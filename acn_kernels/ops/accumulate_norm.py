@@ -31,6 +31,8 @@ two backward) and the dweight/dbias partial rows updated in L2.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -288,42 +290,80 @@ def launch_backward(dout2, dy_out2, v2, weight, mean, rstd, has_bias: bool, is_l
     return dx, dy, dw.sum(0), db.sum(0) if db is not None else None
 
 
-class AccumulateNorm(torch.autograd.Function):
-    """Outputs (y_out, out); y_out is None when y is None (the caller returns x in its place)."""
+# ----------------------------------------------------------------------------- registered ops
+# torch.library custom ops, so that torch.compile traces through them (fake implementations give
+# the output shapes) and opcheck can test them; their autograd formula is registered below.
+# A custom op may not return an alias of an input nor None, so outputs an op does not produce
+# (y_out without y, mean for RMSNorm, dy when x's gradient serves, db without bias) come back empty.
 
-    @staticmethod
-    def forward(ctx, x, y, weight, bias, eps, is_layernorm, normalize_sum):
-        x2 = rows_of(x)
-        y2 = rows_of(y) if y is not None else None
-        weight = weight.contiguous()
-        bias = bias.contiguous() if bias is not None else None
-        y_out, out, mean, rstd = launch_forward(x2, y2, weight, bias, eps, is_layernorm, normalize_sum)
-        normalized = y_out if normalize_sum and y is not None else x2
-        ctx.save_for_backward(normalized, weight, mean, rstd)
-        ctx.set_materialize_grads(False)
-        ctx.is_layernorm, ctx.has_bias = is_layernorm, bias is not None
-        ctx.sum_has_own_grad = normalize_sum and y is not None
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.y_dtype = y.dtype if y is not None else None
-        return (y_out.view(x.shape) if y_out is not None else None), out.view(x.shape)
+@torch.library.custom_op("acn_kernels::accumulate_norm_fwd", mutates_args=())
+def accumulate_norm_fwd(x: torch.Tensor, y: Optional[torch.Tensor], weight: torch.Tensor,
+                        bias: Optional[torch.Tensor], eps: float, is_layernorm: bool,
+                        normalize_sum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y_out, out, mean, rstd = launch_forward(
+        rows_of(x), rows_of(y) if y is not None else None, weight.contiguous(),
+        bias.contiguous() if bias is not None else None, eps, is_layernorm, normalize_sum)
+    return (y_out.view(x.shape) if y_out is not None else x.new_empty(0), out.view(x.shape),
+            mean if mean is not None else rstd.new_empty(0), rstd)
 
-    @staticmethod
-    def backward(ctx, dy_out, dout):
-        normalized, weight, mean, rstd = ctx.saved_tensors
-        if dout is None:
-            return dy_out.to(ctx.x_dtype), dy_out, None, None, None, None, None
-        dy_out2 = rows_of(dy_out) if dy_out is not None else None
-        split_dy = ctx.sum_has_own_grad and ctx.y_dtype != ctx.x_dtype
-        dx, dy, dw, db = launch_backward(
-            rows_of(dout), dy_out2, normalized, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm,
-            ctx.x_dtype, ctx.y_dtype if split_dy else None)
-        dx = dx.view(ctx.x_shape)
-        if ctx.sum_has_own_grad:
-            dy = dy.view(ctx.x_shape) if split_dy else dx
-        else:
-            dy = dy_out
-        return (dx, dy, dw.to(weight.dtype), db.to(weight.dtype) if db is not None else None,
-                None, None, None)
+
+@accumulate_norm_fwd.register_fake
+def _(x, y, weight, bias, eps, is_layernorm, normalize_sum):
+    rows = x.numel() // x.shape[-1]
+    stats = x.new_empty(rows, dtype=torch.float32)
+    return (x.new_empty(x.shape, dtype=y.dtype) if y is not None else x.new_empty(0), x.new_empty(x.shape),
+            stats.new_empty(rows) if is_layernorm else stats.new_empty(0), stats)
+
+
+@torch.library.custom_op("acn_kernels::accumulate_norm_bwd", mutates_args=())
+def accumulate_norm_bwd(dout: torch.Tensor, dy_out: Optional[torch.Tensor], normalized: torch.Tensor,
+                        weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool,
+                        is_layernorm: bool, dy_dtype: Optional[torch.dtype]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dy, dweight, dbias) shaped like `normalized`, dy only in dy_dtype when that is given."""
+    dx, dy, dw, db = launch_backward(
+        rows_of(dout), rows_of(dy_out) if dy_out is not None else None, rows_of(normalized),
+        weight.contiguous(), mean if is_layernorm else None, rstd, has_bias, is_layernorm, dout.dtype, dy_dtype)
+    shape = normalized.shape
+    return (dx.view(shape), dy.view(shape) if dy is not None else dx.new_empty(0), dw.to(weight.dtype),
+            db.to(weight.dtype) if db is not None else dw.new_empty(0, dtype=weight.dtype))
+
+
+@accumulate_norm_bwd.register_fake
+def _(dout, dy_out, normalized, weight, mean, rstd, has_bias, is_layernorm, dy_dtype):
+    shape = normalized.shape
+    return (dout.new_empty(shape), dout.new_empty(shape, dtype=dy_dtype) if dy_dtype is not None else dout.new_empty(0),
+            weight.new_empty(weight.shape), weight.new_empty(weight.shape if has_bias else (0,)))
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def setup_context(ctx, inputs, output):
+    x, y, weight, bias, eps, is_layernorm, normalize_sum = inputs
+    y_out, _, mean, rstd = output
+    ctx.sum_has_own_grad = normalize_sum and y is not None
+    ctx.save_for_backward(y_out if ctx.sum_has_own_grad else x, weight, mean, rstd)
+    ctx.has_y, ctx.has_bias, ctx.is_layernorm = y is not None, bias is not None, is_layernorm
+    ctx.x_dtype, ctx.y_dtype = x.dtype, (y.dtype if y is not None else None)
+
+
+def backward(ctx, dy_out, dout, _dmean, _drstd):
+    """dx = dy_out + norm backward (into x, or into y_out for normalize="sum"); dy = dy_out."""
+    normalized, weight, mean, rstd = ctx.saved_tensors
+    dy_out = dy_out if ctx.has_y else None
+    if dout is None:
+        return dy_out.to(ctx.x_dtype), dy_out, None, None, None, None, None
+    split_dy = ctx.sum_has_own_grad and ctx.y_dtype != ctx.x_dtype
+    dx, dy, dw, db = accumulate_norm_bwd(dout, dy_out, normalized, weight, mean, rstd, ctx.has_bias,
+                                         ctx.is_layernorm, ctx.y_dtype if split_dy else None)
+    if not ctx.sum_has_own_grad:
+        dy = dy_out
+    elif not split_dy:
+        dy = dx
+    return dx, dy, dw, (db if ctx.has_bias else None), None, None, None
+
+
+accumulate_norm_fwd.register_autograd(backward, setup_context=setup_context)
 
 
 def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm="layernorm", normalize="input",
@@ -340,6 +380,5 @@ def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm="layernorm", norm
     check_choice("normalize", normalize, ("input", "sum"))
     if resolve_backend(backend, x.device) == "reference":
         return reference.accumulate_norm(x, y, weight, bias, eps=eps, norm=norm, normalize=normalize)
-    y_out, out = AccumulateNorm.apply(x, y, weight, bias, float(eps), norm == "layernorm",
-                                      normalize == "sum")
+    y_out, out, _, _ = accumulate_norm_fwd(x, y, weight, bias, float(eps), norm == "layernorm", normalize == "sum")
     return (x if y is None else y_out), out

@@ -23,6 +23,8 @@ multiplies by act'(z) in separate passes: about 5A more per layer (ACN-NOTES sec
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -202,37 +204,84 @@ def launch_activation_backward(dh, dy_out, saved, act: str, shape, dtype, device
     return dz
 
 
-class LinearActAccumulate(torch.autograd.Function):
-    """Outputs (h, y_out); y_out is None when y is None (the caller returns h in its place)."""
+# ----------------------------------------------------------------------------- registered ops
+# Custom ops for torch.compile and opcheck (see accumulate_norm). Outputs an op does not produce
+# come back empty: y_out without y, and the saved pre-activation where act' does not need z
+# (for relu the autograd formula keeps h itself, which an op may not return twice).
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, y, act):
-        x2 = rows_of(x)
-        y2 = rows_of(y).contiguous() if y is not None else None  # the epilogue's layout
-        bias = bias.contiguous() if bias is not None else None
-        h, y_out, saved = launch_forward(x2, weight, bias, y2, act)
-        ctx.save_for_backward(x2, weight, saved)
-        ctx.set_materialize_grads(False)
-        ctx.act, ctx.has_bias, ctx.x_shape = act, bias is not None, x.shape
-        out_shape = (*x.shape[:-1], weight.shape[0])
-        return h.view(out_shape), (y_out.view(out_shape) if y_out is not None else None)
+@torch.library.custom_op("acn_kernels::linear_act_accumulate_fwd", mutates_args=())
+def linear_act_accumulate_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              y: Optional[torch.Tensor], activation: str
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, y_out, z)."""
+    y2 = rows_of(y).contiguous() if y is not None else None  # the epilogue's layout
+    h, y_out, z = launch_forward(rows_of(x), weight, bias.contiguous() if bias is not None else None, y2, activation)
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    empty = h.new_empty(0)
+    return (h.view(out_shape), y_out.view(out_shape) if y_out is not None else empty,
+            z.view(out_shape) if activation in NEEDS_PREACTIVATION else empty.clone())
 
-    @staticmethod
-    def backward(ctx, dh, dy_out):
-        x2, weight, saved = ctx.saved_tensors
-        shape = (x2.shape[0], weight.shape[0])
-        dz = launch_activation_backward(
-            dh.reshape(shape) if dh is not None else None, dy_out.reshape(shape) if dy_out is not None else None,
-            saved, ctx.act, shape, x2.dtype, x2.device)
-        dx = (dz @ weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        dweight = dz.t() @ x2 if ctx.needs_input_grad[1] else None
-        dbias = dz.sum(0, dtype=torch.float32).to(dz.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, dy_out, None
+
+@linear_act_accumulate_fwd.register_fake
+def _(x, weight, bias, y, activation):
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    return (x.new_empty(out_shape), x.new_empty(out_shape, dtype=y.dtype) if y is not None else x.new_empty(0),
+            x.new_empty(out_shape if activation in NEEDS_PREACTIVATION else (0,)))
+
+
+@torch.library.custom_op("acn_kernels::activation_backward", mutates_args=())
+def activation_backward(dh: Optional[torch.Tensor], dy_out: Optional[torch.Tensor], saved: Optional[torch.Tensor],
+                        activation: str, dtype: torch.dtype) -> torch.Tensor:
+    """dz = (dh + dy_out) * act'(z) in `dtype` (x's), shaped like the gradients."""
+    shape = next(t.shape for t in (dh, dy_out) if t is not None)
+    rows = (shape.numel() // shape[-1], shape[-1])
+    flat = [t.reshape(rows) if t is not None else None for t in (dh, dy_out, saved)]
+    device = next(t.device for t in (dh, dy_out) if t is not None)
+    return launch_activation_backward(*flat, activation, rows, dtype, device).view(shape)
+
+
+@activation_backward.register_fake
+def _(dh, dy_out, saved, activation, dtype):
+    grad = dh if dh is not None else dy_out
+    return grad.new_empty(grad.shape, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def setup_context(ctx, inputs, output):
+    x, weight, bias, y, activation = inputs
+    h, _, z = output
+    saved = z if activation in NEEDS_PREACTIVATION else (h if activation == "relu" else None)
+    ctx.save_for_backward(x, weight, saved)
+    ctx.activation, ctx.has_y, ctx.has_bias = activation, y is not None, bias is not None
+
+
+def backward(ctx, dh, dy_out, _dz):
+    """dz = (dh + dy_out) * act'(z) in one kernel, then dx, dweight, dbias by cuBLAS; dy = dy_out."""
+    x, weight, saved = ctx.saved_tensors
+    dy_out = dy_out if ctx.has_y else None
+    dz = activation_backward(dh, dy_out, saved, ctx.activation, x.dtype)
+    dz2 = dz.reshape(-1, weight.shape[0])
+    dx = (dz2 @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
+    dweight = dz2.t() @ rows_of(x) if ctx.needs_input_grad[1] else None
+    dbias = dz2.sum(0, dtype=torch.float32).to(dz.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dweight, dbias, dy_out, None
+
+
+linear_act_accumulate_fwd.register_autograd(backward, setup_context=setup_context)
+
+
+def cast_for_autocast(device_type: str, *tensors):
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
 
 
 def linear_act_accumulate(x, weight, bias, y, *, activation="gelu", backend="auto"):
-    """Returns (h, y_out): h = act(x @ weight.T + bias), y_out = y + h. See the module docstring."""
+    """Returns (h, y_out): h = act(x @ weight.T + bias), y_out = y + h. See the module docstring.
+    Under autocast, x, weight and bias are cast to the autocast dtype as nn.Linear's are; y is not."""
     check_tensor("x", x)
+    if torch.is_autocast_enabled(x.device.type):
+        x, weight, bias = cast_for_autocast(x.device.type, x, weight, bias)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (..., K), got a 0-d tensor")
     check_tensor("weight", weight, dtypes=(x.dtype,))
@@ -247,5 +296,5 @@ def linear_act_accumulate(x, weight, bias, y, *, activation="gelu", backend="aut
     check_choice("activation", activation, ACTIVATIONS)
     if resolve_backend(backend, x.device) == "reference":
         return reference.linear_act_accumulate(x, weight, bias, y, activation=activation)
-    h, y_out = LinearActAccumulate.apply(x, weight, bias, y, activation)
+    h, y_out, _ = linear_act_accumulate_fwd(x, weight, bias, y, activation)
     return h, (h if y is None else y_out)

@@ -25,6 +25,8 @@ partial sums, 2(L+1)A more each way.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -156,38 +158,79 @@ def running_sums(xs3: torch.Tensor) -> torch.Tensor:
     return xs3.float().cumsum(0).view(-1, xs3.shape[-1])
 
 
-class ProbeNorm(torch.autograd.Function):
-    """Rows that fit in registers take the fused kernels above. Wider rows take a plan of three
-    steps: a float32 cumsum, then accumulate_norm's row kernels over all (L+1)*rows rows, and in
-    backward a reverse cumsum. It reads and writes the float32 partial sums, so it moves more bytes."""
+# ----------------------------------------------------------------------------- registered ops
+# Custom ops for torch.compile and opcheck (see accumulate_norm). Rows that fit in registers take
+# the fused kernels above. Wider rows take a plan of three steps: a float32 cumsum, then
+# accumulate_norm's row kernels over all (L+1)*rows rows, and in backward a reverse cumsum; it
+# reads and writes the float32 partial sums, so it moves more bytes.
 
-    @staticmethod
-    def forward(ctx, xs, weight, bias, eps, is_layernorm):
-        xs3 = layers_of(xs)
-        weight = weight.contiguous()
-        bias = bias.contiguous() if bias is not None else None
-        ctx.wide = not fits_in_registers(xs3.shape[-1], BWD_PER_THREAD)
-        if ctx.wide:
-            _, out, mean, rstd = rows_forward(
-                running_sums(xs3), None, weight, bias, eps, is_layernorm, False, out_dtype=xs.dtype)
-        else:
-            out, mean, rstd = launch_forward(xs3, weight, bias, eps, is_layernorm)
-        ctx.save_for_backward(xs3, weight, mean, rstd)
-        ctx.is_layernorm, ctx.has_bias, ctx.xs_shape = is_layernorm, bias is not None, xs.shape
-        return out.view(xs.shape)
+def is_wide(dim: int) -> bool:
+    return not fits_in_registers(dim, BWD_PER_THREAD)
 
-    @staticmethod
-    def backward(ctx, dout):
-        xs3, weight, mean, rstd = ctx.saved_tensors
-        if ctx.wide:
-            dys, _, dw, db = rows_backward(
-                rows_of(dout), None, running_sums(xs3), weight, mean, rstd, ctx.has_bias, ctx.is_layernorm,
-                torch.float32, None)
-            dxs = dys.view(xs3.shape).flip(0).cumsum(0).flip(0).to(xs3.dtype)
-        else:
-            dxs, dw, db = launch_backward(layers_of(dout), xs3, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm)
-        return (dxs.view(ctx.xs_shape), dw.to(weight.dtype), db.to(weight.dtype) if db is not None else None,
-                None, None)
+
+@torch.library.custom_op("acn_kernels::probe_norm_fwd", mutates_args=())
+def probe_norm_fwd(xs: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+                   is_layernorm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(outs, mean, rstd); mean and rstd are (L+1, rows), mean empty for RMSNorm."""
+    xs3 = layers_of(xs)
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    if is_wide(xs3.shape[-1]):
+        _, out, mean, rstd = rows_forward(running_sums(xs3), None, weight, bias, eps, is_layernorm, False,
+                                          out_dtype=xs.dtype)
+        mean = mean.view(xs3.shape[:2]) if mean is not None else None
+        rstd = rstd.view(xs3.shape[:2])
+    else:
+        out, mean, rstd = launch_forward(xs3, weight, bias, eps, is_layernorm)
+    return out.view(xs.shape), (mean if mean is not None else rstd.new_empty(0)), rstd
+
+
+@probe_norm_fwd.register_fake
+def _(xs, weight, bias, eps, is_layernorm):
+    stats = xs.new_empty((xs.shape[0], xs.numel() // (xs.shape[0] * xs.shape[-1])), dtype=torch.float32)
+    return xs.new_empty(xs.shape), (stats.new_empty(stats.shape) if is_layernorm else stats.new_empty(0)), stats
+
+
+@torch.library.custom_op("acn_kernels::probe_norm_bwd", mutates_args=())
+def probe_norm_bwd(dout: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                   rstd: torch.Tensor, has_bias: bool, is_layernorm: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dxs, dweight, dbias); dbias empty without a bias."""
+    xs3 = layers_of(xs)
+    weight = weight.contiguous()
+    mean = mean if is_layernorm else None
+    if is_wide(xs3.shape[-1]):
+        dys, _, dw, db = rows_backward(rows_of(dout), None, running_sums(xs3), weight,
+                                       mean.view(-1) if mean is not None else None, rstd.view(-1), has_bias,
+                                       is_layernorm, torch.float32, None)
+        dxs = dys.view(xs3.shape).flip(0).cumsum(0).flip(0).to(xs.dtype)
+    else:
+        dxs, dw, db = launch_backward(layers_of(dout), xs3, weight, mean, rstd, has_bias, is_layernorm)
+    return (dxs.view(xs.shape), dw.to(weight.dtype),
+            db.to(weight.dtype) if db is not None else dw.new_empty(0, dtype=weight.dtype))
+
+
+@probe_norm_bwd.register_fake
+def _(dout, xs, weight, mean, rstd, has_bias, is_layernorm):
+    return xs.new_empty(xs.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape if has_bias else (0,))
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def setup_context(ctx, inputs, output):
+    xs, weight, bias, eps, is_layernorm = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(xs, weight, mean, rstd)
+    ctx.has_bias, ctx.is_layernorm = bias is not None, is_layernorm
+
+
+def backward(ctx, dout, _dmean, _drstd):
+    xs, weight, mean, rstd = ctx.saved_tensors
+    dxs, dw, db = probe_norm_bwd(dout, xs, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm)
+    return dxs, dw, (db if ctx.has_bias else None), None, None
+
+
+probe_norm_fwd.register_autograd(backward, setup_context=setup_context)
 
 
 def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm", backend="auto"):
@@ -200,4 +243,4 @@ def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm", backend="au
     check_norm_kind(norm)
     if resolve_backend(backend, xs.device) == "reference":
         return reference.probe_norm(xs, weight, bias, eps=eps, norm=norm)
-    return ProbeNorm.apply(xs, weight, bias, float(eps), norm == "layernorm")
+    return probe_norm_fwd(xs, weight, bias, float(eps), norm == "layernorm")[0]
