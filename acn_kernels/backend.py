@@ -2,6 +2,7 @@
 
     "reference"  pure PyTorch (`acn_kernels.reference`), any device
     "triton"     the fused Triton kernels: CUDA tensors, or CPU tensors under Triton's interpreter
+    "cuda"       the CUDA C++ extension (not built yet: asking for it raises)
     "auto"       Triton for CUDA tensors; for CPU tensors Triton only when the interpreter is on,
                  the reference otherwise (the documented CPU path, not a fallback)
 
@@ -18,7 +19,7 @@ import torch
 
 from ._validation import check_choice
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "cuda")
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 # Read once, at import, because that is when the kernels are decorated.
@@ -30,6 +31,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     check_choice("backend", backend, BACKENDS)
     if backend == "reference":
         return "reference"
+    if backend == "cuda":
+        raise RuntimeError("backend='cuda' needs the CUDA extension acn_kernels._C, which is not part of this "
+                           "release yet; use backend='triton' or 'reference'")
     if backend == "triton":
         if not TRITON_AVAILABLE:
             raise RuntimeError("backend='triton' needs the triton package: pip install triton")

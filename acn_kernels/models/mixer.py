@@ -26,8 +26,15 @@ class MixerBlock(nn.Module):
         self.tail_norm = nn.LayerNorm(dim)
         self.residual = residual
 
+    @property
+    def input_norm(self) -> nn.LayerNorm:
+        return self.token_norm
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mixed = self.token_mlp(self.token_norm(x).transpose(1, 2)).transpose(1, 2)
+        return self.run_normed(x, self.token_norm(x))
+
+    def run_normed(self, x: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        mixed = self.token_mlp(normed.transpose(1, 2)).transpose(1, 2)
         if self.residual:
             mixed = mixed + x
         channels = self.channel_mlp(self.channel_norm(mixed))
@@ -38,8 +45,9 @@ class MixerBlock(nn.Module):
 
 class Mixer(DepthModel):
     def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, depth: int,
-                 token_dim: int, channel_dim: int, num_classes: int, connectivity: str = "acn"):
-        super().__init__(depth, connectivity)
+                 token_dim: int, channel_dim: int, num_classes: int, connectivity: str = "acn",
+                 backend: str = "auto"):
+        super().__init__(depth, connectivity, backend)
         for name, value in (("token_dim", token_dim), ("channel_dim", channel_dim),
                             ("num_classes", num_classes)):
             check_positive_int(name, value)

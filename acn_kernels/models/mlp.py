@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .._validation import check_positive_int
+from ..ops import linear_act_accumulate
 from .base import DepthModel
 from .layers import make_activation
 
@@ -14,17 +15,23 @@ class MLPBlock(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim, dim)
         self.act = make_activation(activation)
+        self.activation = activation
         self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.linear(x))
         return x + out if self.residual else out
 
+    def fused(self, x: torch.Tensor, y: torch.Tensor | None, backend: str):
+        """(act(linear(x)), y + act(linear(x))) from one GEMM with the sum in its epilogue."""
+        return linear_act_accumulate(x, self.linear.weight, self.linear.bias, y, activation=self.activation,
+                                     backend=backend)
+
 
 class MLP(DepthModel):
     def __init__(self, in_features: int, dim: int, depth: int, num_classes: int,
-                 activation: str = "gelu", connectivity: str = "acn"):
-        super().__init__(depth, connectivity)
+                 activation: str = "gelu", connectivity: str = "acn", backend: str = "auto"):
+        super().__init__(depth, connectivity, backend)
         for name, value in (("in_features", in_features), ("dim", dim), ("num_classes", num_classes)):
             check_positive_int(name, value)
         make_activation(activation)  # validates the name before any block is built
@@ -42,3 +49,15 @@ class MLP(DepthModel):
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(hidden)
+
+    def acn_chain(self, inputs: torch.Tensor, backend: str):
+        """Every layer but the last adds its output to the running sum in its GEMM epilogue; the
+        last one's output goes to the final norm's accumulate_norm (see DepthModel.acn_chain)."""
+        x = self.embed(inputs)
+        y, outputs = x, [x]
+        for i, block in enumerate(self.blocks):
+            last = i == self.depth - 1
+            x, y_next = self.run_block(block.fused, x, None if last else y, backend)
+            y = y if last else y_next
+            outputs.append(x)
+        return (y if self.depth else None), x, outputs

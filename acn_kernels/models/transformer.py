@@ -27,12 +27,21 @@ class TransformerBlock(nn.Module):
     def _skip(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         return new + old if self.residual else new
 
+    @property
+    def input_norm(self) -> nn.LayerNorm | None:
+        """norm1 when the block starts with it (pre-LN without a skip around it)."""
+        return self.norm1 if self.norm_first and not self.residual else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_first:
             h = self._skip(self.attn(self.norm1(x)), x)
             return self._skip(self.mlp(self.norm2(h)), h)
         h = self.norm1(self._skip(self.attn(x), x))
         return self.norm2(self._skip(self.mlp(h), h))
+
+    def run_normed(self, x: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        """The pre-LN block without skips, from normed = norm1(x)."""
+        return self.mlp(self.norm2(self.attn(normed)))
 
 
 def _blocks(depth: int, dim: int, heads: int, mlp_dim: int, connectivity: str, norm_first: bool):
@@ -46,8 +55,8 @@ class ViT(DepthModel):
     """Patch embedding + learned positions, pre-LN blocks, final LayerNorm, mean pooling, head."""
 
     def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, depth: int,
-                 heads: int, mlp_dim: int, num_classes: int, connectivity: str = "acn"):
-        super().__init__(depth, connectivity)
+                 heads: int, mlp_dim: int, num_classes: int, connectivity: str = "acn", backend: str = "auto"):
+        super().__init__(depth, connectivity, backend)
         check_positive_int("num_classes", num_classes)
         self.patch_embed = PatchEmbedding(image_size, patch_size, in_channels, dim)
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches, dim) * 0.02)
@@ -67,8 +76,8 @@ class Encoder(DepthModel):
     sum (ACN-NOTES section 2), first token into a linear classifier."""
 
     def __init__(self, vocab_size: int, max_len: int, dim: int, depth: int, heads: int,
-                 mlp_dim: int, num_classes: int, connectivity: str = "acn"):
-        super().__init__(depth, connectivity)
+                 mlp_dim: int, num_classes: int, connectivity: str = "acn", backend: str = "auto"):
+        super().__init__(depth, connectivity, backend)
         for name, value in (("vocab_size", vocab_size), ("max_len", max_len), ("dim", dim),
                             ("num_classes", num_classes)):
             check_positive_int(name, value)
