@@ -1,0 +1,210 @@
+"""Drop-in use: backends, torch.library registration, torch.compile, autocast, checkpointing,
+distributed training, and end-to-end training steps of AC models on the fused ops."""
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import distributed_worker
+from acn_kernels import MLP, Encoder, Mixer, ViT
+from acn_kernels.backend import TRITON_INTERPRETED
+from op_harness import DEVICE, randn
+
+needs_triton_here = pytest.mark.skipif(DEVICE == "cpu" and not TRITON_INTERPRETED,
+                                       reason="Triton runs on this machine's CPU only under TRITON_INTERPRET=1")
+pytestmark = needs_triton_here
+
+
+def make(family: str, backend: str, connectivity: str = "acn", depth: int = 3):
+    torch.manual_seed(0)
+    if family == "mlp":
+        model, inputs = MLP(12, 32, depth, 5, connectivity=connectivity, backend=backend), randn(6, 12)
+    elif family == "mixer":
+        model = Mixer(8, 2, 3, 32, depth, token_dim=16, channel_dim=48, num_classes=5, connectivity=connectivity,
+                      backend=backend)
+        inputs = randn(4, 3, 8, 8)
+    elif family == "vit":
+        model = ViT(8, 2, 3, 32, depth, heads=2, mlp_dim=48, num_classes=5, connectivity=connectivity,
+                    backend=backend)
+        inputs = randn(4, 3, 8, 8)
+    else:
+        model = Encoder(50, 12, 32, depth, heads=2, mlp_dim=48, num_classes=5, connectivity=connectivity,
+                        backend=backend)
+        inputs = torch.randint(0, 50, (4, 9), device=DEVICE)
+    return model.to(DEVICE), inputs, torch.randint(0, 5, (inputs.shape[0],), device=DEVICE)
+
+
+def loss_and_grads(model, inputs, labels, run=None):
+    """Loss and parameter gradients of one step; `run` (a compiled model) replaces model's call."""
+    model.zero_grad()
+    loss = F.cross_entropy((run if run is not None else model)(inputs), labels)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+FAMILIES = ("mlp", "mixer", "vit", "encoder")
+
+
+# ----------------------------------------------------------------------------- backends
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_triton_and_reference_models_agree_and_share_state_dicts(family):
+    fused, inputs, labels = make(family, "triton")
+    ref, _, _ = make(family, "reference")
+    assert fused.backend == "triton" and ref.backend == "reference"
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    ref.load_state_dict(fused.state_dict())
+    fused_loss, fused_grads = loss_and_grads(fused, inputs, labels)
+    ref_loss, ref_grads = loss_and_grads(ref, inputs, labels)
+    torch.testing.assert_close(fused_loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(fused_grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(fused.probe(inputs), ref.probe(inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_backend_choice_is_visible_and_never_silent():
+    model, _, _ = make("vit", "auto")
+    assert model.backend == "triton"  # the interpreter is on in the tests, or a GPU is there
+    with pytest.warns(UserWarning, match="backend='triton' applies to the long connections of connectivity='acn'"):
+        residual, _, _ = make("vit", "triton", connectivity="residual")
+    assert residual.backend == "reference"
+    cuda, inputs, _ = make("mlp", "cuda")
+    with pytest.raises(RuntimeError, match="backend='cuda' needs the CUDA extension"):
+        cuda(inputs)
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'triton', 'cuda'\)"):
+        MLP(4, 8, 2, 3, backend="cudnn")
+
+
+def test_checkpoint_loads_across_backends():
+    fused, inputs, _ = make("mixer", "triton")
+    state = {k: v.clone() for k, v in fused.state_dict().items()}
+    ref, _, _ = make("mixer", "reference")
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(1.0)  # make sure the load, not the seed, makes them equal
+    ref.load_state_dict(state)
+    torch.testing.assert_close(ref(inputs), fused(inputs), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+def opcheck_cases():
+    x, y, w, b = randn(5, 24), randn(5, 24), randn(24), randn(24)
+    xs = randn(3, 4, 24)
+    wl, bl, yl = randn(16, 24, scale=0.2), randn(16), randn(5, 16)
+    grads = [t.requires_grad_() for t in (x, y, w, b, xs, wl, bl, yl)]
+    x, y, w, b, xs, wl, bl, yl = grads
+    ops = torch.ops.acn_kernels
+    rstd, mean = randn(5).abs() + 0.5, randn(5)
+    return {
+        "accumulate_norm_fwd": (ops.accumulate_norm_fwd.default, (x, y, w, b, 1e-5, True, True)),
+        "accumulate_norm_fwd_start": (ops.accumulate_norm_fwd.default, (x, None, w, None, 1e-5, False, False)),
+        "accumulate_norm_bwd": (ops.accumulate_norm_bwd.default,
+                                (randn(5, 24), randn(5, 24), randn(5, 24), randn(24), mean, rstd, True, True, None)),
+        "probe_norm_fwd": (ops.probe_norm_fwd.default, (xs, w, b, 1e-5, True)),
+        "probe_norm_bwd": (ops.probe_norm_bwd.default,
+                           (randn(3, 4, 24), randn(3, 4, 24), randn(24), randn(3, 4), randn(3, 4).abs() + 0.5,
+                            True, True)),
+        "linear_act_accumulate_fwd": (ops.linear_act_accumulate_fwd.default, (x, wl, bl, yl, "gelu")),
+        "linear_act_accumulate_fwd_relu": (ops.linear_act_accumulate_fwd.default, (x, wl, None, None, "relu")),
+        "activation_backward": (ops.activation_backward.default,
+                                (randn(5, 16), randn(5, 16), randn(5, 16), "silu", torch.float32)),
+    }
+
+
+@pytest.mark.parametrize("case", list(opcheck_cases()))
+def test_opcheck(case):
+    op, args = opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_model_matches_eager_with_no_graph_break(family):
+    torch._dynamo.reset()
+    model, inputs, labels = make(family, "triton")
+    eager_loss, eager_grads = loss_and_grads(model, inputs, labels)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if family != "mlp" else "inductor")
+    loss, grads = loss_and_grads(model, inputs, labels, run=compiled)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for name in eager_grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------- autocast, checkpointing
+
+@pytest.mark.parametrize("family", ("mlp", "vit"))
+def test_autocast_matches_the_reference_under_autocast(family):
+    device_type = "cuda" if DEVICE == "cuda" else "cpu"
+    fused, inputs, labels = make(family, "triton")
+    ref, _, _ = make(family, "reference")
+    results = []
+    for model in (fused, ref):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            logits = model(inputs)
+            loss = F.cross_entropy(logits.float(), labels)
+        model.zero_grad()
+        loss.backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+    (fused_logits, fused_grads), (ref_logits, ref_grads) = results
+    assert fused_logits.dtype == ref_logits.dtype
+    torch.testing.assert_close(fused_logits.float(), ref_logits.float(), rtol=0.05, atol=0.05)
+    for name in ref_grads:
+        scale = ref_grads[name].abs().max().clamp(min=1e-3)
+        assert (fused_grads[name] - ref_grads[name]).abs().max() <= 0.1 * scale, name
+
+
+@pytest.mark.parametrize("family", ("mlp", "mixer"))
+def test_gradient_checkpointing_gives_the_same_gradients(family):
+    model, inputs, labels = make(family, "triton")
+    _, plain = loss_and_grads(model, inputs, labels)
+    model.gradient_checkpointing = True
+    _, checkpointed = loss_and_grads(model, inputs, labels)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the gloo test runs on CPU")
+@pytest.mark.parametrize("wrapper", ("ddp", "fsdp"))
+def test_two_process_training_matches_one_process(wrapper, tmp_path):
+    mp.spawn(distributed_worker.run_rank, args=(2, free_port(), wrapper, str(tmp_path)), nprocs=2, join=True)
+    distributed = torch.load(tmp_path / f"{wrapper}.pt")
+    inputs, labels = distributed_worker.global_batch()
+    single = distributed_worker.train(distributed_worker.make_model(), inputs, labels)
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(distributed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.mark.parametrize("family", ("vit", "mixer"))
+def test_training_steps_on_triton_match_the_reference(family):
+    fused, inputs, labels = make(family, "triton")
+    ref, _, _ = make(family, "reference")
+    fused_loss, fused_grads = loss_and_grads(fused, inputs, labels)
+    ref_loss, ref_grads = loss_and_grads(ref, inputs, labels)
+    torch.testing.assert_close(fused_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(fused_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for model in (fused, ref):
+        # Adam turns gradient noise into full-size steps where the true gradient is zero: the key
+        # bias (softmax ignores it) and the token-MLP output bias (the next LayerNorm removes it)
+        # get gradients of 1e-7 to 1e-9 that differ in sign between any two summation orders.
+        # eps=1e-4 keeps those steps at noise level; every real gradient here is above 1e-3.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-4)
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(inputs), labels).backward()
+            optimizer.step()
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
