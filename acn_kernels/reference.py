@@ -21,16 +21,18 @@ ACTIVATIONS = {
 
 
 def apply_norm(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
-    """LayerNorm or RMSNorm over the last dimension, statistics in at least float32."""
+    """LayerNorm or RMSNorm over the last dimension, computed in at least float32 by PyTorch's own
+    kernels (so the reference backend is what eager PyTorch does), returned in v's dtype."""
     compute = torch.promote_types(v.dtype, torch.float32)
-    v32 = v.to(compute)
+    shape = (v.shape[-1],)
+    v, weight = v.to(compute), weight.to(compute)
     if kind == "layernorm":
-        v32 = v32 - v32.mean(dim=-1, keepdim=True)
-    normed = v32 * torch.rsqrt(v32.pow(2).mean(dim=-1, keepdim=True) + eps)
-    out = normed * weight.to(compute)
-    if bias is not None:
-        out = out + bias.to(compute)
-    return out.to(v.dtype)
+        out = F.layer_norm(v, shape, weight, bias.to(compute) if bias is not None else None, eps)
+    else:
+        out = F.rms_norm(v, shape, weight, eps)
+        if bias is not None:
+            out = out + bias.to(compute)
+    return out
 
 
 def accumulate(y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -56,5 +58,5 @@ def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm"):
     outs, y = [], None
     for x in xs:
         y = accumulate(y, x)
-        outs.append(apply_norm(y, weight, bias, eps, norm))
+        outs.append(apply_norm(y, weight, bias, eps, norm).to(x.dtype))
     return torch.stack(outs)

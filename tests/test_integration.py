@@ -208,3 +208,25 @@ def test_training_steps_on_triton_match_the_reference(family):
             optimizer.step()
     for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_readme_one_acn_layer_in_your_own_model():
+    """The README's example: an ACN chain written with accumulate_norm equals the plain sum."""
+    from acn_kernels import accumulate_norm
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(3)).to(DEVICE)
+    norms = torch.nn.ModuleList(torch.nn.LayerNorm(16) for _ in range(3)).to(DEVICE)
+    final_norm = torch.nn.LayerNorm(16).to(DEVICE)
+    x0 = randn(5, 16)
+
+    x, y = x0, None
+    for block, norm in zip(blocks, norms):
+        y, h = accumulate_norm(x, y, norm.weight, norm.bias, backend="triton")
+        x = block(h)
+    _, out = accumulate_norm(x, y, final_norm.weight, final_norm.bias, normalize="sum", backend="triton")
+
+    xs = [x0]
+    for block, norm in zip(blocks, norms):
+        xs.append(block(norm(xs[-1])))
+    torch.testing.assert_close(out, final_norm(sum(xs)), rtol=1e-5, atol=1e-5)

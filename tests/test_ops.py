@@ -253,7 +253,9 @@ def test_auto_backend_choice(monkeypatch):
     assert backend_module.resolve_backend("auto", cpu) == "reference"
     with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors, got tensors on cpu.*TRITON_INTERPRET=1"):
         backend_module.resolve_backend("triton", cpu)
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'triton'\), got 'cuda'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'triton', 'cuda'\), got 'cudnn'"):
+        accumulate_norm(randn(2, 4), None, randn(4), backend="cudnn")
+    with pytest.raises(RuntimeError, match=r"backend='cuda' needs the CUDA extension acn_kernels._C"):
         accumulate_norm(randn(2, 4), None, randn(4), backend="cuda")
 
 
