@@ -1,4 +1,4 @@
-"""Command line: `python -m acn_kernels {demo,info,compile-report}`."""
+"""Command line: `python -m acn_kernels {demo,info,compile-report,traffic,bench}`."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,22 @@ def _add_demo(commands) -> None:
     demo.add_argument("--plot", default=None, help="PNG path (default: acn_demo_<model>.png)")
 
 
+def _run_traffic() -> int:
+    """The traffic model needs the kernels interpreted, which is decided when they are imported;
+    without TRITON_INTERPRET=1 the command runs itself again with it, and says so."""
+    import os
+    import subprocess
+    import sys
+
+    from .backend import TRITON_INTERPRETED
+    if TRITON_INTERPRETED:
+        from .traffic import run_traffic
+        return run_traffic()
+    print("(running again under TRITON_INTERPRET=1 to count the Triton kernels' loads and stores)", flush=True)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-m", "acn_kernels", "traffic"], env=env).returncode
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m acn_kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -22,7 +38,11 @@ def main(argv=None) -> int:
                                  "registers, spills, shared memory")
     report.add_argument("--only", default=None, help="one kernel, by its function name")
     report.add_argument("--jobs", type=int, default=None, help="parallel compilations (default: all cores)")
+    commands.add_parser("traffic", help="bytes and launches of eager PyTorch against the fused ops "
+                        "(counted under Triton's interpreter, no GPU needed)")
     args = parser.parse_args(argv)
+    if args.command == "traffic":
+        return _run_traffic()
     if args.command == "compile-report":
         from .compile_report import run_report
         return run_report(args.only, args.jobs)

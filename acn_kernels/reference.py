@@ -21,18 +21,18 @@ ACTIVATIONS = {
 
 
 def apply_norm(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
-    """LayerNorm or RMSNorm over the last dimension, computed in at least float32 by PyTorch's own
-    kernels (so the reference backend is what eager PyTorch does), returned in v's dtype."""
-    compute = torch.promote_types(v.dtype, torch.float32)
+    """LayerNorm or RMSNorm over the last dimension by PyTorch's own kernels, so the reference
+    backend is what eager PyTorch does: LayerNorm takes a 16-bit input with float32 parameters as
+    it is; RMSNorm (no mixed-dtype kernel) computes in float32. Float64 inputs stay float64."""
     shape = (v.shape[-1],)
-    v, weight = v.to(compute), weight.to(compute)
+    if weight.dtype != v.dtype:  # the mixed kernels take float32 parameters; float64 wants float64
+        param_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
+        weight, bias = weight.to(param_dtype), (bias.to(param_dtype) if bias is not None else None)
     if kind == "layernorm":
-        out = F.layer_norm(v, shape, weight, bias.to(compute) if bias is not None else None, eps)
-    else:
-        out = F.rms_norm(v, shape, weight, eps)
-        if bias is not None:
-            out = out + bias.to(compute)
-    return out
+        return F.layer_norm(v, shape, weight, bias, eps)
+    compute = torch.promote_types(v.dtype, torch.float32)
+    out = F.rms_norm(v.to(compute), shape, weight.to(compute), eps)
+    return out if bias is None else out + bias.to(compute)
 
 
 def accumulate(y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

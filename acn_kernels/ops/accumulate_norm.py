@@ -256,18 +256,24 @@ def launch_forward(x2, y2, weight, bias, eps: float, is_layernorm: bool, normali
     return y_out, out, mean, rstd
 
 
+def backward_programs(n_rows: int, dim: int, device: torch.device) -> int:
+    """Programs of the backward kernel, each with its own dweight/dbias partial row."""
+    if fits_in_registers(dim, BWD_PER_THREAD):
+        return max(1, reduction_programs(triton.cdiv(n_rows, row_tile(dim, BWD_PER_THREAD)[0]), device))
+    return max(1, reduction_programs(n_rows, device))
+
+
 def launch_backward(dout2, dy_out2, v2, weight, mean, rstd, has_bias: bool, is_layernorm: bool,
                     dx_dtype: torch.dtype, dy_dtype: torch.dtype | None):
     """(dx, dy, dweight, dbias), the reductions in float32; dy only when dy_dtype is given."""
     n_rows, dim = v2.shape
     device = v2.device
     wide = not fits_in_registers(dim, BWD_PER_THREAD)
+    programs = backward_programs(n_rows, dim, device)
     if wide:
         block_d, num_chunks, num_warps = chunk_tile(dim, BWD_PER_THREAD)
-        programs = max(1, reduction_programs(n_rows, device))
     else:
         block_rows, block_d, num_warps = row_tile(dim, BWD_PER_THREAD)
-        programs = max(1, reduction_programs(triton.cdiv(n_rows, block_rows), device))
     dx = new_buffer((n_rows, dim), dx_dtype, device)
     dy = new_buffer((n_rows, dim), dy_dtype, device) if dy_dtype is not None else None
     # The wide kernel adds into its partial rows, so they start at zero.
@@ -342,6 +348,7 @@ def setup_context(ctx, inputs, output):
     x, y, weight, bias, eps, is_layernorm, normalize_sum = inputs
     y_out, _, mean, rstd = output
     ctx.sum_has_own_grad = normalize_sum and y is not None
+    ctx.set_materialize_grads(False)  # unused outputs send None, not a zero-filled tensor
     ctx.save_for_backward(y_out if ctx.sum_has_own_grad else x, weight, mean, rstd)
     ctx.has_y, ctx.has_bias, ctx.is_layernorm = y is not None, bias is not None, is_layernorm
     ctx.x_dtype, ctx.y_dtype = x.dtype, (y.dtype if y is not None else None)
@@ -382,3 +389,24 @@ def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm="layernorm", norm
         return reference.accumulate_norm(x, y, weight, bias, eps=eps, norm=norm, normalize=normalize)
     y_out, out, _, _ = accumulate_norm_fwd(x, y, weight, bias, float(eps), norm == "layernorm", normalize == "sum")
     return (x if y is None else y_out), out
+
+
+def traffic_bound(x, y, weight, bias, *, norm="layernorm", normalize="input") -> tuple[int, int]:
+    """The module docstring's byte counts for this call, (forward, backward): what the kernels
+    and the launchers' own torch ops may read and write at most. Checked by the traffic tests."""
+    dim = x.shape[-1]
+    rows = x.numel() // dim
+    a, a_y = x.numel() * x.element_size(), (y.numel() * y.element_size() if y is not None else 0)
+    params = (1 + (bias is not None)) * dim * weight.element_size()
+    stats = rows * 4 * (2 if norm == "layernorm" else 1)
+    forward = (a + a_y + params) + (a_y + a + stats)
+    programs = backward_programs(rows, dim, x.device)
+    normalized = a_y if normalize == "sum" and y is not None else a
+    split_dy = normalize == "sum" and y is not None and y.dtype != x.dtype
+    reduction = 4 * (programs * dim * 2 + dim)  # partial rows written, read by one sum, its result
+    if weight.dtype != torch.float32:
+        reduction += dim * (4 + weight.element_size())  # the cast to weight's dtype
+    wide_zeroing = 0 if fits_in_registers(dim, BWD_PER_THREAD) else programs * dim * 4
+    backward = (a + a_y + normalized + dim * weight.element_size() + stats) + (a + (a_y if split_dy else 0)) \
+        + (1 + (bias is not None)) * (reduction + wide_zeroing)
+    return forward, backward

@@ -253,6 +253,7 @@ def setup_context(ctx, inputs, output):
     h, _, z = output
     saved = z if activation in NEEDS_PREACTIVATION else (h if activation == "relu" else None)
     ctx.save_for_backward(x, weight, saved)
+    ctx.set_materialize_grads(False)  # unused outputs send None, not a zero-filled tensor
     ctx.activation, ctx.has_y, ctx.has_bias = activation, y is not None, bias is not None
 
 
@@ -298,3 +299,20 @@ def linear_act_accumulate(x, weight, bias, y, *, activation="gelu", backend="aut
         return reference.linear_act_accumulate(x, weight, bias, y, activation=activation)
     h, y_out, _ = linear_act_accumulate_fwd(x, weight, bias, y, activation)
     return h, (h if y is None else y_out)
+
+
+def traffic_bound(x, weight, bias, y, *, activation="gelu") -> tuple[int, int]:
+    """The module docstring's byte counts plus the GEMMs' operands, (forward, backward). Checked
+    by the traffic tests."""
+    n, k = weight.shape
+    m = x.numel() // k
+    e = x.element_size()
+    a, a_y = m * n * e, (m * n * y.element_size() if y is not None else 0)
+    z = a if activation in NEEDS_PREACTIVATION else 0
+    bias_bytes = n * e if bias is not None else 0
+    forward = (m * k * e + n * k * e + bias_bytes + a_y) + (a + a_y + z)
+    saved = a if activation != "identity" else 0
+    elementwise = (a + a_y + saved) + a                        # dh, dy_out, z or h -> dz
+    gemms = (a + n * k * e + m * k * e) + (a + m * k * e + n * k * e)  # dx = dz W, dW = dz^T x
+    bias_grad = (a + n * 4 + n * 4 + n * e) if bias is not None else 0  # float32 sum, then the cast
+    return forward, elementwise + gemms + bias_grad

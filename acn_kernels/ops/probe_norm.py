@@ -136,11 +136,15 @@ def launch_forward(xs3, weight, bias, eps: float, is_layernorm: bool):
     return out, mean, rstd
 
 
+def backward_programs(n_rows: int, dim: int, device: torch.device) -> int:
+    return max(1, reduction_programs(triton.cdiv(n_rows, row_tile(dim, BWD_PER_THREAD)[0]), device))
+
+
 def launch_backward(dout3, xs3, weight, mean, rstd, has_bias: bool, is_layernorm: bool):
     depth, n_rows, dim = xs3.shape
     device = xs3.device
     block_rows, block_d, num_warps = row_tile(dim, BWD_PER_THREAD)
-    programs = max(1, reduction_programs(triton.cdiv(n_rows, block_rows), device))
+    programs = backward_programs(n_rows, dim, device)
     dxs = new_buffer((depth, n_rows, dim), xs3.dtype, device)
     dw = new_buffer((programs, dim), torch.float32, device)
     db = new_buffer((programs, dim), torch.float32, device) if has_bias else None
@@ -221,6 +225,7 @@ def setup_context(ctx, inputs, output):
     xs, weight, bias, eps, is_layernorm = inputs
     _, mean, rstd = output
     ctx.save_for_backward(xs, weight, mean, rstd)
+    ctx.set_materialize_grads(False)  # unused outputs send None, not a zero-filled tensor
     ctx.has_bias, ctx.is_layernorm = bias is not None, is_layernorm
 
 
@@ -244,3 +249,23 @@ def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm", backend="au
     if resolve_backend(backend, xs.device) == "reference":
         return reference.probe_norm(xs, weight, bias, eps=eps, norm=norm)
     return probe_norm_fwd(xs, weight, bias, float(eps), norm == "layernorm")[0]
+
+
+def traffic_bound(xs, weight, bias, *, norm="layernorm") -> tuple[int, int]:
+    """The module docstring's byte counts for rows that fit in registers, (forward, backward).
+    Checked by the traffic tests; the wide plan has no bound here."""
+    depth, dim = xs.shape[0], xs.shape[-1]
+    if is_wide(dim):
+        raise ValueError(f"no byte bound for the wide plan (D={dim} > {row_tile(1, BWD_PER_THREAD)[1]})")
+    rows = xs.numel() // (depth * dim)
+    a_all = xs.numel() * xs.element_size()
+    params = (1 + (bias is not None)) * dim * weight.element_size()
+    stats = depth * rows * 4 * (2 if norm == "layernorm" else 1)
+    programs = backward_programs(rows, dim, xs.device)
+    reduction = 4 * (programs * dim * 2 + dim)
+    if weight.dtype != torch.float32:
+        reduction += dim * (4 + weight.element_size())
+    forward = (a_all + params) + (a_all + stats)
+    backward = (a_all + 2 * a_all + stats + dim * weight.element_size()) + a_all \
+        + (1 + (bias is not None)) * reduction
+    return forward, backward

@@ -1,0 +1,270 @@
+"""`python -m acn_kernels traffic`: logical bytes and launches, eager PyTorch against the fused ops.
+
+Measured on the CPU, no GPU needed:
+- eager PyTorch (the reference backend) by observing every aten op with a TorchDispatchMode: an op
+  reads its tensor inputs and writes its tensor outputs, once each; views and allocations move
+  nothing;
+- the fused path by counting what the Triton kernels load and store under Triton's interpreter:
+  the distinct addresses each launch touches (what must cross DRAM at least once; a weight row
+  re-read by every program counts once), plus the aten ops the launchers and autograd run.
+
+Each launch of a kernel or an aten op counts as one launch.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh"}
+
+
+@dataclass
+class Traffic:
+    read: int = 0
+    written: int = 0
+    launches: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.read + self.written
+
+
+def _unique_bytes(tensors) -> int:
+    regions = {(t.data_ptr(), t.numel() * t.element_size()) for t in tensors
+               if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+    return sum(size for _, size in regions)
+
+
+@dataclass
+class _Launch:
+    """The addresses one Triton launch loads and stores, by element size."""
+    loads: dict = field(default_factory=lambda: defaultdict(list))
+    stores: dict = field(default_factory=lambda: defaultdict(list))
+
+    @staticmethod
+    def _bytes(groups) -> int:
+        return sum(size * np.unique(np.concatenate(parts)).size for size, parts in groups.items())
+
+
+class TrafficCounter(TorchDispatchMode):
+    """Counts bytes and launches of everything run inside `with counter:`."""
+
+    def __init__(self):
+        super().__init__()
+        self.traffic = Traffic()
+        self.trace: list | None = None  # set to a list to record the name of every counted aten op
+        self._launch: _Launch | None = None
+
+    # -- aten ops
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "acn_kernels":
+            # Run the op's Python body with this mode on, so the aten ops inside it count too.
+            implementation = torch._library.custom_ops.OPDEFS[func._schema.name]._init_fn
+            with self:
+                return implementation(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if self._launch is None and not func.is_view and func.__name__.split(".")[0] not in ALLOCATIONS:
+            read, written = _unique_bytes(tree_leaves((args, kwargs))), _unique_bytes(tree_leaves(out))
+            if read or written:
+                if self.trace is not None:
+                    self.trace.append(func.__name__)
+                self.traffic.read += read
+                self.traffic.written += written
+                self.traffic.launches += 1
+        return out
+
+    # -- Triton kernels under the interpreter
+    def _record(self, kind: str, ptrs, mask=None):
+        if self._launch is None:
+            return
+        addresses = ptrs.data if mask is None else ptrs.data[mask.data]
+        size = ptrs.get_element_ty().primitive_bitwidth // 8
+        getattr(self._launch, kind)[size].append(np.asarray(addresses).ravel())
+
+    @contextlib.contextmanager
+    def _patched_interpreter(self):
+        from triton.runtime import interpreter
+
+        builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
+        originals = {name: getattr(builder, name) for name in
+                     ("create_load", "create_masked_load", "create_store", "create_masked_store")}
+        original_call = executor.__call__
+        counter = self
+
+        def load(b, ptr, *rest):
+            counter._record("loads", ptr)
+            return originals["create_load"](b, ptr, *rest)
+
+        def masked_load(b, ptrs, mask, *rest):
+            counter._record("loads", ptrs, mask)
+            return originals["create_masked_load"](b, ptrs, mask, *rest)
+
+        def store(b, ptr, value, *rest):
+            counter._record("stores", ptr)
+            return originals["create_store"](b, ptr, value, *rest)
+
+        def masked_store(b, ptrs, value, mask, *rest):
+            counter._record("stores", ptrs, mask)
+            return originals["create_masked_store"](b, ptrs, value, mask, *rest)
+
+        def launch(grid_executor, *args, **kwargs):
+            counter._launch = _Launch()
+            try:
+                return original_call(grid_executor, *args, **kwargs)
+            finally:
+                counter.traffic.read += _Launch._bytes(counter._launch.loads)
+                counter.traffic.written += _Launch._bytes(counter._launch.stores)
+                counter.traffic.launches += 1
+                counter._launch = None
+
+        patches = {"create_load": load, "create_masked_load": masked_load, "create_store": store,
+                   "create_masked_store": masked_store}
+        for name, fn in patches.items():
+            setattr(builder, name, fn)
+        executor.__call__ = launch
+        try:
+            yield
+        finally:
+            for name, fn in originals.items():
+                setattr(builder, name, fn)
+            executor.__call__ = original_call
+
+    def __enter__(self):
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(self._patched_interpreter())
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._stack.close()
+
+
+def measure(fn, inputs) -> tuple[Traffic, Traffic]:
+    """(forward, backward) traffic of fn(*inputs) and of the gradients of every input that requires
+    them. torch.autograd.grad returns the gradients: no accumulation into .grad is counted."""
+    with TrafficCounter() as counter:
+        outputs = fn(*inputs)
+    forward = counter.traffic
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    outputs = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
+    out_grads = [torch.randn_like(o) for o in outputs]
+    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    with TrafficCounter() as counter:
+        torch.autograd.grad(outputs, wrt, out_grads, allow_unused=True)
+    return forward, counter.traffic
+
+
+# ----------------------------------------------------------------------------- the report
+
+def _leaf(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype).requires_grad_()
+
+
+def op_cases(rows: int = 512, dim: int = 1024, depth: int = 6):
+    """(name, fused op, its reference, inputs, kwargs, docstring bound) for each op at one size."""
+    from . import reference
+    from .ops import accumulate_norm, linear_act_accumulate, probe_norm
+    from .ops.accumulate_norm import traffic_bound as norm_bound
+    from .ops.linear_act_accumulate import traffic_bound as linear_bound
+    from .ops.probe_norm import traffic_bound as probe_bound
+
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        tag = "fp32" if dtype == torch.float32 else "bf16"
+        x, y, w, b = _leaf(rows, dim, dtype=dtype), _leaf(rows, dim, dtype=dtype), _leaf(dim), _leaf(dim)
+        for normalize in ("input", "sum"):
+            kwargs = {"normalize": normalize}
+            cases.append((f"accumulate_norm {normalize} {tag}", accumulate_norm, reference.accumulate_norm,
+                          (x, y, w, b), kwargs, norm_bound(x, y, w, b, **kwargs)))
+        xs = _leaf(depth, rows // depth, dim, dtype=dtype)
+        cases.append((f"probe_norm L+1={depth} {tag}", probe_norm, reference.probe_norm, (xs, w, b), {},
+                      probe_bound(xs, w, b)))
+        xl, wl, bl, yl = _leaf(rows, dim // 4, dtype=dtype), _leaf(dim // 4, dim // 4, dtype=dtype), \
+            _leaf(dim // 4, dtype=dtype), _leaf(rows, dim // 4, dtype=dtype)
+        cases.append((f"linear_act_accumulate gelu {tag}", linear_act_accumulate, reference.linear_act_accumulate,
+                      (xl, wl, bl, yl), {"activation": "gelu"}, linear_bound(xl, wl, bl, yl, activation="gelu")))
+    return cases
+
+
+def op_rows(cases):
+    rows = []
+    for name, fused, ref, inputs, kwargs, bound in cases:
+        eager_f, eager_b = measure(lambda *a: ref(*a, **kwargs), inputs)
+        fused_f, fused_b = measure(lambda *a: fused(*a, backend="triton", **kwargs), inputs)
+        rows.append(dict(name=name, eager_forward=eager_f, eager_backward=eager_b, fused_forward=fused_f,
+                         fused_backward=fused_b, bound=bound))
+    return rows
+
+
+def model_cases():
+    from .models import MLP, Encoder, Mixer, ViT
+
+    def make(cls, *args, **kwargs):
+        return lambda backend: cls(*args, connectivity="acn", backend=backend, **kwargs)
+    return [
+        ("AC-MLP", make(MLP, 64, 128, 6, 10), lambda: torch.randn(64, 64)),
+        ("AC-Mixer", make(Mixer, 16, 4, 3, 64, 6, 32, 128, 10), lambda: torch.randn(16, 3, 16, 16)),
+        ("AC-ViT", make(ViT, 16, 4, 3, 64, 6, 2, 128, 10), lambda: torch.randn(16, 3, 16, 16)),
+        ("AC-Encoder", make(Encoder, 100, 32, 64, 6, 2, 128, 2), lambda: torch.randint(0, 100, (16, 32))),
+    ]
+
+
+def step_traffic(model, inputs) -> Traffic:
+    """Forward and backward of one training step's loss, for every parameter."""
+    forward, backward = measure(lambda *params: model(inputs).float().logsumexp(-1).mean(),
+                                tuple(model.parameters()))
+    return Traffic(forward.read + backward.read, forward.written + backward.written,
+                   forward.launches + backward.launches)
+
+
+def model_rows():
+    rows = []
+    for name, make, inputs in model_cases():
+        torch.manual_seed(0)
+        batch = inputs()
+        eager = step_traffic(make("reference"), batch)
+        fused = step_traffic(make("triton"), batch)
+        rows.append(dict(name=name, eager=eager, fused=fused))
+    return rows
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:8.2f}"
+
+
+def print_report(ops, models) -> None:
+    print("Per op, one call forward and backward (MiB; launches in brackets):")
+    print(f"{'op':<34} {'eager fwd':>14} {'fused fwd':>14} {'eager bwd':>14} {'fused bwd':>14} "
+          f"{'fused/eager':>11} {'docstring bound':>16}")
+    for r in ops:
+        eager_total = r["eager_forward"].total + r["eager_backward"].total
+        fused_total = r["fused_forward"].total + r["fused_backward"].total
+        cells = [f"{_mb(t.total)} [{t.launches:>2}]" for t in
+                 (r["eager_forward"], r["fused_forward"], r["eager_backward"], r["fused_backward"])]
+        print(f"{r['name']:<34} " + " ".join(f"{c:>14}" for c in cells)
+              + f" {fused_total / eager_total:>11.2f} {_mb(r['bound'][0]) + ' +' + _mb(r['bound'][1]):>16}")
+    print("\nOne training step (forward and backward) of small AC models (MiB; launches):")
+    print(f"{'model':<12} {'eager MiB':>10} {'fused MiB':>10} {'ratio':>6} {'eager launches':>15} {'fused launches':>15}")
+    for r in models:
+        e, f = r["eager"], r["fused"]
+        print(f"{r['name']:<12} {_mb(e.total):>10} {_mb(f.total):>10} {f.total / e.total:>6.2f} "
+              f"{e.launches:>15} {f.launches:>15}")
+
+
+def run_traffic() -> int:
+    from .backend import TRITON_INTERPRETED
+
+    if not TRITON_INTERPRETED:
+        raise RuntimeError("the traffic model counts the Triton kernels' loads and stores under Triton's "
+                           "interpreter: run it with TRITON_INTERPRET=1")
+    print_report(op_rows(op_cases()), model_rows())
+    return 0

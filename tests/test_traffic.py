@@ -1,0 +1,44 @@
+"""The memory-traffic model's checks: every fused op moves no more bytes than its docstring states,
+and an ACN block boundary (forward and backward) moves at most 0.8 of eager PyTorch's bytes."""
+import pytest
+import torch
+
+from acn_kernels import reference
+from acn_kernels.backend import TRITON_INTERPRETED
+from acn_kernels.ops import accumulate_norm
+from acn_kernels.traffic import TrafficCounter, measure, op_cases
+
+pytestmark = pytest.mark.skipif(not TRITON_INTERPRETED, reason="counts loads and stores under Triton's interpreter")
+
+CASES = op_cases(rows=96, dim=160, depth=4)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fused_op_moves_no_more_than_its_docstring_states(case):
+    name, fused, _, inputs, kwargs, (forward_bound, backward_bound) = case
+    forward, backward = measure(lambda *a: fused(*a, backend="triton", **kwargs), inputs)
+    assert 0 < forward.total <= forward_bound, f"{name} forward: {forward.total} > {forward_bound}"
+    assert 0 < backward.total <= backward_bound, f"{name} backward: {backward.total} > {backward_bound}"
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("normalize", ("input", "sum"))
+def test_acn_boundary_moves_at_most_0_8_of_eager_bytes(dtype, normalize):
+    rows, dim = 256, 384
+    inputs = [torch.randn(rows, dim).to(dtype).requires_grad_() for _ in range(2)] + \
+             [torch.randn(dim).requires_grad_() for _ in range(2)]
+    eager_f, eager_b = measure(lambda *a: reference.accumulate_norm(*a, normalize=normalize), inputs)
+    fused_f, fused_b = measure(lambda *a: accumulate_norm(*a, normalize=normalize, backend="triton"), inputs)
+    ratio = (fused_f.total + fused_b.total) / (eager_f.total + eager_b.total)
+    assert ratio <= 0.8, f"fused/eager bytes {ratio:.3f}"
+    assert fused_f.launches == 1
+
+
+def test_counter_sees_views_as_free_and_copies_as_traffic():
+    x = torch.randn(64, 32)
+    with TrafficCounter() as counter:
+        x.view(32, 64).t()
+    assert counter.traffic.total == 0 and counter.traffic.launches == 0
+    with TrafficCounter() as counter:
+        x.clone()
+    assert (counter.traffic.read, counter.traffic.written, counter.traffic.launches) == (x.nbytes, x.nbytes, 1)
