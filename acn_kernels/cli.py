@@ -38,11 +38,19 @@ def main(argv=None) -> int:
                                  "registers, spills, shared memory")
     report.add_argument("--only", default=None, help="one kernel, by its function name")
     report.add_argument("--jobs", type=int, default=None, help="parallel compilations (default: all cores)")
+    bench = commands.add_parser("bench", help="fused ops and training steps against eager and torch.compile")
+    bench.add_argument("--quick", action="store_true", help="small shapes on the CPU: reference against torch.compile")
+    bench.add_argument("--suite", choices=("ops", "models", "all"), default="all")
+    bench.add_argument("--out", default="results", help="folder for bench.csv and the plots")
     commands.add_parser("traffic", help="bytes and launches of eager PyTorch against the fused ops "
                         "(counted under Triton's interpreter, no GPU needed)")
     args = parser.parse_args(argv)
     if args.command == "traffic":
         return _run_traffic()
+    if args.command == "bench":
+        from .benchmark import run_bench
+        suites = ("ops", "models") if args.suite == "all" else (args.suite,)
+        return run_bench(args.quick, suites, args.out)
     if args.command == "compile-report":
         from .compile_report import run_report
         return run_report(args.only, args.jobs)
