@@ -138,6 +138,29 @@ def store_rows(ptr, rows, cols, stride, mask, value):
 
 
 @triton.jit
+def load_param_row(ptr, cols, dim):
+    """A norm parameter (weight or bias) as a float32 row."""
+    return tl.load(ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def affine(v_hat, w_ptr, b_ptr, cols, dim, HAS_BIAS: tl.constexpr):
+    """v_hat * w (+ b) for a (rows, cols) tile."""
+    out = v_hat * load_param_row(w_ptr, cols, dim)[None, :]
+    if HAS_BIAS:
+        out += load_param_row(b_ptr, cols, dim)[None, :]
+    return out
+
+
+@triton.jit
+def store_partial_rows(dw_ptr, db_ptr, pid, dim, cols, dw, db, HAS_BIAS: tl.constexpr):
+    """This program's dweight (and dbias) partial row; the launcher sums the rows."""
+    tl.store(dw_ptr + pid * dim + cols, dw, mask=cols < dim)
+    if HAS_BIAS:
+        tl.store(db_ptr + pid * dim + cols, db, mask=cols < dim)
+
+
+@triton.jit
 def normalize_tile(v, mask, dim, eps, IS_LAYERNORM: tl.constexpr):
     """(mean, rstd, v_hat) of each row of a float32 tile; mean is 0 for RMSNorm."""
     if IS_LAYERNORM:

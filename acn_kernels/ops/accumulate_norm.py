@@ -40,16 +40,30 @@ import triton.language as tl
 from .. import reference
 from .._validation import check_choice
 from ..backend import resolve_backend
-from ._common import (check_eps, check_norm_kind, check_norm_params, check_running_sum, check_tensor,
-                      chunk_tile, fits_in_registers, launch_options, load_rows, new_buffer,
+from ._common import (affine, check_eps, check_norm_kind, check_norm_params, check_running_sum, check_tensor,
+                      chunk_tile, fits_in_registers, launch_options, load_param_row, load_rows, new_buffer,
                       norm_grad_from_terms, norm_grad_row_terms, norm_input_grad, normalize_tile,
-                      reduction_programs, row_tile, rows_of, store_rows)
+                      reduction_programs, row_tile, rows_of, store_partial_rows, store_rows)
 
 
 # Elements of a row that one thread holds: the forward keeps about four row-sized values live,
 # the backward about eight, so these are the most each allows without spilling (compile-report).
 FWD_PER_THREAD = 16
 BWD_PER_THREAD = 8
+
+
+@triton.jit
+def accumulate_tile(x_ptr, y_ptr, y_out_ptr, rows, cols, x_stride, y_stride, y_out_stride, mask,
+                    HAS_Y: tl.constexpr, NORMALIZE_SUM: tl.constexpr):
+    """Loads x, stores y_out = y + x, and returns the float32 tile to normalize: x, or the stored
+    (rounded) sum, which is what the reference normalizes and the backward re-reads."""
+    v = load_rows(x_ptr, rows, cols, x_stride, mask)
+    if HAS_Y:
+        total = (load_rows(y_ptr, rows, cols, y_stride, mask) + v).to(y_out_ptr.dtype.element_ty)
+        store_rows(y_out_ptr, rows, cols, y_out_stride, mask, total)
+        if NORMALIZE_SUM:
+            v = total.to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -64,18 +78,10 @@ def accumulate_norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     row_mask = rows < n_rows
     mask = row_mask[:, None] & (cols < dim)[None, :]
-    v = load_rows(x_ptr, rows, cols, x_stride, mask)
-    if HAS_Y:
-        total = (load_rows(y_ptr, rows, cols, y_stride, mask) + v).to(y_out_ptr.dtype.element_ty)
-        store_rows(y_out_ptr, rows, cols, y_out_stride, mask, total)
-        if NORMALIZE_SUM:
-            # The stored (rounded) sum is what the reference normalizes and backward re-reads.
-            v = total.to(tl.float32)
+    v = accumulate_tile(x_ptr, y_ptr, y_out_ptr, rows, cols, x_stride, y_stride, y_out_stride, mask,
+                        HAS_Y, NORMALIZE_SUM)
     mean, rstd, v_hat = normalize_tile(v, mask, dim, eps, IS_LAYERNORM)
-    out = v_hat * tl.load(w_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        out += tl.load(b_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)[None, :]
-    store_rows(out_ptr, rows, cols, out_stride, mask, out)
+    store_rows(out_ptr, rows, cols, out_stride, mask, affine(v_hat, w_ptr, b_ptr, cols, dim, HAS_BIAS))
     if IS_LAYERNORM:
         tl.store(mean_ptr + rows, mean, mask=row_mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
@@ -106,12 +112,8 @@ def accumulate_norm_fwd_wide_kernel(
     for c in range(0, num_chunks):
         cols = c * BLOCK_D + chunk
         mask = (cols < dim)[None, :]
-        v = load_rows(x_ptr, rows, cols, x_stride, mask)
-        if HAS_Y:
-            total = (load_rows(y_ptr, rows, cols, y_stride, mask) + v).to(y_out_ptr.dtype.element_ty)
-            store_rows(y_out_ptr, rows, cols, y_out_stride, mask, total)
-            if NORMALIZE_SUM:
-                v = total.to(tl.float32)
+        v = accumulate_tile(x_ptr, y_ptr, y_out_ptr, rows, cols, x_stride, y_stride, y_out_stride, mask,
+                            HAS_Y, NORMALIZE_SUM)
         row_sum += tl.sum(v, axis=1)
     mean = tl.zeros((1,), dtype=tl.float32)
     if IS_LAYERNORM:
@@ -128,9 +130,7 @@ def accumulate_norm_fwd_wide_kernel(
         cols = c * BLOCK_D + chunk
         mask = (cols < dim)[None, :]
         v = wide_row_chunk(x_ptr, y_ptr, y_out_ptr, rows, cols, x_stride, y_stride, mask, HAS_Y, NORMALIZE_SUM)
-        out = (v - mean[:, None]) * rstd[:, None] * tl.load(w_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            out += tl.load(b_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)[None, :]
+        out = affine((v - mean[:, None]) * rstd[:, None], w_ptr, b_ptr, cols, dim, HAS_BIAS)
         store_rows(out_ptr, rows, cols, out_stride, mask, out)
     if IS_LAYERNORM:
         tl.store(mean_ptr + rows, mean)
@@ -157,7 +157,7 @@ def accumulate_norm_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < dim
-    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    w = load_param_row(w_ptr, cols, dim)
     dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
     db = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for tile in range(pid, tl.cdiv(n_rows, BLOCK_ROWS), tl.num_programs(0)):
@@ -176,9 +176,7 @@ def accumulate_norm_bwd_kernel(
         store_rows(dx_ptr, rows, cols, dx_stride, mask, dv)
         if STORE_DY:
             store_rows(dy_ptr, rows, cols, dy_stride, mask, dv)
-    tl.store(dw_ptr + pid * dim + cols, dw, mask=col_mask)
-    if HAS_BIAS:
-        tl.store(db_ptr + pid * dim + cols, db, mask=col_mask)
+    store_partial_rows(dw_ptr, db_ptr, pid, dim, cols, dw, db, HAS_BIAS)
 
 
 @triton.jit
@@ -203,8 +201,7 @@ def accumulate_norm_bwd_wide_kernel(
             cols = c * BLOCK_D + chunk
             mask = (cols < dim)[None, :]
             v_hat = saved_v_hat(v_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride, row_mask, mask, IS_LAYERNORM)
-            wdout = load_rows(dout_ptr, rows, cols, dout_stride, mask) * tl.load(
-                w_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)[None, :]
+            wdout = load_rows(dout_ptr, rows, cols, dout_stride, mask) * load_param_row(w_ptr, cols, dim)[None, :]
             chunk_proj, chunk_mean = norm_grad_row_terms(wdout, v_hat, dim)
             proj += chunk_proj
             wdout_mean += chunk_mean
@@ -214,7 +211,7 @@ def accumulate_norm_bwd_wide_kernel(
             mask = col_mask[None, :]
             v_hat = saved_v_hat(v_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride, row_mask, mask, IS_LAYERNORM)
             dout = load_rows(dout_ptr, rows, cols, dout_stride, mask)
-            wdout = dout * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            wdout = dout * load_param_row(w_ptr, cols, dim)[None, :]
             dv = norm_grad_from_terms(wdout, v_hat, rstd, proj, wdout_mean, mask, IS_LAYERNORM)
             if HAS_DY_OUT:
                 dv += load_rows(dy_out_ptr, rows, cols, dy_out_stride, mask)

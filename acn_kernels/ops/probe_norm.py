@@ -35,9 +35,9 @@ from .. import reference
 from ..backend import resolve_backend
 from .accumulate_norm import launch_backward as rows_backward
 from .accumulate_norm import launch_forward as rows_forward
-from ._common import (check_eps, check_norm_kind, check_norm_params, check_tensor, fits_in_registers,
-                      launch_options, load_rows, new_buffer, norm_input_grad, normalize_tile, reduction_programs,
-                      row_tile, rows_of, store_rows)
+from ._common import (affine, check_eps, check_norm_kind, check_norm_params, check_tensor, fits_in_registers,
+                      launch_options, load_param_row, load_rows, new_buffer, norm_input_grad, normalize_tile,
+                      reduction_programs, row_tile, rows_of, store_partial_rows, store_rows)
 
 # Row elements a thread holds: the backward keeps the running sum, the running gradient and the
 # norm backward's values live at once (compile-report checks that these do not spill).
@@ -55,17 +55,13 @@ def probe_norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     row_mask = rows < n_rows
     mask = row_mask[:, None] & (cols < dim)[None, :]
-    w = tl.load(w_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)
-    b = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)
     xs_layer_stride = tl.cast(xs_layer_stride, tl.int64)
     out_layer_stride = tl.cast(out_layer_stride, tl.int64)
     total = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
     for k in range(0, depth):
         total += load_rows(xs_ptr + k * xs_layer_stride, rows, cols, xs_row_stride, mask)
         mean, rstd, v_hat = normalize_tile(total, mask, dim, eps, IS_LAYERNORM)
-        out = v_hat * w[None, :] + b[None, :]
+        out = affine(v_hat, w_ptr, b_ptr, cols, dim, HAS_BIAS)
         store_rows(out_ptr + k * out_layer_stride, rows, cols, out_row_stride, mask, out)
         if IS_LAYERNORM:
             tl.store(mean_ptr + k * n_rows + rows, mean, mask=row_mask)
@@ -82,7 +78,7 @@ def probe_norm_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < dim
-    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    w = load_param_row(w_ptr, cols, dim)
     dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
     db = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dout_layer_stride = tl.cast(dout_layer_stride, tl.int64)
@@ -110,9 +106,7 @@ def probe_norm_bwd_kernel(
             grad += norm_input_grad(dout, v_hat, w, rstd, mask, dim, IS_LAYERNORM)
             store_rows(dxs_ptr + k * dxs_layer_stride, rows, cols, dxs_row_stride, mask, grad)
             total -= load_rows(xs_ptr + k * xs_layer_stride, rows, cols, xs_row_stride, mask)
-    tl.store(dw_ptr + pid * dim + cols, dw, mask=col_mask)
-    if HAS_BIAS:
-        tl.store(db_ptr + pid * dim + cols, db, mask=col_mask)
+    store_partial_rows(dw_ptr, db_ptr, pid, dim, cols, dw, db, HAS_BIAS)
 
 
 def layers_of(t: torch.Tensor) -> torch.Tensor:
