@@ -2,9 +2,10 @@
 
     "reference"  pure PyTorch (`acn_kernels.reference`), any device
     "triton"     the fused Triton kernels: CUDA tensors, or CPU tensors under Triton's interpreter
-    "cuda"       the CUDA C++ extension (not built yet: asking for it raises)
-    "auto"       Triton for CUDA tensors; for CPU tensors Triton only when the interpreter is on,
-                 the reference otherwise (the documented CPU path, not a fallback)
+    "cuda"       the CUDA C++ extension acn_kernels._C (built with ACN_KERNELS_BUILD_CUDA=1), CUDA tensors
+    "auto"       on CUDA tensors the extension when it is built, else Triton
+                 on CPU tensors Triton only when the interpreter is on, the reference otherwise
+                 (the documented CPU path, not a fallback)
 
 Triton decides at decoration time whether a kernel is compiled or interpreted, so the
 interpreter counts as on only if TRITON_INTERPRET=1 was set before acn_kernels was imported.
@@ -26,14 +27,34 @@ TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRETED = TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
+def _load_cuda_extension():
+    """(module, None) when acn_kernels._C imports (it registers torch.ops.acn_kernels_cuda), else (None, why)."""
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return None, "acn_kernels._C is not there"
+    try:
+        from . import _C
+    except ImportError as error:  # built against another torch, or CUDA libraries missing
+        return None, f"acn_kernels._C does not load: {error}"
+    return _C, None
+
+
+CUDA_EXTENSION, CUDA_EXTENSION_ERROR = _load_cuda_extension()
+BUILD_HINT = ("build it on a machine with a CUDA compiler and a CUDA build of torch: "
+              "ACN_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Returns "reference" or "triton" for tensors on `device`, or raises with what to do."""
     check_choice("backend", backend, BACKENDS)
     if backend == "reference":
         return "reference"
     if backend == "cuda":
-        raise RuntimeError("backend='cuda' needs the CUDA extension acn_kernels._C, which is not part of this "
-                           "release yet; use backend='triton' or 'reference'")
+        if CUDA_EXTENSION is None:
+            raise RuntimeError(f"backend='cuda' needs the CUDA extension acn_kernels._C, which is not built here "
+                               f"({CUDA_EXTENSION_ERROR}); {BUILD_HINT}")
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        return "cuda"
     if backend == "triton":
         if not TRITON_AVAILABLE:
             raise RuntimeError("backend='triton' needs the triton package: pip install triton")
@@ -44,6 +65,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "or use backend='reference'")
         return "triton"
     if device.type == "cuda":
+        if CUDA_EXTENSION is not None:
+            return "cuda"
         if TRITON_AVAILABLE:
             return "triton"
         warnings.warn("backend='auto': triton is not installed, CUDA tensors use the reference path",

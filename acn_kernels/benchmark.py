@@ -2,7 +2,8 @@
 torch.compile, measured in the same run.
 
 Implementations: "eager" (the reference: eager PyTorch), "compile" (torch.compile of the
-reference), "triton" (the fused ops; GPU only, since the interpreter's timings mean nothing).
+reference), "triton" (the fused ops; GPU only, since the interpreter's timings mean nothing), "cuda" (the CUDA
+extension, when it is built).
 Figures: median time, GB/s of the op's logical bytes (its docstring count) and that as a fraction
 of the copy bandwidth measured in the same run, TFLOP/s for the GEMM op, peak memory (GPU),
 speedups against eager and against compile. A table on stdout, rows appended to a CSV with the
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .backend import CUDA_EXTENSION
 from .models import MLP, Mixer, ViT
 from .ops import accumulate_norm, linear_act_accumulate, probe_norm
 from .ops.accumulate_norm import traffic_bound as norm_bound
@@ -40,7 +42,7 @@ class Case:
     make: Callable  # impl -> (forward thunk, inputs needing grad); models: impl -> step thunk
     bytes: tuple = (0, 0)  # (forward, backward) logical bytes of the fused op
     flops: tuple = (0, 0)
-    impls: tuple = ("eager", "compile", "triton")
+    impls: tuple = ("eager", "compile", "triton", "cuda")
 
 
 @dataclass
@@ -102,7 +104,8 @@ def _op_make(fused, ref, inputs, kwargs):
 
     def make(impl):
         fn = {"eager": lambda: ref(*inputs, **kwargs), "compile": lambda: compiled(*inputs),
-              "triton": lambda: fused(*inputs, backend="triton", **kwargs)}[impl]
+              "triton": lambda: fused(*inputs, backend="triton", **kwargs),
+              "cuda": lambda: fused(*inputs, backend="cuda", **kwargs)}[impl]
         return fn, [t for t in inputs if t.requires_grad]
     return make
 
@@ -156,7 +159,7 @@ def model_cases(device: torch.device, quick: bool) -> list[Case]:
     for name, build, batch, amp in model_specs(quick):
         for connectivity in ("acn", "residual", "ffn"):
             def make(impl, build=build, batch=batch, amp=amp, connectivity=connectivity):
-                backend = "triton" if impl == "triton" else "reference"
+                backend = impl if impl in ("triton", "cuda") else "reference"
                 torch.manual_seed(0)
                 model = build(connectivity, backend).to(device)
                 run = torch.compile(model) if impl == "compile" else model
@@ -171,7 +174,7 @@ def model_cases(device: torch.device, quick: bool) -> list[Case]:
                     loss.backward()
                     optimizer.step()
                 return step
-            impls = ("eager", "compile", "triton") if connectivity == "acn" else ("eager", "compile")
+            impls = ("eager", "compile", "triton", "cuda") if connectivity == "acn" else ("eager", "compile")
             cases.append(Case("models", f"{name} {connectivity}", amp or torch.float32, make, impls=impls))
     return cases
 
@@ -292,7 +295,9 @@ def run_bench(quick: bool = False, suites=("ops", "models"), out_dir: str = "res
         quick = True
     repeats = 20 if quick else 50
     device_label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    usable = ("eager", "compile", "triton") if device.type == "cuda" else ("eager", "compile")
+    usable = ("eager", "compile")
+    if device.type == "cuda":
+        usable += ("triton", "cuda") if CUDA_EXTENSION is not None else ("triton",)
     os.makedirs(out_dir, exist_ok=True)
     copy_gbps = copy_bandwidth(device, repeats)
     all_results = []

@@ -1,4 +1,4 @@
-"""Command line: `python -m acn_kernels {demo,info,compile-report,traffic,bench}`."""
+"""Command line: `python -m acn_kernels {demo,info,compile-report,cuda-report,traffic,bench}`."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,7 @@ def main(argv=None) -> int:
                                  "registers, spills, shared memory")
     report.add_argument("--only", default=None, help="one kernel, by its function name")
     report.add_argument("--jobs", type=int, default=None, help="parallel compilations (default: all cores)")
+    commands.add_parser("cuda-report", help="compile csrc/*.cu for sm_80 and sm_90 with nvcc; registers, spills")
     bench = commands.add_parser("bench", help="fused ops and training steps against eager and torch.compile")
     bench.add_argument("--quick", action="store_true", help="small shapes on the CPU: reference against torch.compile")
     bench.add_argument("--suite", choices=("ops", "models", "all"), default="all")
@@ -47,6 +48,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "traffic":
         return _run_traffic()
+    if args.command == "cuda-report":
+        from .cuda_report import run_cuda_report
+        return run_cuda_report()
     if args.command == "bench":
         from .benchmark import run_bench
         suites = ("ops", "models") if args.suite == "all" else (args.suite,)

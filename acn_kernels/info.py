@@ -6,7 +6,7 @@ import platform
 import torch
 
 from . import __version__
-from .backend import TRITON_AVAILABLE, TRITON_INTERPRETED
+from .backend import CUDA_EXTENSION, CUDA_EXTENSION_ERROR, TRITON_AVAILABLE, TRITON_INTERPRETED
 
 
 def _triton_version() -> str:
@@ -17,11 +17,9 @@ def _triton_version() -> str:
 
 
 def _cuda_extension() -> str:
-    try:
-        from . import _C  # noqa: F401
-    except ImportError:
-        return "not built"
-    return "built"
+    if CUDA_EXTENSION is None:
+        return f"not built ({CUDA_EXTENSION_ERROR})"
+    return f"built for sm_{', sm_'.join(CUDA_EXTENSION.compiled_archs().split(','))}"
 
 
 def _gpu() -> str:

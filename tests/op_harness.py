@@ -6,10 +6,13 @@ kernel's max error against the float64 reference may be at most twice the error 
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The fused backends every op test runs on; the CUDA extension's only where a GPU is.
+FUSED_BACKENDS = [pytest.param("triton", id="triton"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 FP32_RTOL = 1e-5 if DEVICE == "cpu" else 1e-4  # the interpreter is exact fp32; GPUs reorder sums
 EPS = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
@@ -51,9 +54,9 @@ def assert_matches(actual: torch.Tensor, exact: torch.Tensor, eager: torch.Tenso
         f"{what}: kernel error {kernel_err:.3g} > 2 x eager error {eager_err:.3g} + atol {atol:.3g}")
 
 
-def check_op(fused, reference, args, dtype, **kwargs):
-    """Fused (backend="triton") against the float64 reference, forward and every gradient."""
-    outs, grads, out_grads = run(lambda *a: fused(*a, backend="triton", **kwargs), args)
+def check_op(fused, reference, args, dtype, backend="triton", **kwargs):
+    """A fused backend ("triton" or "cuda") against the float64 reference, forward and every gradient."""
+    outs, grads, out_grads = run(lambda *a: fused(*a, backend=backend, **kwargs), args)
     exact_outs, exact_grads, _ = run(lambda *a: reference(*a, **kwargs), args, out_grads,
                                      convert=lambda t: t.detach().double())
     eager_outs, eager_grads, _ = run(lambda *a: reference(*a, **kwargs), args, out_grads)

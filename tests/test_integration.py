@@ -230,3 +230,15 @@ def test_readme_one_acn_layer_in_your_own_model():
     for block, norm in zip(blocks, norms):
         xs.append(block(norm(xs[-1])))
     torch.testing.assert_close(out, final_norm(sum(xs)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_extension_models_match_the_reference(family):
+    fused, inputs, labels = make(family, "cuda")
+    ref, _, _ = make(family, "reference")
+    fused_loss, fused_grads = loss_and_grads(fused, inputs, labels)
+    ref_loss, ref_grads = loss_and_grads(ref, inputs, labels)
+    torch.testing.assert_close(fused_loss, ref_loss, rtol=1e-4, atol=1e-4)
+    for name in ref_grads:
+        torch.testing.assert_close(fused_grads[name], ref_grads[name], rtol=1e-3, atol=1e-4, msg=name)

@@ -13,7 +13,7 @@ from acn_kernels.ops.accumulate_norm import FWD_PER_THREAD as NORM_FWD_PER_THREA
 from acn_kernels.ops.probe_norm import BWD_PER_THREAD as PROBE_BWD_PER_THREAD
 from acn_kernels.ops._common import fits_in_registers
 
-from op_harness import DEVICE, DTYPES, check_op, randn, run
+from op_harness import DEVICE, DTYPES, FUSED_BACKENDS, check_op, randn, run
 
 ODD_SHAPES = [(1, 1), (1, 17), (3, 5, 129), (70, 33)]
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
@@ -35,29 +35,32 @@ def norm_params(dim, bias=True):
 @pytest.mark.parametrize("shape", ODD_SHAPES)
 @pytest.mark.parametrize("norm", ("layernorm", "rmsnorm"))
 @pytest.mark.parametrize("normalize", ("input", "sum"))
-def test_accumulate_norm_matches_reference(dtype, shape, norm, normalize):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_accumulate_norm_matches_reference(dtype, shape, norm, normalize, backend):
     x, y = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype, scale=3.0)
     weight, bias = norm_params(shape[-1])
-    check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, bias), dtype,
+    check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, bias), dtype, backend=backend,
              norm=norm, normalize=normalize)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("normalize", ("input", "sum"))
-def test_accumulate_norm_chain_start_returns_x_as_the_sum(dtype, normalize):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_accumulate_norm_chain_start_returns_x_as_the_sum(dtype, normalize, backend):
     x = randn(4, 3, 40, dtype=dtype)
     weight, bias = norm_params(40)
-    (y_out, out), _ = check_op(accumulate_norm, reference.accumulate_norm, (x, None, weight, bias), dtype,
+    (y_out, out), _ = check_op(accumulate_norm, reference.accumulate_norm, (x, None, weight, bias), dtype, backend=backend,
                                normalize=normalize)
     assert y_out.data_ptr() == x.data_ptr()
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("normalize", ("input", "sum"))
-def test_accumulate_norm_float32_running_sum_with_16_bit_x(dtype, normalize):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_accumulate_norm_float32_running_sum_with_16_bit_x(dtype, normalize, backend):
     x, y = randn(6, 7, 96, dtype=dtype), randn(6, 7, 96, scale=4.0)
     weight, bias = norm_params(96)
-    (y_out, out), _ = check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, bias), dtype,
+    (y_out, out), _ = check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, bias), dtype, backend=backend,
                                normalize=normalize)
     assert y_out.dtype == torch.float32 and out.dtype == dtype
 
@@ -71,7 +74,8 @@ def test_accumulate_norm_without_bias_and_with_16_bit_weight(norm):
 
 
 @pytest.mark.parametrize("layout", ("strided_rows", "strided_last_dim", "transposed_leading_dims"))
-def test_accumulate_norm_non_contiguous_inputs(layout):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_accumulate_norm_non_contiguous_inputs(layout, backend):
     dim = 48
     if layout == "strided_rows":
         x, y = randn(10, 2 * dim)[:, :dim], randn(10, 3 * dim)[:, dim:2 * dim]
@@ -82,21 +86,22 @@ def test_accumulate_norm_non_contiguous_inputs(layout):
     assert not x.is_contiguous()
     weight, bias = randn(2 * dim)[::2], randn(3 * dim)[::3]
     for normalize in ("input", "sum"):
-        check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, bias), torch.float32,
+        check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, bias), torch.float32, backend=backend,
                  normalize=normalize)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim", (4097, 8193))
 @pytest.mark.parametrize("norm", ("layernorm", "rmsnorm"))
-def test_accumulate_norm_rows_too_wide_for_registers(dtype, dim, norm):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_accumulate_norm_rows_too_wide_for_registers(dtype, dim, norm, backend):
     """4097: the backward walks chunks; 8193: the forward does too."""
     assert not fits_in_registers(dim, NORM_BWD_PER_THREAD)
     assert fits_in_registers(dim, NORM_FWD_PER_THREAD) == (dim < 8192)
     x, y = randn(3, dim, dtype=dtype), randn(3, dim)
     weight, bias = norm_params(dim)
     for normalize in ("input", "sum"):
-        check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, bias), dtype, norm=norm,
+        check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, bias), dtype, backend=backend, norm=norm,
                  normalize=normalize)
 
 
@@ -131,10 +136,11 @@ def test_accumulate_norm_random_shapes(rows, dim, norm, normalize, has_y, has_bi
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 2, 17), (4, 3, 5, 129), (6, 37, 64)])
 @pytest.mark.parametrize("norm", ("layernorm", "rmsnorm"))
-def test_probe_norm_matches_reference(dtype, shape, norm):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_probe_norm_matches_reference(dtype, shape, norm, backend):
     xs = randn(*shape, dtype=dtype)
     weight, bias = norm_params(shape[-1])
-    check_op(probe_norm, reference.probe_norm, (xs, weight, bias), dtype, norm=norm)
+    check_op(probe_norm, reference.probe_norm, (xs, weight, bias), dtype, backend=backend, norm=norm)
 
 
 def test_probe_norm_non_contiguous_and_without_bias():
@@ -147,12 +153,13 @@ def test_probe_norm_non_contiguous_and_without_bias():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", ("layernorm", "rmsnorm"))
-def test_probe_norm_rows_too_wide_for_registers(dtype, norm):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_probe_norm_rows_too_wide_for_registers(dtype, norm, backend):
     dim = 2049
     assert not fits_in_registers(dim, PROBE_BWD_PER_THREAD)
     xs = randn(3, 2, dim, dtype=dtype)
     weight, bias = norm_params(dim)
-    check_op(probe_norm, reference.probe_norm, (xs, weight, bias), dtype, norm=norm)
+    check_op(probe_norm, reference.probe_norm, (xs, weight, bias), dtype, backend=backend, norm=norm)
 
 
 def test_probe_norm_last_depth_is_the_final_norm_of_the_whole_sum():
@@ -168,41 +175,45 @@ def test_probe_norm_last_depth_is_the_final_norm_of_the_whole_sum():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", [((1, 1), 1), ((3, 5, 19), 17), ((70, 33), 129)])
-def test_linear_act_accumulate_matches_reference(dtype, activation, shape):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_linear_act_accumulate_matches_reference(dtype, activation, shape, backend):
     x_shape, out_features = shape
     in_features = x_shape[-1]
     x = randn(*x_shape, dtype=dtype)
     weight = randn(out_features, in_features, dtype=dtype, scale=in_features ** -0.5)
     bias = randn(out_features, dtype=dtype)
     y = randn(*x_shape[:-1], out_features, dtype=dtype, scale=2.0)
-    check_op(linear_act_accumulate, reference.linear_act_accumulate, (x, weight, bias, y), dtype,
+    check_op(linear_act_accumulate, reference.linear_act_accumulate, (x, weight, bias, y), dtype, backend=backend,
              activation=activation)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_act_accumulate_chain_start_and_no_bias(dtype):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_linear_act_accumulate_chain_start_and_no_bias(dtype, backend):
     x, weight = randn(9, 40, dtype=dtype), randn(24, 40, dtype=dtype, scale=0.2)
     (h, y_out), _ = check_op(linear_act_accumulate, reference.linear_act_accumulate, (x, weight, None, None),
-                             dtype, activation="gelu")
+                             dtype, backend=backend, activation="gelu")
     assert y_out is h
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
-def test_linear_act_accumulate_float32_running_sum(dtype):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_linear_act_accumulate_float32_running_sum(dtype, backend):
     x, weight, bias = randn(4, 8, 32, dtype=dtype), randn(48, 32, dtype=dtype, scale=0.2), randn(48, dtype=dtype)
     y = randn(4, 8, 48, scale=5.0)
     (h, y_out), _ = check_op(linear_act_accumulate, reference.linear_act_accumulate, (x, weight, bias, y),
-                             dtype, activation="silu")
+                             dtype, backend=backend, activation="silu")
     assert h.dtype == dtype and y_out.dtype == torch.float32
 
 
-def test_linear_act_accumulate_non_contiguous_inputs():
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_linear_act_accumulate_non_contiguous_inputs(backend):
     x = randn(30, 2, 50)[:, 1, :]            # strided rows
     weight = randn(50, 40, scale=0.2).t()   # column-major
 
     y = randn(40, 30).t()                    # last stride not 1: copied
     bias = randn(80)[::2]
-    check_op(linear_act_accumulate, reference.linear_act_accumulate, (x, weight, bias, y), torch.float32,
+    check_op(linear_act_accumulate, reference.linear_act_accumulate, (x, weight, bias, y), torch.float32, backend=backend,
              activation="gelu_tanh")
 
 
@@ -229,11 +240,12 @@ def op_calls(dtype=torch.float32):
 
 @pytest.mark.parametrize("name", ("accumulate_norm", "probe_norm", "linear_act_accumulate"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bitwise_deterministic(name, dtype):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_bitwise_deterministic(name, dtype, backend):
     op, args, kwargs = op_calls(dtype)[name]
-    first, first_grads, g = run(lambda *a: op(*a, backend="triton", **kwargs), args)
+    first, first_grads, g = run(lambda *a: op(*a, backend=backend, **kwargs), args)
     for _ in range(2):
-        again, again_grads, _ = run(lambda *a: op(*a, backend="triton", **kwargs), args, g)
+        again, again_grads, _ = run(lambda *a: op(*a, backend=backend, **kwargs), args, g)
         for a, b in zip((*first, *first_grads), (*again, *again_grads)):
             assert torch.equal(a, b)
 

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .._validation import check_choice
-from ..backend import TRITON_INTERPRETED
+from ..backend import CUDA_EXTENSION, TRITON_INTERPRETED
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -120,6 +120,20 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
     """Triton's interpreter computes tl.dot on bf16 operands wrongly; there (never on a GPU) the
     operands are upcast first."""
     return TRITON_INTERPRETED and dtype == torch.bfloat16
+
+
+def register_cuda_twin(forward_name: str, backward_name: str, forward_fake, backward_fake, make_backward,
+                       setup_context):
+    """Gives the CUDA extension's op pair (acn_kernels_cuda::*, the Triton pair's schemas) the same
+    fake implementations and autograd formula; returns its forward op, or None when not built."""
+    if CUDA_EXTENSION is None:
+        return None
+    for name, fake in ((forward_name, forward_fake), (backward_name, backward_fake)):
+        torch.library.register_fake(f"acn_kernels_cuda::{name}")(fake)
+    backward_op = getattr(torch.ops.acn_kernels_cuda, backward_name)
+    torch.library.register_autograd(f"acn_kernels_cuda::{forward_name}", make_backward(backward_op),
+                                    setup_context=setup_context)
+    return getattr(torch.ops.acn_kernels_cuda, forward_name)
 
 
 # ----------------------------------------------------------------------------- Triton helpers

@@ -43,7 +43,8 @@ from ..backend import resolve_backend
 from ._common import (affine, check_eps, check_norm_kind, check_norm_params, check_running_sum, check_tensor,
                       chunk_tile, fits_in_registers, launch_options, load_param_row, load_rows, new_buffer,
                       norm_grad_from_terms, norm_grad_row_terms, norm_input_grad, normalize_tile,
-                      reduction_programs, row_tile, rows_of, store_partial_rows, store_rows)
+                      reduction_programs, register_cuda_twin, row_tile, rows_of, store_partial_rows,
+                      store_rows)
 
 
 # Elements of a row that one thread holds: the forward keeps about four row-sized values live,
@@ -311,7 +312,7 @@ def accumulate_norm_fwd(x: torch.Tensor, y: Optional[torch.Tensor], weight: torc
 
 
 @accumulate_norm_fwd.register_fake
-def _(x, y, weight, bias, eps, is_layernorm, normalize_sum):
+def accumulate_norm_fwd_fake(x, y, weight, bias, eps, is_layernorm, normalize_sum):
     rows = x.numel() // x.shape[-1]
     stats = x.new_empty(rows, dtype=torch.float32)
     return (x.new_empty(x.shape, dtype=y.dtype) if y is not None else x.new_empty(0), x.new_empty(x.shape),
@@ -333,7 +334,7 @@ def accumulate_norm_bwd(dout: torch.Tensor, dy_out: Optional[torch.Tensor], norm
 
 
 @accumulate_norm_bwd.register_fake
-def _(dout, dy_out, normalized, weight, mean, rstd, has_bias, is_layernorm, dy_dtype):
+def accumulate_norm_bwd_fake(dout, dy_out, normalized, weight, mean, rstd, has_bias, is_layernorm, dy_dtype):
     shape = normalized.shape
     return (dout.new_empty(shape), dout.new_empty(shape, dtype=dy_dtype) if dy_dtype is not None else dout.new_empty(0),
             weight.new_empty(weight.shape), weight.new_empty(weight.shape if has_bias else (0,)))
@@ -351,23 +352,28 @@ def setup_context(ctx, inputs, output):
     ctx.x_dtype, ctx.y_dtype = x.dtype, (y.dtype if y is not None else None)
 
 
-def backward(ctx, dy_out, dout, _dmean, _drstd):
-    """dx = dy_out + norm backward (into x, or into y_out for normalize="sum"); dy = dy_out."""
-    normalized, weight, mean, rstd = ctx.saved_tensors
-    dy_out = dy_out if ctx.has_y else None
-    if dout is None:
-        return dy_out.to(ctx.x_dtype), dy_out, None, None, None, None, None
-    split_dy = ctx.sum_has_own_grad and ctx.y_dtype != ctx.x_dtype
-    dx, dy, dw, db = accumulate_norm_bwd(dout, dy_out, normalized, weight, mean, rstd, ctx.has_bias,
-                                         ctx.is_layernorm, ctx.y_dtype if split_dy else None)
-    if not ctx.sum_has_own_grad:
-        dy = dy_out
-    elif not split_dy:
-        dy = dx
-    return dx, dy, dw, (db if ctx.has_bias else None), None, None, None
+def make_backward(backward_op):
+    def backward(ctx, dy_out, dout, _dmean, _drstd):
+        """dx = dy_out + norm backward (into x, or into y_out for normalize="sum"); dy = dy_out."""
+        normalized, weight, mean, rstd = ctx.saved_tensors
+        dy_out = dy_out if ctx.has_y else None
+        if dout is None:
+            return dy_out.to(ctx.x_dtype), dy_out, None, None, None, None, None
+        split_dy = ctx.sum_has_own_grad and ctx.y_dtype != ctx.x_dtype
+        dx, dy, dw, db = backward_op(dout, dy_out, normalized, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm,
+                                     ctx.y_dtype if split_dy else None)
+        if not ctx.sum_has_own_grad:
+            dy = dy_out
+        elif not split_dy:
+            dy = dx
+        return dx, dy, dw, (db if ctx.has_bias else None), None, None, None
+    return backward
 
 
-accumulate_norm_fwd.register_autograd(backward, setup_context=setup_context)
+accumulate_norm_fwd.register_autograd(make_backward(accumulate_norm_bwd), setup_context=setup_context)
+FORWARD_OPS = {"triton": accumulate_norm_fwd,
+               "cuda": register_cuda_twin("accumulate_norm_fwd", "accumulate_norm_bwd", accumulate_norm_fwd_fake,
+                                          accumulate_norm_bwd_fake, make_backward, setup_context)}
 
 
 def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm="layernorm", normalize="input",
@@ -382,9 +388,10 @@ def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm="layernorm", norm
     check_eps(eps)
     check_norm_kind(norm)
     check_choice("normalize", normalize, ("input", "sum"))
-    if resolve_backend(backend, x.device) == "reference":
+    resolved = resolve_backend(backend, x.device)
+    if resolved == "reference":
         return reference.accumulate_norm(x, y, weight, bias, eps=eps, norm=norm, normalize=normalize)
-    y_out, out, _, _ = accumulate_norm_fwd(x, y, weight, bias, float(eps), norm == "layernorm", normalize == "sum")
+    y_out, out, _, _ = FORWARD_OPS[resolved](x, y, weight, bias, float(eps), norm == "layernorm", normalize == "sum")
     return (x if y is None else y_out), out
 
 

@@ -33,7 +33,7 @@ from .. import reference
 from .._validation import check_choice
 from ..backend import resolve_backend
 from ._common import (check_device, check_running_sum, check_shape, check_tensor, dot_in_fp32, new_buffer,
-                      rows_of)
+                      register_cuda_twin, rows_of)
 
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
 # act'(z) needs z itself for these; relu reads h > 0 and identity needs nothing.
@@ -223,7 +223,7 @@ def linear_act_accumulate_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optio
 
 
 @linear_act_accumulate_fwd.register_fake
-def _(x, weight, bias, y, activation):
+def linear_act_accumulate_fwd_fake(x, weight, bias, y, activation):
     out_shape = (*x.shape[:-1], weight.shape[0])
     return (x.new_empty(out_shape), x.new_empty(out_shape, dtype=y.dtype) if y is not None else x.new_empty(0),
             x.new_empty(out_shape if activation in NEEDS_PREACTIVATION else (0,)))
@@ -241,7 +241,7 @@ def activation_backward(dh: Optional[torch.Tensor], dy_out: Optional[torch.Tenso
 
 
 @activation_backward.register_fake
-def _(dh, dy_out, saved, activation, dtype):
+def activation_backward_fake(dh, dy_out, saved, activation, dtype):
     grad = dh if dh is not None else dy_out
     return grad.new_empty(grad.shape, dtype=dtype)
 
@@ -257,19 +257,25 @@ def setup_context(ctx, inputs, output):
     ctx.activation, ctx.has_y, ctx.has_bias = activation, y is not None, bias is not None
 
 
-def backward(ctx, dh, dy_out, _dz):
-    """dz = (dh + dy_out) * act'(z) in one kernel, then dx, dweight, dbias by cuBLAS; dy = dy_out."""
-    x, weight, saved = ctx.saved_tensors
-    dy_out = dy_out if ctx.has_y else None
-    dz = activation_backward(dh, dy_out, saved, ctx.activation, x.dtype)
-    dz2 = dz.reshape(-1, weight.shape[0])
-    dx = (dz2 @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
-    dweight = dz2.t() @ rows_of(x) if ctx.needs_input_grad[1] else None
-    dbias = dz2.sum(0, dtype=torch.float32).to(dz.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return dx, dweight, dbias, dy_out, None
+def make_backward(activation_backward_op):
+    def backward(ctx, dh, dy_out, _dz):
+        """dz = (dh + dy_out) * act'(z) in one kernel, then dx, dweight, dbias by cuBLAS; dy = dy_out."""
+        x, weight, saved = ctx.saved_tensors
+        dy_out = dy_out if ctx.has_y else None
+        dz = activation_backward_op(dh, dy_out, saved, ctx.activation, x.dtype)
+        dz2 = dz.reshape(-1, weight.shape[0])
+        dx = (dz2 @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        dweight = dz2.t() @ rows_of(x) if ctx.needs_input_grad[1] else None
+        dbias = dz2.sum(0, dtype=torch.float32).to(dz.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dweight, dbias, dy_out, None
+    return backward
 
 
-linear_act_accumulate_fwd.register_autograd(backward, setup_context=setup_context)
+linear_act_accumulate_fwd.register_autograd(make_backward(activation_backward), setup_context=setup_context)
+FORWARD_OPS = {"triton": linear_act_accumulate_fwd,
+               "cuda": register_cuda_twin("linear_act_accumulate_fwd", "activation_backward",
+                                          linear_act_accumulate_fwd_fake, activation_backward_fake, make_backward,
+                                          setup_context)}
 
 
 def cast_for_autocast(device_type: str, *tensors):
@@ -295,9 +301,10 @@ def linear_act_accumulate(x, weight, bias, y, *, activation="gelu", backend="aut
         check_device("bias", bias, x.device)
     check_running_sum(y, (*x.shape[:-1], weight.shape[0]), x.dtype, x.device)
     check_choice("activation", activation, ACTIVATIONS)
-    if resolve_backend(backend, x.device) == "reference":
+    resolved = resolve_backend(backend, x.device)
+    if resolved == "reference":
         return reference.linear_act_accumulate(x, weight, bias, y, activation=activation)
-    h, y_out, _ = linear_act_accumulate_fwd(x, weight, bias, y, activation)
+    h, y_out, _ = FORWARD_OPS[resolved](x, weight, bias, y, activation)
     return h, (h if y is None else y_out)
 
 

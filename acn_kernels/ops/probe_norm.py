@@ -37,7 +37,7 @@ from .accumulate_norm import launch_backward as rows_backward
 from .accumulate_norm import launch_forward as rows_forward
 from ._common import (affine, check_eps, check_norm_kind, check_norm_params, check_tensor, fits_in_registers,
                       launch_options, load_param_row, load_rows, new_buffer, norm_input_grad, normalize_tile,
-                      reduction_programs, row_tile, rows_of, store_partial_rows, store_rows)
+                      reduction_programs, register_cuda_twin, row_tile, rows_of, store_partial_rows, store_rows)
 
 # Row elements a thread holds: the backward keeps the running sum, the running gradient and the
 # norm backward's values live at once (compile-report checks that these do not spill).
@@ -184,7 +184,7 @@ def probe_norm_fwd(xs: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 
 @probe_norm_fwd.register_fake
-def _(xs, weight, bias, eps, is_layernorm):
+def probe_norm_fwd_fake(xs, weight, bias, eps, is_layernorm):
     stats = xs.new_empty((xs.shape[0], xs.numel() // (xs.shape[0] * xs.shape[-1])), dtype=torch.float32)
     return xs.new_empty(xs.shape), (stats.new_empty(stats.shape) if is_layernorm else stats.new_empty(0)), stats
 
@@ -209,7 +209,7 @@ def probe_norm_bwd(dout: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, m
 
 
 @probe_norm_bwd.register_fake
-def _(dout, xs, weight, mean, rstd, has_bias, is_layernorm):
+def probe_norm_bwd_fake(dout, xs, weight, mean, rstd, has_bias, is_layernorm):
     return xs.new_empty(xs.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape if has_bias else (0,))
 
 
@@ -223,13 +223,18 @@ def setup_context(ctx, inputs, output):
     ctx.has_bias, ctx.is_layernorm = bias is not None, is_layernorm
 
 
-def backward(ctx, dout, _dmean, _drstd):
-    xs, weight, mean, rstd = ctx.saved_tensors
-    dxs, dw, db = probe_norm_bwd(dout, xs, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm)
-    return dxs, dw, (db if ctx.has_bias else None), None, None
+def make_backward(backward_op):
+    def backward(ctx, dout, _dmean, _drstd):
+        xs, weight, mean, rstd = ctx.saved_tensors
+        dxs, dw, db = backward_op(dout, xs, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm)
+        return dxs, dw, (db if ctx.has_bias else None), None, None
+    return backward
 
 
-probe_norm_fwd.register_autograd(backward, setup_context=setup_context)
+probe_norm_fwd.register_autograd(make_backward(probe_norm_bwd), setup_context=setup_context)
+FORWARD_OPS = {"triton": probe_norm_fwd,
+               "cuda": register_cuda_twin("probe_norm_fwd", "probe_norm_bwd", probe_norm_fwd_fake, probe_norm_bwd_fake,
+                                          make_backward, setup_context)}
 
 
 def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm", backend="auto"):
@@ -240,9 +245,10 @@ def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm", backend="au
     check_norm_params(weight, bias, xs.shape[-1], xs.device)
     check_eps(eps)
     check_norm_kind(norm)
-    if resolve_backend(backend, xs.device) == "reference":
+    resolved = resolve_backend(backend, xs.device)
+    if resolved == "reference":
         return reference.probe_norm(xs, weight, bias, eps=eps, norm=norm)
-    return probe_norm_fwd(xs, weight, bias, float(eps), norm == "layernorm")[0]
+    return FORWARD_OPS[resolved](xs, weight, bias, float(eps), norm == "layernorm")[0]
 
 
 def traffic_bound(xs, weight, bias, *, norm="layernorm") -> tuple[int, int]:

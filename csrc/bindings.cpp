@@ -1,0 +1,254 @@
+// The one file that sees torch: registers the CUDA kernels as torch ops (acn_kernels_cuda::*, the
+// same schemas as the Triton custom ops), checks every input with a message naming the op, the
+// argument, what was expected and what was given, and runs the GEMMs of linear_act_accumulate
+// through ATen (cuBLAS).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <string>
+
+#include "kernels.h"
+#include "row_math.h"
+
+#ifndef ACN_CUDA_ARCHS
+#define ACN_CUDA_ARCHS "unknown"
+#endif
+
+namespace {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+
+acn::DType dtype_of(const Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return acn::DType::kFloat32;
+    case at::kHalf: return acn::DType::kFloat16;
+    case at::kBFloat16: return acn::DType::kBFloat16;
+    default: TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return acn::DType::kFloat32;
+}
+
+void check_cuda(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device(),
+              " (the CUDA backend runs on GPUs only; use backend='triton' or 'reference' elsewhere)");
+}
+
+void check_cuda(const OptionalTensor& t, const char* op, const char* name) {
+  if (t) check_cuda(*t, op, name);
+}
+
+void check_rows(const Tensor& t, int64_t dim, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() >= 1 && t.size(-1) == dim, op, ": ", name, " must have last dimension ", dim, ", got shape ",
+              t.sizes());
+}
+
+Tensor rows_of(const Tensor& t) {
+  Tensor c = t.contiguous();
+  return c.view({-1, c.size(-1)});
+}
+
+const void* ptr_or_null(const OptionalTensor& t) { return t ? t->data_ptr() : nullptr; }
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+int device_attribute(cudaDeviceAttr attribute) {
+  int device = 0, value = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
+int reduction_programs(int64_t rows) {
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, 2 * sms)));
+}
+
+Tensor float_row(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> accumulate_norm_fwd(const Tensor& x, const OptionalTensor& y,
+                                                               const Tensor& weight, const OptionalTensor& bias,
+                                                               double eps, bool is_layernorm, bool normalize_sum) {
+  const char* op = "acn_kernels_cuda::accumulate_norm_fwd";
+  check_cuda(x, op, "x"), check_cuda(y, op, "y"), check_cuda(weight, op, "weight"), check_cuda(bias, op, "bias");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t dim = x.size(-1);
+  Tensor x2 = rows_of(x), w = float_row(weight), b = bias ? float_row(*bias) : Tensor();
+  Tensor y2 = y ? rows_of(*y) : Tensor(), y_out = y ? at::empty_like(y2) : Tensor();
+  if (y) check_rows(*y, dim, op, "y");
+  Tensor out = at::empty_like(x2);
+  const auto stats = x.options().dtype(at::kFloat);
+  Tensor mean = at::empty({is_layernorm ? x2.size(0) : 0}, stats), rstd = at::empty({x2.size(0)}, stats);
+  acn::accumulate_norm_forward(dtype_of(x, op, "x"), y ? dtype_of(*y, op, "y") : dtype_of(x, op, "x"), x2.data_ptr(),
+                               y ? y2.data_ptr() : nullptr, w.data_ptr<float>(), bias ? b.data_ptr<float>() : nullptr,
+                               y ? y_out.data_ptr() : nullptr, out.data_ptr(),
+                               is_layernorm ? mean.data_ptr<float>() : nullptr, rstd.data_ptr<float>(), x2.size(0),
+                               static_cast<int>(dim), static_cast<float>(eps), normalize_sum, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y ? y_out.view(x.sizes()) : at::empty({0}, x.options()), out.view(x.sizes()), mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> accumulate_norm_bwd(const Tensor& dout, const OptionalTensor& dy_out,
+                                                               const Tensor& normalized, const Tensor& weight,
+                                                               const Tensor& mean, const Tensor& rstd, bool has_bias,
+                                                               bool is_layernorm,
+                                                               std::optional<at::ScalarType> dy_dtype) {
+  const char* op = "acn_kernels_cuda::accumulate_norm_bwd";
+  check_cuda(dout, op, "dout"), check_cuda(dy_out, op, "dy_out"), check_cuda(normalized, op, "normalized");
+  const c10::cuda::CUDAGuard guard(dout.device());
+  const int64_t dim = normalized.size(-1);
+  Tensor dout2 = rows_of(dout), v2 = rows_of(normalized), w = float_row(weight);
+  Tensor dy_out2 = dy_out ? rows_of(*dy_out) : Tensor();
+  const int64_t rows = v2.size(0);
+  const int programs = reduction_programs(rows);
+  const auto partial = dout.options().dtype(at::kFloat);
+  Tensor dx = at::empty_like(dout2), dy = dy_dtype ? at::empty(v2.sizes(), dout.options().dtype(*dy_dtype)) : Tensor();
+  Tensor dw = at::zeros({programs, dim}, partial), db = has_bias ? at::zeros({programs, dim}, partial) : Tensor();
+  const acn::DType x_dtype = dtype_of(dout, op, "dout");
+  const acn::DType y_dtype = dy_out ? dtype_of(*dy_out, op, "dy_out") : (dy_dtype ? acn::DType::kFloat32 : x_dtype);
+  acn::accumulate_norm_backward(x_dtype, y_dtype, dout2.data_ptr(), dy_out ? dy_out2.data_ptr() : nullptr,
+                                v2.data_ptr(), normalized.scalar_type() != dout.scalar_type(), w.data_ptr<float>(),
+                                is_layernorm ? mean.data_ptr<float>() : nullptr, rstd.data_ptr<float>(),
+                                dx.data_ptr(), dy_dtype ? dy.data_ptr() : nullptr, dw.data_ptr<float>(),
+                                has_bias ? db.data_ptr<float>() : nullptr, rows, static_cast<int>(dim), programs,
+                                stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto shape = normalized.sizes();
+  return {dx.view(shape), dy_dtype ? dy.view(shape) : at::empty({0}, dout.options()), dw.sum(0).to(weight.scalar_type()),
+          has_bias ? db.sum(0).to(weight.scalar_type()) : at::empty({0}, weight.options())};
+}
+
+void check_probe_width(int64_t dim, const char* op) {
+  const int64_t limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  TORCH_CHECK(acn::probe_norm_shared_bytes(static_cast<int>(dim)) <= limit, op, ": D must be at most ",
+              limit / 8, " on this GPU (two float rows of shared memory), got ", dim,
+              "; use backend='triton' for wider rows");
+}
+
+std::tuple<Tensor, Tensor, Tensor> probe_norm_fwd(const Tensor& xs, const Tensor& weight, const OptionalTensor& bias,
+                                                  double eps, bool is_layernorm) {
+  const char* op = "acn_kernels_cuda::probe_norm_fwd";
+  check_cuda(xs, op, "xs"), check_cuda(weight, op, "weight"), check_cuda(bias, op, "bias");
+  const c10::cuda::CUDAGuard guard(xs.device());
+  TORCH_CHECK(xs.dim() >= 2, op, ": xs must have shape (L+1, ..., D), got ", xs.sizes());
+  const int64_t depth = xs.size(0), dim = xs.size(-1), rows = xs.numel() / std::max<int64_t>(1, depth * dim);
+  check_probe_width(dim, op);
+  Tensor xs3 = xs.contiguous(), w = float_row(weight), b = bias ? float_row(*bias) : Tensor();
+  Tensor out = at::empty_like(xs3);
+  const auto stats = xs.options().dtype(at::kFloat);
+  Tensor mean = is_layernorm ? at::empty({depth, rows}, stats) : at::empty({0}, stats);
+  Tensor rstd = at::empty({depth, rows}, stats);
+  acn::probe_norm_forward(dtype_of(xs, op, "xs"), xs3.data_ptr(), w.data_ptr<float>(),
+                          bias ? b.data_ptr<float>() : nullptr, out.data_ptr(),
+                          is_layernorm ? mean.data_ptr<float>() : nullptr, rstd.data_ptr<float>(),
+                          static_cast<int>(depth), rows, static_cast<int>(dim), static_cast<float>(eps), stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> probe_norm_bwd(const Tensor& dout, const Tensor& xs, const Tensor& weight,
+                                                  const Tensor& mean, const Tensor& rstd, bool has_bias,
+                                                  bool is_layernorm) {
+  const char* op = "acn_kernels_cuda::probe_norm_bwd";
+  check_cuda(dout, op, "dout"), check_cuda(xs, op, "xs");
+  const c10::cuda::CUDAGuard guard(xs.device());
+  const int64_t depth = xs.size(0), dim = xs.size(-1), rows = xs.numel() / std::max<int64_t>(1, depth * dim);
+  check_probe_width(dim, op);
+  Tensor xs3 = xs.contiguous(), dout3 = dout.contiguous().to(xs.scalar_type()), w = float_row(weight);
+  const int programs = reduction_programs(rows);
+  const auto partial = xs.options().dtype(at::kFloat);
+  Tensor dxs = at::empty_like(xs3), dw = at::zeros({programs, dim}, partial);
+  Tensor db = has_bias ? at::zeros({programs, dim}, partial) : Tensor();
+  acn::probe_norm_backward(dtype_of(xs, op, "xs"), dout3.data_ptr(), xs3.data_ptr(), w.data_ptr<float>(),
+                           is_layernorm ? mean.data_ptr<float>() : nullptr, rstd.data_ptr<float>(), dxs.data_ptr(),
+                           dw.data_ptr<float>(), has_bias ? db.data_ptr<float>() : nullptr, static_cast<int>(depth),
+                           rows, static_cast<int>(dim), programs, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dxs, dw.sum(0).to(weight.scalar_type()),
+          has_bias ? db.sum(0).to(weight.scalar_type()) : at::empty({0}, weight.options())};
+}
+
+int activation_code(const std::string& name, const char* op) {
+  static const char* names[] = {"relu", "gelu", "gelu_tanh", "silu", "identity"};
+  for (int i = 0; i < 5; ++i)
+    if (name == names[i]) return i;
+  TORCH_CHECK(false, op, ": activation must be one of relu, gelu, gelu_tanh, silu, identity, got '", name, "'");
+  return -1;
+}
+
+bool needs_preactivation(int act) { return act == acn::kGelu || act == acn::kGeluTanh || act == acn::kSilu; }
+
+std::tuple<Tensor, Tensor, Tensor> linear_act_accumulate_fwd(const Tensor& x, const Tensor& weight,
+                                                             const OptionalTensor& bias, const OptionalTensor& y,
+                                                             std::string activation) {
+  const char* op = "acn_kernels_cuda::linear_act_accumulate_fwd";
+  check_cuda(x, op, "x"), check_cuda(weight, op, "weight"), check_cuda(bias, op, "bias"), check_cuda(y, op, "y");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int act = activation_code(activation, op);
+  Tensor x2 = rows_of(x);
+  // z = x @ W.T + b by cuBLAS; the epilogue kernel then applies act and adds the running sum.
+  Tensor z = bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  Tensor h = at::empty_like(z);
+  Tensor y2 = y ? rows_of(*y) : Tensor(), y_out = y ? at::empty_like(y2) : Tensor();
+  acn::activation_epilogue(dtype_of(x, op, "x"), y ? dtype_of(*y, op, "y") : dtype_of(x, op, "x"), z.data_ptr(),
+                           y ? y2.data_ptr() : nullptr, h.data_ptr(), y ? y_out.data_ptr() : nullptr, z.numel(), act,
+                           stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = weight.size(0);
+  return {h.view(shape), y ? y_out.view(shape) : at::empty({0}, x.options()),
+          needs_preactivation(act) ? z.view(shape) : at::empty({0}, x.options())};
+}
+
+Tensor activation_backward(const OptionalTensor& dh, const OptionalTensor& dy_out, const OptionalTensor& saved,
+                           std::string activation, at::ScalarType dtype) {
+  const char* op = "acn_kernels_cuda::activation_backward";
+  check_cuda(dh, op, "dh"), check_cuda(dy_out, op, "dy_out"), check_cuda(saved, op, "saved");
+  TORCH_CHECK(dh || dy_out, op, ": needs dh or dy_out, got neither");
+  const Tensor& like = dh ? *dh : *dy_out;
+  const c10::cuda::CUDAGuard guard(like.device());
+  const int act = activation_code(activation, op);
+  Tensor dh_c = dh ? dh->to(dtype).contiguous() : Tensor(), dy_c = dy_out ? dy_out->contiguous() : Tensor();
+  Tensor saved_c = saved ? saved->contiguous() : Tensor();
+  Tensor dz = at::empty(like.sizes(), like.options().dtype(dtype));
+  const acn::DType x_dtype = dtype_of(dz, op, "dtype");
+  acn::activation_backward(x_dtype, dy_out ? dtype_of(*dy_out, op, "dy_out") : x_dtype, dh ? dh_c.data_ptr() : nullptr,
+                           dy_out ? dy_c.data_ptr() : nullptr, saved ? saved_c.data_ptr() : nullptr, dz.data_ptr(),
+                           dz.numel(), act, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dz;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(acn_kernels_cuda, m) {
+  m.def("accumulate_norm_fwd(Tensor x, Tensor? y, Tensor weight, Tensor? bias, float eps, bool is_layernorm, "
+        "bool normalize_sum) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("accumulate_norm_bwd(Tensor dout, Tensor? dy_out, Tensor normalized, Tensor weight, Tensor mean, "
+        "Tensor rstd, bool has_bias, bool is_layernorm, ScalarType? dy_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("probe_norm_fwd(Tensor xs, Tensor weight, Tensor? bias, float eps, bool is_layernorm) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("probe_norm_bwd(Tensor dout, Tensor xs, Tensor weight, Tensor mean, Tensor rstd, bool has_bias, "
+        "bool is_layernorm) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_act_accumulate_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? y, str activation) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("activation_backward(Tensor? dh, Tensor? dy_out, Tensor? saved, str activation, ScalarType dtype) -> Tensor");
+}
+
+// CUDA runs the kernels; CPU gets the same functions, whose checks reject CPU tensors by name.
+#define ACN_REGISTER(m)                                             \
+  m.impl("accumulate_norm_fwd", &accumulate_norm_fwd);              \
+  m.impl("accumulate_norm_bwd", &accumulate_norm_bwd);              \
+  m.impl("probe_norm_fwd", &probe_norm_fwd);                        \
+  m.impl("probe_norm_bwd", &probe_norm_bwd);                        \
+  m.impl("linear_act_accumulate_fwd", &linear_act_accumulate_fwd);  \
+  m.impl("activation_backward", &activation_backward);
+
+TORCH_LIBRARY_IMPL(acn_kernels_cuda, CUDA, m) { ACN_REGISTER(m) }
+TORCH_LIBRARY_IMPL(acn_kernels_cuda, CPU, m) { ACN_REGISTER(m) }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("compiled_archs", [] { return std::string(ACN_CUDA_ARCHS); }, "The SM architectures this build targets, comma-separated.");
+}

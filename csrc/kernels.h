@@ -1,0 +1,42 @@
+// Host entry points of the CUDA kernels, one group per op (one .cu file each). Free of torch
+// headers: pointers, sizes, dtypes and a stream; tensors are (rows, D), contiguous rows.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace acn {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// accumulate_norm.cu. y, y_out, b, mean may be null (no running sum, no bias, RMSNorm).
+void accumulate_norm_forward(DType x_dtype, DType y_dtype, const void* x, const void* y, const float* w,
+                             const float* b, void* y_out, void* out, float* mean, float* rstd, int64_t rows,
+                             int dim, float eps, bool normalize_sum, cudaStream_t stream);
+
+// dy_out and dy may be null; dw_partial/db_partial are (programs, D) float32, zeroed by the caller;
+// `normalized` has y's dtype when v_is_y. Returns the programs used.
+void accumulate_norm_backward(DType x_dtype, DType y_dtype, const void* dout, const void* dy_out,
+                              const void* normalized, bool v_is_y, const float* w, const float* mean,
+                              const float* rstd, void* dx, void* dy, float* dw_partial, float* db_partial,
+                              int64_t rows, int dim, int programs, cudaStream_t stream);
+
+// probe_norm.cu. xs is (L+1, rows, D) contiguous; mean, rstd are (L+1, rows); mean null for RMSNorm.
+void probe_norm_forward(DType dtype, const void* xs, const float* w, const float* b, void* out, float* mean,
+                        float* rstd, int depth, int64_t rows, int dim, float eps, cudaStream_t stream);
+void probe_norm_backward(DType dtype, const void* dout, const void* xs, const float* w, const float* mean,
+                         const float* rstd, void* dxs, float* dw_partial, float* db_partial, int depth,
+                         int64_t rows, int dim, int programs, cudaStream_t stream);
+// Dynamic shared memory per program of the probe kernels (two float rows), for the caller's check.
+inline int64_t probe_norm_shared_bytes(int dim) { return 2 * static_cast<int64_t>(dim) * sizeof(float); }
+
+// linear_act_accumulate.cu: the elementwise parts around the GEMM. z is x @ W.T + b (from cuBLAS).
+// h = act(z); y_out = y + h when y is given.
+void activation_epilogue(DType dtype, DType y_dtype, const void* z, const void* y, void* h, void* y_out,
+                         int64_t n, int activation, cudaStream_t stream);
+// dz = (dh + dy_out) * act'(saved); dh, dy_out, saved may be null (saved: identity).
+void activation_backward(DType dtype, DType y_dtype, const void* dh, const void* dy_out, const void* saved,
+                         void* dz, int64_t n, int activation, cudaStream_t stream);
+
+}  // namespace acn

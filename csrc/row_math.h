@@ -1,0 +1,71 @@
+// The arithmetic of one row, shared by the CUDA kernels and the host harness that tests it on the
+// CPU against the Python reference. Free of CUDA and torch headers.
+#pragma once
+
+#include <cmath>
+
+#ifdef __CUDACC__
+#define ACN_HD __host__ __device__ __forceinline__
+#else
+#define ACN_HD inline
+#endif
+
+namespace acn {
+
+// Activation codes, in the order of acn_kernels.reference.ACTIVATIONS.
+enum Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kIdentity = 4 };
+
+constexpr float kSqrtHalf = 0.7071067811865476f;
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kGeluTanhCubic = 0.044715f;
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;
+
+// 1 / sqrt(variance + eps), with variance the mean of the centered squares (the mean of squares
+// for RMSNorm).
+ACN_HD float inverse_std(float mean_of_squares, float eps) { return 1.0f / sqrtf(mean_of_squares + eps); }
+
+ACN_HD float normalize(float v, float mean, float rstd) { return (v - mean) * rstd; }
+
+ACN_HD float affine(float v_hat, float w, float b) { return v_hat * w + b; }
+
+// dLoss/dv of one element of out = v_hat * w + b, given the two row terms
+// proj = mean(w * dout * v_hat) and wdout_mean = mean(w * dout) (unused for RMSNorm).
+ACN_HD float norm_input_grad(float wdout, float v_hat, float rstd, float proj, float wdout_mean,
+                             bool is_layernorm) {
+  float dv = wdout - v_hat * proj;
+  if (is_layernorm) dv -= wdout_mean;
+  return dv * rstd;
+}
+
+ACN_HD float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+ACN_HD float activation(float z, int act) {
+  switch (act) {
+    case kRelu: return z > 0.0f ? z : 0.0f;
+    case kGelu: return 0.5f * z * (1.0f + erff(z * kSqrtHalf));
+    case kGeluTanh: return 0.5f * z * (1.0f + tanhf(kSqrt2OverPi * (z + kGeluTanhCubic * z * z * z)));
+    case kSilu: return z * sigmoid(z);
+    default: return z;
+  }
+}
+
+// act'(z) from what the forward keeps: z itself, or h for relu (h > 0 exactly where z > 0).
+ACN_HD float activation_grad(float saved, int act) {
+  switch (act) {
+    case kRelu: return saved > 0.0f ? 1.0f : 0.0f;
+    case kGelu:
+      return 0.5f * (1.0f + erff(saved * kSqrtHalf)) + saved * kInvSqrt2Pi * expf(-0.5f * saved * saved);
+    case kGeluTanh: {
+      float t = tanhf(kSqrt2OverPi * (saved + kGeluTanhCubic * saved * saved * saved));
+      return 0.5f * (1.0f + t) +
+             0.5f * saved * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCubic * saved * saved);
+    }
+    case kSilu: {
+      float s = sigmoid(saved);
+      return s * (1.0f + saved * (1.0f - s));
+    }
+    default: return 1.0f;
+  }
+}
+
+}  // namespace acn
