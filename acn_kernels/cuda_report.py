@@ -69,6 +69,7 @@ def run_cuda_report() -> int:
         for row in parse_ptxas(result.stderr):
             failures += row["spills"] > 0
             flag = "  SPILLS" if row["spills"] else ""
-            print(f"{source.name:<26} {row['target']:<6} {row['registers']:>5} {row['spills']:>6}  {row['kernel'].split('(')[0]}{flag}")
+            kernel = row["kernel"].split("(")[0]
+            print(f"{source.name:<26} {row['target']:<6} {row['registers']:>5} {row['spills']:>6}  {kernel}{flag}")
     print(f"\n{len(sources)} files, {failures} failed or spilled")
     return 1 if failures else 0

@@ -253,7 +253,8 @@ def print_report(ops, models) -> None:
         print(f"{r['name']:<34} " + " ".join(f"{c:>14}" for c in cells)
               + f" {fused_total / eager_total:>11.2f} {_mb(r['bound'][0]) + ' +' + _mb(r['bound'][1]):>16}")
     print("\nOne training step (forward and backward) of small AC models (MiB; launches):")
-    print(f"{'model':<12} {'eager MiB':>10} {'fused MiB':>10} {'ratio':>6} {'eager launches':>15} {'fused launches':>15}")
+    print(f"{'model':<12} {'eager MiB':>10} {'fused MiB':>10} {'ratio':>6} "
+          f"{'eager launches':>15} {'fused launches':>15}")
     for r in models:
         e, f = r["eager"], r["fused"]
         print(f"{r['name']:<12} {_mb(e.total):>10} {_mb(f.total):>10} {f.total / e.total:>6.2f} "

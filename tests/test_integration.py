@@ -1,7 +1,6 @@
 """Drop-in use: backends, torch.library registration, torch.compile, autocast, checkpointing,
 distributed training, and end-to-end training steps of AC models on the fused ops."""
 import socket
-import warnings
 
 import pytest
 import torch

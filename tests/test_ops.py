@@ -49,7 +49,8 @@ def test_accumulate_norm_matches_reference(dtype, shape, norm, normalize, backen
 def test_accumulate_norm_chain_start_returns_x_as_the_sum(dtype, normalize, backend):
     x = randn(4, 3, 40, dtype=dtype)
     weight, bias = norm_params(40)
-    (y_out, out), _ = check_op(accumulate_norm, reference.accumulate_norm, (x, None, weight, bias), dtype, backend=backend,
+    (y_out, out), _ = check_op(accumulate_norm, reference.accumulate_norm, (x, None, weight, bias), dtype,
+                               backend=backend,
                                normalize=normalize)
     assert y_out.data_ptr() == x.data_ptr()
 
@@ -213,7 +214,8 @@ def test_linear_act_accumulate_non_contiguous_inputs(backend):
 
     y = randn(40, 30).t()                    # last stride not 1: copied
     bias = randn(80)[::2]
-    check_op(linear_act_accumulate, reference.linear_act_accumulate, (x, weight, bias, y), torch.float32, backend=backend,
+    check_op(linear_act_accumulate, reference.linear_act_accumulate, (x, weight, bias, y), torch.float32,
+             backend=backend,
              activation="gelu_tanh")
 
 
@@ -260,12 +262,14 @@ def test_reference_backend_is_the_reference(name):
 
 def test_auto_backend_choice(monkeypatch):
     cpu = torch.device("cpu")
-    assert backend_module.resolve_backend("auto", cpu) == ("triton" if backend_module.TRITON_INTERPRETED else "reference")
+    expected = "triton" if backend_module.TRITON_INTERPRETED else "reference"
+    assert backend_module.resolve_backend("auto", cpu) == expected
     monkeypatch.setattr(backend_module, "TRITON_INTERPRETED", False)
     assert backend_module.resolve_backend("auto", cpu) == "reference"
-    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors, got tensors on cpu.*TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors, got tensors on cpu.*TRITON_INTERPRET"):
         backend_module.resolve_backend("triton", cpu)
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'triton', 'cuda'\), got 'cudnn'"):
+    accepted = r"\('auto', 'reference', 'triton', 'cuda'\)"
+    with pytest.raises(ValueError, match=rf"backend must be one of {accepted}, got 'cudnn'"):
         accumulate_norm(randn(2, 4), None, randn(4), backend="cudnn")
     with pytest.raises(RuntimeError, match=r"backend='cuda' needs the CUDA extension acn_kernels._C"):
         accumulate_norm(randn(2, 4), None, randn(4), backend="cuda")
@@ -286,15 +290,18 @@ ERRORS = [
     (lambda x, w: accumulate_norm(x, None, w, normalize="output"), ValueError,
      r"normalize must be one of \('input', 'sum'\), got 'output'"),
     (lambda x, w: accumulate_norm(x, None, w, eps=-1.0), ValueError, r"eps must be a positive number, got -1.0"),
-    (lambda x, w: probe_norm(x[0], w), ValueError, r"xs must have shape \(L\+1, ..., D\) with at least 2 dims, got \(8,\)"),
+    (lambda x, w: probe_norm(x[0], w), ValueError,
+     r"xs must have shape \(L\+1, ..., D\) with at least 2 dims, got \(8,\)"),
     (lambda x, w: probe_norm(x, w[:3]), ValueError, r"weight must have shape \(8,\), got \(3,\)"),
     (lambda x, w: probe_norm(x, w, norm="l2"), ValueError, r"norm must be one of"),
     (lambda x, w: linear_act_accumulate(x, randn(5, 7), None, None), ValueError,
      r"weight must have shape \(out_features, 8\), got \(5, 7\)"),
     (lambda x, w: linear_act_accumulate(x, randn(5, 8, dtype=torch.float16), None, None), TypeError,
      r"weight must have dtype in \(torch.float32,\), got torch.float16"),
-    (lambda x, w: linear_act_accumulate(x, randn(5, 8), w, None), ValueError, r"bias must have shape \(5,\), got \(8,\)"),
-    (lambda x, w: linear_act_accumulate(x, randn(5, 8), None, x), ValueError, r"y must have shape \(4, 5\), got \(4, 8\)"),
+    (lambda x, w: linear_act_accumulate(x, randn(5, 8), w, None), ValueError,
+     r"bias must have shape \(5,\), got \(8,\)"),
+    (lambda x, w: linear_act_accumulate(x, randn(5, 8), None, x), ValueError,
+     r"y must have shape \(4, 5\), got \(4, 8\)"),
     (lambda x, w: linear_act_accumulate(x, randn(5, 8), None, None, activation="tanh"), ValueError,
      r"activation must be one of \('relu', 'gelu', 'gelu_tanh', 'silu', 'identity'\), got 'tanh'"),
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import deque
 from typing import Iterator
 
 import torch
@@ -125,9 +126,8 @@ class DepthModel(nn.Module):
             backend = self.requested_backend
             y, x, _ = self.acn_chain(inputs, backend)
             return self.readout(self.final_sum_norm(y, x, backend))
-        for hidden in self.states(inputs):
-            pass
-        return self.head(hidden)
+        last_state = deque(self.states(inputs), maxlen=1)[0]  # walks the chain, keeps only the end
+        return self.head(last_state)
 
     def partial_sums(self, inputs: torch.Tensor) -> torch.Tensor:
         """(L+1, *hidden_shape): y_0..y_L for "acn", the state after k blocks otherwise."""
