@@ -1,4 +1,5 @@
-"""Fused ops, one per module: Triton kernels, their launchers and autograd Functions."""
+"""Fused ops, one per module: Triton kernels, launchers, the registered custom ops and their autograd
+formula, the public function, and the bytes it moves (`traffic_bound`)."""
 from .accumulate_norm import accumulate_norm
 from .linear_act_accumulate import linear_act_accumulate
 from .probe_norm import probe_norm

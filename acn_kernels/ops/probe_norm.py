@@ -19,7 +19,7 @@ y_{k-1} = y_k - x_k. Bytes, for R rows, A = R*D elements of xs's size:
 
 Eager PyTorch (cumsum, then a norm per depth) reads and writes the partial sums as well.
 
-Rows wider than 2048 take another plan (see ProbeNorm): a float32 cumsum, accumulate_norm's row
+Rows wider than 2048 take another plan (see probe_norm_fwd): a float32 cumsum, accumulate_norm's row
 kernels over all (L+1) * R rows, and a reverse cumsum in backward; it also moves the float32
 partial sums, 2(L+1)A more each way.
 """
