@@ -99,13 +99,13 @@ def test_checkpoint_loads_across_backends():
 
 # ----------------------------------------------------------------------------- torch.library
 
-def opcheck_cases():
+def opcheck_cases(namespace: str = "acn_kernels"):
     x, y, w, b = randn(5, 24), randn(5, 24), randn(24), randn(24)
     xs = randn(3, 4, 24)
     wl, bl, yl = randn(16, 24, scale=0.2), randn(16), randn(5, 16)
     grads = [t.requires_grad_() for t in (x, y, w, b, xs, wl, bl, yl)]
     x, y, w, b, xs, wl, bl, yl = grads
-    ops = torch.ops.acn_kernels
+    ops = getattr(torch.ops, namespace)
     rstd, mean = randn(5).abs() + 0.5, randn(5)
     return {
         "accumulate_norm_fwd": (ops.accumulate_norm_fwd.default, (x, y, w, b, 1e-5, True, True)),
@@ -123,9 +123,11 @@ def opcheck_cases():
     }
 
 
+@pytest.mark.parametrize("namespace", [pytest.param("acn_kernels", id="triton"),
+                                       pytest.param("acn_kernels_cuda", id="cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("case", list(opcheck_cases()))
-def test_opcheck(case):
-    op, args = opcheck_cases()[case]
+def test_opcheck(case, namespace):
+    op, args = opcheck_cases(namespace)[case]
     torch.library.opcheck(op, args)
 
 
