@@ -181,6 +181,25 @@ def accumulate_norm_bwd_kernel(
 
 
 @triton.jit
+def chunk_grad_inputs(v_ptr, dout_ptr, w_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride, dout_stride, row_mask,
+                      mask, dim, IS_LAYERNORM: tl.constexpr):
+    """(v_hat, dout, w * dout) of one chunk of a wide row, as both backward passes need them."""
+    v_hat = saved_v_hat(v_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride, row_mask, mask, IS_LAYERNORM)
+    dout = load_rows(dout_ptr, rows, cols, dout_stride, mask)
+    return v_hat, dout, dout * load_param_row(w_ptr, cols, dim)[None, :]
+
+
+@triton.jit
+def add_to_partial_rows(dw_ptr, db_ptr, pid, dim, cols, dw, db, HAS_BIAS: tl.constexpr):
+    """Adds one chunk to this program's partial rows, which live in memory for wide rows."""
+    partial = dw_ptr + pid * dim + cols
+    tl.store(partial, tl.load(partial, mask=cols < dim) + dw, mask=cols < dim)
+    if HAS_BIAS:
+        partial = db_ptr + pid * dim + cols
+        tl.store(partial, tl.load(partial, mask=cols < dim) + db, mask=cols < dim)
+
+
+@triton.jit
 def accumulate_norm_bwd_wide_kernel(
     dout_ptr, dy_out_ptr, v_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dy_ptr, dw_ptr, db_ptr,
     n_rows, dim, dout_stride, dy_out_stride, v_stride, dx_stride, dy_stride, num_chunks,
@@ -201,29 +220,24 @@ def accumulate_norm_bwd_wide_kernel(
         for c in range(0, num_chunks):
             cols = c * BLOCK_D + chunk
             mask = (cols < dim)[None, :]
-            v_hat = saved_v_hat(v_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride, row_mask, mask, IS_LAYERNORM)
-            wdout = load_rows(dout_ptr, rows, cols, dout_stride, mask) * load_param_row(w_ptr, cols, dim)[None, :]
+            v_hat, _, wdout = chunk_grad_inputs(v_ptr, dout_ptr, w_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride,
+                                                dout_stride, row_mask, mask, dim, IS_LAYERNORM)
             chunk_proj, chunk_mean = norm_grad_row_terms(wdout, v_hat, dim)
             proj += chunk_proj
             wdout_mean += chunk_mean
         for c in range(0, num_chunks):
             cols = c * BLOCK_D + chunk
-            col_mask = cols < dim
-            mask = col_mask[None, :]
-            v_hat = saved_v_hat(v_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride, row_mask, mask, IS_LAYERNORM)
-            dout = load_rows(dout_ptr, rows, cols, dout_stride, mask)
-            wdout = dout * load_param_row(w_ptr, cols, dim)[None, :]
+            mask = (cols < dim)[None, :]
+            v_hat, dout, wdout = chunk_grad_inputs(v_ptr, dout_ptr, w_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride,
+                                                   dout_stride, row_mask, mask, dim, IS_LAYERNORM)
             dv = norm_grad_from_terms(wdout, v_hat, rstd, proj, wdout_mean, mask, IS_LAYERNORM)
             if HAS_DY_OUT:
                 dv += load_rows(dy_out_ptr, rows, cols, dy_out_stride, mask)
             store_rows(dx_ptr, rows, cols, dx_stride, mask, dv)
             if STORE_DY:
                 store_rows(dy_ptr, rows, cols, dy_stride, mask, dv)
-            partial = dw_ptr + pid * dim + cols
-            tl.store(partial, tl.load(partial, mask=col_mask) + tl.sum(dout * v_hat, axis=0), mask=col_mask)
-            if HAS_BIAS:
-                partial = db_ptr + pid * dim + cols
-                tl.store(partial, tl.load(partial, mask=col_mask) + tl.sum(dout, axis=0), mask=col_mask)
+            add_to_partial_rows(dw_ptr, db_ptr, pid, dim, cols, tl.sum(dout * v_hat, axis=0), tl.sum(dout, axis=0),
+                                HAS_BIAS)
 
 
 def launch_forward(x2, y2, weight, bias, eps: float, is_layernorm: bool, normalize_sum: bool,
