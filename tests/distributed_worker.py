@@ -46,5 +46,7 @@ def run_rank(rank: int, world: int, port: int, wrapper: str, out_dir: str):
                  for k, v in model.state_dict().items()}
         if rank == 0:
             torch.save(state, os.path.join(out_dir, f"{wrapper}.pt"))
+        # Both ranks leave together: tearing gloo down while the other rank still talks aborts.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
