@@ -29,9 +29,10 @@ def train(model, inputs, labels, steps=STEPS):
     return model
 
 
-def run_rank(rank: int, world: int, port: int, wrapper: str, out_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def run_rank(rank: int, world: int, wrapper: str, out_dir: str):
+    # A file rendezvous: no TCP port to pick, nothing left in TIME_WAIT for the next test.
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
+                            world_size=world)
     try:
         model = make_model()
         inputs, labels = global_batch()

@@ -1,6 +1,5 @@
 """Drop-in use: backends, torch.library registration, torch.compile, autocast, checkpointing,
 distributed training, and end-to-end training steps of AC models on the fused ops."""
-import socket
 
 import pytest
 import torch
@@ -178,16 +177,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
 
 # ----------------------------------------------------------------------------- distributed
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(DEVICE != "cpu", reason="the gloo test runs on CPU")
 @pytest.mark.parametrize("wrapper", ("ddp", "fsdp"))
 def test_two_process_training_matches_one_process(wrapper, tmp_path):
-    mp.spawn(distributed_worker.run_rank, args=(2, free_port(), wrapper, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(distributed_worker.run_rank, args=(2, wrapper, str(tmp_path)), nprocs=2, join=True)
     distributed = torch.load(tmp_path / f"{wrapper}.pt")
     inputs, labels = distributed_worker.global_batch()
     single = distributed_worker.train(distributed_worker.make_model(), inputs, labels)
