@@ -187,6 +187,22 @@ def normalize_tile(v, mask, dim, eps, IS_LAYERNORM: tl.constexpr):
 
 
 @triton.jit
+def saved_row_stats(mean_ptr, rstd_ptr, rows, row_mask, IS_LAYERNORM: tl.constexpr):
+    """The forward's (mean, rstd) of each row; mean is 0 for RMSNorm (no mean was stored)."""
+    rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+    mean = tl.zeros_like(rstd)
+    if IS_LAYERNORM:
+        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+    return mean, rstd
+
+
+@triton.jit
+def renormalize(v, mean, rstd, mask):
+    """v_hat = (v - mean) * rstd of a float32 tile, from saved statistics; 0 where masked."""
+    return tl.where(mask, (v - mean[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
 def norm_grad_row_terms(wdout, v_hat, dim):
     """The two row means that the norm backward needs: mean(w*dout*v_hat) and mean(w*dout)."""
     return tl.sum(wdout * v_hat, axis=1) / dim, tl.sum(wdout, axis=1) / dim

@@ -43,8 +43,8 @@ from ..backend import resolve_backend
 from ._common import (affine, check_eps, check_norm_kind, check_norm_params, check_running_sum, check_tensor,
                       chunk_tile, fits_in_registers, launch_options, load_param_row, load_rows, new_buffer,
                       norm_grad_from_terms, norm_grad_row_terms, norm_input_grad, normalize_tile,
-                      reduction_programs, register_cuda_twin, row_tile, rows_of, store_partial_rows,
-                      store_rows)
+                      reduction_programs, register_cuda_twin, renormalize, row_tile, rows_of, saved_row_stats,
+                      store_partial_rows, store_rows)
 
 
 # Elements of a row that one thread holds: the forward keeps about four row-sized values live,
@@ -139,12 +139,14 @@ def accumulate_norm_fwd_wide_kernel(
 
 
 @triton.jit
-def saved_v_hat(v_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride, row_mask, mask, IS_LAYERNORM: tl.constexpr):
-    """(v - mean) * rstd from the normalized input and the forward's statistics."""
-    v = load_rows(v_ptr, rows, cols, v_stride, mask)
-    if IS_LAYERNORM:
-        v -= tl.load(mean_ptr + rows, mask=row_mask, other=0.0)[:, None]
-    return tl.where(mask, v * tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)[:, None], 0.0)
+def store_input_grads(dv, dy_out_ptr, dx_ptr, dy_ptr, rows, cols, dy_out_stride, dx_stride, dy_stride, mask,
+                      HAS_DY_OUT: tl.constexpr, STORE_DY: tl.constexpr):
+    """dx = dv + dy_out, and the same gradient as dy where y has its own dtype."""
+    if HAS_DY_OUT:
+        dv += load_rows(dy_out_ptr, rows, cols, dy_out_stride, mask)
+    store_rows(dx_ptr, rows, cols, dx_stride, mask, dv)
+    if STORE_DY:
+        store_rows(dy_ptr, rows, cols, dy_stride, mask, dv)
 
 
 @triton.jit
@@ -165,26 +167,22 @@ def accumulate_norm_bwd_kernel(
         rows = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < n_rows
         mask = row_mask[:, None] & col_mask[None, :]
-        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-        v_hat = saved_v_hat(v_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride, row_mask, mask, IS_LAYERNORM)
+        mean, rstd = saved_row_stats(mean_ptr, rstd_ptr, rows, row_mask, IS_LAYERNORM)
+        v_hat = renormalize(load_rows(v_ptr, rows, cols, v_stride, mask), mean, rstd, mask)
         dout = load_rows(dout_ptr, rows, cols, dout_stride, mask)
         dw += tl.sum(dout * v_hat, axis=0)
         if HAS_BIAS:
             db += tl.sum(dout, axis=0)
         dv = norm_input_grad(dout, v_hat, w, rstd, mask, dim, IS_LAYERNORM)
-        if HAS_DY_OUT:
-            dv += load_rows(dy_out_ptr, rows, cols, dy_out_stride, mask)
-        store_rows(dx_ptr, rows, cols, dx_stride, mask, dv)
-        if STORE_DY:
-            store_rows(dy_ptr, rows, cols, dy_stride, mask, dv)
+        store_input_grads(dv, dy_out_ptr, dx_ptr, dy_ptr, rows, cols, dy_out_stride, dx_stride, dy_stride, mask,
+                          HAS_DY_OUT, STORE_DY)
     store_partial_rows(dw_ptr, db_ptr, pid, dim, cols, dw, db, HAS_BIAS)
 
 
 @triton.jit
-def chunk_grad_inputs(v_ptr, dout_ptr, w_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride, dout_stride, row_mask,
-                      mask, dim, IS_LAYERNORM: tl.constexpr):
+def chunk_grad_inputs(v_ptr, dout_ptr, w_ptr, rows, cols, v_stride, dout_stride, mask, dim, mean, rstd):
     """(v_hat, dout, w * dout) of one chunk of a wide row, as both backward passes need them."""
-    v_hat = saved_v_hat(v_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride, row_mask, mask, IS_LAYERNORM)
+    v_hat = renormalize(load_rows(v_ptr, rows, cols, v_stride, mask), mean, rstd, mask)
     dout = load_rows(dout_ptr, rows, cols, dout_stride, mask)
     return v_hat, dout, dout * load_param_row(w_ptr, cols, dim)[None, :]
 
@@ -214,28 +212,25 @@ def accumulate_norm_bwd_wide_kernel(
     for row in range(pid, n_rows, tl.num_programs(0)):
         rows = row + tl.arange(0, 1)
         row_mask = rows < n_rows
-        rstd = tl.load(rstd_ptr + rows)
+        mean, rstd = saved_row_stats(mean_ptr, rstd_ptr, rows, row_mask, IS_LAYERNORM)
         proj = tl.zeros((1,), dtype=tl.float32)
         wdout_mean = tl.zeros((1,), dtype=tl.float32)
         for c in range(0, num_chunks):
             cols = c * BLOCK_D + chunk
             mask = (cols < dim)[None, :]
-            v_hat, _, wdout = chunk_grad_inputs(v_ptr, dout_ptr, w_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride,
-                                                dout_stride, row_mask, mask, dim, IS_LAYERNORM)
+            v_hat, _, wdout = chunk_grad_inputs(v_ptr, dout_ptr, w_ptr, rows, cols, v_stride, dout_stride, mask, dim,
+                                                mean, rstd)
             chunk_proj, chunk_mean = norm_grad_row_terms(wdout, v_hat, dim)
             proj += chunk_proj
             wdout_mean += chunk_mean
         for c in range(0, num_chunks):
             cols = c * BLOCK_D + chunk
             mask = (cols < dim)[None, :]
-            v_hat, dout, wdout = chunk_grad_inputs(v_ptr, dout_ptr, w_ptr, mean_ptr, rstd_ptr, rows, cols, v_stride,
-                                                   dout_stride, row_mask, mask, dim, IS_LAYERNORM)
+            v_hat, dout, wdout = chunk_grad_inputs(v_ptr, dout_ptr, w_ptr, rows, cols, v_stride, dout_stride, mask,
+                                                   dim, mean, rstd)
             dv = norm_grad_from_terms(wdout, v_hat, rstd, proj, wdout_mean, mask, IS_LAYERNORM)
-            if HAS_DY_OUT:
-                dv += load_rows(dy_out_ptr, rows, cols, dy_out_stride, mask)
-            store_rows(dx_ptr, rows, cols, dx_stride, mask, dv)
-            if STORE_DY:
-                store_rows(dy_ptr, rows, cols, dy_stride, mask, dv)
+            store_input_grads(dv, dy_out_ptr, dx_ptr, dy_ptr, rows, cols, dy_out_stride, dx_stride, dy_stride, mask,
+                              HAS_DY_OUT, STORE_DY)
             add_to_partial_rows(dw_ptr, db_ptr, pid, dim, cols, tl.sum(dout * v_hat, axis=0), tl.sum(dout, axis=0),
                                 HAS_BIAS)
 

@@ -37,7 +37,8 @@ from .accumulate_norm import launch_backward as rows_backward
 from .accumulate_norm import launch_forward as rows_forward
 from ._common import (affine, check_eps, check_norm_kind, check_norm_params, check_tensor, fits_in_registers,
                       launch_options, load_param_row, load_rows, new_buffer, norm_input_grad, normalize_tile,
-                      reduction_programs, register_cuda_twin, row_tile, rows_of, store_partial_rows, store_rows)
+                      reduction_programs, register_cuda_twin, renormalize, row_tile, rows_of, saved_row_stats,
+                      store_partial_rows, store_rows)
 
 # Row elements a thread holds: the backward keeps the running sum, the running gradient and the
 # norm backward's values live at once (compile-report checks that these do not spill).
@@ -94,11 +95,8 @@ def probe_norm_bwd_kernel(
         grad = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
         for step in range(0, depth):
             k = depth - 1 - step
-            centered = total
-            if IS_LAYERNORM:
-                centered = total - tl.load(mean_ptr + k * n_rows + rows, mask=row_mask, other=0.0)[:, None]
-            rstd = tl.load(rstd_ptr + k * n_rows + rows, mask=row_mask, other=0.0)
-            v_hat = tl.where(mask, centered * rstd[:, None], 0.0)
+            mean, rstd = saved_row_stats(mean_ptr + k * n_rows, rstd_ptr + k * n_rows, rows, row_mask, IS_LAYERNORM)
+            v_hat = renormalize(total, mean, rstd, mask)
             dout = load_rows(dout_ptr + k * dout_layer_stride, rows, cols, dout_row_stride, mask)
             dw += tl.sum(dout * v_hat, axis=0)
             if HAS_BIAS:
