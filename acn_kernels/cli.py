@@ -22,7 +22,7 @@ def _run_traffic() -> int:
 
     from .backend import TRITON_INTERPRETED
     if TRITON_INTERPRETED:
-        from .traffic import run_traffic
+        from .tools.traffic import run_traffic
         return run_traffic()
     print("(running again under TRITON_INTERPRET=1 to count the Triton kernels' loads and stores)", flush=True)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -49,17 +49,17 @@ def main(argv=None) -> int:
     if args.command == "traffic":
         return _run_traffic()
     if args.command == "cuda-report":
-        from .cuda_report import run_cuda_report
+        from .tools.cuda_report import run_cuda_report
         return run_cuda_report()
     if args.command == "bench":
-        from .benchmark import run_bench
+        from .tools.benchmark import run_bench
         suites = ("ops", "models") if args.suite == "all" else (args.suite,)
         return run_bench(args.quick, suites, args.out)
     if args.command == "compile-report":
-        from .compile_report import run_report
+        from .tools.compile_report import run_report
         return run_report(args.only, args.jobs)
     if args.command == "demo":
-        from .demo import run_demo
+        from .experiments.demo import run_demo
         return run_demo(args.model, depth=args.depth, epochs=args.epochs, seed=args.seed, plot=args.plot)
     from .info import print_info
     return print_info()

@@ -5,7 +5,7 @@ eager PyTorch and torch.compile everywhere, the Triton kernels on a GPU."""
 import pytest
 import torch
 
-from acn_kernels.benchmark import op_cases
+from acn_kernels.tools.benchmark import op_cases
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 IMPLS = ("eager", "compile", "triton") if DEVICE.type == "cuda" else ("eager", "compile")

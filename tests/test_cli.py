@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from acn_kernels.cli import main
-from acn_kernels.demo import effective_depth
+from acn_kernels.experiments.demo import effective_depth
 
 
 def test_effective_depth_is_the_first_depth_within_one_point_of_best():

@@ -6,7 +6,7 @@ import torch
 from acn_kernels import reference
 from acn_kernels.backend import TRITON_INTERPRETED
 from acn_kernels.ops import accumulate_norm
-from acn_kernels.traffic import TrafficCounter, measure, op_cases
+from acn_kernels.tools.traffic import TrafficCounter, measure, op_cases
 
 pytestmark = pytest.mark.skipif(not TRITON_INTERPRETED, reason="counts loads and stores under Triton's interpreter")
 

@@ -49,9 +49,9 @@ class Build:
 def norm_builds():
     """Every row tile the norm launchers can pick (all powers of two up to the widest row that
     fits in registers) and the chunked kernels for wider rows."""
-    from .ops._common import chunk_tile, launch_options, row_tile
-    from .ops.accumulate_norm import BWD_PER_THREAD, FWD_PER_THREAD
-    from .ops.probe_norm import BWD_PER_THREAD as PROBE_BWD, FWD_PER_THREAD as PROBE_FWD
+    from ..ops._common import chunk_tile, launch_options, row_tile
+    from ..ops.accumulate_norm import BWD_PER_THREAD, FWD_PER_THREAD
+    from ..ops.probe_norm import BWD_PER_THREAD as PROBE_BWD, FWD_PER_THREAD as PROBE_FWD
 
     stats = ("w_ptr", "b_ptr", "mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr")
     fwd = (dict(HAS_Y=True, HAS_BIAS=True, IS_LAYERNORM=True, NORMALIZE_SUM=True), stats + ("y_ptr", "y_out_ptr"))
@@ -80,7 +80,7 @@ def norm_builds():
 
 
 def linear_builds():
-    from .ops.linear_act_accumulate import ACTIVATIONS, ELEMENTWISE_BLOCK, gemm_tiles
+    from ..ops.linear_act_accumulate import ACTIVATIONS, ELEMENTWISE_BLOCK, gemm_tiles
 
     module = "acn_kernels.ops.linear_act_accumulate"
     for dtype in DTYPES:
@@ -158,7 +158,7 @@ def all_builds(only: str | None):
 
 
 def run_report(only: str | None = None, jobs: int | None = None) -> int:
-    from .backend import TRITON_INTERPRETED
+    from ..backend import TRITON_INTERPRETED
 
     if TRITON_INTERPRETED:
         print("compile-report compiles for GPUs: unset TRITON_INTERPRET and run it again", file=sys.stderr)

@@ -23,13 +23,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import reference
-from .backend import CUDA_EXTENSION
-from .models import MLP, Mixer, ViT
-from .ops import accumulate_norm, linear_act_accumulate, probe_norm
-from .ops.accumulate_norm import traffic_bound as norm_bound
-from .ops.linear_act_accumulate import traffic_bound as linear_bound
-from .ops.probe_norm import traffic_bound as probe_bound
+from .. import reference
+from ..backend import CUDA_EXTENSION
+from ..models import MLP, Mixer, ViT
+from ..ops import accumulate_norm, linear_act_accumulate, probe_norm
+from ..ops.accumulate_norm import traffic_bound as norm_bound
+from ..ops.linear_act_accumulate import traffic_bound as linear_bound
+from ..ops.probe_norm import traffic_bound as probe_bound
 
 PASSES = ("forward", "backward", "forward+backward")
 

@@ -171,11 +171,11 @@ def _leaf(*shape, dtype=torch.float32):
 
 def op_cases(rows: int = 512, dim: int = 1024, depth: int = 6):
     """(name, fused op, its reference, inputs, kwargs, docstring bound) for each op at one size."""
-    from . import reference
-    from .ops import accumulate_norm, linear_act_accumulate, probe_norm
-    from .ops.accumulate_norm import traffic_bound as norm_bound
-    from .ops.linear_act_accumulate import traffic_bound as linear_bound
-    from .ops.probe_norm import traffic_bound as probe_bound
+    from .. import reference
+    from ..ops import accumulate_norm, linear_act_accumulate, probe_norm
+    from ..ops.accumulate_norm import traffic_bound as norm_bound
+    from ..ops.linear_act_accumulate import traffic_bound as linear_bound
+    from ..ops.probe_norm import traffic_bound as probe_bound
 
     cases = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -206,7 +206,7 @@ def op_rows(cases):
 
 
 def model_cases():
-    from .models import MLP, Encoder, Mixer, ViT
+    from ..models import MLP, Encoder, Mixer, ViT
 
     def make(cls, *args, **kwargs):
         return lambda backend: cls(*args, connectivity="acn", backend=backend, **kwargs)
@@ -262,7 +262,7 @@ def print_report(ops, models) -> None:
 
 
 def run_traffic() -> int:
-    from .backend import TRITON_INTERPRETED
+    from ..backend import TRITON_INTERPRETED
 
     if not TRITON_INTERPRETED:
         raise RuntimeError("the traffic model counts the Triton kernels' loads and stores under Triton's "

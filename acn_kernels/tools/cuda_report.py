@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 
-CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
 ARCHS = ("80", "90")
 
 

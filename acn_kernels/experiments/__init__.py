@@ -1,0 +1,1 @@
+"""Experiments run from the command line: they use the library, the library never imports them."""

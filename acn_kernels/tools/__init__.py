@@ -1,0 +1,1 @@
+"""The measuring tools behind the command line: the library never imports them."""
