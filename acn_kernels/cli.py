@@ -1,4 +1,4 @@
-"""Command line: `python -m acn_kernels {demo,info,compile-report,cuda-report,traffic,bench}`."""
+"""Command line: `python -m acn_kernels {demo,info,compile-report,cuda-report,cuda-host-check,traffic,bench}`."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +39,10 @@ def main(argv=None) -> int:
     report.add_argument("--only", default=None, help="one kernel, by its function name")
     report.add_argument("--jobs", type=int, default=None, help="parallel compilations (default: all cores)")
     commands.add_parser("cuda-report", help="compile csrc/*.cu for sm_80 and sm_90 with nvcc; registers, spills")
+    host = commands.add_parser("cuda-host-check", help="run every CUDA kernel on the CPU through a SIMT layer and "
+                               "compare each op, forward and backward, with the reference")
+    host.add_argument("--only", choices=("accumulate_norm", "probe_norm", "linear_act_accumulate"), default=None)
+    host.add_argument("--verbose", action="store_true", help="a line for every case, not only the failures")
     bench = commands.add_parser("bench", help="fused ops and training steps against eager and torch.compile")
     bench.add_argument("--quick", action="store_true", help="small shapes on the CPU: reference against torch.compile")
     bench.add_argument("--suite", choices=("ops", "models", "all"), default="all")
@@ -51,6 +55,9 @@ def main(argv=None) -> int:
     if args.command == "cuda-report":
         from .tools.cuda_report import run_cuda_report
         return run_cuda_report()
+    if args.command == "cuda-host-check":
+        from .tools.cuda_host_check import run_check
+        return run_check(only=args.only, verbose=args.verbose)
     if args.command == "bench":
         from .tools.benchmark import run_bench
         suites = ("ops", "models") if args.suite == "all" else (args.suite,)

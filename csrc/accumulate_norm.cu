@@ -119,7 +119,7 @@ void accumulate_norm_forward(DType x_dtype, DType y_dtype, const void* x, const 
     auto launch = [&](auto y_type, auto vec) {
       using TY = decltype(y_type);
       constexpr int VEC = decltype(vec)::value;
-      accumulate_norm_fwd_kernel<T, TY, VEC><<<rows, row_threads(dim / VEC), 0, stream>>>(
+      ACN_LAUNCH(rows, row_threads(dim / VEC), 0, stream, accumulate_norm_fwd_kernel<T, TY, VEC>)(
           static_cast<const T*>(x), static_cast<const TY*>(y), w, b, static_cast<TY*>(y_out),
           static_cast<T*>(out), mean, rstd, dim, eps, normalize_sum);
     };
@@ -143,7 +143,7 @@ void accumulate_norm_backward(DType x_dtype, DType y_dtype, const void* dout, co
       using TY = decltype(y_type);
       using TV = decltype(v_type);
       constexpr int VEC = decltype(vec)::value;
-      accumulate_norm_bwd_kernel<T, TY, TV, VEC><<<programs, row_threads(dim / VEC), 0, stream>>>(
+      ACN_LAUNCH(programs, row_threads(dim / VEC), 0, stream, accumulate_norm_bwd_kernel<T, TY, TV, VEC>)(
           static_cast<const T*>(dout), static_cast<const TY*>(dy_out), static_cast<const TV*>(normalized), w, mean,
           rstd, static_cast<T*>(dx), static_cast<TY*>(dy), dw_partial, db_partial, rows, dim);
     };

@@ -123,7 +123,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> accumulate_norm_bwd(const Tensor& dou
 void check_probe_width(int64_t dim, const char* op) {
   const int64_t limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   TORCH_CHECK(acn::probe_norm_shared_bytes(static_cast<int>(dim)) <= limit, op, ": D must be at most ",
-              limit / 8, " on this GPU (two float rows of shared memory), got ", dim,
+              limit / 12, " on this GPU (three float rows of shared memory), got ", dim,
               "; use backend='triton' for wider rows");
 }
 

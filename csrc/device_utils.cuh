@@ -10,6 +10,13 @@
 
 #include "kernels.h"
 
+#ifndef ACN_SIMT_HOST
+// A launch and the dynamic shared memory, spelled so that the host execution layer
+// (csrc/host/simt.h, `cuda-host-check`) can run the same source; for nvcc they are the plain CUDA.
+#define ACN_LAUNCH(grid, block, shared_bytes, stream, ...) __VA_ARGS__<<<grid, block, shared_bytes, stream>>>
+#define ACN_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 namespace acn {
 
 __device__ __forceinline__ float to_float(float v) { return v; }

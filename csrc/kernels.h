@@ -28,8 +28,9 @@ void probe_norm_forward(DType dtype, const void* xs, const float* w, const float
 void probe_norm_backward(DType dtype, const void* dout, const void* xs, const float* w, const float* mean,
                          const float* rstd, void* dxs, float* dw_partial, float* db_partial, int depth,
                          int64_t rows, int dim, int programs, cudaStream_t stream);
-// Dynamic shared memory per program of the probe kernels (two float rows), for the caller's check.
-inline int64_t probe_norm_shared_bytes(int dim) { return 2 * static_cast<int64_t>(dim) * sizeof(float); }
+// Dynamic shared memory per program of the probe backward (three float rows: the running sum as a
+// compensated pair and the running gradient; the forward takes two), for the caller's check.
+inline int64_t probe_norm_shared_bytes(int dim) { return 3 * static_cast<int64_t>(dim) * sizeof(float); }
 
 // linear_act_accumulate.cu: the elementwise parts around the GEMM. z is x @ W.T + b (from cuBLAS).
 // h = act(z); y_out = y + h when y is given.

@@ -80,10 +80,10 @@ void activation_epilogue(DType dtype, DType y_dtype, const void* z, const void* 
       using TY = decltype(y_type);
       constexpr int VEC = 16 / sizeof(T);
       if (vectorizable<T>(n, y_dtype, {z, y, h, y_out}))
-        activation_epilogue_kernel<T, TY, VEC><<<elementwise_blocks(n, VEC), kThreads, 0, stream>>>(
+        ACN_LAUNCH(elementwise_blocks(n, VEC), kThreads, 0, stream, activation_epilogue_kernel<T, TY, VEC>)(
             static_cast<const T*>(z), static_cast<const TY*>(y), static_cast<T*>(h), static_cast<TY*>(y_out), n, act);
       else
-        activation_epilogue_kernel<T, TY, 1><<<elementwise_blocks(n, 1), kThreads, 0, stream>>>(
+        ACN_LAUNCH(elementwise_blocks(n, 1), kThreads, 0, stream, activation_epilogue_kernel<T, TY, 1>)(
             static_cast<const T*>(z), static_cast<const TY*>(y), static_cast<T*>(h), static_cast<TY*>(y_out), n, act);
     };
     if (y_dtype == dtype) launch(T{}); else launch(float{});
@@ -98,11 +98,11 @@ void activation_backward(DType dtype, DType y_dtype, const void* dh, const void*
       using TY = decltype(y_type);
       constexpr int VEC = 16 / sizeof(T);
       if (vectorizable<T>(n, y_dtype, {dh, dy_out, saved, dz}))
-        activation_backward_kernel<T, TY, VEC><<<elementwise_blocks(n, VEC), kThreads, 0, stream>>>(
+        ACN_LAUNCH(elementwise_blocks(n, VEC), kThreads, 0, stream, activation_backward_kernel<T, TY, VEC>)(
             static_cast<const T*>(dh), static_cast<const TY*>(dy_out), static_cast<const T*>(saved),
             static_cast<T*>(dz), n, act);
       else
-        activation_backward_kernel<T, TY, 1><<<elementwise_blocks(n, 1), kThreads, 0, stream>>>(
+        ACN_LAUNCH(elementwise_blocks(n, 1), kThreads, 0, stream, activation_backward_kernel<T, TY, 1>)(
             static_cast<const T*>(dh), static_cast<const TY*>(dy_out), static_cast<const T*>(saved),
             static_cast<T*>(dz), n, act);
     };

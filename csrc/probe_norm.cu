@@ -1,5 +1,6 @@
-// probe_norm: norm(x_0 + ... + x_k) for every k, one block per row, the float32 running sum kept
-// in shared memory; the backward walks k = L..0 with the running gradient beside it. Math in
+// probe_norm: norm(x_0 + ... + x_k) for every k, one block per row, the running sum kept in shared
+// memory as a compensated float32 pair; the backward walks k = L..0 with the running gradient beside
+// it, rebuilding each y_k by subtraction exactly enough to round to the forward's. Math in
 // row_math.h; see acn_kernels/ops/probe_norm.py. Each thread owns the same columns in every pass,
 // so only the reductions synchronize.
 #include "device_utils.cuh"
@@ -12,23 +13,28 @@ template <typename T>
 __global__ void probe_norm_fwd_kernel(const T* __restrict__ xs, const float* __restrict__ w,
                                       const float* __restrict__ b, T* __restrict__ out, float* __restrict__ mean_out,
                                       float* __restrict__ rstd_out, int depth, int64_t rows, int dim, float eps) {
-  extern __shared__ float total[];
+  ACN_DYNAMIC_SHARED(float, shared);
+  float* hi = shared;  // the running sum y_k = hi + lo (add_compensated)
+  float* lo = shared + dim;
   const bool is_layernorm = mean_out != nullptr;
   const int64_t row = blockIdx.x, layer = rows * dim;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) total[i] = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) hi[i] = lo[i] = 0.0f;
   for (int k = 0; k < depth; ++k) {
     const int64_t base = k * layer + row * dim;
     float row_sum = 0.0f;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-      total[i] += to_float(xs[base + i]);
-      row_sum += total[i];
+      add_compensated(hi[i], lo[i], to_float(xs[base + i]));
+      row_sum += hi[i] + lo[i];
     }
     const float mean = is_layernorm ? block_sum(row_sum) / dim : 0.0f;
     float squares = 0.0f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) squares += (total[i] - mean) * (total[i] - mean);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+      const float centered = hi[i] + lo[i] - mean;
+      squares += centered * centered;
+    }
     const float rstd = inverse_std(block_sum(squares) / dim, eps);
     for (int i = threadIdx.x; i < dim; i += blockDim.x)
-      out[base + i] = from_float<T>(affine(normalize(total[i], mean, rstd), w[i], b ? b[i] : 0.0f));
+      out[base + i] = from_float<T>(affine(normalize(hi[i] + lo[i], mean, rstd), w[i], b ? b[i] : 0.0f));
     if (threadIdx.x == 0) {
       if (is_layernorm) mean_out[k * rows + row] = mean;
       rstd_out[k * rows + row] = rstd;
@@ -42,19 +48,18 @@ __global__ void probe_norm_bwd_kernel(const T* __restrict__ dout, const T* __res
                                       const float* __restrict__ rstd_in, T* __restrict__ dxs,
                                       float* __restrict__ dw_partial, float* __restrict__ db_partial, int depth,
                                       int64_t rows, int dim) {
-  extern __shared__ float shared[];
-  float* total = shared;
-  float* grad = shared + dim;
+  ACN_DYNAMIC_SHARED(float, shared);
+  float* hi = shared;  // y_k = hi + lo, rebuilt as the forward built it, then y_{k-1} = y_k - x_k
+  float* lo = shared + dim;
+  float* grad = shared + 2 * dim;
   const bool is_layernorm = mean_in != nullptr;
   const int64_t layer = rows * dim;
   float* dw_row = dw_partial + static_cast<int64_t>(blockIdx.x) * dim;
   float* db_row = db_partial ? db_partial + static_cast<int64_t>(blockIdx.x) * dim : nullptr;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-      float sum = 0.0f;
-      for (int k = 0; k < depth; ++k) sum += to_float(xs[k * layer + row * dim + i]);
-      total[i] = sum;
-      grad[i] = 0.0f;
+      hi[i] = lo[i] = grad[i] = 0.0f;
+      for (int k = 0; k < depth; ++k) add_compensated(hi[i], lo[i], to_float(xs[k * layer + row * dim + i]));
     }
     for (int k = depth - 1; k >= 0; --k) {
       const int64_t base = k * layer + row * dim;
@@ -62,18 +67,18 @@ __global__ void probe_norm_bwd_kernel(const T* __restrict__ dout, const T* __res
       float proj = 0.0f, wdout_sum = 0.0f;
       for (int i = threadIdx.x; i < dim; i += blockDim.x) {
         const float wd = w[i] * to_float(dout[base + i]);
-        proj += wd * normalize(total[i], mean, rstd);
+        proj += wd * normalize(hi[i] + lo[i], mean, rstd);
         wdout_sum += wd;
       }
       proj = block_sum(proj) / dim;
       const float wdout_mean = block_sum(wdout_sum) / dim;
       for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        const float d = to_float(dout[base + i]), v_hat = normalize(total[i], mean, rstd);
+        const float d = to_float(dout[base + i]), v_hat = normalize(hi[i] + lo[i], mean, rstd);
         grad[i] += norm_input_grad(w[i] * d, v_hat, rstd, proj, wdout_mean, is_layernorm);
         dxs[base + i] = from_float<T>(grad[i]);
         dw_row[i] += d * v_hat;
         if (db_row != nullptr) db_row[i] += d;
-        total[i] -= to_float(xs[base + i]);  // y_{k-1} = y_k - x_k
+        add_compensated(hi[i], lo[i], -to_float(xs[base + i]));
       }
     }
   }
@@ -84,10 +89,10 @@ __global__ void probe_norm_bwd_kernel(const T* __restrict__ dout, const T* __res
 void probe_norm_forward(DType dtype, const void* xs, const float* w, const float* b, void* out, float* mean,
                         float* rstd, int depth, int64_t rows, int dim, float eps, cudaStream_t stream) {
   if (rows == 0) return;
-  const int64_t shared = dim * sizeof(float);
+  const int64_t shared = 2 * static_cast<int64_t>(dim) * sizeof(float);
   ACN_DISPATCH_FLOAT(dtype, T, {
     cudaFuncSetAttribute(probe_norm_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-    probe_norm_fwd_kernel<T><<<rows, row_threads(dim), shared, stream>>>(
+    ACN_LAUNCH(rows, row_threads(dim), shared, stream, probe_norm_fwd_kernel<T>)(
         static_cast<const T*>(xs), w, b, static_cast<T*>(out), mean, rstd, depth, rows, dim, eps);
   });
 }
@@ -99,7 +104,7 @@ void probe_norm_backward(DType dtype, const void* dout, const void* xs, const fl
   const int64_t shared = probe_norm_shared_bytes(dim);
   ACN_DISPATCH_FLOAT(dtype, T, {
     cudaFuncSetAttribute(probe_norm_bwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-    probe_norm_bwd_kernel<T><<<programs, row_threads(dim), shared, stream>>>(
+    ACN_LAUNCH(programs, row_threads(dim), shared, stream, probe_norm_bwd_kernel<T>)(
         static_cast<const T*>(dout), static_cast<const T*>(xs), w, mean, rstd, static_cast<T*>(dxs), dw_partial,
         db_partial, depth, rows, dim);
   });

@@ -26,6 +26,15 @@ ACN_HD float inverse_std(float mean_of_squares, float eps) { return 1.0f / sqrtf
 
 ACN_HD float normalize(float v, float mean, float rstd) { return (v - mean) * rstd; }
 
+// A running sum as hi + lo: TwoSum keeps each float32 add's rounding error in lo, so hi + lo follows
+// the exact sum of every term added (or subtracted) to about 2^-48 of their size. A sum rebuilt by
+// subtraction then rounds to the sum built by addition, however much its terms cancel.
+ACN_HD void add_compensated(float& hi, float& lo, float x) {
+  const float s = hi + x, b = s - hi;
+  lo += (hi - (s - b)) + (x - b);
+  hi = s;
+}
+
 ACN_HD float affine(float v_hat, float w, float b) { return v_hat * w + b; }
 
 // dLoss/dv of one element of out = v_hat * w + b, given the two row terms

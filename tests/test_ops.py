@@ -135,13 +135,25 @@ def test_accumulate_norm_random_shapes(rows, dim, norm, normalize, has_y, has_bi
 # ----------------------------------------------------------------------------- probe_norm
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 2, 17), (4, 3, 5, 129), (6, 37, 64)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 1), (1, 2, 17), (4, 3, 5, 129), (6, 37, 64)])  # (3, 5, 1): rows of
+# zero variance, where the backward's rebuilt sums must be centered on their own mean
 @pytest.mark.parametrize("norm", ("layernorm", "rmsnorm"))
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_probe_norm_matches_reference(dtype, shape, norm, backend):
     xs = randn(*shape, dtype=dtype)
     weight, bias = norm_params(shape[-1])
     check_op(probe_norm, reference.probe_norm, (xs, weight, bias), dtype, backend=backend, norm=norm)
+
+
+@pytest.mark.parametrize("norm", ("layernorm", "rmsnorm"))
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_probe_norm_backward_where_the_partial_sums_cancel(norm, backend):
+    """y_1 = x_0 + x_1 is ~1e-5 of its terms: the backward rebuilds y_1 = y_2 - x_2, which must round
+    to the forward's y_1; an ulp of x_2 (~2e-6) off would be magnified by rstd = 1/sqrt(var + eps) ~ 316."""
+    x0 = randn(16, 64) * 4
+    xs = torch.stack([x0, -x0 + 1e-5 * randn(16, 64), randn(16, 64) * 16])
+    weight, bias = norm_params(64)
+    check_op(probe_norm, reference.probe_norm, (xs, weight, bias), torch.float32, backend=backend, norm=norm)
 
 
 def test_probe_norm_non_contiguous_and_without_bias():

@@ -400,7 +400,12 @@ def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm="layernorm", norm
     resolved = resolve_backend(backend, x.device)
     if resolved == "reference":
         return reference.accumulate_norm(x, y, weight, bias, eps=eps, norm=norm, normalize=normalize)
-    y_out, out, _, _ = FORWARD_OPS[resolved](x, y, weight, bias, float(eps), norm == "layernorm", normalize == "sum")
+    return run_forward(FORWARD_OPS[resolved], x, y, weight, bias, eps, norm, normalize)
+
+
+def run_forward(forward_op, x, y, weight, bias, eps, norm, normalize):
+    """(y_out, out) from a registered forward op of any backend (the host check passes its own)."""
+    y_out, out, _, _ = forward_op(x, y, weight, bias, float(eps), norm == "layernorm", normalize == "sum")
     return (x if y is None else y_out), out
 
 

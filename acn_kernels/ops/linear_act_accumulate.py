@@ -304,7 +304,12 @@ def linear_act_accumulate(x, weight, bias, y, *, activation="gelu", backend="aut
     resolved = resolve_backend(backend, x.device)
     if resolved == "reference":
         return reference.linear_act_accumulate(x, weight, bias, y, activation=activation)
-    h, y_out, _ = FORWARD_OPS[resolved](x, weight, bias, y, activation)
+    return run_forward(FORWARD_OPS[resolved], x, weight, bias, y, activation)
+
+
+def run_forward(forward_op, x, weight, bias, y, activation):
+    """(h, y_out) from a registered forward op of any backend."""
+    h, y_out, _ = forward_op(x, weight, bias, y, activation)
     return h, (h if y is None else y_out)
 
 

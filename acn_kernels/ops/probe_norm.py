@@ -2,7 +2,7 @@
 
 Math: xs is (L+1, ..., D), the layer outputs x_0..x_L of an ACN.
 
-    y_k   = x_0 + ... + x_k        (float32 running sum inside the kernel)
+    y_k   = x_0 + ... + x_k        (inside the kernel a float32 pair hi + lo, TwoSum-compensated)
     out_k = norm(y_k) * w + b      layernorm or rmsnorm over D, as in accumulate_norm
 
 Backward, with dy_k = norm backward of dout_k at y_k (see accumulate_norm):
@@ -10,8 +10,10 @@ Backward, with dy_k = norm backward of dout_k at y_k (see accumulate_norm):
     dx_k = dy_k + dy_{k+1} + ... + dy_L      (a suffix sum: x_k feeds every y_j with j >= k)
     dw   = sum over k and rows of dout_k * y_hat_k,  db = sum of dout_k  (deterministic partials)
 
-The backward walks k = L..0 keeping y_k in float32: one pass over xs rebuilds y_L, then
-y_{k-1} = y_k - x_k. Bytes, for R rows, A = R*D elements of xs's size:
+The backward walks k = L..0 keeping y_k: one pass over xs rebuilds y_L, then y_{k-1} = y_k - x_k.
+A plain float32 sum rebuilt by subtraction differs from the forward's by an ulp of the terms, which
+rstd magnifies where the terms cancel (up to 1/sqrt(eps)); the compensated pair rounds to the
+forward's sum instead, for no extra bytes. Bytes, for R rows, A = R*D elements of xs's size:
 
     forward   reads xs (L+1)A, w, b        writes outs (L+1)A, mean and rstd 8(L+1)R
     backward  reads dout (L+1)A, xs 2(L+1)A, stats 8(L+1)R, w
@@ -40,10 +42,20 @@ from ._common import (affine, check_eps, check_norm_kind, check_norm_params, che
                       reduction_programs, register_cuda_twin, renormalize, row_tile, rows_of, saved_row_stats,
                       store_partial_rows, store_rows)
 
-# Row elements a thread holds: the backward keeps the running sum, the running gradient and the
-# norm backward's values live at once (compile-report checks that these do not spill).
+# Row elements a thread holds: the backward keeps the running sum (a pair), the running gradient and
+# the norm backward's values live at once (compile-report checks that these do not spill).
 FWD_PER_THREAD = 16
 BWD_PER_THREAD = 4
+
+
+@triton.jit
+def add_compensated(hi, lo, x):
+    """hi + x, with the add's rounding error kept in lo (TwoSum): hi + lo follows the exact sum of
+    every term added or subtracted to about 2^-48 of their size, so the backward's y_k, rebuilt by
+    subtraction, rounds to the forward's however much the terms cancel (csrc/row_math.h: the same)."""
+    s = hi + x
+    b = s - hi
+    return s, lo + ((hi - (s - b)) + (x - b))
 
 
 @triton.jit
@@ -58,10 +70,11 @@ def probe_norm_fwd_kernel(
     mask = row_mask[:, None] & (cols < dim)[None, :]
     xs_layer_stride = tl.cast(xs_layer_stride, tl.int64)
     out_layer_stride = tl.cast(out_layer_stride, tl.int64)
-    total = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
+    hi = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
+    lo = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
     for k in range(0, depth):
-        total += load_rows(xs_ptr + k * xs_layer_stride, rows, cols, xs_row_stride, mask)
-        mean, rstd, v_hat = normalize_tile(total, mask, dim, eps, IS_LAYERNORM)
+        hi, lo = add_compensated(hi, lo, load_rows(xs_ptr + k * xs_layer_stride, rows, cols, xs_row_stride, mask))
+        mean, rstd, v_hat = normalize_tile(hi + lo, mask, dim, eps, IS_LAYERNORM)
         out = affine(v_hat, w_ptr, b_ptr, cols, dim, HAS_BIAS)
         store_rows(out_ptr + k * out_layer_stride, rows, cols, out_row_stride, mask, out)
         if IS_LAYERNORM:
@@ -89,21 +102,22 @@ def probe_norm_bwd_kernel(
         rows = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < n_rows
         mask = row_mask[:, None] & col_mask[None, :]
-        total = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
+        hi = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
+        lo = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
         for k in range(0, depth):
-            total += load_rows(xs_ptr + k * xs_layer_stride, rows, cols, xs_row_stride, mask)
+            hi, lo = add_compensated(hi, lo, load_rows(xs_ptr + k * xs_layer_stride, rows, cols, xs_row_stride, mask))
         grad = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
         for step in range(0, depth):
             k = depth - 1 - step
             mean, rstd = saved_row_stats(mean_ptr + k * n_rows, rstd_ptr + k * n_rows, rows, row_mask, IS_LAYERNORM)
-            v_hat = renormalize(total, mean, rstd, mask)
+            v_hat = renormalize(hi + lo, mean, rstd, mask)
             dout = load_rows(dout_ptr + k * dout_layer_stride, rows, cols, dout_row_stride, mask)
             dw += tl.sum(dout * v_hat, axis=0)
             if HAS_BIAS:
                 db += tl.sum(dout, axis=0)
             grad += norm_input_grad(dout, v_hat, w, rstd, mask, dim, IS_LAYERNORM)
             store_rows(dxs_ptr + k * dxs_layer_stride, rows, cols, dxs_row_stride, mask, grad)
-            total -= load_rows(xs_ptr + k * xs_layer_stride, rows, cols, xs_row_stride, mask)
+            hi, lo = add_compensated(hi, lo, -load_rows(xs_ptr + k * xs_layer_stride, rows, cols, xs_row_stride, mask))
     store_partial_rows(dw_ptr, db_ptr, pid, dim, cols, dw, db, HAS_BIAS)
 
 
@@ -246,7 +260,12 @@ def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm", backend="au
     resolved = resolve_backend(backend, xs.device)
     if resolved == "reference":
         return reference.probe_norm(xs, weight, bias, eps=eps, norm=norm)
-    return FORWARD_OPS[resolved](xs, weight, bias, float(eps), norm == "layernorm")[0]
+    return run_forward(FORWARD_OPS[resolved], xs, weight, bias, eps, norm)
+
+
+def run_forward(forward_op, xs, weight, bias, eps, norm):
+    """The normalized partial sums from a registered forward op of any backend."""
+    return forward_op(xs, weight, bias, float(eps), norm == "layernorm")[0]
 
 
 def traffic_bound(xs, weight, bias, *, norm="layernorm") -> tuple[int, int]:

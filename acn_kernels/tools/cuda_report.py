@@ -28,6 +28,12 @@ def demangle(names: list[str]) -> list[str]:
     return subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
 
 
+def short_name(demangled: str) -> str:
+    """`void acn::(anonymous namespace)::k<float, 4>(float const*, ...)` -> `k<float, 4>`."""
+    name = demangled.removeprefix("void ").replace("(anonymous namespace)::", "").removeprefix("acn::")
+    return name.split("(")[0]
+
+
 def parse_ptxas(log: str) -> list[dict]:
     """Rows of (kernel, target, registers, spill bytes) from ptxas -v output."""
     rows, current = [], None
@@ -69,7 +75,7 @@ def run_cuda_report() -> int:
         for row in parse_ptxas(result.stderr):
             failures += row["spills"] > 0
             flag = "  SPILLS" if row["spills"] else ""
-            kernel = row["kernel"].split("(")[0]
+            kernel = short_name(row["kernel"])
             print(f"{source.name:<26} {row['target']:<6} {row['registers']:>5} {row['spills']:>6}  {kernel}{flag}")
     print(f"\n{len(sources)} files, {failures} failed or spilled")
     return 1 if failures else 0

@@ -1,0 +1,485 @@
+"""`python -m acn_kernels cuda-host-check`: the CUDA kernels of csrc/ executed on the CPU.
+
+The `.cu` files are compiled, unmodified, with the host C++ compiler through the SIMT execution layer
+of csrc/host/ (one fiber per CUDA thread, block barriers, checked warp shuffles, shared memory; see
+simt.h), and launched through the host entry points of kernels.h, the same code that picks the grid,
+the block size and the pack width on a GPU. `HostOps` mirrors csrc/bindings.cpp (its allocations, the
+number of backward programs, the partial-row sums and the cuBLAS GEMMs, which torch runs here), and
+the ops run through each op module's registered autograd formula and public-function tail, so every
+case checks forward and backward of what `backend="cuda"` runs against `acn_kernels.reference` with
+the tests' tolerance rule.
+
+Every buffer a kernel sees is NaN-filled where it is an output and sits between guard bytes; the
+layer reports an access to a guard (out of bounds), a store into an input, and what CUDA leaves
+undefined (a barrier some threads skip, a shuffle mask that leaves out its caller, a deadlock).
+It also counts the distinct bytes each launch loads and stores, which `traffic` prints beside the
+Triton kernels' counts.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import importlib
+import itertools
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "identity")  # the order of row_math.h's codes
+NEEDS_PREACTIVATION = ("gelu", "gelu_tanh", "silu")
+GUARD_BYTES = 64
+FP32_RTOL = 1e-5  # the host computes exact float32, as the interpreter does
+
+
+# ----------------------------------------------------------------------------- the build
+
+def toolchain() -> tuple[str, pathlib.Path] | str:
+    """(C++ compiler, CUDA include directory), or why the check cannot run here."""
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    if compiler is None:
+        return "no host C++ compiler (g++) on PATH"
+    roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    for root in filter(None, roots):
+        include = pathlib.Path(root) / "include"
+        if (include / "cuda_bf16.h").exists() and (include / "driver_types.h").exists():
+            return compiler, include
+    return "no CUDA headers (cuda_fp16.h, cuda_bf16.h, driver_types.h): set CUDA_HOME to a CUDA toolkit"
+
+
+def build_library(csrc: pathlib.Path = CSRC, cache: pathlib.Path | None = None) -> pathlib.Path:
+    """Compiles csrc/*.cu for the host (instrumented: every load and store reaches the layer's
+    counter) with the layer and the C entry points; cached by the sources' hash."""
+    found = toolchain()
+    if isinstance(found, str):
+        raise RuntimeError(f"cuda-host-check cannot build: {found}")
+    compiler, cuda_include = found
+    kernels = sorted(csrc.glob("*.cu"))
+    runtime = [csrc / "host" / "simt.cpp", csrc / "host" / "host_api.cpp"]
+    headers = sorted(csrc.glob("*.h")) + sorted(csrc.glob("*.cuh")) + sorted((csrc / "host").glob("*.h"))
+    flags = ["-std=c++17", "-O2", "-fPIC", "-DACN_SIMT_HOST", f"-I{csrc / 'host'}", f"-I{csrc}", f"-I{cuda_include}"]
+    digest = hashlib.sha256(" ".join([compiler, *flags]).encode())
+    for path in kernels + runtime + headers:
+        digest.update(path.name.encode() + path.read_bytes())
+    cache = cache or pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "acn_kernels"
+    library = cache / f"cuda-host-{digest.hexdigest()[:16]}" / "libacn_host.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        jobs = [[compiler, *flags, "-fsanitize=thread", "-x", "c++", "-c", str(k), "-o", f"{work}/{k.stem}.o"]
+                for k in kernels]
+        jobs += [[compiler, *flags, "-c", str(r), "-o", f"{work}/{r.stem}.o"] for r in runtime]
+        running = [subprocess.Popen(job, stderr=subprocess.PIPE, text=True) for job in jobs]
+        for job, process in zip(jobs, running):
+            _, errors = process.communicate()
+            if process.returncode != 0:
+                raise RuntimeError(f"host build of {job[-3]} failed:\n{errors[-4000:]}")
+        staged = library.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run([compiler, "-shared", "-o", str(staged), *map(str, sorted(pathlib.Path(work).glob("*.o")))],
+                       check=True)
+        staged.replace(library)
+    return library
+
+
+# ----------------------------------------------------------------------------- the layer's runtime
+
+PARAMETER_BUFFERS = ("weight", "bias", "mean", "rstd", "dw_partial", "db_partial")
+
+
+@dataclass
+class Launch:
+    name: str
+    widths: dict  # buffer -> (widest load, widest store) in bytes
+    grid: int
+    block: int
+    shared: int
+    bytes_read: int
+    bytes_written: int
+
+    @property
+    def kernel(self) -> str:
+        return self.name.split("<")[0]
+
+    @property
+    def row_access(self) -> int:
+        """The widest access to row data (not the norm parameters, statistics or partial rows):
+        the pack the launcher chose, in bytes."""
+        return max((max(w) for name, w in self.widths.items() if name not in PARAMETER_BUFFERS), default=0)
+
+
+@dataclass
+class Placement:
+    """Where the mirror puts a kernel's buffers: `checked` surrounds each with guard bytes,
+    NaN-fills outputs and shifts every pointer by `shift` elements (1: no 16-byte alignment, so
+    the launchers pick their scalar path); unchecked is what the binding does, for `traffic`."""
+    checked: bool = True
+    shift: int = 0
+
+
+@dataclass
+class HostKernels:
+    """The compiled kernels and the layer's counters; `launches` and `errors` grow with every call."""
+    library: ctypes.CDLL
+    placement: Placement = field(default_factory=Placement)
+    sm_count: int = 132
+    launches: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+    _keep: list = field(default_factory=list)
+
+    @classmethod
+    def load(cls, csrc: pathlib.Path = CSRC, **kwargs) -> "HostKernels":
+        library = ctypes.CDLL(str(build_library(csrc)))
+        library.acn_simt_register.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong,
+                                              ctypes.c_int]
+        library.acn_simt_launch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                                            ctypes.POINTER(ctypes.c_longlong)]
+        library.acn_simt_error.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        return cls(library, **kwargs)
+
+    def _register(self, name: str, t: torch.Tensor, guard: int, writable: bool) -> None:
+        self.library.acn_simt_register(name.encode(), t.data_ptr(), t.numel() * t.element_size(),
+                                       guard if self.placement.checked else 0, int(writable))
+
+    def place(self, name: str, t: torch.Tensor | None, writable: bool = False) -> torch.Tensor | None:
+        """t as the kernel reads it: contiguous (as the binding makes it) and, when checked, copied
+        between guard bytes at the placement's shift."""
+        if t is None:
+            return None
+        t = t.contiguous()
+        if self.placement.checked:
+            placed = self.allocate(t.shape, t.dtype, fill=None)
+            placed.copy_(t)
+            t = placed
+        self._register(name, t, GUARD_BYTES, writable)
+        return t
+
+    def output(self, name: str, shape, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+        t = self.allocate(shape, dtype, fill=0.0 if zero else float("nan"))
+        self._register(name, t, GUARD_BYTES, True)
+        return t
+
+    def allocate(self, shape, dtype: torch.dtype, fill) -> torch.Tensor:
+        if not self.placement.checked:
+            return torch.zeros(shape, dtype=dtype) if fill == 0.0 else torch.empty(shape, dtype=dtype)
+        size = torch.Size(shape).numel()
+        guard = GUARD_BYTES // torch.tensor([], dtype=dtype).element_size()
+        backing = torch.full((size + 2 * guard + self.placement.shift,), float("nan"), dtype=dtype)
+        self._keep.append(backing)
+        view = backing[guard + self.placement.shift: guard + self.placement.shift + size].view(shape)
+        if fill is not None and fill == fill:  # not NaN
+            view.fill_(fill)
+        return view
+
+    @contextlib.contextmanager
+    def call(self):
+        """One entry point's launches: the buffers registered inside, then their counts and errors."""
+        self.library.acn_simt_reset()
+        try:
+            yield
+        finally:
+            self.launches += [self._launch(i) for i in range(self.library.acn_simt_launches())]
+            self.errors += [self._error(i) for i in range(self.library.acn_simt_errors())]
+            self.library.acn_simt_reset()
+            self._keep.clear()
+
+    def _launch(self, i: int) -> Launch:
+        name, widths, numbers = ctypes.create_string_buffer(256), ctypes.create_string_buffer(1024), \
+            (ctypes.c_longlong * 5)()
+        self.library.acn_simt_launch(i, name, 256, widths, 1024, numbers)
+        fields = (entry.split(":") for entry in widths.value.decode().split())
+        return Launch(name.value.decode(), {b: (int(r), int(w)) for b, r, w in fields}, *numbers)
+
+    def _error(self, i: int) -> str:
+        text = ctypes.create_string_buffer(600)
+        self.library.acn_simt_error(i, text, 600)
+        return text.value.decode()
+
+    def reduction_programs(self, rows: int) -> int:
+        """bindings.cpp: two programs per SM, at most one per row."""
+        return max(1, min(rows, 2 * self.sm_count))
+
+
+def _ptr(t: torch.Tensor | None):
+    return ctypes.c_void_p(t.data_ptr() if t is not None else None)
+
+
+def _code(dtype: torch.dtype) -> int:
+    return DTYPE_CODES[dtype]
+
+
+# ----------------------------------------------------------------------------- bindings.cpp, mirrored
+
+class HostOps:
+    """The ops of csrc/bindings.cpp, with the same schemas, allocations and launch arguments, on
+    CPU tensors through the host-compiled kernels."""
+
+    def __init__(self, kernels: HostKernels):
+        self.k = kernels
+
+    def accumulate_norm_fwd(self, x, y, weight, bias, eps, is_layernorm, normalize_sum):
+        k, dim = self.k, x.shape[-1]
+        rows = x.numel() // dim
+        with k.call():
+            x2, y2 = k.place("x", x.reshape(-1, dim)), k.place("y", y.reshape(-1, dim) if y is not None else None)
+            w, b = k.place("weight", weight.float()), k.place("bias", bias.float() if bias is not None else None)
+            y_out = k.output("y_out", y2.shape, y.dtype) if y is not None else None
+            out = k.output("out", x2.shape, x.dtype)
+            mean = k.output("mean", (rows if is_layernorm else 0,), torch.float32)
+            rstd = k.output("rstd", (rows,), torch.float32)
+            k.library.acn_host_accumulate_norm_forward(
+                _code(x.dtype), _code(y.dtype if y is not None else x.dtype), _ptr(x2), _ptr(y2), _ptr(w), _ptr(b),
+                _ptr(y_out), _ptr(out), _ptr(mean if is_layernorm else None), _ptr(rstd), ctypes.c_longlong(rows),
+                dim, ctypes.c_float(eps), int(normalize_sum))
+        return (y_out.view(x.shape) if y is not None else x.new_empty(0), out.view(x.shape),
+                mean, rstd)
+
+    def accumulate_norm_bwd(self, dout, dy_out, normalized, weight, mean, rstd, has_bias, is_layernorm, dy_dtype):
+        k, dim = self.k, normalized.shape[-1]
+        rows = normalized.numel() // dim
+        programs = k.reduction_programs(rows)
+        y_dtype = dy_out.dtype if dy_out is not None else (torch.float32 if dy_dtype is not None else dout.dtype)
+        with k.call():
+            dout2, v2 = k.place("dout", dout.reshape(-1, dim)), k.place("normalized", normalized.reshape(-1, dim))
+            dy_out2 = k.place("dy_out", dy_out.reshape(-1, dim) if dy_out is not None else None)
+            w, mean_c, rstd_c = k.place("weight", weight.float()), k.place("mean", mean), k.place("rstd", rstd)
+            dx = k.output("dx", (rows, dim), dout.dtype)
+            dy = k.output("dy", (rows, dim), dy_dtype) if dy_dtype is not None else None
+            dw = k.output("dw_partial", (programs, dim), torch.float32, zero=True)
+            db = k.output("db_partial", (programs, dim), torch.float32, zero=True) if has_bias else None
+            k.library.acn_host_accumulate_norm_backward(
+                _code(dout.dtype), _code(y_dtype), _ptr(dout2), _ptr(dy_out2), _ptr(v2),
+                int(normalized.dtype != dout.dtype), _ptr(w), _ptr(mean_c if is_layernorm else None), _ptr(rstd_c),
+                _ptr(dx), _ptr(dy), _ptr(dw), _ptr(db), ctypes.c_longlong(rows), dim, programs)
+        shape = normalized.shape
+        return (dx.view(shape), dy.view(shape) if dy is not None else dout.new_empty(0),
+                dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype) if has_bias else weight.new_empty(0))
+
+    def probe_norm_fwd(self, xs, weight, bias, eps, is_layernorm):
+        k, depth, dim = self.k, xs.shape[0], xs.shape[-1]
+        rows = xs.numel() // (depth * dim)
+        with k.call():
+            xs3, w = k.place("xs", xs), k.place("weight", weight.float())
+            b = k.place("bias", bias.float() if bias is not None else None)
+            out = k.output("out", xs.shape, xs.dtype)
+            mean = k.output("mean", (depth, rows) if is_layernorm else (0,), torch.float32)
+            rstd = k.output("rstd", (depth, rows), torch.float32)
+            k.library.acn_host_probe_norm_forward(
+                _code(xs.dtype), _ptr(xs3), _ptr(w), _ptr(b), _ptr(out), _ptr(mean if is_layernorm else None),
+                _ptr(rstd), depth, ctypes.c_longlong(rows), dim, ctypes.c_float(eps))
+        return out, mean, rstd
+
+    def probe_norm_bwd(self, dout, xs, weight, mean, rstd, has_bias, is_layernorm):
+        k, depth, dim = self.k, xs.shape[0], xs.shape[-1]
+        rows = xs.numel() // (depth * dim)
+        programs = k.reduction_programs(rows)
+        with k.call():
+            xs3, dout3 = k.place("xs", xs), k.place("dout", dout.to(xs.dtype))
+            w, mean_c, rstd_c = k.place("weight", weight.float()), k.place("mean", mean), k.place("rstd", rstd)
+            dxs = k.output("dxs", xs.shape, xs.dtype)
+            dw = k.output("dw_partial", (programs, dim), torch.float32, zero=True)
+            db = k.output("db_partial", (programs, dim), torch.float32, zero=True) if has_bias else None
+            k.library.acn_host_probe_norm_backward(
+                _code(xs.dtype), _ptr(dout3), _ptr(xs3), _ptr(w), _ptr(mean_c if is_layernorm else None),
+                _ptr(rstd_c), _ptr(dxs), _ptr(dw), _ptr(db), depth, ctypes.c_longlong(rows), dim, programs)
+        return dxs, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype) if has_bias else weight.new_empty(0)
+
+    def linear_act_accumulate_fwd(self, x, weight, bias, y, activation):
+        k, act = self.k, ACTIVATIONS.index(activation)
+        x2 = x.reshape(-1, x.shape[-1])
+        z = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())  # cuBLAS there
+        with k.call():
+            z_c, y2 = k.place("z", z), k.place("y", y.reshape(z.shape) if y is not None else None)
+            h = k.output("h", z.shape, z.dtype)
+            y_out = k.output("y_out", z.shape, y.dtype) if y is not None else None
+            k.library.acn_host_activation_epilogue(
+                _code(x.dtype), _code(y.dtype if y is not None else x.dtype), _ptr(z_c), _ptr(y2), _ptr(h),
+                _ptr(y_out), ctypes.c_longlong(z.numel()), act)
+        shape = (*x.shape[:-1], weight.shape[0])
+        empty = x.new_empty(0)
+        return (h.view(shape), y_out.view(shape) if y is not None else empty,
+                z.view(shape) if activation in NEEDS_PREACTIVATION else empty)
+
+    def activation_backward(self, dh, dy_out, saved, activation, dtype):
+        k, like = self.k, (dh if dh is not None else dy_out)
+        with k.call():
+            dh_c = k.place("dh", dh.to(dtype) if dh is not None else None)
+            dy_c, saved_c = k.place("dy_out", dy_out), k.place("saved", saved)
+            dz = k.output("dz", like.shape, dtype)
+            k.library.acn_host_activation_backward(
+                _code(dtype), _code(dy_out.dtype if dy_out is not None else dtype), _ptr(dh_c), _ptr(dy_c),
+                _ptr(saved_c), _ptr(dz), ctypes.c_longlong(dz.numel()), ACTIVATIONS.index(activation))
+        return dz
+
+
+def autograd_twin(forward, backward, make_backward, setup_context):
+    """A forward op with the op module's autograd formula, as register_cuda_twin gives the extension's."""
+    formula = make_backward(backward)
+
+    class Twin(torch.autograd.Function):
+        @staticmethod
+        def forward(*inputs):
+            return forward(*inputs)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return formula(ctx, *grads)
+
+    return Twin.apply
+
+
+def public_ops(host: HostOps) -> dict:
+    """The three public ops, as `backend="cuda"` runs them, on the host-executed kernels."""
+    an, la, pn = (importlib.import_module(f"..ops.{name}", __package__)  # the modules, not the functions
+                  for name in ("accumulate_norm", "linear_act_accumulate", "probe_norm"))
+
+    norm_fwd = autograd_twin(host.accumulate_norm_fwd, host.accumulate_norm_bwd, an.make_backward, an.setup_context)
+    probe_fwd = autograd_twin(host.probe_norm_fwd, host.probe_norm_bwd, pn.make_backward, pn.setup_context)
+    linear_fwd = autograd_twin(host.linear_act_accumulate_fwd, host.activation_backward, la.make_backward,
+                               la.setup_context)
+    return {
+        "accumulate_norm": lambda x, y, w, b, eps=1e-5, norm="layernorm", normalize="input":
+            an.run_forward(norm_fwd, x, y, w, b, eps, norm, normalize),
+        "probe_norm": lambda xs, w, b, eps=1e-5, norm="layernorm": pn.run_forward(probe_fwd, xs, w, b, eps, norm),
+        "linear_act_accumulate": lambda x, w, b, y, activation="gelu":
+            la.run_forward(linear_fwd, x, w, b, y, activation),
+    }
+
+
+# ----------------------------------------------------------------------------- the cases
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    dtype: torch.dtype
+    width: int
+    shift: int
+    options: tuple = ()
+
+    def __str__(self) -> str:
+        options = " ".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.op} {str(self.dtype).replace('torch.', '')} D={self.width} " \
+               f"{'misaligned' if self.shift else 'aligned'} {options}"
+
+
+WIDTHS = (1, 17, 64, 129, 4096, 4097)  # odd widths take the scalar path; 64 and 4096 take packs when aligned
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ROWS = 5        # more rows than the two backward programs of the one-SM device below: the persistent loop
+SM_COUNT = 1
+
+
+def all_cases() -> list[Case]:
+    cases = []
+    for dtype, width, shift in itertools.product(DTYPES, WIDTHS, (0, 1)):
+        running_sums = ("none", "same") + (("float32",) if dtype != torch.float32 else ())
+        for y, normalize, (norm, bias) in itertools.product(running_sums, ("input", "sum"),
+                                                            (("layernorm", True), ("rmsnorm", False))):
+            if y == "none" and normalize == "sum":
+                continue  # the same launch as normalize="input" without y
+            cases.append(Case("accumulate_norm", dtype, width, shift,
+                              (("y", y), ("normalize", normalize), ("norm", norm), ("bias", bias))))
+        for (norm, bias), terms in itertools.product((("layernorm", True), ("rmsnorm", False)), ("random", "cancel")):
+            cases.append(Case("probe_norm", dtype, width, shift, (("norm", norm), ("bias", bias), ("terms", terms))))
+        for activation, y in zip(ACTIVATIONS, itertools.cycle(running_sums)):
+            cases.append(Case("linear_act_accumulate", dtype, width, shift, (("activation", activation), ("y", y))))
+    return cases
+
+
+def _randn(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape) * scale).to(dtype)
+
+
+def case_inputs(case: Case):
+    """(reference function, arguments, keyword arguments) of a case, fresh random inputs."""
+    from .. import reference
+
+    o, d, width = dict(case.options), case.dtype, case.width
+    if case.op == "accumulate_norm":
+        y = {"none": None, "same": _randn(ROWS, width, dtype=d, scale=3),
+             "float32": _randn(ROWS, width, scale=3)}[o["y"]]
+        args = (_randn(ROWS, width, dtype=d, scale=2) + 0.5, y, _randn(width), _randn(width) if o["bias"] else None)
+        return reference.accumulate_norm, args, {"norm": o["norm"], "normalize": o["normalize"]}
+    if case.op == "probe_norm":
+        xs = _randn(3, ROWS, width, scale=2)
+        if o["terms"] == "cancel":  # y_1 ~ 1e-5 of its terms, rebuilt in backward as y_2 - x_2 (x_2 large)
+            xs[1], xs[2] = -xs[0] + 1e-5 * torch.randn(ROWS, width), xs[2] * 8
+        args = (xs.to(d), _randn(width), _randn(width) if o["bias"] else None)
+        return reference.probe_norm, args, {"norm": o["norm"]}
+    y = {"none": None, "same": _randn(ROWS, width, dtype=d), "float32": _randn(ROWS, width)}[o["y"]]
+    k = 24
+    args = (_randn(ROWS, k, dtype=d), _randn(width, k, dtype=d, scale=k ** -0.5), _randn(width, dtype=d), y)
+    return reference.linear_act_accumulate, args, {"activation": o["activation"]}
+
+
+@dataclass
+class Result:
+    case: Case
+    problems: list
+    launches: list
+
+
+def run_case(kernels: HostKernels, ops: dict, case: Case) -> Result:
+    from .agreement import compare_op
+
+    kernels.placement = Placement(checked=True, shift=case.shift)
+    kernels.launches, kernels.errors = [], []
+    reference_fn, args, kwargs = case_inputs(case)
+    try:
+        problems, _, _ = compare_op(ops[case.op], reference_fn, args, case.dtype, FP32_RTOL, **kwargs)
+    except Exception as error:  # noqa: BLE001 - a crash of one case is that case's failure
+        problems = [f"raised {type(error).__name__}: {error}"]
+    return Result(case, kernels.errors + problems, kernels.launches)
+
+
+def print_summary(results: list[Result]) -> None:
+    """Per kernel: cases, launches, the access widths seen, and the bytes it moved."""
+    kernels: dict = {}
+    for result in results:
+        for launch in result.launches:
+            entry = kernels.setdefault(launch.kernel, {"launches": 0, "widths": set(), "read": 0, "written": 0})
+            entry["launches"] += 1
+            entry["widths"].add(launch.row_access)
+            entry["read"] += launch.bytes_read
+            entry["written"] += launch.bytes_written
+    print(f"{'kernel':<30} {'launches':>8} {'row access widths (bytes)':>26} {'read MiB':>9} {'written MiB':>11}")
+    for name, e in sorted(kernels.items()):
+        widths = ",".join(str(w) for w in sorted(e["widths"]))
+        print(f"{name:<30} {e['launches']:>8} {widths:>26} {e['read'] / 2**20:>9.2f} {e['written'] / 2**20:>11.2f}")
+
+
+def run_check(csrc: pathlib.Path = CSRC, only: str | None = None, verbose: bool = False, seed: int = 0) -> int:
+    found = toolchain()
+    if isinstance(found, str):
+        print(f"cuda-host-check cannot run here: {found}", file=sys.stderr)
+        return 2
+    torch.manual_seed(seed)
+    kernels = HostKernels.load(csrc, sm_count=SM_COUNT)
+    ops = public_ops(HostOps(kernels))
+    cases = [c for c in all_cases() if only is None or c.op == only]
+    results, failures = [], 0
+    for case in cases:
+        result = run_case(kernels, ops, case)
+        results.append(result)
+        failures += bool(result.problems)
+        if result.problems or verbose:
+            status = "FAIL" if result.problems else "ok  "
+            shown = "; ".join(f"{launch.kernel} grid={launch.grid} block={launch.block} {launch.row_access}B"
+                              for launch in result.launches)
+            print(f"{status} {case}  [{shown}]")
+            for problem in result.problems[:8]:
+                print(f"     {problem}")
+    print_summary(results)
+    print(f"{len(cases)} cases, {failures} failures")
+    return 1 if failures else 0

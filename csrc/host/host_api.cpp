@@ -1,0 +1,46 @@
+// The host entry points of kernels.h with C linkage, for tools/cuda_host_check.py (ctypes): the
+// same functions the extension calls, so the host execution launches exactly what a GPU would.
+#include "kernels.h"
+
+using acn::DType;
+
+extern "C" {
+
+void acn_host_accumulate_norm_forward(int x_dtype, int y_dtype, const void* x, const void* y, const float* w,
+                                      const float* b, void* y_out, void* out, float* mean, float* rstd,
+                                      long long rows, int dim, float eps, int normalize_sum) {
+  acn::accumulate_norm_forward(DType(x_dtype), DType(y_dtype), x, y, w, b, y_out, out, mean, rstd, rows, dim, eps,
+                               normalize_sum != 0, nullptr);
+}
+
+void acn_host_accumulate_norm_backward(int x_dtype, int y_dtype, const void* dout, const void* dy_out,
+                                       const void* normalized, int v_is_y, const float* w, const float* mean,
+                                       const float* rstd, void* dx, void* dy, float* dw_partial, float* db_partial,
+                                       long long rows, int dim, int programs) {
+  acn::accumulate_norm_backward(DType(x_dtype), DType(y_dtype), dout, dy_out, normalized, v_is_y != 0, w, mean, rstd,
+                                dx, dy, dw_partial, db_partial, rows, dim, programs, nullptr);
+}
+
+void acn_host_probe_norm_forward(int dtype, const void* xs, const float* w, const float* b, void* out, float* mean,
+                                 float* rstd, int depth, long long rows, int dim, float eps) {
+  acn::probe_norm_forward(DType(dtype), xs, w, b, out, mean, rstd, depth, rows, dim, eps, nullptr);
+}
+
+void acn_host_probe_norm_backward(int dtype, const void* dout, const void* xs, const float* w, const float* mean,
+                                  const float* rstd, void* dxs, float* dw_partial, float* db_partial, int depth,
+                                  long long rows, int dim, int programs) {
+  acn::probe_norm_backward(DType(dtype), dout, xs, w, mean, rstd, dxs, dw_partial, db_partial, depth, rows, dim,
+                           programs, nullptr);
+}
+
+void acn_host_activation_epilogue(int dtype, int y_dtype, const void* z, const void* y, void* h, void* y_out,
+                                  long long n, int activation) {
+  acn::activation_epilogue(DType(dtype), DType(y_dtype), z, y, h, y_out, n, activation, nullptr);
+}
+
+void acn_host_activation_backward(int dtype, int y_dtype, const void* dh, const void* dy_out, const void* saved,
+                                  void* dz, long long n, int activation) {
+  acn::activation_backward(DType(dtype), DType(y_dtype), dh, dy_out, saved, dz, n, activation, nullptr);
+}
+
+}  // extern "C"
