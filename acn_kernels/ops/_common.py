@@ -89,9 +89,10 @@ def fits_in_registers(dim: int, per_thread: int) -> bool:
 def row_tile(dim: int, per_thread: int) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_D, num_warps) for a kernel that holds whole rows in registers: about 2K
     elements a tile, at most `per_thread` of them per thread, the most that kernel's live values
-    allow without spilling (compile-report checks every tile this returns)."""
+    allow without spilling (compile-report checks every tile this returns). Up to 32 rows, so that
+    even the narrowest tile gives each thread a whole row of 16 bytes: one 16-byte access."""
     block_d = triton.next_power_of_2(dim)
-    block_rows = max(1, min(16, 2048 // block_d))
+    block_rows = max(1, min(32, 2048 // block_d))
     num_warps = min(MAX_WARPS, max(1, block_rows * block_d // (32 * per_thread)))
     return block_rows, block_d, num_warps
 

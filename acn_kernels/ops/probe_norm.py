@@ -44,8 +44,14 @@ from ._common import (affine, check_eps, check_norm_kind, check_norm_params, che
 
 # Row elements a thread holds: the backward keeps the running sum (a pair), the running gradient and
 # the norm backward's values live at once (compile-report checks that these do not spill).
+# BWD_PER_THREAD float32 elements set the widest row the backward holds in registers (2048).
 FWD_PER_THREAD = 16
 BWD_PER_THREAD = 4
+
+
+def bwd_per_thread(dtype: torch.dtype) -> int:
+    """The backward tile's elements per thread: one 16-byte access of its row (4 float32, 8 16-bit)."""
+    return 16 // dtype.itemsize
 
 
 @triton.jit
@@ -142,15 +148,15 @@ def launch_forward(xs3, weight, bias, eps: float, is_layernorm: bool):
     return out, mean, rstd
 
 
-def backward_programs(n_rows: int, dim: int, device: torch.device) -> int:
-    return max(1, reduction_programs(triton.cdiv(n_rows, row_tile(dim, BWD_PER_THREAD)[0]), device))
+def backward_programs(n_rows: int, dim: int, dtype: torch.dtype, device: torch.device) -> int:
+    return max(1, reduction_programs(triton.cdiv(n_rows, row_tile(dim, bwd_per_thread(dtype))[0]), device))
 
 
 def launch_backward(dout3, xs3, weight, mean, rstd, has_bias: bool, is_layernorm: bool):
     depth, n_rows, dim = xs3.shape
     device = xs3.device
-    block_rows, block_d, num_warps = row_tile(dim, BWD_PER_THREAD)
-    programs = backward_programs(n_rows, dim, device)
+    block_rows, block_d, num_warps = row_tile(dim, bwd_per_thread(xs3.dtype))
+    programs = backward_programs(n_rows, dim, xs3.dtype, device)
     dxs = new_buffer((depth, n_rows, dim), xs3.dtype, device)
     dw = new_buffer((programs, dim), torch.float32, device)
     db = new_buffer((programs, dim), torch.float32, device) if has_bias else None
@@ -278,7 +284,7 @@ def traffic_bound(xs, weight, bias, *, norm="layernorm") -> tuple[int, int]:
     a_all = xs.numel() * xs.element_size()
     params = (1 + (bias is not None)) * dim * weight.element_size()
     stats = depth * rows * 4 * (2 if norm == "layernorm" else 1)
-    programs = backward_programs(rows, dim, xs.device)
+    programs = backward_programs(rows, dim, xs.dtype, xs.device)
     reduction = 4 * (programs * dim * 2 + dim)
     if weight.dtype != torch.float32:
         reduction += dim * (4 + weight.element_size())

@@ -51,25 +51,25 @@ def norm_builds():
     fits in registers) and the chunked kernels for wider rows."""
     from ..ops._common import chunk_tile, launch_options, row_tile
     from ..ops.accumulate_norm import BWD_PER_THREAD, FWD_PER_THREAD
-    from ..ops.probe_norm import BWD_PER_THREAD as PROBE_BWD, FWD_PER_THREAD as PROBE_FWD
+    from ..ops.probe_norm import BWD_PER_THREAD as PROBE_BWD, FWD_PER_THREAD as PROBE_FWD, bwd_per_thread
 
     stats = ("w_ptr", "b_ptr", "mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr")
     fwd = (dict(HAS_Y=True, HAS_BIAS=True, IS_LAYERNORM=True, NORMALIZE_SUM=True), stats + ("y_ptr", "y_out_ptr"))
     bwd = (dict(HAS_DY_OUT=True, STORE_DY=True, HAS_BIAS=True, IS_LAYERNORM=True), stats + ("dy_out_ptr", "dy_ptr"))
     probe = (dict(HAS_BIAS=True, IS_LAYERNORM=True), stats)
     norm, probe_module = "acn_kernels.ops.accumulate_norm", "acn_kernels.ops.probe_norm"
-    # (module, kernel, flags and float32 pointers, elements per thread, widest row in registers)
+    # (module, kernel, flags and float32 pointers, elements per thread by dtype, widest row in registers)
     row_kernels = (
-        (norm, "accumulate_norm_fwd_kernel", fwd, FWD_PER_THREAD, FWD_PER_THREAD),
-        (norm, "accumulate_norm_bwd_kernel", bwd, BWD_PER_THREAD, BWD_PER_THREAD),
-        (probe_module, "probe_norm_fwd_kernel", probe, PROBE_FWD, PROBE_BWD),
-        (probe_module, "probe_norm_bwd_kernel", probe, PROBE_BWD, PROBE_BWD),
+        (norm, "accumulate_norm_fwd_kernel", fwd, lambda _: FWD_PER_THREAD, FWD_PER_THREAD),
+        (norm, "accumulate_norm_bwd_kernel", bwd, lambda _: BWD_PER_THREAD, BWD_PER_THREAD),
+        (probe_module, "probe_norm_fwd_kernel", probe, lambda _: PROBE_FWD, PROBE_BWD),
+        (probe_module, "probe_norm_bwd_kernel", probe, bwd_per_thread, PROBE_BWD),
     )
     for module, kernel, (flags, fp32_pointers), per_thread, widest_per_thread in row_kernels:
         widest = chunk_tile(1, widest_per_thread)[0]
         for block_d in (2 ** p for p in range(widest.bit_length())):
-            block_rows, _, num_warps = row_tile(block_d, per_thread)
             for dtype in DTYPES:
+                block_rows, _, num_warps = row_tile(block_d, per_thread(dtype))
                 yield Build(module, kernel, dtype, {**flags, "BLOCK_ROWS": block_rows, "BLOCK_D": block_d},
                             fp32_pointers, **launch_options(num_warps))
     for kernel, (flags, fp32_pointers), per_thread in (("accumulate_norm_fwd_wide_kernel", fwd, FWD_PER_THREAD),
@@ -99,16 +99,35 @@ def linear_builds():
                         ("dy_out_ptr",))
 
 
+# What the JIT does at launch: an integer equal to 1 becomes a constexpr, and (the "aligned" case)
+# 16-byte-aligned pointers and integers divisible by 16 carry tt.divisibility = 16. Aligned assumes the
+# usual shapes, every width, stride and count divisible by 16; layer and chunk counts are left alone.
+UNIT_STRIDES = ("x_stride_k", "w_stride_k")  # contiguous GEMM operands
+UNSPECIALIZED = ("depth", "num_chunks", "eps")
+ALIGNMENTS = ("aligned", "unaligned")
+UNGATED = ("linear_act_accumulate_fwd_kernel",)  # a GEMM: its operands go through shared memory
+
+
 def signature(kernel, build: Build) -> dict:
     types = {}
     for name in kernel.arg_names:
-        if name in build.constexprs:
+        if name in build.constexprs or name in UNIT_STRIDES:
             types[name] = "constexpr"
         elif name.endswith("_ptr"):
             types[name] = "*" + ("fp32" if name in build.float32_pointers else TRITON_TYPES[build.dtype])
         else:
             types[name] = "fp32" if name == "eps" else "i32"
     return types
+
+
+def specialization(kernel, build: Build, alignment: str) -> tuple[dict, dict]:
+    """(constexprs, attrs) of the compilation the JIT runs for this alignment."""
+    constexprs = {**build.constexprs, **{name: 1 for name in UNIT_STRIDES if name in kernel.arg_names}}
+    if alignment == "unaligned":
+        return constexprs, {}
+    divisible = [i for i, name in enumerate(kernel.arg_names)
+                 if name not in constexprs and name not in UNSPECIALIZED]
+    return constexprs, {(i,): [["tt.divisibility", 16]] for i in divisible}
 
 
 def ptxas_report(ptx: str, capability: int) -> tuple[int, int]:
@@ -130,31 +149,156 @@ def ptxas_report(ptx: str, capability: int) -> tuple[int, int]:
     return registers, spills
 
 
-def compile_one(job: tuple[Build, int]) -> dict:
+# ----------------------------------------------------------------------------- reading the PTX
+
+PARAM_LOAD = re.compile(r"ld\.param\.\w+\s+(%\w+),\s*\[\w+_param_(\d+)\]")
+REGISTER = re.compile(r"%[a-z]+\d+")
+# Norm parameters, statistics and partial rows: every other pointer a kernel takes is row data.
+NOT_ROW_DATA = ("w_ptr", "b_ptr", "mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr")
+
+
+def _instruction(line: str) -> str:
+    """A PTX line without its predicate guard (`@%p1 ld.global...` -> `ld.global...`)."""
+    line = line.strip()
+    return line.split(" ", 1)[1].strip() if line.startswith("@") and " " in line else line
+
+
+def _access(instruction: str) -> tuple[str, int, str] | None:
+    """(kind, bytes, address register) of a global load, store or async copy, else None."""
+    opcode, _, operands = instruction.partition(" ")
+    parts = opcode.split(".")
+    if parts[0] == "cp" and "global" in parts:  # cp.async.cg.shared.global [smem], [global], bytes{, src bytes}
+        _, source, rest = operands.split("]", 2)
+        return "load", int(rest.strip(" ,;").split(",")[0], 0), REGISTER.findall(source)[0]
+    if parts[0] not in ("ld", "st") or "global" not in parts:
+        return None
+    vector = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+    bits = next(int(m.group(1)) for p in parts if (m := re.fullmatch(r"[bfsu](\d+)", p)))
+    address = REGISTER.findall(operands[operands.index("["):operands.index("]")])[0]
+    return ("load" if parts[0] == "ld" else "store"), vector * bits // 8, address
+
+
+def access_widths(ptx: str, pointer_params: dict) -> dict:
+    """{"load": [bytes, ...], "store": [...]} of every global access of row data: each address
+    register is traced back, through the arithmetic that forms it, to the kernel parameters it
+    derives from; `pointer_params` maps a PTX parameter index to its pointer's name."""
+    instructions = [_instruction(line) for line in ptx.splitlines()]
+    params: dict = {}
+    for _ in range(8):  # to a fixed point: loops carry addresses around
+        changed = False
+        for instruction in instructions:
+            loaded = PARAM_LOAD.search(instruction)
+            if loaded:
+                register, found = loaded.group(1), {int(loaded.group(2))}
+            else:
+                registers = REGISTER.findall(instruction)
+                if len(registers) < 2 or instruction.startswith(("ld.global", "st.", "cp.", "setp", "bra")):
+                    continue
+                register, found = registers[0], set().union(*(params.get(r, set()) for r in registers[1:]))
+            if not found <= params.get(register, set()):
+                params[register] = params.get(register, set()) | found
+                changed = True
+        if not changed:
+            break
+    widths = {"load": [], "store": []}
+    for instruction in instructions:
+        access = _access(instruction)
+        if access is None:
+            continue
+        kind, size, address = access
+        names = {pointer_params[i] for i in params.get(address, ()) if i in pointer_params}
+        if names and not names <= set(NOT_ROW_DATA):
+            widths[kind].append(size)
+    return widths
+
+
+# ----------------------------------------------------------------------------- occupancy
+
+@dataclass(frozen=True)
+class SM:
+    """Per-SM limits of a target (CUDA occupancy calculator): registers are allocated per warp in
+    units of 256, and each block also reserves 1 KiB of shared memory."""
+    shared: int
+    max_warps: int = 64
+    max_blocks: int = 32
+    registers: int = 65536
+
+
+SMS = {80: SM(shared=167936), 90: SM(shared=233472)}
+
+
+def resident_warps(capability: int, registers: int, shared: int, num_warps: int) -> int:
+    sm = SMS[capability]
+    per_warp = -(-registers * 32 // 256) * 256
+    blocks = min(sm.max_blocks, sm.max_warps // num_warps, (sm.registers // per_warp) // num_warps,
+                 sm.shared // (shared + 1024))
+    return blocks * num_warps
+
+
+def compile_one(job: tuple[Build, str, int]) -> dict:
     import importlib
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    build, capability = job
+    build, alignment, capability = job
     kernel = getattr(importlib.import_module(build.module), build.kernel)
     row = {"kernel": build.kernel, "config": build.config(), "target": f"sm_{capability}",
-           "dtype": TRITON_TYPES[build.dtype]}
+           "dtype": TRITON_TYPES[build.dtype], "alignment": alignment}
     try:
-        compiled = triton.compile(
-            ASTSource(fn=kernel, signature=signature(kernel, build), constexprs=build.constexprs),
-            target=GPUTarget("cuda", capability, 32),
-            options=build.options())
-        registers, spills = ptxas_report(compiled.asm["ptx"], capability)
+        types = signature(kernel, build)
+        constexprs, attrs = specialization(kernel, build, alignment)
+        compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=constexprs, attrs=attrs),
+                                  target=GPUTarget("cuda", capability, 32), options=build.options())
+        ptx = compiled.asm["ptx"]
+        registers, spills = ptxas_report(ptx, capability)
     except Exception as error:  # noqa: BLE001 - every failure becomes a failed row, and the exit code says so
         return {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
-    return {**row, "registers": registers, "spills": spills, "shared": compiled.metadata.shared}
+    runtime_args = [name for name, kind in types.items() if kind != "constexpr"]
+    widths = access_widths(ptx, {i: name for i, name in enumerate(runtime_args) if name.endswith("_ptr")})
+    warps = resident_warps(capability, registers, compiled.metadata.shared, build.num_warps)
+    block = build.constexprs.get("BLOCK_D", build.constexprs.get("BLOCK", 0))
+    return {**row, "registers": registers, "spills": spills, "shared": compiled.metadata.shared,
+            "tile_bytes": block * build.dtype.itemsize,
+            "loads": widths["load"], "stores": widths["store"], "warps": warps,
+            # Little's law: what the resident threads ask of memory before any of them must wait
+            "in_flight": warps * 32 * sum(widths["load"])}
 
 
 def all_builds(only: str | None):
     builds = [*norm_builds(), *linear_builds()]
     return [b for b in builds if only is None or b.kernel == only]
+
+
+def _widths(sizes: list) -> str:
+    return f"{min(sizes)}-{max(sizes)}" if sizes and min(sizes) != max(sizes) else (str(sizes[0]) if sizes else "-")
+
+
+def narrow_access(row: dict) -> bool:
+    """An aligned norm, probe or elementwise kernel that moves row data in accesses under 16 bytes,
+    where its row tile is wide enough for 16-byte accesses."""
+    if row["alignment"] != "aligned" or row["kernel"] in UNGATED or row["tile_bytes"] < 16:
+        return False
+    return min(row["loads"] + row["stores"], default=16) < 16
+
+
+def print_rows(rows: list) -> int:
+    print(f"{'kernel':<34} {'config':<44} {'target':<6} {'dtype':<5} {'align':<9} {'regs':>4} {'spill':>5} "
+          f"{'smem':>6} {'ld B':>5} {'st B':>5} {'warps/SM':>8} {'KiB in flight':>13}")
+    failures = 0
+    for row in rows:
+        head = f"{row['kernel']:<34} {row['config']:<44} {row['target']:<6} {row['dtype']:<5} {row['alignment']:<9}"
+        if "error" in row:
+            failures += 1
+            print(f"{head} FAILED {row['error']}")
+            continue
+        flags = (["SPILLS"] if row["spills"] else []) + (["NARROW"] if narrow_access(row) else [])
+        failures += bool(flags)
+        print(f"{head} {row['registers']:>4} {row['spills']:>5} {row['shared']:>6} {_widths(row['loads']):>5} "
+              f"{_widths(row['stores']):>5} {row['warps']:>8} {row['in_flight'] / 1024:>13.1f}"
+              + ("  " + " ".join(flags) if flags else ""))
+    return failures
 
 
 def run_report(only: str | None = None, jobs: int | None = None) -> int:
@@ -163,22 +307,16 @@ def run_report(only: str | None = None, jobs: int | None = None) -> int:
     if TRITON_INTERPRETED:
         print("compile-report compiles for GPUs: unset TRITON_INTERPRET and run it again", file=sys.stderr)
         return 2
-    work = [(build, capability) for build in all_builds(only) for capability in TARGETS]
+    work = [(build, alignment, capability) for build in all_builds(only) for alignment in ALIGNMENTS
+            for capability in TARGETS]
     if not work:
         print(f"no kernel named {only!r}", file=sys.stderr)
         return 2
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
         rows = list(pool.map(compile_one, work))
-    print(f"{'kernel':<34} {'config':<52} {'target':<6} {'dtype':<5} {'regs':>5} {'spills':>6} {'smem':>7}")
-    failures = 0
-    for row in rows:
-        head = f"{row['kernel']:<34} {row['config']:<52} {row['target']:<6} {row['dtype']:<5}"
-        if "error" in row:
-            failures += 1
-            print(f"{head} FAILED {row['error']}")
-            continue
-        failures += row["spills"] > 0
-        flag = "  SPILLS" if row["spills"] else ""
-        print(f"{head} {row['registers']:>5} {row['spills']:>6} {row['shared']:>7}{flag}")
-    print(f"\n{len(rows)} compilations, {failures} failed or spilled")
+    failures = print_rows(rows)
+    print("\nld B / st B: narrowest-widest global access of row data per thread, from the PTX; warps/SM: resident "
+          "warps of 64 (registers, shared memory, block limits); KiB in flight: what the resident threads load "
+          "before any must wait (row loads in the PTX x resident threads)")
+    print(f"{len(rows)} compilations, {failures} failed, spilled or narrower than 16 bytes when aligned")
     return 1 if failures else 0
