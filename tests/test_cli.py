@@ -1,4 +1,5 @@
-"""The command line as a user runs it: the demo (small settings), info and compile-report."""
+"""The command line as a user runs it: the demo (small settings), info and compile-report, and the
+compile report's reading of PTX and occupancy."""
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 import pytest
 
 from acn_kernels.cli import main
+from acn_kernels.tools.compile_report import access_widths, narrow_access, resident_warps
 from acn_kernels.experiments.demo import effective_depth
 
 
@@ -54,12 +56,53 @@ def test_compile_report_compiles_a_kernel_for_sm80_and_sm90_without_a_gpu():
     result = run_module("compile-report", "--only", "accumulate_norm_fwd_wide_kernel", interpret=False)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("accumulate_norm_fwd_wide_kernel")]
-    assert len(rows) == 6  # three dtypes, two targets
+    assert len(rows) == 12  # three dtypes, two targets, aligned and unaligned
     assert {row.split()[3] for row in rows} == {"sm_80", "sm_90"}
-    assert "6 compilations, 0 failed or spilled" in result.stdout
+    widths = {(row.split()[4], row.split()[5]): row.split()[9] for row in rows}  # (dtype, alignment): ld B
+    assert widths[("bf16", "aligned")] == "16" and widths[("bf16", "unaligned")] == "2-4"  # 4: the fp32 sum
+    assert "12 compilations, 0 failed, spilled or narrower than 16 bytes when aligned" in result.stdout
 
 
 def test_compile_report_refuses_to_run_under_the_interpreter():
     result = run_module("compile-report", interpret=True)
     assert result.returncode == 2 and "unset TRITON_INTERPRET" in result.stderr
     assert run_module("compile-report", "--only", "no_such_kernel", interpret=False).returncode == 2
+
+
+PTX = """
+    ld.param.u64 %rd1, [k_param_0];
+    ld.param.u64 %rd2, [k_param_1];
+    ld.param.u32 %r1, [k_param_2];
+    mul.wide.s32 %rd3, %r1, 2;
+    add.s64 %rd4, %rd1, %rd3;
+    @%p1 ld.global.v4.b32 { %r2, %r3, %r4, %r5 }, [ %rd4 + 0 ];
+    ld.global.b32 %r6, [ %rd2 + 0 ];
+    mov.u64 %rd5, %rd4;
+    @%p2 st.global.b16 [ %rd5 + 16 ], { %rs1 };
+    cp.async.cg.shared.global [ %r7 + 0 ], [ %rd4 + 0 ], 0x10, %r8;
+"""
+
+
+def test_row_access_widths_are_traced_to_their_pointer():
+    # param 0 is x_ptr (row data), param 1 w_ptr (a norm weight: not row data), param 2 an int
+    widths = access_widths(PTX, {0: "x_ptr", 1: "w_ptr"})
+    assert widths == {"load": [16, 16], "store": [2]}
+
+
+def test_resident_warps_follow_the_occupancy_calculator():
+    assert resident_warps(90, registers=32, shared=0, num_warps=4) == 64
+    assert resident_warps(90, registers=64, shared=0, num_warps=4) == 32
+    assert resident_warps(90, registers=128, shared=0, num_warps=4) == 16
+    assert resident_warps(80, registers=40, shared=100 * 1024, num_warps=4) == 4   # 1 block: shared memory
+    assert resident_warps(90, registers=40, shared=100 * 1024, num_warps=4) == 8   # 2 blocks on sm_90
+    assert resident_warps(90, registers=16, shared=0, num_warps=1) == 32           # 32 blocks at most
+
+
+def test_only_aligned_row_kernels_with_room_for_16_bytes_must_use_them():
+    row = {"alignment": "aligned", "kernel": "accumulate_norm_fwd_kernel", "tile_bytes": 64, "loads": [8, 16],
+           "stores": [16]}
+    assert narrow_access(row)
+    assert not narrow_access({**row, "alignment": "unaligned"})
+    assert not narrow_access({**row, "tile_bytes": 8})
+    assert not narrow_access({**row, "kernel": "linear_act_accumulate_fwd_kernel"})
+    assert not narrow_access({**row, "loads": [16]})

@@ -6,7 +6,8 @@ import torch
 from acn_kernels import reference
 from acn_kernels.backend import TRITON_INTERPRETED
 from acn_kernels.ops import accumulate_norm
-from acn_kernels.tools.traffic import TrafficCounter, measure, op_cases
+from acn_kernels.tools.cuda_host_check import toolchain
+from acn_kernels.tools.traffic import TrafficCounter, cuda_host_ops, measure, op_cases
 
 pytestmark = pytest.mark.skipif(not TRITON_INTERPRETED, reason="counts loads and stores under Triton's interpreter")
 
@@ -42,3 +43,14 @@ def test_counter_sees_views_as_free_and_copies_as_traffic():
     with TrafficCounter() as counter:
         x.clone()
     assert (counter.traffic.read, counter.traffic.written, counter.traffic.launches) == (x.nbytes, x.nbytes, 1)
+
+
+@pytest.mark.skipif(isinstance(toolchain(), str), reason="the CUDA kernels' counts come from cuda-host-check")
+def test_cuda_kernels_are_counted_to_the_byte():
+    """The host execution counts each byte a CUDA kernel touches once: an ACN boundary's forward and the
+    probe forward move exactly their docstring bytes, in one launch each (every input read once)."""
+    cuda = cuda_host_ops()
+    exact = [c for c in CASES if c[0].startswith(("accumulate_norm input", "probe_norm"))]
+    for name, fused, _, inputs, kwargs, (forward_bound, _) in exact:
+        forward, _ = measure(lambda *a: cuda[fused.__name__](*a, **kwargs), inputs)
+        assert (forward.total, forward.launches) == (forward_bound, 1), name

@@ -249,8 +249,11 @@ def compile_one(job: tuple[Build, str, int]) -> dict:
     try:
         types = signature(kernel, build)
         constexprs, attrs = specialization(kernel, build, alignment)
+        # FMA contraction as the JIT decides it (said explicitly, which spares a warning per compilation)
+        fusion = triton.knobs.language.default_fp_fusion and not triton.knobs.language.force_disable_fp_fusion
         compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=constexprs, attrs=attrs),
-                                  target=GPUTarget("cuda", capability, 32), options=build.options())
+                                  target=GPUTarget("cuda", capability, 32),
+                                  options={**build.options(), "enable_fp_fusion": fusion})
         ptx = compiled.asm["ptx"]
         registers, spills = ptxas_report(ptx, capability)
     except Exception as error:  # noqa: BLE001 - every failure becomes a failed row, and the exit code says so

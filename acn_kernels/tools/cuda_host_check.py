@@ -29,13 +29,14 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
+from ..ops.linear_act_accumulate import ACTIVATIONS, NEEDS_PREACTIVATION  # row_math.h's codes, in order
+
 CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "identity")  # the order of row_math.h's codes
-NEEDS_PREACTIVATION = ("gelu", "gelu_tanh", "silu")
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # kernels.h's DType
 GUARD_BYTES = 64
 FP32_RTOL = 1e-5  # the host computes exact float32, as the interpreter does
 
@@ -131,6 +132,7 @@ class HostKernels:
     library: ctypes.CDLL
     placement: Placement = field(default_factory=Placement)
     sm_count: int = 132
+    on_launch: Callable[[Launch], None] | None = None  # told of every launch as it ends (traffic)
     launches: list = field(default_factory=list)
     errors: list = field(default_factory=list)
     _keep: list = field(default_factory=list)
@@ -186,7 +188,10 @@ class HostKernels:
         try:
             yield
         finally:
-            self.launches += [self._launch(i) for i in range(self.library.acn_simt_launches())]
+            launches = [self._launch(i) for i in range(self.library.acn_simt_launches())]
+            for launch in launches if self.on_launch else ():
+                self.on_launch(launch)
+            self.launches += launches
             self.errors += [self._error(i) for i in range(self.library.acn_simt_errors())]
             self.library.acn_simt_reset()
             self._keep.clear()
@@ -419,7 +424,7 @@ def case_inputs(case: Case):
         return reference.probe_norm, args, {"norm": o["norm"]}
     y = {"none": None, "same": _randn(ROWS, width, dtype=d), "float32": _randn(ROWS, width)}[o["y"]]
     k = 24
-    args = (_randn(ROWS, k, dtype=d), _randn(width, k, dtype=d, scale=k ** -0.5), _randn(width, dtype=d), y)
+    args = (_randn(ROWS, k, dtype=d), _randn(width, k, dtype=d, scale=3 * k ** -0.5), _randn(width, dtype=d), y)
     return reference.linear_act_accumulate, args, {"activation": o["activation"]}
 
 
@@ -459,27 +464,30 @@ def print_summary(results: list[Result]) -> None:
         print(f"{name:<30} {e['launches']:>8} {widths:>26} {e['read'] / 2**20:>9.2f} {e['written'] / 2**20:>11.2f}")
 
 
-def run_check(csrc: pathlib.Path = CSRC, only: str | None = None, verbose: bool = False, seed: int = 0) -> int:
+def check(cases: list[Case], csrc: pathlib.Path = CSRC) -> list[Result]:
+    """Runs the cases on the kernels of `csrc`, built for the host."""
+    kernels = HostKernels.load(csrc, sm_count=SM_COUNT)
+    ops = public_ops(HostOps(kernels))
+    return [run_case(kernels, ops, case) for case in cases]
+
+
+def run_check(only: str | None = None, verbose: bool = False, seed: int = 0) -> int:
     found = toolchain()
     if isinstance(found, str):
         print(f"cuda-host-check cannot run here: {found}", file=sys.stderr)
         return 2
     torch.manual_seed(seed)
-    kernels = HostKernels.load(csrc, sm_count=SM_COUNT)
-    ops = public_ops(HostOps(kernels))
-    cases = [c for c in all_cases() if only is None or c.op == only]
-    results, failures = [], 0
-    for case in cases:
-        result = run_case(kernels, ops, case)
-        results.append(result)
+    results = check([c for c in all_cases() if only is None or c.op == only])
+    failures = 0
+    for result in results:
         failures += bool(result.problems)
         if result.problems or verbose:
             status = "FAIL" if result.problems else "ok  "
             shown = "; ".join(f"{launch.kernel} grid={launch.grid} block={launch.block} {launch.row_access}B"
                               for launch in result.launches)
-            print(f"{status} {case}  [{shown}]")
+            print(f"{status} {result.case}  [{shown}]")
             for problem in result.problems[:8]:
                 print(f"     {problem}")
     print_summary(results)
-    print(f"{len(cases)} cases, {failures} failures")
+    print(f"{len(results)} cases, {failures} failures")
     return 1 if failures else 0

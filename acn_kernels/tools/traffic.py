@@ -119,9 +119,7 @@ class TrafficCounter(TorchDispatchMode):
             try:
                 return original_call(grid_executor, *args, **kwargs)
             finally:
-                counter.traffic.read += _Launch._bytes(counter._launch.loads)
-                counter.traffic.written += _Launch._bytes(counter._launch.stores)
-                counter.traffic.launches += 1
+                counter.count_launch(_Launch._bytes(counter._launch.loads), _Launch._bytes(counter._launch.stores))
                 counter._launch = None
 
         patches = {"create_load": load, "create_masked_load": masked_load, "create_store": store,
@@ -135,6 +133,12 @@ class TrafficCounter(TorchDispatchMode):
             for name, fn in originals.items():
                 setattr(builder, name, fn)
             executor.__call__ = original_call
+
+    def count_launch(self, read: int, written: int) -> None:
+        """A kernel launch that aten does not see (the host-executed CUDA kernels)."""
+        self.traffic.read += read
+        self.traffic.written += written
+        self.traffic.launches += 1
 
     def __enter__(self):
         self._stack = contextlib.ExitStack()
@@ -195,13 +199,34 @@ def op_cases(rows: int = 512, dim: int = 1024, depth: int = 6):
     return cases
 
 
+# The CUDA backend's partial rows, like the Triton count's: 2 programs per SM on a 4-SM device = 8.
+CUDA_HOST_SMS = 4
+
+
+def cuda_host_ops() -> dict | None:
+    """The public ops on the CUDA kernels executed on the CPU (tools/cuda_host_check.py), each kernel
+    launch counting into the active TrafficCounter with the bytes the host execution counted; None
+    where no host compiler or CUDA headers are found."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    from .cuda_host_check import HostKernels, HostOps, Placement, public_ops, toolchain
+    if isinstance(toolchain(), str):
+        return None
+    kernels = HostKernels.load(placement=Placement(checked=False), sm_count=CUDA_HOST_SMS)
+    kernels.on_launch = lambda launch: _get_current_dispatch_mode().count_launch(launch.bytes_read,
+                                                                                  launch.bytes_written)
+    return public_ops(HostOps(kernels))
+
+
 def op_rows(cases):
+    cuda = cuda_host_ops()
     rows = []
     for name, fused, ref, inputs, kwargs, bound in cases:
         eager_f, eager_b = measure(lambda *a: ref(*a, **kwargs), inputs)
         fused_f, fused_b = measure(lambda *a: fused(*a, backend="triton", **kwargs), inputs)
+        cuda_f, cuda_b = measure(lambda *a: cuda[fused.__name__](*a, **kwargs), inputs) if cuda else (None, None)
         rows.append(dict(name=name, eager_forward=eager_f, eager_backward=eager_b, fused_forward=fused_f,
-                         fused_backward=fused_b, bound=bound))
+                         fused_backward=fused_b, cuda_forward=cuda_f, cuda_backward=cuda_b, bound=bound))
     return rows
 
 
@@ -242,16 +267,20 @@ def _mb(n: int) -> str:
 
 
 def print_report(ops, models) -> None:
-    print("Per op, one call forward and backward (MiB; launches in brackets):")
-    print(f"{'op':<34} {'eager fwd':>14} {'fused fwd':>14} {'eager bwd':>14} {'fused bwd':>14} "
-          f"{'fused/eager':>11} {'docstring bound':>16}")
+    print("Per op, one call forward and backward (MiB; launches in brackets). triton: the Triton kernels under "
+          "the interpreter; cuda: the CUDA kernels executed on the CPU (cuda-host-check); both with 8 programs' "
+          "partial rows:")
+    print(f"{'op':<34} {'eager fwd':>14} {'triton fwd':>14} {'cuda fwd':>14} {'eager bwd':>14} {'triton bwd':>14} "
+          f"{'cuda bwd':>14} {'triton/eager':>12} {'cuda/eager':>10} {'docstring bound':>16}")
     for r in ops:
         eager_total = r["eager_forward"].total + r["eager_backward"].total
-        fused_total = r["fused_forward"].total + r["fused_backward"].total
-        cells = [f"{_mb(t.total)} [{t.launches:>2}]" for t in
-                 (r["eager_forward"], r["fused_forward"], r["eager_backward"], r["fused_backward"])]
+        cells = [f"{_mb(t.total)} [{t.launches:>2}]" if t else "n/a" for t in
+                 (r["eager_forward"], r["fused_forward"], r["cuda_forward"], r["eager_backward"], r["fused_backward"],
+                  r["cuda_backward"])]
+        ratios = [f"{(f.total + b.total) / eager_total:.2f}" if f else "n/a" for f, b in
+                  ((r["fused_forward"], r["fused_backward"]), (r["cuda_forward"], r["cuda_backward"]))]
         print(f"{r['name']:<34} " + " ".join(f"{c:>14}" for c in cells)
-              + f" {fused_total / eager_total:>11.2f} {_mb(r['bound'][0]) + ' +' + _mb(r['bound'][1]):>16}")
+              + f" {ratios[0]:>12} {ratios[1]:>10} {_mb(r['bound'][0]) + ' +' + _mb(r['bound'][1]):>16}")
     print("\nOne training step (forward and backward) of small AC models (MiB; launches):")
     print(f"{'model':<12} {'eager MiB':>10} {'fused MiB':>10} {'ratio':>6} "
           f"{'eager launches':>15} {'fused launches':>15}")

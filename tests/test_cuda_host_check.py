@@ -1,0 +1,101 @@
+"""The CUDA kernels of csrc/ executed on the CPU (`python -m acn_kernels cuda-host-check`): every op,
+forward and backward, against the reference; the execution layer's own semantics; and breakages
+made on purpose in a copy of csrc/, which the check must report."""
+import ctypes
+import pathlib
+import shutil
+
+import pytest
+import torch
+
+from acn_kernels.tools.cuda_host_check import CSRC, HostKernels, all_cases, check, run_check, toolchain
+
+FOUND = toolchain()
+pytestmark = pytest.mark.skipif(isinstance(FOUND, str), reason=f"cuda-host-check cannot run here: {FOUND}")
+HERE = pathlib.Path(__file__).parent
+
+
+@pytest.mark.parametrize("op", ("accumulate_norm", "probe_norm", "linear_act_accumulate"))
+def test_every_cuda_kernel_matches_the_reference(op, capsys):
+    assert run_check(only=op) == 0, capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines()[-1].endswith(" 0 failures")
+
+
+def test_cases_cover_both_pack_widths_and_the_persistent_loop():
+    results = check([c for c in all_cases() if c.op == "accumulate_norm" and c.width == 64])
+    widths = {(r.case.dtype, r.case.shift, launch.row_access) for r in results for launch in r.launches}
+    assert (torch.bfloat16, 0, 16) in widths and (torch.bfloat16, 1, 2) in widths  # packs aligned, scalar not
+    backward = [launch for r in results for launch in r.launches if launch.kernel == "accumulate_norm_bwd_kernel"]
+    assert all(launch.grid < 5 for launch in backward)  # 5 rows walked by fewer programs
+
+
+def broken_copy(tmp_path, file: str, old: str, new: str) -> pathlib.Path:
+    csrc = tmp_path / "csrc"
+    shutil.copytree(CSRC, csrc)
+    source = (csrc / file).read_text()
+    assert old in source, f"{file} no longer contains {old!r}: update the test"
+    (csrc / file).write_text(source.replace(old, new))
+    return csrc
+
+
+BREAKAGES = {
+    "block_sum skips its last shuffle": ("device_utils.cuh", "offset > 0; offset >>= 1) v +=",
+                                         "offset > 1; offset >>= 1) v +="),
+    "a pack stores one element fewer": ("device_utils.cuh", "for (int j = 0; j < N; ++j) pack.v[j] = from_float",
+                                        "for (int j = 0; j < N - 1; ++j) pack.v[j] = from_float"),
+    "the shuffle mask leaves out half of warp 0": ("device_utils.cuh", "s += __shfl_xor_sync(0xffffffffu, s, offset)",
+                                                   "s += __shfl_xor_sync(0x0000ffffu, s, offset)"),
+    "the probe backward rebuilds y_L uncompensated": (
+        "probe_norm.cu", "for (int k = 0; k < depth; ++k) add_compensated(hi[i], lo[i], to_float(xs[k * layer + row",
+        "for (int k = 0; k < depth; ++k) hi[i] += (to_float(xs[k * layer + row"),
+}
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_a_broken_kernel_is_reported(breakage, tmp_path):
+    file, old, new = BREAKAGES[breakage]
+    cases = [c for c in all_cases() if c.width in (64, 129) and c.dtype != torch.float16
+             and (c.op != "probe_norm" or dict(c.options)["terms"] == "cancel")]
+    results = check(cases, broken_copy(tmp_path, file, old, new))
+    problems = [p for r in results for p in r.problems]
+    assert problems, f"{breakage}: no case failed"
+    if "mask" in breakage:
+        assert any("leaves it out" in p for p in problems), problems[:3]
+
+
+@pytest.fixture(scope="module")
+def layer(tmp_path_factory):
+    csrc = tmp_path_factory.mktemp("layer") / "csrc"
+    shutil.copytree(CSRC, csrc)
+    shutil.copy(HERE / "simt_layer_kernels.cu", csrc)
+    return HostKernels.load(csrc)
+
+
+def launch(layer, kernel: int, threads: int, size: int) -> tuple[torch.Tensor, list]:
+    layer.launches, layer.errors = [], []
+    with layer.call():
+        out = layer.output("out", (size,), torch.float32)
+        layer.library.acn_test_launch(kernel, ctypes.c_void_p(out.data_ptr()), threads)
+    return out, layer.errors
+
+
+def test_shuffles_read_the_lanes_cuda_defines(layer):
+    out, errors = launch(layer, 0, 64, 3 * 64)
+    assert errors == []
+    t = torch.arange(64)
+    xor, down, indexed = out.view(3, 64)
+    assert torch.equal(xor, (t ^ 5).float())
+    assert torch.equal(down, torch.where(t % 32 + 3 < 32, t + 3, t).float())  # past the warp: its own value
+    assert torch.equal(indexed, (t - t % 16 + 7).float())  # width 16: lane 7 of each 16-lane segment
+
+
+@pytest.mark.parametrize("kernel, threads, message", [
+    (0, 48, "whose lanes are 0x0000ffff"),                    # a full mask in a warp of 16 threads
+    (1, 64, "__syncthreads() in block 0 was reached by 16 threads after 48"),
+    (2, 32, "with mask 0x00000001, which leaves it out"),
+    (3, 32, "stores 4 bytes at byte 128 of out, outside its 128 bytes"),
+    (4, 0, "block of 2048 threads, CUDA allows 1 to 1024"),
+])
+def test_what_cuda_leaves_undefined_is_reported(layer, kernel, threads, message):
+    _, errors = launch(layer, kernel, threads, 3 * 64 if kernel in (0, 4) else threads)
+    assert any(message in e for e in errors), errors
