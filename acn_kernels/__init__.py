@@ -1,8 +1,9 @@
 """Fused Triton and CUDA kernels for Auto-Compressing Networks."""
 __version__ = "0.1.0"
 
+from .long_connections import LongConnections  # noqa: E402
 from .models import CONNECTIVITIES, Encoder, MLP, Mixer, ViT  # noqa: E402
 from .ops import accumulate_norm, linear_act_accumulate, probe_norm  # noqa: E402
 
-__all__ = ["CONNECTIVITIES", "Encoder", "MLP", "Mixer", "ViT", "__version__", "accumulate_norm",
+__all__ = ["CONNECTIVITIES", "Encoder", "LongConnections", "MLP", "Mixer", "ViT", "__version__", "accumulate_norm",
            "linear_act_accumulate", "probe_norm"]

@@ -9,10 +9,10 @@
 The states after k = 0..L blocks, read through the shared final norm and readout, are the L+1
 nested sub-networks that `probe` scores and `truncate` keeps.
 
-An "acn" model runs its long connections through the fused ops on `backend`: each block boundary
-is one `accumulate_norm` (y += x_i and the next block's input norm), the final norm its
-normalize="sum" mode, and `probe` one `probe_norm`. The residual and ffn twins are the eager
-PyTorch baselines. Parameters and state_dict are the same whatever the backend.
+An "acn" model runs its long connections through `LongConnections` (the one implementation of
+them) on `backend`: each block boundary one `accumulate_norm` (y += x_i and the next block's input
+norm), the final norm its normalize="sum" mode, and `probe` one `probe_norm`. The residual and ffn
+twins are the eager PyTorch baselines. Parameters and state_dict are the same whatever the backend.
 """
 from __future__ import annotations
 
@@ -27,25 +27,14 @@ from torch.utils.checkpoint import checkpoint
 
 from .._validation import check_choice, check_positive_int
 from ..backend import BACKENDS, resolve_backend
-from ..ops import accumulate_norm, probe_norm
+from ..long_connections import LongConnections, attach
 
 CONNECTIVITIES = ("acn", "residual", "ffn")
 
 
-def accumulate(y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return x if y is None else y + x
-
-
-def fused_boundary(block: nn.Module, x: torch.Tensor, y: torch.Tensor | None, backend: str):
-    """(y + x, block(x)) for a block that starts by normalizing its input (`block.input_norm`, then
-    `block.run_normed(x, h)`): y + x and input_norm(x) come from one accumulate_norm pass."""
-    norm = block.input_norm
-    y, h = accumulate_norm(x, y, norm.weight, norm.bias, eps=norm.eps, backend=backend)
-    return y, block.run_normed(x, h)
-
-
 class DepthModel(nn.Module):
-    """Subclasses set `self.blocks`, `self.final_norm`, and define `embed` and `readout`."""
+    """Subclasses set `self.blocks` and `self.final_norm`, call `self.connect()`, and define `embed`
+    and `readout`. A block that starts with a norm names it `input_norm` (and takes `run_normed`)."""
 
     def __init__(self, depth: int, connectivity: str, backend: str = "auto"):
         super().__init__()
@@ -57,7 +46,26 @@ class DepthModel(nn.Module):
                           f"the {connectivity} twin runs eager PyTorch", stacklevel=3)
         self.connectivity = connectivity
         self.requested_backend = backend
-        self.gradient_checkpointing = False
+        self._checkpointing = False
+
+    def connect(self) -> None:
+        """The long connections over this model's blocks (referenced, not registered: see attach)."""
+        norms = [getattr(block, "input_norm", None) for block in self.blocks]
+        final = None if isinstance(self.final_norm, nn.Identity) else self.final_norm
+        long_connections = LongConnections(self.blocks, None if None in norms else norms, final,
+                                           self.requested_backend)
+        long_connections.gradient_checkpointing = self._checkpointing
+        attach(self, long_connections)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self._checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        """Recompute each block in backward (the acn chain, the residual and ffn twins alike)."""
+        self._checkpointing = bool(value)
+        self.long_connections.gradient_checkpointing = self._checkpointing
 
     @property
     def depth(self) -> int:
@@ -81,69 +89,38 @@ class DepthModel(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    # ------------------------------------------------------------------ eager chains (all twins)
+    # ------------------------------------------------------------------ the twins' chains
 
     def states(self, inputs: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Yields the hidden state after k = 0..L blocks (before the final norm), in eager PyTorch."""
+        """Yields the residual or ffn chain's state after k = 0..L blocks, in eager PyTorch."""
         x = self.embed(inputs)
-        running_sum = x
         yield x
         for block in self.blocks:
             x = self.run_block(block, x)
-            if self.connectivity == "acn":
-                running_sum = running_sum + x
-                yield running_sum
-            else:
-                yield x
+            yield x
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.readout(self.final_norm(hidden))
-
-    # ------------------------------------------------------------------ the ACN on fused ops
-
-    def acn_chain(self, inputs: torch.Tensor, backend: str):
-        """(y, x_L, [x_0..x_L]) with y = x_0 + ... + x_{L-1} (None when L = 0)."""
-        x = self.embed(inputs)
-        y, outputs = None, [x]
-        for block in self.blocks:
-            if getattr(block, "input_norm", None) is not None:
-                y, x = self.run_block(fused_boundary, block, x, y, backend)
-            else:
-                y, x = accumulate(y, x), self.run_block(block, x)
-            outputs.append(x)
-        return y, x, outputs
-
-    def final_sum_norm(self, y: torch.Tensor | None, x: torch.Tensor, backend: str) -> torch.Tensor:
-        norm = self.final_norm
-        if isinstance(norm, nn.LayerNorm):
-            return accumulate_norm(x, y, norm.weight, norm.bias, eps=norm.eps, normalize="sum", backend=backend)[1]
-        return norm(accumulate(y, x))
 
     # ------------------------------------------------------------------ public
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.connectivity == "acn":
-            backend = self.requested_backend
-            y, x, _ = self.acn_chain(inputs, backend)
-            return self.readout(self.final_sum_norm(y, x, backend))
+            return self.readout(self.long_connections(self.embed(inputs)))
         last_state = deque(self.states(inputs), maxlen=1)[0]  # walks the chain, keeps only the end
         return self.head(last_state)
 
     def partial_sums(self, inputs: torch.Tensor) -> torch.Tensor:
         """(L+1, *hidden_shape): y_0..y_L for "acn", the state after k blocks otherwise."""
+        if self.connectivity == "acn":
+            return torch.stack(self.long_connections.chain(self.embed(inputs))[2]).cumsum(0)
         return torch.stack(list(self.states(inputs)))
 
     def probe(self, inputs: torch.Tensor) -> torch.Tensor:
         """(L+1, batch, classes): logits of every depth k through the shared final norm and head."""
         if self.connectivity != "acn":
             return torch.stack([self.head(hidden) for hidden in self.states(inputs)])
-        _, _, outputs = self.acn_chain(inputs, self.requested_backend)
-        xs = torch.stack(outputs)
-        norm = self.final_norm
-        if isinstance(norm, nn.LayerNorm):
-            normed = probe_norm(xs, norm.weight, norm.bias, eps=norm.eps, backend=self.requested_backend)
-        else:
-            normed = norm(xs.cumsum(0))
+        normed = self.long_connections.probe(self.embed(inputs))
         return torch.stack([self.readout(hidden) for hidden in normed])
 
     def truncate(self, k: int) -> "DepthModel":
@@ -154,4 +131,5 @@ class DepthModel(nn.Module):
         # copy.copy shares the module dicts; give the copy its own so replacing blocks is local.
         shallow._modules = dict(self._modules)
         shallow._modules["blocks"] = nn.ModuleList(list(self.blocks)[:k])
+        shallow.connect()
         return shallow

@@ -59,6 +59,7 @@ class Mixer(DepthModel):
             for _ in range(depth))
         self.final_norm = nn.LayerNorm(dim)
         self.classifier = nn.Linear(dim, num_classes)
+        self.connect()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embed(images)

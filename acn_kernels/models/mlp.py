@@ -22,8 +22,9 @@ class MLPBlock(nn.Module):
         out = self.act(self.linear(x))
         return x + out if self.residual else out
 
-    def fused(self, x: torch.Tensor, y: torch.Tensor | None, backend: str):
-        """(act(linear(x)), y + act(linear(x))) from one GEMM with the sum in its epilogue."""
+    def run_accumulate(self, x: torch.Tensor, y: torch.Tensor | None, backend: str):
+        """(act(linear(x)), y + act(linear(x))) from one GEMM with the sum in its epilogue
+        (LongConnections calls it on fused backends)."""
         return linear_act_accumulate(x, self.linear.weight, self.linear.bias, y, activation=self.activation,
                                      backend=backend)
 
@@ -40,6 +41,7 @@ class MLP(DepthModel):
             MLPBlock(dim, activation, residual=connectivity == "residual") for _ in range(depth))
         self.final_norm = nn.LayerNorm(dim)
         self.classifier = nn.Linear(dim, num_classes)
+        self.connect()
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         if inputs.dim() != 2 or inputs.shape[1] != self.input_proj.in_features:
@@ -49,15 +51,3 @@ class MLP(DepthModel):
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(hidden)
-
-    def acn_chain(self, inputs: torch.Tensor, backend: str):
-        """Every layer but the last adds its output to the running sum in its GEMM epilogue; the
-        last one's output goes to the final norm's accumulate_norm (see DepthModel.acn_chain)."""
-        x = self.embed(inputs)
-        y, outputs = x, [x]
-        for i, block in enumerate(self.blocks):
-            last = i == self.depth - 1
-            x, y_next = self.run_block(block.fused, x, None if last else y, backend)
-            y = y if last else y_next
-            outputs.append(x)
-        return (y if self.depth else None), x, outputs

@@ -63,6 +63,7 @@ class ViT(DepthModel):
         self.blocks = _blocks(depth, dim, heads, mlp_dim, connectivity, norm_first=True)
         self.final_norm = nn.LayerNorm(dim)
         self.classifier = nn.Linear(dim, num_classes)
+        self.connect()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(images) + self.pos_embed
@@ -87,6 +88,7 @@ class Encoder(DepthModel):
         self.blocks = _blocks(depth, dim, heads, mlp_dim, connectivity, norm_first=False)
         self.final_norm = nn.Identity()
         self.classifier = nn.Linear(dim, num_classes)
+        self.connect()
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         max_len = self.pos_embed.num_embeddings

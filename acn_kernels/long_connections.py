@@ -1,0 +1,167 @@
+"""LongConnections: the ACN's running sum around any blocks, the one implementation of it.
+
+    x_i   = blocks[i](input_norms[i](x_{i-1}))      (blocks[i](x_{i-1}) without input norms)
+    y_k   = x_0 + x_1 + ... + x_k                   k = 0..L, the nested sub-networks
+    out   = final_norm(y_L)                         (y_L itself without a final norm)
+
+On a fused backend each block boundary is one `accumulate_norm` (y += x_{i-1} and the next input
+norm in one pass), the final norm its normalize="sum" mode and `probe` one `probe_norm`; on
+backend="reference" every norm module runs as it is (pure eager PyTorch). A block that needs its
+un-normalized input as well (the Mixer's tail skip) defines `run_normed(x, h)`, h = input_norm(x);
+a block that can add its own output to the running sum as it computes it (the MLP's GEMM epilogue)
+defines `run_accumulate(x, y, backend) -> (x_next, y + x_next)`, used on fused backends.
+
+Norms: nn.LayerNorm, nn.RMSNorm, and LayerNorm-like modules with `weight`, `bias` and `eps` over the
+last dimension. The package's models and the models `acnify` converts keep their own module names:
+they reference a LongConnections without registering it (`attach`), so state_dict keys do not change.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ._validation import check_choice
+from .backend import BACKENDS, resolve_backend
+from .ops import accumulate_norm, probe_norm
+
+
+def norm_kind(module: nn.Module, name: str) -> str:
+    """"layernorm" or "rmsnorm" for a norm the fused ops can run; otherwise a ValueError naming it."""
+    # Batch, instance and group norms have weight, bias and eps too, but normalize across other dims.
+    other_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm))
+    if isinstance(module, nn.RMSNorm):
+        kind = "rmsnorm"
+    elif isinstance(module, nn.LayerNorm) or (all(hasattr(module, a) for a in ("weight", "bias", "eps"))
+                                              and not other_norm):
+        kind = "layernorm"
+    else:
+        raise ValueError(f"{name} must be nn.LayerNorm, nn.RMSNorm or a LayerNorm with weight, bias and eps, "
+                         f"got {type(module).__name__}")
+    shape = getattr(module, "normalized_shape", None)
+    if shape is not None and len(tuple(shape)) != 1:
+        raise ValueError(f"{name} must normalize the last dimension only, got normalized_shape {tuple(shape)}")
+    return kind
+
+
+def norm_parameters(module: nn.Module, x: torch.Tensor) -> tuple:
+    """(weight, bias, eps) as the fused ops take them; a norm without affine parameters gets ones."""
+    weight = module.weight if module.weight is not None else torch.ones(x.shape[-1], device=x.device)
+    eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's default
+    return weight, getattr(module, "bias", None), eps
+
+
+class LongConnections(nn.Module):
+    """forward(x0, **block_kwargs) = final_norm(x_0 + ... + x_L); see the module docstring."""
+
+    def __init__(self, blocks, input_norms=None, final_norm: nn.Module | None = None, backend: str = "auto"):
+        super().__init__()
+        check_choice("backend", backend, BACKENDS)
+        self.blocks = blocks if isinstance(blocks, nn.ModuleList) else nn.ModuleList(blocks)
+        if input_norms is not None:
+            input_norms = input_norms if isinstance(input_norms, nn.ModuleList) else nn.ModuleList(input_norms)
+            if len(input_norms) != len(self.blocks):
+                raise ValueError(f"input_norms must have one norm per block ({len(self.blocks)}), "
+                                 f"got {len(input_norms)}")
+            self.norm_kinds = [norm_kind(n, f"input_norms[{i}]") for i, n in enumerate(input_norms)]
+        self.input_norms = input_norms
+        self.final_norm = final_norm
+        self.final_kind = norm_kind(final_norm, "final_norm") if final_norm is not None else None
+        self.backend = backend
+        self.gradient_checkpointing = False
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def fused(self, device: torch.device) -> bool:
+        return resolve_backend(self.backend, device) != "reference"
+
+    # ------------------------------------------------------------------ the chain
+
+    def _step(self, i: int, x: torch.Tensor, y: torch.Tensor | None, x_in_y: bool, fused: bool,
+              block_kwargs: dict):
+        """(y, x_{i+1}, whether y holds x_{i+1}) for block i, given y and whether y holds x already."""
+        block, last = self.blocks[i], i == self.depth - 1
+        run_accumulate = getattr(block, "run_accumulate", None) if fused else None
+        if run_accumulate is not None:  # the block adds its output to y itself, but the last one's
+            if last:                    # goes to the final norm's accumulate_norm
+                return (y if x_in_y else self._add(y, x)), run_accumulate(x, None, self.backend)[0], False
+            x_next, y = run_accumulate(x, y if x_in_y else self._add(y, x), self.backend)
+            return y, x_next, True
+        if self.input_norms is None:
+            return (y if x_in_y else self._add(y, x)), block(x, **block_kwargs), False
+        norm = self.input_norms[i]
+        if fused and not x_in_y:
+            weight, bias, eps = norm_parameters(norm, x)
+            y, h = accumulate_norm(x, y, weight, bias, eps=eps, norm=self.norm_kinds[i], backend=self.backend)
+        else:
+            y, h = (y if x_in_y else self._add(y, x)), norm(x)
+        run_normed = getattr(block, "run_normed", None)
+        x_next = run_normed(x, h, **block_kwargs) if run_normed is not None else block(h, **block_kwargs)
+        return y, x_next, False
+
+    @staticmethod
+    def _add(y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        return x if y is None else y + x
+
+    def chain(self, x0: torch.Tensor, **block_kwargs):
+        """(y_{L-1}, x_L, [x_0..x_L]): the running sum before the last output, and every output."""
+        fused = self.fused(x0.device)
+        x, y, x_in_y, outputs = x0, None, False, [x0]
+        for i in range(self.depth):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                y, x, x_in_y = checkpoint(self._step, i, x, y, x_in_y, fused, block_kwargs, use_reentrant=False)
+            else:
+                y, x, x_in_y = self._step(i, x, y, x_in_y, fused, block_kwargs)
+            outputs.append(x)
+        return y, x, outputs
+
+    def sum_and_norm(self, y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """final_norm(y + x) (y + x without a final norm), the last boundary."""
+        norm = self.final_norm
+        if norm is None:
+            return self._add(y, x)
+        if self.fused(x.device):
+            weight, bias, eps = norm_parameters(norm, x)
+            return accumulate_norm(x, y, weight, bias, eps=eps, norm=self.final_kind, normalize="sum",
+                                   backend=self.backend)[1]
+        return norm(self._add(y, x))
+
+    def forward(self, x0: torch.Tensor, **block_kwargs) -> torch.Tensor:
+        y, x, _ = self.chain(x0, **block_kwargs)
+        return self.sum_and_norm(y, x)
+
+    def probe_outputs(self, outputs: list) -> torch.Tensor:
+        """(L+1, ...): final_norm(y_k) for every depth, from the block outputs [x_0..x_L]."""
+        xs = torch.stack(outputs)
+        norm = self.final_norm
+        if norm is None:
+            return xs.cumsum(0)
+        if self.fused(xs.device):
+            weight, bias, eps = norm_parameters(norm, xs)
+            return probe_norm(xs, weight, bias, eps=eps, norm=self.final_kind, backend=self.backend)
+        return norm(xs.cumsum(0))
+
+    def probe(self, x0: torch.Tensor, **block_kwargs) -> torch.Tensor:
+        """(L+1, *x0.shape): the normalized partial sums of every depth k = 0..L."""
+        return self.probe_outputs(self.chain(x0, **block_kwargs)[2])
+
+    def truncate(self, k: int) -> "LongConnections":
+        """The first k blocks (and their norms), sharing every parameter."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.depth:
+            raise ValueError(f"k must be an integer in [0, {self.depth}], got {k!r}")
+        shallow = copy.copy(self)
+        shallow._modules = dict(self._modules)
+        shallow._modules["blocks"] = nn.ModuleList(list(self.blocks)[:k])
+        if self.input_norms is not None:
+            shallow._modules["input_norms"] = nn.ModuleList(list(self.input_norms)[:k])
+        return shallow
+
+
+def attach(owner: nn.Module, long_connections: LongConnections) -> None:
+    """Gives `owner` its long connections without registering them as a submodule: they reference
+    modules the owner already registers, so its state_dict keys stay as they are."""
+    object.__setattr__(owner, "long_connections", long_connections)
