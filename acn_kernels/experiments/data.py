@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from .._extras import require
+
 
 def load_digits_split(seed: int):
     """(train_x, train_y, test_x, test_y): pixels scaled to [0, 1], a stratified 75/25 split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    datasets = require("sklearn.datasets", "demo", "the digits data")
+    train_test_split = require("sklearn.model_selection", "demo", "the digits data").train_test_split
 
-    digits = load_digits()
+    digits = datasets.load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.int64)
     train_idx, test_idx = train_test_split(range(len(labels)), test_size=0.25, random_state=seed,

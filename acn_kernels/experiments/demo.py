@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models import CONNECTIVITIES, MLP, Mixer
+from .._extras import require
+from ..depth import compress, depth_accuracies, smallest_depth_within
 from .data import load_digits_split
 
 DEFAULTS = {"mlp": {"depth": 12, "epochs": 40}, "mixer": {"depth": 8, "epochs": 15}}
@@ -62,19 +64,6 @@ def train(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, ep
     return loss.item()
 
 
-@torch.no_grad()
-def accuracy_by_depth(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> list[float]:
-    """Test accuracy in percent of every sub-network k = 0..L."""
-    model.eval()
-    predictions = model.probe(inputs).argmax(dim=-1)
-    return (100.0 * (predictions == labels).float().mean(dim=1)).tolist()
-
-
-def effective_depth(accuracies: list[float], tolerance: float = 1.0) -> int:
-    best = max(accuracies)
-    return next(k for k, acc in enumerate(accuracies) if acc >= best - tolerance)
-
-
 def format_table(results: dict[str, list[float]]) -> str:
     names = list(results)
     lines = ["depth k  " + "  ".join(f"{name:>9}" for name in names)]
@@ -83,20 +72,19 @@ def format_table(results: dict[str, list[float]]) -> str:
     lines.append("")
     for name in names:
         acc = results[name]
-        k = effective_depth(acc)
+        k = smallest_depth_within(acc, 1.0)
         lines.append(f"{name:>9}: best {max(acc):.1f}%, full depth {acc[-1]:.1f}%, "
                      f"effective depth {k} of {len(acc) - 1} (within 1 point of best)")
     return "\n".join(lines)
 
 
 def save_plot(results: dict[str, list[float]], title: str, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
+    require("matplotlib", "demo", "the demo's plot").use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, acc in results.items():
-        ax.plot(range(len(acc)), acc, marker="o", label=f"{name} (effective depth {effective_depth(acc)})")
+        ax.plot(range(len(acc)), acc, marker="o", label=f"{name} (effective depth {smallest_depth_within(acc, 1.0)})")
     ax.set_xlabel("depth k (blocks used)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
@@ -110,7 +98,7 @@ def save_plot(results: dict[str, list[float]], title: str, path: str) -> None:
 
 def run_demo(model_name: str = "mlp", depth: int | None = None, epochs: int | None = None,
              seed: int = 0, plot: str | None = None) -> int:
-    from tqdm import tqdm
+    tqdm = require("tqdm", "demo", "the demo").tqdm
 
     depth = depth or DEFAULTS[model_name]["depth"]
     epochs = epochs or DEFAULTS[model_name]["epochs"]
@@ -119,15 +107,17 @@ def run_demo(model_name: str = "mlp", depth: int | None = None, epochs: int | No
     train_inputs, test_inputs = model_inputs(model_name, train_x), model_inputs(model_name, test_x)
     print(f"digits: {len(train_y)} train / {len(test_y)} test images; {model_name}, depth {depth}, "
           f"{epochs} epochs, seed {seed}, CPU")
-    results = {}
+    results, models = {}, {}
     for connectivity in CONNECTIVITIES:
         torch.manual_seed(seed)
-        model = build_model(model_name, depth, connectivity)
+        models[connectivity] = model = build_model(model_name, depth, connectivity)
         with tqdm(total=epochs, desc=f"{connectivity:>8}", unit="epoch", leave=True) as progress:
             train(model, train_inputs, train_y, epochs, torch.Generator().manual_seed(seed), progress)
-        results[connectivity] = accuracy_by_depth(model, test_inputs, test_y)
+        results[connectivity] = depth_accuracies(model.eval(), test_inputs, test_y)
     print("\nTest accuracy when only the first k blocks are used (shared final norm and head):")
     print(format_table(results))
+    print("\nacn compressed to its effective depth (compress; latency of a forward of 64 test images):")
+    print(compress(models["acn"], test_inputs, test_y, tolerance=1.0, repeats=10))
     save_plot(results, f"{model_name}, depth {depth}, digits", plot)
     print(f"\nplot written to {plot}")
     return 0

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from .._extras import require
 from ..backend import CUDA_EXTENSION
 from ..models import MLP, Mixer, ViT
 from ..ops import accumulate_norm, linear_act_accumulate, probe_norm
@@ -266,8 +267,7 @@ def write_csv(results: list[Result], path: str, device_label: str) -> None:
 
 
 def plot(results: list[Result], path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
+    require("matplotlib", "bench", "bench's plots").use("Agg")
     import matplotlib.pyplot as plt
 
     shown = [r for r in results if r.impl != "eager"]
@@ -286,7 +286,7 @@ def plot(results: list[Result], path: str, title: str) -> None:
 
 
 def run_bench(quick: bool = False, suites=("ops", "models"), out_dir: str = "results") -> int:
-    from tqdm import tqdm
+    tqdm = require("tqdm", "bench", "bench").tqdm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not quick:

@@ -1,0 +1,31 @@
+"""acnify: turn a residual model from timm or Hugging Face into an ACN, in place."""
+from __future__ import annotations
+
+import sys
+
+from torch import nn
+
+from .._validation import check_choice
+from ..backend import BACKENDS
+
+SUPPORTED = ("timm.models.vision_transformer.VisionTransformer",
+             "transformers BertModel and the Bert task models around one (BertForSequenceClassification, ...)")
+
+
+def acnify(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Converts `model` in place and returns it: long connections instead of its residual adds, with
+    `probe` (the output of every depth) and `truncate(k)`. The state_dict keys do not change, so a
+    residual checkpoint loads into the converted model (to fine-tune from) and back."""
+    check_choice("backend", backend, BACKENDS)
+    if "timm" in sys.modules:
+        from timm.models.vision_transformer import VisionTransformer
+        if type(model) is VisionTransformer:
+            from .timm import acnify_vit
+            return acnify_vit(model, backend)
+    if "transformers" in sys.modules:
+        from transformers.models.bert.modeling_bert import BertEncoder, BertPreTrainedModel
+        if isinstance(model, BertPreTrainedModel) and any(type(m) is BertEncoder for m in model.modules()):
+            from .hf import acnify_bert
+            return acnify_bert(model, backend)
+    converted = " (already converted)" if any(hasattr(m, "long_connections") for m in model.modules()) else ""
+    raise TypeError(f"acnify supports {' and '.join(SUPPORTED)}; got {type(model).__name__}{converted}")

@@ -1,0 +1,133 @@
+"""acnify on small timm ViT and Hugging Face BERT configurations (no weights downloaded): the output
+equals a hand-written ACN loop over the same submodules (float64, eval mode), the state_dict round
+trip with the unconverted model, one AdamW step trains, and probe[k] equals truncate(k)'s output.
+timm and transformers come with the [timm] and [hf] extras (CI installs them beside the CUDA torch,
+which torchvision needs)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from acn_kernels import acnify
+from op_harness import FUSED_BACKENDS
+
+
+def test_unsupported_models_name_the_supported_classes():
+    with pytest.raises(TypeError, match=r"acnify supports timm.models.vision_transformer.VisionTransformer and "
+                                        r"transformers BertModel .* got Linear"):
+        acnify(nn.Linear(3, 3))
+
+
+def one_adamw_step_trains(model, loss):
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def assert_round_trip(residual: nn.Module, converted: nn.Module, fresh_residual: nn.Module):
+    assert list(converted.state_dict()) == list(residual.state_dict())
+    converted.load_state_dict(residual.state_dict())     # a residual checkpoint, to fine-tune from
+    fresh_residual.load_state_dict(converted.state_dict())  # and back
+    for a, b in zip(fresh_residual.state_dict().values(), residual.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- timm
+
+def small_vit():
+    timm = pytest.importorskip("timm", reason="needs the [timm] extra: pip install 'acn-kernels[timm]'")
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
+                             depth=3, num_heads=3, num_classes=5, init_values=0.5, drop_path_rate=0.1)
+
+
+def vit_by_hand(m, images):
+    """The ACN of the definition over timm's own submodules (eval mode: no drop path)."""
+    x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+    total = x
+    for b in m.blocks:
+        x = b.ls2(b.mlp(b.norm2(b.ls1(b.attn(b.norm1(x))))))
+        total = total + x
+    return m.forward_head(m.norm(total))
+
+
+def test_timm_vit_is_the_acn_of_its_own_blocks():
+    residual = small_vit().double().eval()
+    model = acnify(copy.deepcopy(residual), backend="reference")
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(model(images), vit_by_hand(model, images), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(model(images), residual(images))  # the residual adds are gone
+    probed = model.probe(images)
+    assert probed.shape == (4, 2, 5)
+    for k in range(4):
+        torch.testing.assert_close(model.truncate(k)(images), probed[k], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(probed[-1], model(images))
+    assert_round_trip(residual, model, small_vit().double())
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_timm_vit_on_a_fused_backend_trains_and_matches_the_reference(backend):
+    residual = small_vit()
+    reference = acnify(copy.deepcopy(residual), backend="reference").eval()
+    fused = acnify(copy.deepcopy(residual), backend=backend).eval()
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fused(images), reference(images), rtol=1e-4, atol=1e-4)
+    fused.train()
+    one_adamw_step_trains(fused, fused(images).logsumexp(-1).mean())
+
+
+def test_acnify_twice_says_so():
+    model = acnify(small_vit())
+    with pytest.raises(TypeError, match=r"got AcnVisionTransformer \(already converted\)"):
+        acnify(model)
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+def small_bert(cls_name="BertForSequenceClassification"):
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    return getattr(transformers, cls_name)(config)
+
+
+def bert_by_hand(m, ids):
+    """AC-BERT over the model's own submodules: post-LN layers without their two adds, the running
+    sum from the embedding output, no final norm, the pooler and classifier on the sum."""
+    x = m.bert.embeddings(input_ids=ids)
+    total = x
+    for layer in m.bert.encoder.layer:
+        attention = layer.attention.self(x)[0]
+        attention = layer.attention.output.LayerNorm(layer.attention.output.dense(attention))
+        x = layer.output.LayerNorm(layer.output.dense(layer.intermediate(attention)))
+        total = total + x
+    return m.classifier(m.bert.pooler(total))
+
+
+def test_hf_bert_is_the_acn_of_its_own_layers():
+    residual = small_bert().double().eval()
+    model = acnify(copy.deepcopy(residual), backend="reference")
+    ids = torch.randint(0, 50, (2, 7))
+    torch.testing.assert_close(model(ids).logits, bert_by_hand(model, ids), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(model(ids).logits, residual(ids).logits)
+    probed = model.probe(input_ids=ids)
+    assert probed.shape == (4, 2, 3)
+    for k in range(4):
+        torch.testing.assert_close(model.truncate(k)(input_ids=ids).logits, probed[k], rtol=1e-12, atol=1e-12)
+    assert_round_trip(residual, model, small_bert().double())
+    with pytest.raises(TypeError, match="already converted"):
+        acnify(model)
+
+
+def test_hf_bert_model_with_a_mask_trains():
+    model = acnify(small_bert("BertModel"))
+    ids, mask = torch.randint(0, 50, (2, 7)), torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    out = model(input_ids=ids, attention_mask=mask)
+    assert model.probe(input_ids=ids, attention_mask=mask).shape == (4, 2, 7, 32)
+    one_adamw_step_trains(model, out.last_hidden_state.square().mean() + out.pooler_output.square().mean())

@@ -1,0 +1,44 @@
+"""compress on a trained digits model: the depth it keeps, the parameters and latencies it reports,
+and the truncated model it returns."""
+import pytest
+import torch
+from torch import nn
+
+from acn_kernels import MLP, compress
+from acn_kernels.experiments.data import load_digits_split
+from acn_kernels.experiments.demo import train
+
+
+@pytest.fixture(scope="module")
+def trained():
+    train_x, train_y, test_x, test_y = load_digits_split(0)
+    torch.manual_seed(0)
+    model = MLP(64, 64, 6, 10, connectivity="acn")
+    train(model, train_x.flatten(1), train_y, epochs=8, generator=torch.Generator().manual_seed(0))
+    return model, test_x.flatten(1), test_y
+
+
+def test_compress_keeps_the_smallest_depth_within_tolerance(trained):
+    model, inputs, targets = trained
+    report = compress(model, inputs, targets, tolerance=1.0, repeats=5)
+    best = max(report.accuracies)
+    assert len(report.accuracies) == 7 and best > 80
+    assert report.accuracies[report.depth] >= best - 1.0
+    assert all(a < best - 1.0 for a in report.accuracies[:report.depth])
+    assert report.model.depth == report.depth < 6
+    assert report.parameters[1] < report.parameters[0]
+    assert all(ms > 0 for ms in report.latency_ms) and report.speedup > 0
+    with torch.no_grad():  # the kept model is the probe's depth, parameters shared
+        torch.testing.assert_close(report.model(inputs), model.probe(inputs)[report.depth])
+    assert f"depth {report.depth} of 6" in str(report) and "latency" in str(report)
+    assert model.training  # compress leaves the model's mode as it found it
+
+
+def test_compress_explains_what_it_needs(trained):
+    model, inputs, targets = trained
+    with pytest.raises(TypeError, match=r"model must have probe\(\)"):
+        compress(nn.Linear(64, 10), inputs, targets)
+    with pytest.raises(ValueError, match=r"tolerance must be >= 0 points, got -1"):
+        compress(model, inputs, targets, tolerance=-1)
+    with pytest.raises(ValueError, match=r"inputs and targets must be non-empty and of one length, got 450 and 3"):
+        compress(model, inputs, targets[:3])
