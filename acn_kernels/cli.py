@@ -1,4 +1,4 @@
-"""Command line: `python -m acn_kernels {demo,info,compile-report,cuda-report,cuda-host-check,traffic,bench}`."""
+"""Command line: `python -m acn_kernels {demo,paper,info,compile-report,cuda-report,cuda-host-check,traffic,bench}`."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m acn_kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_demo(commands)
+    paper = commands.add_parser("paper", help="the poster's claims measured here: compression, noise robustness, "
+                                "continual learning, training speed (needs the [paper] extra)")
+    paper.add_argument("--quick", action="store_true", help="fewer models, epochs and seeds (under 3 minutes)")
+    paper.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3, 2 with --quick)")
+    paper.add_argument("--out", default="paper_results", help="folder for the CSVs and PNGs")
+    paper.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
     commands.add_parser("info", help="versions and available backends")
     report = commands.add_parser("compile-report", help="compile every Triton kernel for sm_80 and sm_90; "
                                  "registers, spills, shared memory")
@@ -55,6 +61,9 @@ def main(argv=None) -> int:
     if args.command == "cuda-report":
         from .tools.cuda_report import run_cuda_report
         return run_cuda_report()
+    if args.command == "paper":
+        from .experiments.paper import run_paper
+        return run_paper(args.quick, args.seeds, args.out, args.device)
     if args.command == "cuda-host-check":
         from .tools.cuda_host_check import run_check
         return run_check(only=args.only, verbose=args.verbose)

@@ -8,6 +8,7 @@ within one point of that model's best.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -41,23 +42,28 @@ def warmup_cosine(step: int, total: int) -> float:
 
 
 def train(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, epochs: int,
-          generator: torch.Generator, progress=None) -> float:
-    """AdamW with warmup and cosine decay, as in the paper's Mixer setup; returns the last loss."""
+          generator: torch.Generator, progress=None, after_epoch=None) -> float:
+    """AdamW with warmup and cosine decay, as in the paper's Mixer setup; returns the last loss.
+    `after_epoch(epoch, seconds)` is called after each epoch with the training time so far."""
     steps_per_epoch = math.ceil(len(labels) / BATCH_SIZE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, epochs * steps_per_epoch))
-    model.train()
-    loss = torch.tensor(float("nan"))
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(labels), BATCH_SIZE):
-            batch = order[start:start + BATCH_SIZE]
+    loss, seconds = torch.tensor(float("nan")), 0.0
+    for epoch in range(epochs):
+        model.train()
+        start = time.perf_counter()
+        order = torch.randperm(len(labels), generator=generator).to(labels.device)
+        for first in range(0, len(labels), BATCH_SIZE):
+            batch = order[first:first + BATCH_SIZE]
             loss = F.cross_entropy(model(inputs[batch]), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+        seconds += time.perf_counter() - start
+        if after_epoch is not None:
+            after_epoch(epoch, seconds)
         if progress is not None:
             progress.set_postfix(loss=f"{loss.item():.3f}")
             progress.update(1)

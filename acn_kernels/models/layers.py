@@ -46,21 +46,33 @@ class SelfAttention(nn.Module):
         return self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
 
 
-class PatchEmbedding(nn.Module):
-    """(batch, channels, H, W) -> (batch, patches, dim) with non-overlapping square patches."""
+def pair(name: str, value) -> tuple[int, int]:
+    """(height, width) from an int (square) or a pair of ints."""
+    sizes = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    if len(sizes) != 2:
+        raise ValueError(f"{name} must be an int or (height, width), got {value!r}")
+    for size in sizes:
+        check_positive_int(name, size)
+    return sizes
 
-    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int):
+
+class PatchEmbedding(nn.Module):
+    """(batch, channels, H, W) -> (batch, patches, dim) with non-overlapping patches; sizes are ints
+    (square) or (height, width) pairs, such as (1, 40) signals in (1, 4) patches."""
+
+    def __init__(self, image_size, patch_size, in_channels: int, dim: int):
         super().__init__()
-        for name, value in (("image_size", image_size), ("patch_size", patch_size),
-                            ("in_channels", in_channels), ("dim", dim)):
+        image, patch = pair("image_size", image_size), pair("patch_size", patch_size)
+        for name, value in (("in_channels", in_channels), ("dim", dim)):
             check_positive_int(name, value)
-        check_divisible("image_size", image_size, "patch_size", patch_size)
-        self.image_size = image_size
-        self.num_patches = (image_size // patch_size) ** 2
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        if image[0] % patch[0] or image[1] % patch[1]:
+            raise ValueError(f"image_size must be divisible by patch_size={patch_size}, got image_size={image_size}")
+        self.image_size = image
+        self.num_patches = (image[0] // patch[0]) * (image[1] // patch[1])
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        expected = (self.proj.in_channels, self.image_size, self.image_size)
+        expected = (self.proj.in_channels, *self.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must have shape (batch, {', '.join(map(str, expected))}), "
                              f"got {tuple(images.shape)}")

@@ -1,0 +1,104 @@
+"""The experiment code of `python -m acn_kernels paper`, not its outcomes: the noise functions, the task
+split, Synaptic Intelligence on a problem worked by hand, the continual-learning arithmetic, the
+verdict rule, and `paper --quick` end to end."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from acn_kernels.experiments import continual, noise
+from acn_kernels.experiments.paper import verdict
+
+
+def test_noise_of_strength_zero_is_the_identity():
+    x = torch.rand(50, 40)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(noise.gaussian(x, 0.0, g), x)
+    assert torch.equal(noise.salt_and_pepper(x, 0.0, g), x)
+    assert torch.equal(noise.CONDITIONS["clean"](x, g), x)
+
+
+def test_salt_and_pepper_sends_about_p_of_the_values_to_the_ends():
+    x = torch.rand(200, 200) * 0.8 + 0.1  # no value at 0 or 1 before
+    noisy = noise.salt_and_pepper(x, 0.05, torch.Generator().manual_seed(0))
+    changed = noisy != x
+    assert 0.045 < changed.double().mean() < 0.055
+    assert set(noisy[changed].unique().tolist()) == {0.0, 1.0}
+    assert 0.4 < (noisy[changed] == 1).double().mean() < 0.6
+
+
+def test_gaussian_noise_has_its_sigma_and_stays_in_range():
+    x = torch.full((400, 400), 0.5)
+    noisy = noise.gaussian(x, 0.1, torch.Generator().manual_seed(0))
+    assert abs((noisy - x).std().item() - 0.1) < 0.002 and noisy.min() >= 0 and noisy.max() <= 1
+
+
+def test_tasks_split_the_classes_and_use_every_sample_once():
+    labels = torch.randint(0, 10, (1000,))
+    tasks = continual.split_tasks(labels)
+    assert [classes for classes, _ in tasks] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    indices = torch.cat([i for _, i in tasks])
+    assert torch.equal(indices.sort().values, torch.arange(1000))
+    for classes, i in tasks:
+        assert set(labels[i].tolist()) == set(classes)
+
+
+def test_synaptic_intelligence_on_a_problem_worked_by_hand():
+    """loss = a^2, b unused; two SGD steps of lr 0.25 from a = b = 1: a goes 1 -> 0.5 -> 0.25 with
+    gradients 2 and 1. Path integral w_a = 2 * 0.5 + 1 * 0.25 = 1.25, w_b = 0; importance
+    1.25 / (0.75^2 + xi) with xi = 0.1, i.e. 1.886792..., and 0 for b; the anchor is (0.25, 1)."""
+    a, b = nn.Parameter(torch.tensor(1.0)), nn.Parameter(torch.tensor(1.0))
+    si = continual.SynapticIntelligence([a, b], c=2.0, xi=0.1)
+    optimizer = torch.optim.SGD([a, b], lr=0.25)
+    for _ in range(2):
+        optimizer.zero_grad()
+        (a * a + 0 * b).backward()
+        si.record_gradients()
+        si.penalty().backward()  # zero before the first task ends
+        optimizer.step()
+        si.after_step()
+    si.end_task()
+    torch.testing.assert_close(si.importance[0], torch.tensor(1.25 / 0.6625))
+    torch.testing.assert_close(si.importance[1], torch.tensor(0.0))
+    torch.testing.assert_close(torch.stack(si.anchor), torch.tensor([0.25, 1.0]))
+    with torch.no_grad():
+        a.fill_(0.5)
+    torch.testing.assert_close(si.penalty(), torch.tensor(2.0 * 1.25 / 0.6625 * 0.25 ** 2))
+
+
+def test_average_accuracy_and_forgetting_of_a_given_matrix():
+    matrix = [[90.0, 10.0, 0.0],
+              [70.0, 95.0, 0.0],
+              [80.0, 60.0, 99.0]]
+    assert continual.average_accuracy(matrix) == pytest.approx((80 + 60 + 99) / 3)
+    # task 0: best 90, final 80 -> 10; task 1: best 95, final 60 -> 35; the last task does not count
+    assert continual.average_forgetting(matrix) == pytest.approx((10 + 35) / 2)
+
+
+def test_restricted_logits_predict_only_the_tasks_classes():
+    logits = torch.tensor([[5.0, 1.0, 2.0, 0.0]])
+    assert continual.restrict(logits, [2, 3]).argmax(-1).item() == 2
+
+
+def test_the_verdict_follows_the_direction_beyond_the_spread():
+    assert verdict([10, 11, 12], [5, 6, 7], True, "claim", "x").startswith("verdict: reproduced.")
+    assert verdict([10, 11, 12], [5, 6, 7], False, "claim", "x").startswith("verdict: not reproduced.")
+    assert verdict([10, 14, 6], [9, 8, 10], True, "claim", "x").startswith("verdict: inconclusive.")
+    assert "11.00 ± 1.00 against 6.00 ± 1.00 (spread 2.00)" in verdict([10, 11, 12], [5, 6, 7], True, "c", "x")
+
+
+@pytest.mark.slow
+def test_paper_quick_writes_its_tables_csvs_and_plots(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
+    result = subprocess.run([sys.executable, "-m", "acn_kernels", "paper", "--quick", "--out", str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for title in ("1. Compression", "2. Noise robustness", "3. Continual learning", "4. Training speed"):
+        assert title in result.stdout
+    assert result.stdout.count("verdict: ") == 5
+    for name in ("compression", "noise", "continual", "training_speed"):
+        assert (tmp_path / f"{name}.csv").read_text().startswith("dataset,model,twin,seed,metric,value")
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
