@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     paper.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3, 2 with --quick)")
     paper.add_argument("--out", default="paper_results", help="folder for the CSVs and PNGs")
     paper.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
+    paper.add_argument("--si-c", type=float, default=None, help="Synaptic Intelligence's penalty strength (default 1)")
+    paper.add_argument("--si-xi", type=float, default=None, help="Synaptic Intelligence's damping xi (default 1)")
     commands.add_parser("info", help="versions and available backends")
     report = commands.add_parser("compile-report", help="compile every Triton kernel for sm_80 and sm_90; "
                                  "registers, spills, shared memory")
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
         return run_cuda_report()
     if args.command == "paper":
         from .experiments.paper import run_paper
-        return run_paper(args.quick, args.seeds, args.out, args.device)
+        return run_paper(args.quick, args.seeds, args.out, args.device, args.si_c, args.si_xi)
     if args.command == "cuda-host-check":
         from .tools.cuda_host_check import run_check
         return run_check(only=args.only, verbose=args.verbose)

@@ -151,14 +151,22 @@ class LongConnections(nn.Module):
 
     def truncate(self, k: int) -> "LongConnections":
         """The first k blocks (and their norms), sharing every parameter."""
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.depth:
-            raise ValueError(f"k must be an integer in [0, {self.depth}], got {k!r}")
-        shallow = copy.copy(self)
-        shallow._modules = dict(self._modules)
-        shallow._modules["blocks"] = nn.ModuleList(list(self.blocks)[:k])
-        if self.input_norms is not None:
-            shallow._modules["input_norms"] = nn.ModuleList(list(self.input_norms)[:k])
-        return shallow
+        check_depth(k, self.depth)
+        norms = {} if self.input_norms is None else {"input_norms": nn.ModuleList(list(self.input_norms)[:k])}
+        return shallow_copy(self, blocks=nn.ModuleList(list(self.blocks)[:k]), **norms)
+
+
+def check_depth(k, depth: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= depth:
+        raise ValueError(f"k must be an integer in [0, {depth}], got {k!r}")
+
+
+def shallow_copy(module: nn.Module, **replaced: nn.Module) -> nn.Module:
+    """A copy of `module` that shares every submodule and parameter but has its own module table,
+    in which `replaced` modules stand in (how truncate keeps the first k blocks)."""
+    shallow = copy.copy(module)
+    shallow._modules = {**module._modules, **replaced}
+    return shallow
 
 
 def attach(owner: nn.Module, long_connections: LongConnections) -> None:

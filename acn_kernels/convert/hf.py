@@ -8,7 +8,6 @@ encoder's output replaced by that depth's sum (no layer runs again): any head wo
 """
 from __future__ import annotations
 
-import copy
 import types
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 from transformers.models.bert.modeling_bert import BertEncoder, BertOutput, BertSelfOutput
 
-from ..long_connections import LongConnections, attach
+from ..long_connections import LongConnections, attach, shallow_copy
 
 
 class AcnBertSelfOutput(BertSelfOutput):
@@ -77,14 +76,9 @@ def truncate(model: nn.Module, k: int) -> nn.Module:
     """The first k layers, every parameter shared: the modules on the way to the encoder are copied."""
     path, encoder = find_encoder(model)
     long = encoder.long_connections.truncate(k)
-    shallow = copy.copy(model)
-    shallow._modules = dict(model._modules)
-    parent = shallow
+    shallow = parent = shallow_copy(model)
     for name in path.split("."):
-        child = copy.copy(parent._modules[name])
-        child._modules = dict(child._modules)
-        parent._modules[name] = child
-        parent = child
+        parent._modules[name] = parent = shallow_copy(parent._modules[name])
     parent._modules["layer"] = nn.ModuleList(long.blocks)
     attach(parent, long)
     bind(shallow)

@@ -4,13 +4,11 @@ timm's own pooling and head. Classes are swapped for subclasses, so parameter na
 the state_dict keys, stay as timm has them."""
 from __future__ import annotations
 
-import copy
-
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from ..long_connections import LongConnections, attach
+from ..long_connections import LongConnections, attach, shallow_copy
 
 
 class AcnBlock(Block):
@@ -42,9 +40,7 @@ class AcnVisionTransformer(VisionTransformer):
 
     def truncate(self, k: int) -> "AcnVisionTransformer":
         long = self.long_connections.truncate(k)
-        shallow = copy.copy(self)
-        shallow._modules = dict(self._modules)
-        shallow._modules["blocks"] = nn.Sequential(*long.blocks)
+        shallow = shallow_copy(self, blocks=nn.Sequential(*long.blocks))
         attach(shallow, long)
         return shallow
 

@@ -42,8 +42,10 @@ class Settings:
     continual_models: tuple
     continual_depths: tuple
     continual_epochs: int
-    si_c: float = 0.5       # chosen on seed 100, which no table reports
-    si_xi: float = 0.1
+    # Chosen on seed 100, which no table reports: c in {0.01, 0.1, 0.5, 1, 5} x xi in {0.01, 0.1, 1}, MLP and
+    # Mixer at L=10 on Split-digits, the mean average accuracy of both twins (94.1% at c=1, xi=1).
+    si_c: float = 1.0
+    si_xi: float = 1.0
 
 
 FULL = Settings(seeds=3, datasets=("digits", "mnist1d"),
@@ -298,17 +300,18 @@ def plot_lines(path: str, rows: dict, points, xlabel: str, ylabel: str) -> None:
 
 
 def run_paper(quick: bool = False, seeds: int | None = None, out: str = "paper_results",
-              device: str | None = None) -> int:
+              device: str | None = None, si_c: float | None = None, si_xi: float | None = None) -> int:
     tqdm = require("tqdm", "paper", "paper").tqdm
     require("mnist1d.data", "paper", "paper (MNIST-1D)")
     settings = QUICK if quick else FULL
-    if seeds is not None:
-        if seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {seeds}")
-        settings = Settings(**{**settings.__dict__, "seeds": seeds})
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    given = {"seeds": seeds, "si_c": si_c, "si_xi": si_xi}
+    settings = Settings(**{**settings.__dict__, **{k: v for k, v in given.items() if v is not None}})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(out, exist_ok=True)
-    print(f"paper{' --quick' if quick else ''}: {settings.seeds} seeds on {device}; CSVs and PNGs in {out}/")
+    print(f"paper{' --quick' if quick else ''}: {settings.seeds} seeds on {device}, SI c={settings.si_c:g} "
+          f"xi={settings.si_xi:g}; CSVs and PNGs in {out}/")
     runs = train_twins(settings, device, tqdm)
     compression(runs, out)
     noise_robustness(runs, out, device)

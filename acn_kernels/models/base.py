@@ -16,7 +16,6 @@ twins are the eager PyTorch baselines. Parameters and state_dict are the same wh
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from collections import deque
 from typing import Iterator
@@ -27,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._validation import check_choice, check_positive_int
 from ..backend import BACKENDS, resolve_backend
-from ..long_connections import LongConnections, attach
+from ..long_connections import LongConnections, attach, check_depth, shallow_copy
 
 CONNECTIVITIES = ("acn", "residual", "ffn")
 
@@ -125,11 +124,7 @@ class DepthModel(nn.Module):
 
     def truncate(self, k: int) -> "DepthModel":
         """A model that runs only the first k blocks; it shares every parameter with this one."""
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.depth:
-            raise ValueError(f"k must be an integer in [0, {self.depth}], got {k!r}")
-        shallow = copy.copy(self)
-        # copy.copy shares the module dicts; give the copy its own so replacing blocks is local.
-        shallow._modules = dict(self._modules)
-        shallow._modules["blocks"] = nn.ModuleList(list(self.blocks)[:k])
+        check_depth(k, self.depth)
+        shallow = shallow_copy(self, blocks=nn.ModuleList(list(self.blocks)[:k]))
         shallow.connect()
         return shallow
