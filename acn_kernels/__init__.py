@@ -2,10 +2,11 @@
 __version__ = "0.1.0"
 
 from .convert import acnify  # noqa: E402
-from .depth import Compression, compress  # noqa: E402
+from .depth import Compression, ShrinkOnCompression, compress, early_exit_sweep  # noqa: E402
 from .long_connections import LongConnections  # noqa: E402
 from .models import CONNECTIVITIES, Encoder, MLP, Mixer, ViT  # noqa: E402
 from .ops import accumulate_norm, linear_act_accumulate, probe_norm  # noqa: E402
 
-__all__ = ["CONNECTIVITIES", "Compression", "Encoder", "LongConnections", "MLP", "Mixer", "ViT", "__version__",
-           "accumulate_norm", "acnify", "compress", "linear_act_accumulate", "probe_norm"]
+__all__ = ["CONNECTIVITIES", "Compression", "Encoder", "LongConnections", "MLP", "Mixer", "ShrinkOnCompression", "ViT",
+           "__version__", "accumulate_norm", "acnify", "compress", "early_exit_sweep", "linear_act_accumulate",
+           "probe_norm"]

@@ -1,15 +1,25 @@
-"""Using only the depth an ACN uses: `compress` turns "the first k blocks are enough" into a smaller,
-faster model, for anything with `probe` (logits of every depth, (L+1, batch, classes)) and
-`truncate(k)` (the first k blocks, parameters shared): the package's models and `acnify`'d ones.
+"""Using only the depth an ACN uses, for anything with `probe` (logits of every depth,
+(L+1, batch, classes)): the package's models and `acnify`'d ones.
+
+- `compress` turns "the first k blocks are enough" into a smaller, faster model (`truncate(k)`).
+- `ShrinkOnCompression` does it while training: once the probes agree on a depth for a while, the
+  model runs only that many blocks (plus a margin) for the rest of the training.
+- `early_exit_sweep` scores `model.early_exit` (per-sample exit at inference) over thresholds.
 """
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ._validation import check_positive_int
+from .long_connections import LongConnections
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +44,11 @@ class Compression:
                 f"({self.speedup:.2f}x)")
 
 
+def check_probe_data(inputs: torch.Tensor, targets: torch.Tensor, names: str = "inputs and targets") -> None:
+    if len(inputs) != len(targets) or len(targets) == 0:
+        raise ValueError(f"{names} must be non-empty and of one length, got {len(inputs)} and {len(targets)}")
+
+
 def depth_accuracies(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 512) -> list:
     """Percent of `targets` that each depth's logits (model.probe) get right."""
     correct = None
@@ -43,6 +58,11 @@ def depth_accuracies(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
             hits = (logits.argmax(-1) == targets[start:start + batch_size].to(logits.device)).sum(-1)
             correct = hits if correct is None else correct + hits
     return (100.0 * correct.double() / len(targets)).tolist()
+
+
+def check_tolerance(tolerance) -> None:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"tolerance must be a number >= 0 (points of accuracy), got {tolerance!r}")
 
 
 def smallest_depth_within(accuracies: list, tolerance: float) -> int:
@@ -75,11 +95,8 @@ def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tole
         if not callable(getattr(model, method, None)):
             raise TypeError(f"model must have {method}() (the package's models, LongConnections-based or "
                             f"acnify'd ones), got {type(model).__name__}")
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0 points, got {tolerance}")
-    if len(inputs) != len(targets) or len(targets) == 0:
-        raise ValueError(f"inputs and targets must be non-empty and of one length, got {len(inputs)} and "
-                         f"{len(targets)}")
+    check_tolerance(tolerance)
+    check_probe_data(inputs, targets)
     was_training = model.training
     model.eval()
     try:
@@ -91,3 +108,150 @@ def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tole
     finally:
         model.train(was_training)
     return Compression(accuracies, depth, tolerance, truncated, parameters, latency)
+
+
+# ----------------------------------------------------------------------------- shrinking while training
+
+@dataclass
+class Shrink:
+    """One shrink: at optimizer step `step` the active depth went from `previous` to `depth`."""
+    step: int
+    previous: int
+    depth: int
+    scores: list              # the probe that decided it: accuracy (%) or loss per depth 0..previous
+
+
+def long_connections_of(model: nn.Module) -> LongConnections:
+    """The LongConnections that run `model`'s blocks; a clear error for a model that has none or whose
+    depths are not nested sub-networks (residual and ffn twins)."""
+    connectivity = getattr(model, "connectivity", "acn")
+    if connectivity != "acn":
+        raise ValueError(f"only an ACN can shrink (connectivity='acn'): the depths of a {connectivity} model "
+                         f"are not nested sub-networks, got connectivity={connectivity!r}")
+    if isinstance(model, LongConnections):
+        return model
+    found = [m.long_connections for m in model.modules() if isinstance(getattr(m, "long_connections", None),
+                                                                       LongConnections)]
+    if len(found) != 1:
+        raise TypeError(f"model must run its blocks through one LongConnections (the package's ACN models, "
+                        f"acnify'd ones), got {type(model).__name__} with {len(found)}")
+    return found[0]
+
+
+class ShrinkOnCompression:
+    """Drops the depth an ACN has stopped using, while it trains. Call `step()` after each optimizer
+    step; every `every` steps it scores every active depth on the held-out (probe_inputs,
+    probe_targets): accuracy (%) for integer class targets, mean squared error otherwise. The
+    candidate is the smallest depth k within `tolerance` of the deepest active depth (points of
+    accuracy; percent of the deepest's loss for regression targets). Once the candidate has stayed
+    the same for `patience` probes in a row, and k + margin is shallower than the active depth, the
+    model runs only the first k + margin blocks from then on: the forward stops the sum there (final
+    norm and head as before), the dropped blocks' parameters get requires_grad=False and no gradient
+    (optimizers skip them), and the state_dict still loads into the full model. It never grows back.
+
+    `history` holds every probe as (step, scores, candidate), `shrinks` every Shrink; each shrink is
+    logged on the "acn_kernels.depth" logger. `block_steps` counts the blocks computed per step, summed."""
+
+    def __init__(self, model: nn.Module, probe_inputs: torch.Tensor, probe_targets: torch.Tensor, every: int = 50,
+                 tolerance: float = 0.5, patience: int = 3, margin: int = 1):
+        if not callable(getattr(model, "probe", None)):
+            raise TypeError(f"model must have probe() (the package's ACN models, acnify'd ones), "
+                            f"got {type(model).__name__}")
+        self.long_connections = long_connections_of(model)
+        check_probe_data(probe_inputs, probe_targets, "probe_inputs and probe_targets")
+        check_positive_int("every", every)
+        check_positive_int("patience", patience)
+        check_tolerance(tolerance)
+        if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+            raise ValueError(f"margin must be an integer >= 0 (blocks kept past the candidate), got {margin!r}")
+        self.model, self.inputs, self.targets = model, probe_inputs, probe_targets
+        self.every, self.tolerance, self.patience, self.margin = every, tolerance, patience, margin
+        self.classification = not (probe_targets.is_floating_point() or probe_targets.is_complex())
+        self.steps, self.block_steps, self.streak, self.candidate = 0, 0, 0, None
+        self.history: list = []
+        self.shrinks: list = []
+
+    @property
+    def depth(self) -> int:
+        """The active depth: the number of blocks the model runs now."""
+        return self.long_connections.depth
+
+    def scores(self) -> list:
+        """Accuracy (%) or loss of every active depth on the probe data."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                outputs = self.model.probe(self.inputs)
+        finally:
+            self.model.train(was_training)
+        targets = self.targets.to(outputs.device)
+        if self.classification:
+            return (100.0 * (outputs.argmax(-1) == targets).double().mean(-1)).tolist()
+        errors = (outputs.double() - targets.double()) ** 2
+        return errors.flatten(1).mean(-1).tolist()
+
+    def smallest_within(self, scores: list) -> int:
+        """The smallest depth within tolerance of the deepest active one."""
+        deepest = scores[-1]
+        if self.classification:
+            return next(k for k, score in enumerate(scores) if score >= deepest - self.tolerance)
+        return next(k for k, score in enumerate(scores) if score <= deepest * (1 + self.tolerance / 100))
+
+    def step(self) -> Shrink | None:
+        """Call after each optimizer step; returns the Shrink when this step shrank the model."""
+        self.steps += 1
+        self.block_steps += self.depth
+        if self.steps % self.every:
+            return None
+        scores = self.scores()
+        candidate = self.smallest_within(scores)
+        self.history.append((self.steps, scores, candidate))
+        self.streak = self.streak + 1 if candidate == self.candidate else 1
+        self.candidate = candidate
+        target = candidate + self.margin
+        if self.streak < self.patience or target >= self.depth:
+            return None
+        shrink = Shrink(self.steps, self.depth, target, scores)
+        self.drop_blocks_past(target)
+        self.shrinks.append(shrink)
+        log.info("step %d: active depth %d -> %d (probe scores by depth: %s)", shrink.step, shrink.previous,
+                 shrink.depth, ", ".join(f"{s:.3g}" for s in scores))
+        return shrink
+
+    def drop_blocks_past(self, depth: int) -> None:
+        long = self.long_connections
+        dropped = list(long.blocks)[depth:long.depth]
+        if long.input_norms is not None:
+            dropped += list(long.input_norms)[depth:long.depth]
+        for module in dropped:
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
+                parameter.grad = None
+        long.set_active_depth(depth)
+
+
+# ----------------------------------------------------------------------------- early exit
+
+def early_exit_sweep(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, thresholds) -> list:
+    """For each threshold, `model.early_exit` on (inputs, targets): accuracy (%), the average depth
+    used per sample and the fraction of block FLOPs saved against the full depth (blocks of one
+    model all cost the same)."""
+    check_probe_data(inputs, targets)
+    if not callable(getattr(model, "early_exit", None)):
+        raise TypeError(f"model must have early_exit() (the package's models), got {type(model).__name__}")
+    full = getattr(model, "long_connections", model).depth  # the active depth of a shrunk ACN
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        with torch.inference_mode():
+            for threshold in thresholds:
+                logits, used = model.early_exit(inputs, threshold)
+                hits = (logits.argmax(-1) == targets.to(logits.device)).double()
+                depth = used.double().mean().item()
+                rows.append(dict(threshold=threshold, accuracy=100.0 * hits.mean().item(), depth=depth,
+                                 saved=1.0 - depth / max(full, 1)))
+    finally:
+        model.train(was_training)
+    return rows

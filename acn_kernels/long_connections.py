@@ -71,10 +71,18 @@ class LongConnections(nn.Module):
         self.final_kind = norm_kind(final_norm, "final_norm") if final_norm is not None else None
         self.backend = backend
         self.gradient_checkpointing = False
+        self._active_depth = None
 
     @property
     def depth(self) -> int:
-        return len(self.blocks)
+        """The number of blocks that run: all of them, or the active depth `set_active_depth` chose."""
+        return len(self.blocks) if self._active_depth is None else self._active_depth
+
+    def set_active_depth(self, k: int) -> None:
+        """Runs only the first k blocks from now on (forward, probe, early_exit); the rest stay in place,
+        so parameters and state_dict do not change. k = len(blocks) runs them all again."""
+        check_depth(k, len(self.blocks))
+        self._active_depth = None if k == len(self.blocks) else k
 
     def fused(self, device: torch.device) -> bool:
         return resolve_backend(self.backend, device) != "reference"
@@ -99,9 +107,18 @@ class LongConnections(nn.Module):
             y, h = accumulate_norm(x, y, weight, bias, eps=eps, norm=self.norm_kinds[i], backend=self.backend)
         else:
             y, h = (y if x_in_y else self._add(y, x)), norm(x)
-        run_normed = getattr(block, "run_normed", None)
-        x_next = run_normed(x, h, **block_kwargs) if run_normed is not None else block(h, **block_kwargs)
-        return y, x_next, False
+        return y, self._run_normed(i, x, h, block_kwargs), False
+
+    def _run_normed(self, i: int, x: torch.Tensor, h: torch.Tensor, block_kwargs: dict) -> torch.Tensor:
+        """x_{i+1} from x_i and h = input_norms[i](x_i)."""
+        run_normed = getattr(self.blocks[i], "run_normed", None)
+        return run_normed(x, h, **block_kwargs) if run_normed is not None else self.blocks[i](h, **block_kwargs)
+
+    def _next_output(self, i: int, x: torch.Tensor, block_kwargs: dict) -> torch.Tensor:
+        """x_{i+1} from x_i alone, its input norm run as the module (what early_exit needs)."""
+        if self.input_norms is None:
+            return self.blocks[i](x, **block_kwargs)
+        return self._run_normed(i, x, self.input_norms[i](x), block_kwargs)
 
     @staticmethod
     def _add(y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -119,20 +136,22 @@ class LongConnections(nn.Module):
             outputs.append(x)
         return y, x, outputs
 
-    def sum_and_norm(self, y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        """final_norm(y + x) (y + x without a final norm), the last boundary."""
+    def sum_and_norm(self, y: torch.Tensor | None, x: torch.Tensor) -> tuple:
+        """(y + x, final_norm(y + x)), the last boundary (y + x twice without a final norm)."""
         norm = self.final_norm
         if norm is None:
-            return self._add(y, x)
+            total = self._add(y, x)
+            return total, total
         if self.fused(x.device):
             weight, bias, eps = norm_parameters(norm, x)
             return accumulate_norm(x, y, weight, bias, eps=eps, norm=self.final_kind, normalize="sum",
-                                   backend=self.backend)[1]
-        return norm(self._add(y, x))
+                                   backend=self.backend)
+        total = self._add(y, x)
+        return total, norm(total)
 
     def forward(self, x0: torch.Tensor, **block_kwargs) -> torch.Tensor:
         y, x, _ = self.chain(x0, **block_kwargs)
-        return self.sum_and_norm(y, x)
+        return self.sum_and_norm(y, x)[1]
 
     def probe_outputs(self, outputs: list) -> torch.Tensor:
         """(L+1, ...): final_norm(y_k) for every depth, from the block outputs [x_0..x_L]."""
@@ -149,11 +168,58 @@ class LongConnections(nn.Module):
         """(L+1, *x0.shape): the normalized partial sums of every depth k = 0..L."""
         return self.probe_outputs(self.chain(x0, **block_kwargs)[2])
 
+    def early_exit(self, x0: torch.Tensor, head, threshold: float, **block_kwargs) -> tuple:
+        """(logits, depth used per sample): each sample stops at the first depth k whose
+        head(final_norm(y_k)) puts a softmax probability of at least `threshold` on one class (the
+        deepest active depth otherwise); blocks run only for the samples still going. Each depth's
+        y_k and final_norm(y_k) are one accumulate_norm(normalize="sum") on fused backends. Block
+        kwargs are passed as given, so they must not have a batch dimension."""
+        def boundary(x, y):
+            return (x, *self.sum_and_norm(y, x))
+
+        return exit_early(boundary(x0, None), lambda i, state: boundary(self._next_output(i, state[0], block_kwargs),
+                                                                        state[1]),
+                          lambda state: head(state[2]), self.depth, threshold)
+
     def truncate(self, k: int) -> "LongConnections":
         """The first k blocks (and their norms), sharing every parameter."""
         check_depth(k, self.depth)
         norms = {} if self.input_norms is None else {"input_norms": nn.ModuleList(list(self.input_norms)[:k])}
-        return shallow_copy(self, blocks=nn.ModuleList(list(self.blocks)[:k]), **norms)
+        shallow = shallow_copy(self, blocks=nn.ModuleList(list(self.blocks)[:k]), **norms)
+        shallow._active_depth = None
+        return shallow
+
+
+def exit_early(state: tuple, advance, logits_of, depth: int, threshold: float) -> tuple:
+    """Per-sample early exit over depths 0..depth. `state` holds batch-first tensors (the state at
+    depth 0), advance(i, state) gives the state after block i + 1, logits_of(state) the logits. A sample
+    leaves at the first depth whose top softmax probability reaches `threshold`; the rest go on, so a
+    block computes only the samples still in. Returns (logits, depth used per sample)."""
+    check_threshold(threshold)
+    batch = state[0].shape[0]
+    remaining = torch.arange(batch, device=state[0].device)
+    used = torch.full((batch,), depth, dtype=torch.long, device=state[0].device)
+    logits = None
+    for k in range(depth + 1):
+        current = logits_of(state)
+        if logits is None:  # NaN-filled: a sample that never left would show
+            logits = current.new_full((batch, *current.shape[1:]), float("nan"))
+        leaving = (torch.ones_like(remaining, dtype=torch.bool) if k == depth
+                   else torch.softmax(current.float(), -1).amax(-1) >= threshold)
+        logits[remaining[leaving]] = current[leaving]
+        used[remaining[leaving]] = k
+        staying = ~leaving
+        if not staying.any():
+            break
+        remaining = remaining[staying]
+        state = advance(k, tuple(s[staying] for s in state))
+    return logits, used
+
+
+def check_threshold(threshold) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
+        raise ValueError(f"threshold must be a real number (a softmax probability; 0 exits at depth 0, above 1 "
+                         f"never early), got {threshold!r}")
 
 
 def check_depth(k, depth: int) -> None:

@@ -38,7 +38,7 @@ def test_compress_explains_what_it_needs(trained):
     model, inputs, targets = trained
     with pytest.raises(TypeError, match=r"model must have probe\(\)"):
         compress(nn.Linear(64, 10), inputs, targets)
-    with pytest.raises(ValueError, match=r"tolerance must be >= 0 points, got -1"):
+    with pytest.raises(ValueError, match=r"tolerance must be a number >= 0 \(points of accuracy\), got -1"):
         compress(model, inputs, targets, tolerance=-1)
     with pytest.raises(ValueError, match=r"inputs and targets must be non-empty and of one length, got 450 and 3"):
         compress(model, inputs, targets[:3])

@@ -98,9 +98,10 @@ def test_paper_quick_writes_its_tables_csvs_and_plots(tmp_path):
     result = subprocess.run([sys.executable, "-m", "acn_kernels", "paper", "--quick", "--out", str(tmp_path)],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for title in ("1. Compression", "2. Noise robustness", "3. Continual learning", "4. Training speed"):
+    for title in ("1. Compression", "2. Noise robustness", "3. Continual learning", "4. Training speed",
+                  "5a. Shrinking while training", "5b. Early exit per sample"):
         assert title in result.stdout
-    assert result.stdout.count("verdict: ") == 5
-    for name in ("compression", "noise", "continual", "training_speed"):
+    assert result.stdout.count("verdict: ") == 6 and result.stdout.count("target: ") == 2
+    for name in ("compression", "noise", "continual", "training_speed", "shrinking", "early_exit"):
         assert (tmp_path / f"{name}.csv").read_text().startswith("dataset,model,twin,seed,metric,value")
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

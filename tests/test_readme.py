@@ -1,7 +1,11 @@
-"""The README's "Your own model" snippets, run as written, in order, in one namespace (they need the
-[timm] and [hf] extras, which CI installs beside the CUDA build of torch that torchvision needs)."""
+"""The README's snippets, run as written: "Your own model" in order, in one namespace (they need the
+[timm] and [hf] extras, which CI installs beside the CUDA build of torch that torchvision needs), and
+"Spend compute only on the depth the ACN uses"."""
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -25,3 +29,17 @@ def test_your_own_model_snippets_run_as_written(capsys):
         exec(compile(snippet, str(README), "exec"), namespace)
     assert namespace["per_depth"].shape == (5, 2, 2)  # the BERT snippet's, the last probe
     assert "depth" in capsys.readouterr().out and namespace["small"].depth == namespace["report"].depth
+
+
+def test_depth_on_demand_snippet_runs_as_written():
+    code = snippets("Spend compute only on the depth the ACN uses")
+    assert len(code) == 1
+    checks = """
+assert shrink.shrinks and shrink.depth == shrink.shrinks[-1].depth < model.depth, shrink.history
+assert depth_used.max() <= shrink.depth
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it: backend auto
+    result = subprocess.run([sys.executable, "-c", code[0] + checks], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "active depth" in result.stdout and "'threshold': 2.0" in result.stdout

@@ -39,7 +39,7 @@ class AcnBertEncoder(BertEncoder):
             y, x, outputs = self.long_connections.chain(
                 hidden_states, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
                 encoder_attention_mask=encoder_attention_mask, cache=cache, **kwargs)
-            total = self.long_connections.sum_and_norm(y, x)
+            total = self.long_connections.sum_and_norm(y, x)[1]
             self.recorded_outputs = outputs if self.recording else None
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=total, cache=cache if use_cache else None)
 

@@ -42,9 +42,10 @@ def warmup_cosine(step: int, total: int) -> float:
 
 
 def train(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, epochs: int,
-          generator: torch.Generator, progress=None, after_epoch=None) -> float:
+          generator: torch.Generator, progress=None, after_epoch=None, after_step=None) -> float:
     """AdamW with warmup and cosine decay, as in the paper's Mixer setup; returns the last loss.
-    `after_epoch(epoch, seconds)` is called after each epoch with the training time so far."""
+    `after_epoch(epoch, seconds)` is called after each epoch with the training time so far, and
+    `after_step()` after each optimizer step, inside the timed loop (a ShrinkOnCompression's step)."""
     steps_per_epoch = math.ceil(len(labels) / BATCH_SIZE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -61,6 +62,8 @@ def train(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, ep
             loss.backward()
             optimizer.step()
             schedule.step()
+            if after_step is not None:
+                after_step()
         seconds += time.perf_counter() - start
         if after_epoch is not None:
             after_epoch(epoch, seconds)

@@ -7,8 +7,10 @@
 3. Continual learning: Split-digits and Split-MNIST-1D, 5 tasks of 2 classes, task-incremental (the
    prediction is restricted to the task's classes), naive fine-tuning and Synaptic Intelligence.
 4. Training speed: epochs and training seconds until the test accuracy first reaches a target.
+5. Depth on demand (the ACN's own answer to 4): training with ShrinkOnCompression against the full
+   ACN and the residual twin, and per-sample early exit at inference, acn against residual.
 
-Experiments 1, 2 and 4 share one training per data set, model, twin and seed (the test accuracy is
+Experiments 1, 2, 4 and 5 share one training per data set, model, twin and seed (the test accuracy is
 recorded after every epoch). Every table ends with a verdict on the direction of the poster's claim,
 paired by seed: per seed, the difference of the two sides averaged over the table's rows and
 conditions; "reproduced" or "not reproduced" when the mean of those differences points one way by
@@ -17,6 +19,7 @@ more than their standard deviation over the seeds, "inconclusive" otherwise.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import statistics
 from collections import defaultdict
@@ -25,15 +28,17 @@ from dataclasses import dataclass
 import torch
 
 from .._extras import require
-from ..depth import compress, depth_accuracies, smallest_depth_within
+from ..depth import ShrinkOnCompression, compress, depth_accuracies, early_exit_sweep, smallest_depth_within
 from ..models import MLP, Mixer, ViT
 from . import continual, noise
 from .data import Dataset, load
-from .demo import LEARNING_RATE, train
+from .demo import BATCH_SIZE, LEARNING_RATE, train
 
 TWINS = ("acn", "residual", "ffn")
 TARGETS = {"digits": 95.0, "mnist1d": 30.0}  # test accuracy (%) for the training-speed experiment
 CONTINUAL_BATCH = 128
+SHRINK_EVERY = 10          # optimizer steps between ShrinkOnCompression's probes (tolerance 0.5, patience 3, margin 1)
+EXIT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 2.0)  # 2.0: never early, the full model
 
 
 @dataclass(frozen=True)
@@ -123,29 +128,48 @@ def write_csv(path: str, records: list) -> None:
 
 def train_twins(settings: Settings, device: torch.device, tqdm) -> list:
     """One run per data set, model, seed and twin: the trained model and its per-epoch record."""
-    runs = []
     jobs = [(d, m, depth, epochs, seed, twin) for d in settings.datasets for m, depth, epochs in settings.models[d]
             for seed in range(settings.seeds) for twin in TWINS]
-    datasets = {}
-    with tqdm(jobs, desc="training twins", unit="run") as progress:
+    return train_runs(jobs, "training twins", device, tqdm)
+
+
+def train_runs(jobs: list, description: str, device: torch.device, tqdm) -> list:
+    """Trains each (data set, model, depth, epochs, seed, twin) job; twin "acn shrinking" is the ACN
+    trained with ShrinkOnCompression, which probes on the first tenth of the training set (held out)."""
+    runs, datasets = [], {}
+    with tqdm(jobs, desc=description, unit="run") as progress:
         for dataset, model_name, depth, epochs, seed, twin in progress:
             progress.set_postfix_str(f"{dataset} {model_name} {twin} seed {seed}")
             data = datasets.setdefault((dataset, seed), load(dataset, seed))
-            train_x, test_x = (inputs_for(model_name, x).to(device) for x in (data.train_x, data.test_x))
-            train_y, test_y = data.train_y.to(device), data.test_y.to(device)
-            torch.manual_seed(seed)
-            model = build(model_name, data, depth, twin).to(device)
-            curve = []
-
-            def record(epoch, seconds, model=model, test_x=test_x, test_y=test_y, curve=curve):
-                model.eval()
-                with torch.no_grad():
-                    curve.append((seconds, 100.0 * (model(test_x).argmax(-1) == test_y).double().mean().item()))
-            train(model, train_x, train_y, epochs, torch.Generator().manual_seed(seed), after_epoch=record)
-            model.eval()
-            runs.append(dict(dataset=dataset, model=model_name, twin=twin, seed=seed, net=model, curve=curve,
-                             test_x=test_x, test_y=test_y, accuracies=depth_accuracies(model, test_x, test_y)))
+            runs.append(dict(dataset=dataset, model=model_name, twin=twin, seed=seed,
+                             **train_one(data, model_name, depth, epochs, seed, twin, device)))
     return runs
+
+
+def train_one(data: Dataset, model_name: str, depth: int, epochs: int, seed: int, twin: str,
+              device: torch.device) -> dict:
+    train_x, test_x = (inputs_for(model_name, x).to(device) for x in (data.train_x, data.test_x))
+    train_y, test_y = data.train_y.to(device), data.test_y.to(device)
+    torch.manual_seed(seed)
+    model = build(model_name, data, depth, twin.split()[0]).to(device)
+    shrink = None
+    if twin == "acn shrinking":
+        held_out = len(train_y) // 10
+        shrink = ShrinkOnCompression(model, train_x[:held_out], train_y[:held_out], every=SHRINK_EVERY)
+        train_x, train_y = train_x[held_out:], train_y[held_out:]
+    curve = []
+
+    def record(epoch, seconds):
+        model.eval()
+        with torch.no_grad():
+            curve.append((seconds, 100.0 * (model(test_x).argmax(-1) == test_y).double().mean().item()))
+    train(model, train_x, train_y, epochs, torch.Generator().manual_seed(seed), after_epoch=record,
+          after_step=shrink.step if shrink is not None else None)
+    model.eval()
+    steps = epochs * math.ceil(len(train_y) / BATCH_SIZE)
+    return dict(net=model, curve=curve, test_x=test_x, test_y=test_y, shrink=shrink,
+                block_steps=shrink.block_steps if shrink is not None else steps * depth,
+                accuracies=depth_accuracies(model, test_x, test_y))
 
 
 def label(run: dict, twin: str | None = None) -> str:
@@ -210,13 +234,19 @@ def noise_robustness(runs: list, out: str, device: torch.device) -> None:
         "test accuracy (%)")
 
 
+def to_target(run: dict) -> tuple:
+    """(epochs, training seconds) until the test accuracy first reached the data set's target; a run
+    that never reaches it counts as one epoch past its budget (and all its seconds)."""
+    curve = run["curve"]
+    return next(((epoch + 1, seconds) for epoch, (seconds, accuracy) in enumerate(curve)
+                 if accuracy >= TARGETS[run["dataset"]]), (len(curve) + 1, curve[-1][0]))
+
+
 def training_speed(runs: list, out: str) -> None:
     rows, records = defaultdict(lambda: defaultdict(list)), []
     for run in runs:
-        target, curve = TARGETS[run["dataset"]], run["curve"]
-        # a run that never reaches the target counts as one epoch past its budget (and all its seconds)
-        epochs, seconds = next(((epoch + 1, seconds) for epoch, (seconds, accuracy) in enumerate(curve)
-                                if accuracy >= target), (len(curve) + 1, curve[-1][0]))
+        curve = run["curve"]
+        epochs, seconds = to_target(run)
         values = {"epochs": epochs, "seconds": seconds, "reached %": 100.0 * (epochs <= len(curve)),
                   "final %": curve[-1][1]}
         values.update({f"epoch {e + 1} %": accuracy for e, (_, accuracy) in enumerate(run["curve"])})
@@ -275,6 +305,78 @@ def continual_learning(settings: Settings, out: str, device: torch.device, tqdm)
         "0: average accuracy, 1: forgetting", "%")
 
 
+# ----------------------------------------------------------------------------- experiment 5
+
+def shrinking(settings: Settings, runs: list, out: str, device: torch.device, tqdm) -> None:
+    """The full ACN and its residual twin (from the shared runs) against the ACN trained with
+    ShrinkOnCompression, MLP and Mixer."""
+    jobs = [(d, m, depth, epochs, seed, "acn shrinking") for d in settings.datasets
+            for m, depth, epochs in settings.models[d] if m in ("mlp", "mixer") for seed in range(settings.seeds)]
+    shrunk = train_runs(jobs, "training with shrinking", device, tqdm)
+    rows, records = defaultdict(lambda: defaultdict(list)), []
+    shrunk_keys = {(r["dataset"], r["model"]) for r in shrunk}
+    for run in [r for r in runs if (r["dataset"], r["model"]) in shrunk_keys and r["twin"] != "ffn"] + shrunk:
+        epochs, seconds = to_target(run)
+        values = {"final %": run["curve"][-1][1], "epochs to target": epochs, "s to target": seconds,
+                  "train s": run["curve"][-1][0], "block-steps k": run["block_steps"] / 1000,
+                  "final depth": len(run["accuracies"]) - 1}
+        for metric, value in values.items():
+            rows[label(run)][metric].append(value)
+            records.append(record(run, metric, value))
+        for step, previous, depth in ((e.step, e.previous, e.depth) for e in (run["shrink"].shrinks
+                                                                             if run["shrink"] else [])):
+            records.append(record(run, f"shrink at step {step}: {previous} ->", depth))
+    print_table("5a. Shrinking while training (ShrinkOnCompression: probe every "
+                f"{SHRINK_EVERY} steps on a held-out tenth of the training set, tolerance 0.5 pt, patience 3, "
+                "margin 1), mean ± std over seeds", ["final %", "epochs to target", "s to target", "train s",
+                                                     "block-steps k", "final depth"], rows)
+    final = lambda suffix: per_seed(rows, suffix, ["final %"])  # noqa: E731
+    seconds = lambda suffix: per_seed(rows, suffix, ["train s"])  # noqa: E731
+    accuracy_gap = [a - b for a, b in zip(final(" acn shrinking"), final(" acn"))]
+    time_ratio = statistics.fmean(seconds(" acn shrinking")) / statistics.fmean(seconds(" acn"))
+    print(f"target: final accuracy within 0.5 points of the full ACN's: shrinking - full = "
+          f"{cell(accuracy_gap, 2)} points ({'met' if statistics.fmean(accuracy_gap) >= -0.5 else 'not met'})")
+    print(f"target: at most 0.7x the full ACN's training wall-clock: {time_ratio:.2f}x "
+          f"({'met' if time_ratio <= 0.7 else 'not met'}); against the residual twin's: "
+          f"{statistics.fmean(seconds(' acn shrinking')) / statistics.fmean(seconds(' residual')):.2f}x")
+    write_csv(os.path.join(out, "shrinking.csv"), records)
+    plot_lines(os.path.join(out, "shrinking.png"), rows, lambda values: [
+        (0, statistics.fmean(values["train s"])), (1, statistics.fmean(values["block-steps k"]))],
+        "0: training seconds, 1: thousands of block-steps", "")
+
+
+def early_exit(runs: list, out: str) -> None:
+    """Per-sample early exit on the acn and residual twins: the sweep over EXIT_THRESHOLDS, and at the
+    lowest threshold whose accuracy is within 0.5 points of the full model's, the blocks per sample."""
+    rows, records, curves = defaultdict(lambda: defaultdict(list)), [], defaultdict(lambda: defaultdict(list))
+    for run in (r for r in runs if r["twin"] in ("acn", "residual")):
+        sweep = early_exit_sweep(run["net"], run["test_x"], run["test_y"], EXIT_THRESHOLDS)
+        full = sweep[-1]
+        chosen = next(row for row in sweep if row["accuracy"] >= full["accuracy"] - 0.5)
+        values = {"full %": full["accuracy"], "threshold": chosen["threshold"], "exit %": chosen["accuracy"],
+                  "blocks/sample": chosen["depth"], "blocks/L": chosen["depth"] / full["depth"]}
+        for metric, value in values.items():
+            rows[label(run)][metric].append(value)
+            records.append(record(run, metric, value))
+        for row in sweep:
+            curves[label(run)][f"blocks {row['threshold']}"].append(row["depth"] / full["depth"])
+            curves[label(run)][f"accuracy {row['threshold']}"].append(row["accuracy"])
+            records.append(record(run, f"threshold {row['threshold']}: accuracy %", row["accuracy"]))
+            records.append(record(run, f"threshold {row['threshold']}: blocks/sample", row["depth"]))
+    print_table("5b. Early exit per sample (model.early_exit): the lowest threshold within 0.5 points of the full "
+                f"model's accuracy, of {EXIT_THRESHOLDS[:-1]}, and the blocks each sample ran, mean ± std over seeds",
+                ["full %", "threshold", "exit %", "blocks/sample", "blocks/L"], rows)
+    blocks = lambda suffix: per_seed(rows, suffix, ["blocks/L"])  # noqa: E731
+    print(verdict(blocks(" residual"), blocks(" acn"), True, "Poster: early exit saves more in the ACN (AC-Mixer "
+                  "3.3x fewer FLOPs against 2.4x for the residual Mixer)", "blocks per sample / L, residual "
+                  f"against acn ({1 / max(statistics.fmean(blocks(' acn')), 1e-9):.2f}x fewer blocks against "
+                  f"{1 / max(statistics.fmean(blocks(' residual')), 1e-9):.2f}x):"))
+    write_csv(os.path.join(out, "early_exit.csv"), records)
+    plot_lines(os.path.join(out, "early_exit.png"), curves, lambda values: [
+        (statistics.fmean(values[f"blocks {t}"]), statistics.fmean(values[f"accuracy {t}"]))
+        for t in EXIT_THRESHOLDS], "blocks per sample / L", "test accuracy (%)")
+
+
 # ----------------------------------------------------------------------------- output
 
 def series(values: dict, prefix: str, start: int) -> list:
@@ -323,4 +425,6 @@ def run_paper(quick: bool = False, seeds: int | None = None, out: str = "paper_r
     noise_robustness(runs, out, device)
     continual_learning(settings, out, device, tqdm)
     training_speed(runs, out)
+    shrinking(settings, runs, out, device, tqdm)
+    early_exit(runs, out)
     return 0

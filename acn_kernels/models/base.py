@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._validation import check_choice, check_positive_int
 from ..backend import BACKENDS, resolve_backend
-from ..long_connections import LongConnections, attach, check_depth, shallow_copy
+from ..long_connections import LongConnections, attach, check_depth, exit_early, shallow_copy
 
 CONNECTIVITIES = ("acn", "residual", "ffn")
 
@@ -121,6 +121,16 @@ class DepthModel(nn.Module):
             return torch.stack([self.head(hidden) for hidden in self.states(inputs)])
         normed = self.long_connections.probe(self.embed(inputs))
         return torch.stack([self.readout(hidden) for hidden in normed])
+
+    def early_exit(self, inputs: torch.Tensor, threshold: float) -> tuple:
+        """(logits, depth used per sample): each sample leaves at the first depth k whose logits (the
+        state after k blocks through the final norm and head, as in `probe`) put a softmax probability
+        of at least `threshold` on one class, the full depth otherwise; a block computes only the
+        samples still in. threshold 0: every sample at depth 0; above 1: the full forward."""
+        if self.connectivity == "acn":
+            return self.long_connections.early_exit(self.embed(inputs), self.readout, threshold)
+        return exit_early((self.embed(inputs),), lambda i, state: (self.run_block(self.blocks[i], state[0]),),
+                          lambda state: self.head(state[0]), self.depth, threshold)
 
     def truncate(self, k: int) -> "DepthModel":
         """A model that runs only the first k blocks; it shares every parameter with this one."""

@@ -1,0 +1,201 @@
+"""ShrinkOnCompression (the active depth drops while training) and early_exit (per-sample depth at
+inference), checked against what the model's own probe says."""
+import logging
+
+import pytest
+import torch
+
+from acn_kernels import MLP, LongConnections, Mixer, ShrinkOnCompression, early_exit_sweep
+
+LIVE = 2  # blocks LIVE.. of `silenced_acn` output zeros, so y_LIVE = ... = y_L
+
+
+def silenced_acn(backend: str = "reference", depth: int = 6) -> MLP:
+    """An ACN whose blocks past the first LIVE output exactly zero (gelu(0 x + 0) = 0)."""
+    torch.manual_seed(0)
+    model = MLP(12, 24, depth, 5, connectivity="acn", backend=backend)
+    with torch.no_grad():
+        for block in model.blocks[LIVE:]:
+            block.linear.weight.zero_()
+            block.linear.bias.zero_()
+    return model
+
+
+def own_labels(model, inputs):
+    """Targets the full model gets right: every depth >= LIVE scores 100%, shallower ones less."""
+    with torch.no_grad():
+        return model(inputs).argmax(-1)
+
+
+def test_shrinking_cuts_to_the_depth_the_probes_agree_on_and_trains_only_what_it_keeps(caplog):
+    model = silenced_acn()
+    inputs = torch.randn(64, 12)
+    shrink = ShrinkOnCompression(model, inputs, own_labels(model, inputs), every=1, tolerance=0.0, patience=2,
+                                 margin=1)
+    assert shrink.depth == 6
+    with caplog.at_level(logging.INFO, logger="acn_kernels.depth"):
+        assert shrink.step() is None  # the first probe starts the streak
+        event = shrink.step()
+    assert event is not None and (event.step, event.previous, event.depth) == (2, 6, LIVE + 1)
+    assert event.scores[LIVE:] == [100.0] * (7 - LIVE) and max(event.scores[:LIVE]) < 100.0
+    assert [candidate for _, _, candidate in shrink.history] == [LIVE, LIVE]
+    assert shrink.shrinks == [event] and "active depth 6 -> 3" in caplog.text
+    assert shrink.depth == model.long_connections.depth == LIVE + 1 and model.depth == 6
+    assert shrink.block_steps == 6 + 6
+
+    kept = [p for block in model.blocks[:LIVE + 1] for p in block.parameters()]
+    dropped = [p for block in model.blocks[LIVE + 1:] for p in block.parameters()]
+    before = [p.detach().clone() for p in kept + dropped]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=False)  # zeroed grads would still move dropped parameters in AdamW
+        torch.nn.functional.cross_entropy(model(inputs), own_labels(model, inputs).roll(1)).backward()
+        optimizer.step()
+        shrink.step()
+    assert all(not torch.equal(p, b) for p, b in zip(kept, before))
+    assert all(torch.equal(p, b) and p.grad is None and not p.requires_grad
+               for p, b in zip(dropped, before[len(kept):]))
+    assert shrink.block_steps == 6 + 6 + 3 * (LIVE + 1)
+
+
+def test_a_shrunk_model_runs_its_first_blocks_and_its_state_dict_loads_into_the_full_model():
+    model = silenced_acn()
+    inputs = torch.randn(16, 12)
+    model.long_connections.set_active_depth(LIVE + 1)
+    full = MLP(12, 24, 6, 5, connectivity="acn")
+    full.load_state_dict(model.state_dict())  # strict: the same keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), full.truncate(LIVE + 1)(inputs))
+        torch.testing.assert_close(model.probe(inputs), full.probe(inputs)[:LIVE + 2])
+        assert model.probe(inputs).shape[0] == LIVE + 2
+    model.long_connections.set_active_depth(6)  # all blocks again
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), full(inputs))
+
+
+def test_shrinking_waits_for_patience_and_works_on_regression_targets():
+    model = silenced_acn()
+    inputs = torch.randn(32, 12)
+    with torch.no_grad():
+        targets = model(inputs)  # float targets: the probe scores the squared error of every depth
+    shrink = ShrinkOnCompression(model, inputs, targets, every=2, tolerance=0.0, patience=3, margin=0)
+    events = [shrink.step() for _ in range(6)]
+    assert events[:5] == [None] * 5 and events[5].depth == LIVE and events[5].step == 6
+    assert [step for step, _, _ in shrink.history] == [2, 4, 6]
+    losses = shrink.history[0][1]  # depths >= LIVE add exact zeros: one loss, bitwise
+    assert losses[LIVE:] == [losses[-1]] * (7 - LIVE) and losses[-1] < 1e-10 < min(losses[:LIVE])
+
+
+def test_shrinking_explains_what_it_needs():
+    inputs, targets = torch.randn(8, 12), torch.randint(0, 5, (8,))
+    residual = MLP(12, 24, 4, 5, connectivity="residual")
+    with pytest.raises(ValueError, match=r"only an ACN can shrink .* got connectivity='residual'"):
+        ShrinkOnCompression(residual, inputs, targets)
+    with pytest.raises(TypeError, match=r"model must have probe\(\)"):
+        ShrinkOnCompression(torch.nn.Linear(12, 5), inputs, targets)
+    model = silenced_acn()
+    for kwargs, message in (({"every": 0}, r"every must be an integer >= 1, got 0"),
+                            ({"patience": 1.5}, r"patience must be an integer >= 1, got 1.5"),
+                            ({"tolerance": -1}, r"tolerance must be a number >= 0 .* got -1"),
+                            ({"margin": -1}, r"margin must be an integer >= 0 .* got -1")):
+        with pytest.raises(ValueError, match=message):
+            ShrinkOnCompression(model, inputs, targets, **kwargs)
+    with pytest.raises(ValueError, match=r"probe_inputs and probe_targets must be non-empty and of one length, "
+                                         r"got 8 and 3"):
+        ShrinkOnCompression(model, inputs, targets[:3])
+    with pytest.raises(ValueError, match=r"k must be an integer in \[0, 4\], got 5"):
+        LongConnections([torch.nn.Identity()] * 4).set_active_depth(5)
+
+
+# ----------------------------------------------------------------------------- early exit
+
+def exits_from_probe(model, inputs, threshold):
+    """The per-sample loop early_exit must match: the first depth whose probe logits are confident."""
+    with torch.no_grad():
+        per_depth = model.probe(inputs)
+    logits, used = [], []
+    for sample in range(inputs.shape[0]):
+        confident = [k for k in range(per_depth.shape[0])
+                     if torch.softmax(per_depth[k, sample], -1).max() >= threshold]
+        k = confident[0] if confident else per_depth.shape[0] - 1
+        logits.append(per_depth[k, sample])
+        used.append(k)
+    return torch.stack(logits), torch.tensor(used)
+
+
+def trained_twin(connectivity, backend="reference"):
+    torch.manual_seed(1)
+    model = MLP(12, 24, 5, 5, connectivity=connectivity, backend=backend)
+    inputs = torch.randn(48, 12)
+    targets = (inputs[:, :5] * 3).argmax(-1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+    return model.eval(), inputs
+
+
+@pytest.mark.parametrize("connectivity", ["acn", "residual", "ffn"])
+def test_early_exit_matches_a_per_sample_loop_over_probe(connectivity):
+    model, inputs = trained_twin(connectivity)
+    with torch.no_grad():
+        maxima = torch.softmax(model.probe(inputs), -1).amax(-1)
+        threshold = maxima[1].median().item()  # about half the samples leave at depth 1 or before
+        logits, used = model.early_exit(inputs, threshold)
+        expected_logits, expected_used = exits_from_probe(model, inputs, threshold)
+        assert len(used.unique()) > 1
+        torch.testing.assert_close(used, expected_used)
+        torch.testing.assert_close(logits, expected_logits)
+
+        logits, used = model.early_exit(inputs, 0.0)
+        assert used.eq(0).all()
+        torch.testing.assert_close(logits, model.probe(inputs)[0])
+        logits, used = model.early_exit(inputs, 1.5)
+        assert used.eq(5).all()
+        torch.testing.assert_close(logits, model(inputs))
+
+
+def test_early_exit_computes_blocks_only_for_the_samples_still_in():
+    model, inputs = trained_twin("acn")
+    seen = [0] * model.depth
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda module, args, out, i=i: seen.__setitem__(i, seen[i] + args[0].shape[0]))
+    with torch.no_grad():
+        threshold = torch.softmax(model.probe(inputs), -1).amax(-1)[2].median().item()
+        seen[:] = [0] * model.depth
+        _, used = model.early_exit(inputs, threshold)
+    assert seen == [int((used > i).sum()) for i in range(model.depth)]
+    assert seen[-1] < inputs.shape[0]
+
+
+@pytest.mark.parametrize("name", ["mlp", "mixer"])
+def test_early_exit_agrees_across_backends(name):
+    def build(backend):
+        if name == "mlp":
+            return MLP(12, 24, 4, 5, connectivity="acn", backend=backend)
+        return Mixer(6, 2, 1, 16, 3, token_dim=8, channel_dim=24, num_classes=5, backend=backend)
+
+    torch.manual_seed(2)
+    reference, fused = build("reference"), build("triton")
+    fused.load_state_dict(reference.state_dict())
+    inputs = torch.randn(9, 12) if name == "mlp" else torch.randn(9, 1, 6, 6)
+    with torch.no_grad():
+        threshold = torch.softmax(reference.probe(inputs), -1).amax(-1)[1].median().item()
+        expected_logits, expected_used = reference.early_exit(inputs, threshold)
+        logits, used = fused.early_exit(inputs, threshold)
+    torch.testing.assert_close(used, expected_used)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_early_exit_sweep_and_bad_thresholds():
+    model, inputs = trained_twin("acn")
+    targets = (inputs[:, :5] * 3).argmax(-1)
+    rows = early_exit_sweep(model, inputs, targets, [0.0, 2.0])
+    assert (rows[0]["depth"], rows[0]["saved"]) == (0.0, 1.0) and (rows[1]["depth"], rows[1]["saved"]) == (5.0, 0.0)
+    with torch.no_grad():
+        full = 100.0 * (model(inputs).argmax(-1) == targets).double().mean().item()
+    assert rows[1]["accuracy"] == pytest.approx(full)
+    for bad in (float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match=r"threshold must be a real number"):
+            model.early_exit(inputs, bad)
