@@ -141,13 +141,20 @@ def long_connections_of(model: nn.Module) -> LongConnections:
 class ShrinkOnCompression:
     """Drops the depth an ACN has stopped using, while it trains. Call `step()` after each optimizer
     step; every `every` steps it scores every active depth on the held-out (probe_inputs,
-    probe_targets): accuracy (%) for integer class targets, mean squared error otherwise. The
-    candidate is the smallest depth k within `tolerance` of the deepest active depth (points of
-    accuracy; percent of the deepest's loss for regression targets). Once the candidate has stayed
-    the same for `patience` probes in a row, and k + margin is shallower than the active depth, the
-    model runs only the first k + margin blocks from then on: the forward stops the sum there (final
-    norm and head as before), the dropped blocks' parameters get requires_grad=False and no gradient
-    (optimizers skip them), and the state_dict still loads into the full model. It never grows back.
+    probe_targets): accuracy (%) for integer class targets, mean squared error otherwise. A probe's
+    candidate is the smallest depth within `tolerance` of the deepest active depth (points of
+    accuracy; percent of the deepest's loss for regression targets).
+
+    It shrinks to k + margin blocks, k the largest candidate of the last `patience` probes, once
+    those probes agree that the model has settled and that depth is spare:
+    - the deepest depth's score did not beat its best before them by more than `tolerance` (early in
+      training the scores still climb);
+    - every candidate was at least 1 (at chance every depth ties and depth 0 would win);
+    - k + margin is shallower than the active depth.
+    From then on the forward runs the first k + margin blocks and stops the sum there (final norm
+    and head as before), the dropped blocks' parameters get requires_grad=False and no gradient
+    (optimizers skip them), and the state_dict still loads into the full model. It never grows back;
+    the next shrink waits for `patience` + 1 probes of the new depth.
 
     `history` holds every probe as (step, scores, candidate), `shrinks` every Shrink; each shrink is
     logged on the "acn_kernels.depth" logger. `block_steps` counts the blocks computed per step, summed."""
@@ -167,7 +174,7 @@ class ShrinkOnCompression:
         self.model, self.inputs, self.targets = model, probe_inputs, probe_targets
         self.every, self.tolerance, self.patience, self.margin = every, tolerance, patience, margin
         self.classification = not (probe_targets.is_floating_point() or probe_targets.is_complex())
-        self.steps, self.block_steps, self.streak, self.candidate = 0, 0, 0, None
+        self.steps, self.block_steps, self.first_probe = 0, 0, 0  # first_probe: history index since the last shrink
         self.history: list = []
         self.shrinks: list = []
 
@@ -191,12 +198,15 @@ class ShrinkOnCompression:
         errors = (outputs.double() - targets.double()) ** 2
         return errors.flatten(1).mean(-1).tolist()
 
+    def within(self, score: float, reference: float) -> bool:
+        """Whether `score` is no worse than `reference` by more than the tolerance."""
+        if self.classification:
+            return score >= reference - self.tolerance
+        return score <= reference * (1 + self.tolerance / 100)
+
     def smallest_within(self, scores: list) -> int:
         """The smallest depth within tolerance of the deepest active one."""
-        deepest = scores[-1]
-        if self.classification:
-            return next(k for k, score in enumerate(scores) if score >= deepest - self.tolerance)
-        return next(k for k, score in enumerate(scores) if score <= deepest * (1 + self.tolerance / 100))
+        return next(k for k, score in enumerate(scores) if self.within(score, scores[-1]))
 
     def step(self) -> Shrink | None:
         """Call after each optimizer step; returns the Shrink when this step shrank the model."""
@@ -207,12 +217,18 @@ class ShrinkOnCompression:
         scores = self.scores()
         candidate = self.smallest_within(scores)
         self.history.append((self.steps, scores, candidate))
-        self.streak = self.streak + 1 if candidate == self.candidate else 1
-        self.candidate = candidate
-        target = candidate + self.margin
-        if self.streak < self.patience or target >= self.depth:
+        since_shrink = self.history[self.first_probe:]
+        if len(since_shrink) <= self.patience:
+            return None
+        window, before = since_shrink[-self.patience:], since_shrink[:-self.patience]
+        best_before = (max if self.classification else min)(deepest for _, (*_, deepest), _ in before)
+        settled = all(self.within(best_before, deepest) for _, (*_, deepest), _ in window)
+        candidates = [c for _, _, c in window]
+        target = max(candidates) + self.margin
+        if not settled or min(candidates) < 1 or target >= self.depth:
             return None
         shrink = Shrink(self.steps, self.depth, target, scores)
+        self.first_probe = len(self.history)
         self.drop_blocks_past(target)
         self.shrinks.append(shrink)
         log.info("step %d: active depth %d -> %d (probe scores by depth: %s)", shrink.step, shrink.previous,

@@ -27,21 +27,23 @@ def own_labels(model, inputs):
         return model(inputs).argmax(-1)
 
 
-def test_shrinking_cuts_to_the_depth_the_probes_agree_on_and_trains_only_what_it_keeps(caplog):
-    model = silenced_acn()
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_shrinking_cuts_to_the_depth_the_probes_agree_on_and_trains_only_what_it_keeps(backend, caplog):
+    model = silenced_acn(backend)
+    assert model.backend == backend
     inputs = torch.randn(64, 12)
     shrink = ShrinkOnCompression(model, inputs, own_labels(model, inputs), every=1, tolerance=0.0, patience=2,
                                  margin=1)
     assert shrink.depth == 6
     with caplog.at_level(logging.INFO, logger="acn_kernels.depth"):
-        assert shrink.step() is None  # the first probe starts the streak
+        assert shrink.step() is None and shrink.step() is None  # a best score before the window, then the window
         event = shrink.step()
-    assert event is not None and (event.step, event.previous, event.depth) == (2, 6, LIVE + 1)
+    assert event is not None and (event.step, event.previous, event.depth) == (3, 6, LIVE + 1)
     assert event.scores[LIVE:] == [100.0] * (7 - LIVE) and max(event.scores[:LIVE]) < 100.0
-    assert [candidate for _, _, candidate in shrink.history] == [LIVE, LIVE]
+    assert [candidate for _, _, candidate in shrink.history] == [LIVE] * 3
     assert shrink.shrinks == [event] and "active depth 6 -> 3" in caplog.text
     assert shrink.depth == model.long_connections.depth == LIVE + 1 and model.depth == 6
-    assert shrink.block_steps == 6 + 6
+    assert shrink.block_steps == 3 * 6
 
     kept = [p for block in model.blocks[:LIVE + 1] for p in block.parameters()]
     dropped = [p for block in model.blocks[LIVE + 1:] for p in block.parameters()]
@@ -55,7 +57,7 @@ def test_shrinking_cuts_to_the_depth_the_probes_agree_on_and_trains_only_what_it
     assert all(not torch.equal(p, b) for p, b in zip(kept, before))
     assert all(torch.equal(p, b) and p.grad is None and not p.requires_grad
                for p, b in zip(dropped, before[len(kept):]))
-    assert shrink.block_steps == 6 + 6 + 3 * (LIVE + 1)
+    assert shrink.block_steps == 3 * 6 + 3 * (LIVE + 1)
 
 
 def test_a_shrunk_model_runs_its_first_blocks_and_its_state_dict_loads_into_the_full_model():
@@ -79,11 +81,30 @@ def test_shrinking_waits_for_patience_and_works_on_regression_targets():
     with torch.no_grad():
         targets = model(inputs)  # float targets: the probe scores the squared error of every depth
     shrink = ShrinkOnCompression(model, inputs, targets, every=2, tolerance=0.0, patience=3, margin=0)
-    events = [shrink.step() for _ in range(6)]
-    assert events[:5] == [None] * 5 and events[5].depth == LIVE and events[5].step == 6
-    assert [step for step, _, _ in shrink.history] == [2, 4, 6]
+    events = [shrink.step() for _ in range(8)]
+    assert events[:7] == [None] * 7 and events[7].depth == LIVE and events[7].step == 8
+    assert [step for step, _, _ in shrink.history] == [2, 4, 6, 8]
     losses = shrink.history[0][1]  # depths >= LIVE add exact zeros: one loss, bitwise
     assert losses[LIVE:] == [losses[-1]] * (7 - LIVE) and losses[-1] < 1e-10 < min(losses[:LIVE])
+
+
+def test_shrinking_waits_while_the_scores_climb_or_sit_at_chance():
+    model = silenced_acn()
+    inputs = torch.randn(8, 12)
+    shrink = ShrinkOnCompression(model, inputs, torch.zeros(8, dtype=torch.long), every=1, tolerance=0.5,
+                                 patience=2)
+    climbing = [[10.0, 20.0, 20.0 + step, 20.0 + step] for step in range(6)]   # candidate 2, deepest rising
+    at_chance = [[10.0, 10.0, 10.0, 10.0]] * 6                                   # candidate 0
+    for probes in (climbing, at_chance):
+        shrink.history, shrink.first_probe = [], 0
+        for scores in probes:
+            shrink.scores = lambda scores=scores: scores
+            assert shrink.step() is None
+    settled = [[10.0, 20.0, 30.0, 30.0], [10.0, 30.0, 29.0, 30.0], [10.0, 20.0, 29.5, 30.0]]  # candidates 2, 1, 2
+    for scores in settled:
+        shrink.scores = lambda scores=scores: scores
+        event = shrink.step()
+    assert event is not None and event.depth == 2 + 1  # the largest candidate of the window, plus the margin
 
 
 def test_shrinking_explains_what_it_needs():
@@ -123,6 +144,15 @@ def exits_from_probe(model, inputs, threshold):
     return torch.stack(logits), torch.tensor(used)
 
 
+def threshold_splitting(model, inputs, depth):
+    """A threshold halfway between two middle top probabilities at `depth`: about half the samples are
+    confident there, and none sits on the threshold (where rounding would decide)."""
+    with torch.no_grad():
+        top = torch.softmax(model.probe(inputs)[depth], -1).amax(-1).sort().values
+    middle = len(top) // 2
+    return (top[middle - 1] + top[middle]).item() / 2
+
+
 def trained_twin(connectivity, backend="reference"):
     torch.manual_seed(1)
     model = MLP(12, 24, 5, 5, connectivity=connectivity, backend=backend)
@@ -139,9 +169,8 @@ def trained_twin(connectivity, backend="reference"):
 @pytest.mark.parametrize("connectivity", ["acn", "residual", "ffn"])
 def test_early_exit_matches_a_per_sample_loop_over_probe(connectivity):
     model, inputs = trained_twin(connectivity)
+    threshold = threshold_splitting(model, inputs, 1)  # about half the samples leave at depth 1 or before
     with torch.no_grad():
-        maxima = torch.softmax(model.probe(inputs), -1).amax(-1)
-        threshold = maxima[1].median().item()  # about half the samples leave at depth 1 or before
         logits, used = model.early_exit(inputs, threshold)
         expected_logits, expected_used = exits_from_probe(model, inputs, threshold)
         assert len(used.unique()) > 1
@@ -161,9 +190,9 @@ def test_early_exit_computes_blocks_only_for_the_samples_still_in():
     seen = [0] * model.depth
     for i, block in enumerate(model.blocks):
         block.register_forward_hook(lambda module, args, out, i=i: seen.__setitem__(i, seen[i] + args[0].shape[0]))
+    threshold = threshold_splitting(model, inputs, 2)
+    seen[:] = [0] * model.depth  # the probe above ran every block on every sample
     with torch.no_grad():
-        threshold = torch.softmax(model.probe(inputs), -1).amax(-1)[2].median().item()
-        seen[:] = [0] * model.depth
         _, used = model.early_exit(inputs, threshold)
     assert seen == [int((used > i).sum()) for i in range(model.depth)]
     assert seen[-1] < inputs.shape[0]
@@ -180,8 +209,8 @@ def test_early_exit_agrees_across_backends(name):
     reference, fused = build("reference"), build("triton")
     fused.load_state_dict(reference.state_dict())
     inputs = torch.randn(9, 12) if name == "mlp" else torch.randn(9, 1, 6, 6)
+    threshold = threshold_splitting(reference, inputs, 1)
     with torch.no_grad():
-        threshold = torch.softmax(reference.probe(inputs), -1).amax(-1)[1].median().item()
         expected_logits, expected_used = reference.early_exit(inputs, threshold)
         logits, used = fused.early_exit(inputs, threshold)
     torch.testing.assert_close(used, expected_used)
