@@ -90,11 +90,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> accumulate_norm_fwd(const Tensor& x, 
   return {y ? y_out.view(x.sizes()) : at::empty({0}, x.options()), out.view(x.sizes()), mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> accumulate_norm_bwd(const Tensor& dout, const OptionalTensor& dy_out,
-                                                               const Tensor& normalized, const Tensor& weight,
-                                                               const Tensor& mean, const Tensor& rstd, bool has_bias,
-                                                               bool is_layernorm,
-                                                               std::optional<at::ScalarType> dy_dtype) {
+// The dweight (and dbias) partial rows of a norm backward, one zeroed buffer (1 + has_bias, programs, dim):
+// one launch zeroes them and one sums them; the result's row 0 is dweight, row 1 dbias.
+Tensor new_partial_rows(bool has_bias, int programs, int64_t dim, const Tensor& like) {
+  return at::zeros({has_bias ? 2 : 1, programs, dim}, like.options().dtype(at::kFloat));
+}
+
+std::tuple<Tensor, Tensor, Tensor> accumulate_norm_bwd(const Tensor& dout, const OptionalTensor& dy_out,
+                                                       const Tensor& normalized, const Tensor& weight,
+                                                       const Tensor& mean, const Tensor& rstd, bool has_bias,
+                                                       bool is_layernorm, std::optional<at::ScalarType> dy_dtype) {
   const char* op = "acn_kernels_cuda::accumulate_norm_bwd";
   check_cuda(dout, op, "dout"), check_cuda(dy_out, op, "dy_out"), check_cuda(normalized, op, "normalized");
   const c10::cuda::CUDAGuard guard(dout.device());
@@ -103,21 +108,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> accumulate_norm_bwd(const Tensor& dou
   Tensor dy_out2 = dy_out ? rows_of(*dy_out) : Tensor();
   const int64_t rows = v2.size(0);
   const int programs = reduction_programs(rows);
-  const auto partial = dout.options().dtype(at::kFloat);
   Tensor dx = at::empty_like(dout2), dy = dy_dtype ? at::empty(v2.sizes(), dout.options().dtype(*dy_dtype)) : Tensor();
-  Tensor dw = at::zeros({programs, dim}, partial), db = has_bias ? at::zeros({programs, dim}, partial) : Tensor();
+  Tensor partials = new_partial_rows(has_bias, programs, dim, dout);
   const acn::DType x_dtype = dtype_of(dout, op, "dout");
   const acn::DType y_dtype = dy_out ? dtype_of(*dy_out, op, "dy_out") : (dy_dtype ? acn::DType::kFloat32 : x_dtype);
   acn::accumulate_norm_backward(x_dtype, y_dtype, dout2.data_ptr(), dy_out ? dy_out2.data_ptr() : nullptr,
                                 v2.data_ptr(), normalized.scalar_type() != dout.scalar_type(), w.data_ptr<float>(),
                                 is_layernorm ? mean.data_ptr<float>() : nullptr, rstd.data_ptr<float>(),
-                                dx.data_ptr(), dy_dtype ? dy.data_ptr() : nullptr, dw.data_ptr<float>(),
-                                has_bias ? db.data_ptr<float>() : nullptr, rows, static_cast<int>(dim), programs,
-                                stream());
+                                dx.data_ptr(), dy_dtype ? dy.data_ptr() : nullptr, partials[0].data_ptr<float>(),
+                                has_bias ? partials[1].data_ptr<float>() : nullptr, rows, static_cast<int>(dim),
+                                programs, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto shape = normalized.sizes();
-  return {dx.view(shape), dy_dtype ? dy.view(shape) : at::empty({0}, dout.options()), dw.sum(0).to(weight.scalar_type()),
-          has_bias ? db.sum(0).to(weight.scalar_type()) : at::empty({0}, weight.options())};
+  return {dx.view(shape), dy_dtype ? dy.view(shape) : at::empty({0}, dout.options()),
+          partials.sum(1).to(weight.scalar_type())};
 }
 
 void check_probe_width(int64_t dim, const char* op) {
@@ -148,9 +152,8 @@ std::tuple<Tensor, Tensor, Tensor> probe_norm_fwd(const Tensor& xs, const Tensor
   return {out, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> probe_norm_bwd(const Tensor& dout, const Tensor& xs, const Tensor& weight,
-                                                  const Tensor& mean, const Tensor& rstd, bool has_bias,
-                                                  bool is_layernorm) {
+std::tuple<Tensor, Tensor> probe_norm_bwd(const Tensor& dout, const Tensor& xs, const Tensor& weight,
+                                          const Tensor& mean, const Tensor& rstd, bool has_bias, bool is_layernorm) {
   const char* op = "acn_kernels_cuda::probe_norm_bwd";
   check_cuda(dout, op, "dout"), check_cuda(xs, op, "xs");
   const c10::cuda::CUDAGuard guard(xs.device());
@@ -158,16 +161,13 @@ std::tuple<Tensor, Tensor, Tensor> probe_norm_bwd(const Tensor& dout, const Tens
   check_probe_width(dim, op);
   Tensor xs3 = xs.contiguous(), dout3 = dout.contiguous().to(xs.scalar_type()), w = float_row(weight);
   const int programs = reduction_programs(rows);
-  const auto partial = xs.options().dtype(at::kFloat);
-  Tensor dxs = at::empty_like(xs3), dw = at::zeros({programs, dim}, partial);
-  Tensor db = has_bias ? at::zeros({programs, dim}, partial) : Tensor();
+  Tensor dxs = at::empty_like(xs3), partials = new_partial_rows(has_bias, programs, dim, xs);
   acn::probe_norm_backward(dtype_of(xs, op, "xs"), dout3.data_ptr(), xs3.data_ptr(), w.data_ptr<float>(),
                            is_layernorm ? mean.data_ptr<float>() : nullptr, rstd.data_ptr<float>(), dxs.data_ptr(),
-                           dw.data_ptr<float>(), has_bias ? db.data_ptr<float>() : nullptr, static_cast<int>(depth),
-                           rows, static_cast<int>(dim), programs, stream());
+                           partials[0].data_ptr<float>(), has_bias ? partials[1].data_ptr<float>() : nullptr,
+                           static_cast<int>(depth), rows, static_cast<int>(dim), programs, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {dxs, dw.sum(0).to(weight.scalar_type()),
-          has_bias ? db.sum(0).to(weight.scalar_type()) : at::empty({0}, weight.options())};
+  return {dxs, partials.sum(1).to(weight.scalar_type())};
 }
 
 int activation_code(const std::string& name, const char* op) {
@@ -227,11 +227,11 @@ TORCH_LIBRARY(acn_kernels_cuda, m) {
   m.def("accumulate_norm_fwd(Tensor x, Tensor? y, Tensor weight, Tensor? bias, float eps, bool is_layernorm, "
         "bool normalize_sum) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("accumulate_norm_bwd(Tensor dout, Tensor? dy_out, Tensor normalized, Tensor weight, Tensor mean, "
-        "Tensor rstd, bool has_bias, bool is_layernorm, ScalarType? dy_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor rstd, bool has_bias, bool is_layernorm, ScalarType? dy_dtype) -> (Tensor, Tensor, Tensor)");
   m.def("probe_norm_fwd(Tensor xs, Tensor weight, Tensor? bias, float eps, bool is_layernorm) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("probe_norm_bwd(Tensor dout, Tensor xs, Tensor weight, Tensor mean, Tensor rstd, bool has_bias, "
-        "bool is_layernorm) -> (Tensor, Tensor, Tensor)");
+        "bool is_layernorm) -> (Tensor, Tensor)");
   m.def("linear_act_accumulate_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? y, str activation) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("activation_backward(Tensor? dh, Tensor? dy_out, Tensor? saved, str activation, ScalarType dtype) -> Tensor");

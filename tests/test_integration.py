@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import distributed_worker
-from acn_kernels import MLP, Encoder, Mixer, ViT
+from acn_kernels import MLP, Encoder, Mixer, ViT, linear_act_accumulate
 from acn_kernels.backend import TRITON_INTERPRETED
 from op_harness import DEVICE, FUSED_BACKENDS, randn
 
@@ -51,10 +51,10 @@ FAMILIES = ("mlp", "mixer", "vit", "encoder")
 GRAD_RTOL = 1e-4 if DEVICE == "cpu" else 1e-3  # GPUs reorder sums
 
 
-def step_matches_reference(family, backend):
+def step_matches_reference(family, backend, connectivity="acn"):
     """One loss and backward on `backend` against the reference, from the same initialization."""
-    fused, inputs, labels = make(family, backend)
-    ref, _, _ = make(family, "reference")
+    fused, inputs, labels = make(family, backend, connectivity)
+    ref, _, _ = make(family, "reference", connectivity)
     assert list(fused.state_dict()) == list(ref.state_dict())
     fused_loss, fused_grads = loss_and_grads(fused, inputs, labels)
     ref_loss, ref_grads = loss_and_grads(ref, inputs, labels)
@@ -64,20 +64,45 @@ def step_matches_reference(family, backend):
     return fused, ref, inputs, labels
 
 
+@pytest.mark.parametrize("connectivity", ("acn", "residual", "ffn"))
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fused_and_reference_models_agree(family, backend):
-    fused, ref, inputs, _ = step_matches_reference(family, backend)
+def test_fused_and_reference_models_agree(family, backend, connectivity):
+    fused, ref, inputs, _ = step_matches_reference(family, backend, connectivity)
     assert fused.backend == backend and ref.backend == "reference"
     torch.testing.assert_close(fused.probe(inputs), ref.probe(inputs), rtol=GRAD_RTOL, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_twin_runs_its_mlps_on_the_fused_op(family, monkeypatch):
+    """acn, residual and ffn differ only in their connections: the same fused MLPs in all three, and
+    none on the reference backend."""
+    from acn_kernels.models import layers, mlp
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["backend"])
+        return linear_act_accumulate(*args, **kwargs)
+    for module in (layers, mlp):
+        monkeypatch.setattr(module, "linear_act_accumulate", counted)
+    mlps = {}
+    for backend in ("triton", "reference"):
+        for connectivity in ("acn", "residual", "ffn"):
+            model, inputs, _ = make(family, backend, connectivity)
+            calls.clear()
+            model(inputs)
+            mlps[backend, connectivity] = len(calls)
+    per_block = 2 if family == "mixer" else 1  # the Mixer's token and channel MLPs
+    assert mlps["triton", "acn"] == mlps["triton", "residual"] == mlps["triton", "ffn"] == 3 * per_block
+    assert mlps["reference", "acn"] == mlps["reference", "residual"] == mlps["reference", "ffn"] == 0
 
 
 def test_backend_choice_is_visible_and_never_silent():
     model, _, _ = make("vit", "auto")
     assert model.backend == "triton"  # the interpreter is on in the tests, or a GPU is there
-    with pytest.warns(UserWarning, match="backend='triton' applies to the long connections of connectivity='acn'"):
-        residual, _, _ = make("vit", "triton", connectivity="residual")
-    assert residual.backend == "reference"
+    residual, _, _ = make("vit", "triton", connectivity="residual")
+    assert residual.backend == "triton"  # its MLPs run on the fused op
     cuda, inputs, _ = make("mlp", "cuda")
     with pytest.raises(RuntimeError, match="backend='cuda' needs the CUDA extension"):
         cuda(inputs)

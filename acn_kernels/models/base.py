@@ -11,12 +11,14 @@ nested sub-networks that `probe` scores and `truncate` keeps.
 
 An "acn" model runs its long connections through `LongConnections` (the one implementation of
 them) on `backend`: each block boundary one `accumulate_norm` (y += x_i and the next block's input
-norm), the final norm its normalize="sum" mode, and `probe` one `probe_norm`. The residual and ffn
-twins are the eager PyTorch baselines. Parameters and state_dict are the same whatever the backend.
+norm), the final norm its normalize="sum" mode, and `probe` one `probe_norm`. On a fused backend
+every twin runs the blocks' MLPs on `linear_act_accumulate` (bias and activation in the GEMM's
+epilogue, the MLP model's residual add too), so that the three twins differ only in their
+connections; the residual twins' other adds stay eager. backend="reference" is pure eager PyTorch.
+Parameters and state_dict are the same whatever the backend.
 """
 from __future__ import annotations
 
-import warnings
 from collections import deque
 from typing import Iterator
 
@@ -40,15 +42,16 @@ class DepthModel(nn.Module):
         check_positive_int("depth", depth)
         check_choice("connectivity", connectivity, CONNECTIVITIES)
         check_choice("backend", backend, BACKENDS)
-        if connectivity != "acn" and backend not in ("auto", "reference"):
-            warnings.warn(f"backend={backend!r} applies to the long connections of connectivity='acn'; "
-                          f"the {connectivity} twin runs eager PyTorch", stacklevel=3)
         self.connectivity = connectivity
         self.requested_backend = backend
         self._checkpointing = False
 
     def connect(self) -> None:
-        """The long connections over this model's blocks (referenced, not registered: see attach)."""
+        """The long connections over this model's blocks (referenced, not registered: see attach),
+        and the backend of every fused MLP inside the blocks."""
+        for module in self.blocks.modules():
+            if hasattr(module, "backend"):  # FeedForward, MLPBlock
+                module.backend = self.requested_backend
         norms = [getattr(block, "input_norm", None) for block in self.blocks]
         final = None if isinstance(self.final_norm, nn.Identity) else self.final_norm
         long_connections = LongConnections(self.blocks, None if None in norms else norms, final,
@@ -72,9 +75,7 @@ class DepthModel(nn.Module):
 
     @property
     def backend(self) -> str:
-        """What the long connections run on for this model's device ("reference" for the twins)."""
-        if self.connectivity != "acn":
-            return "reference"
+        """What the fused ops (the long connections, the blocks' MLPs) run on for this model's device."""
         return resolve_backend(self.requested_backend, next(self.parameters()).device)
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -5,22 +5,29 @@ import torch
 from torch import nn
 
 from .._validation import check_positive_int
+from ..backend import resolve_backend
 from ..ops import linear_act_accumulate
 from .base import DepthModel
 from .layers import make_activation
 
 
 class MLPBlock(nn.Module):
+    """act(linear(x)), plus x in the residual twin. On a fused backend (`backend`, which the model
+    sets) the block is one `linear_act_accumulate`, the residual add in its epilogue."""
+
     def __init__(self, dim: int, activation: str, residual: bool):
         super().__init__()
         self.linear = nn.Linear(dim, dim)
         self.act = make_activation(activation)
         self.activation = activation
         self.residual = residual
+        self.backend = "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(self.linear(x))
-        return x + out if self.residual else out
+        if resolve_backend(self.backend, x.device) == "reference":
+            out = self.act(self.linear(x))
+            return x + out if self.residual else out
+        return self.run_accumulate(x, x if self.residual else None, self.backend)[1]
 
     def run_accumulate(self, x: torch.Tensor, y: torch.Tensor | None, backend: str):
         """(act(linear(x)), y + act(linear(x))) from one GEMM with the sum in its epilogue

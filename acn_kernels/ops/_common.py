@@ -78,6 +78,22 @@ def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def new_partial_rows(has_bias: bool, programs: int, dim: int, device: torch.device, zeroed: bool = False):
+    """float32 (1 + has_bias, programs, dim): the dweight (and dbias) partial rows of a norm backward
+    in one buffer, so that one launch sums them all (and one zeroes them, where a kernel adds into
+    them); row 0 holds dweight's, row 1 dbias's."""
+    shape = (1 + has_bias, programs, dim)
+    if zeroed:
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+    return new_buffer(shape, torch.float32, device)
+
+
+def sum_partial_rows(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(1 + has_bias, dim) in `dtype`: dweight (and dbias) in one reduction launch (one cast more
+    for 16-bit parameters); the autograd formulas split the rows."""
+    return partials.sum(1).to(dtype)
+
+
 MAX_WARPS = 16  # 512 threads a program keep 128 registers each
 
 

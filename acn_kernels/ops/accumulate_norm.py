@@ -13,8 +13,8 @@ Backward, with v_hat = (v - mean) * rstd and dv = rstd * (w*dout - v_hat * mean(
 
     normalize="input":  dx = dy_out + dv,  dy = dy_out (the same tensor, no copy)
     normalize="sum":    dx = dy = dy_out + dv
-    dw = sum over rows of dout * v_hat,  db = sum over rows of dout   (per-program partial rows,
-    then one sum: deterministic, no atomics)
+    dw = sum over rows of dout * v_hat,  db = sum over rows of dout   (per-program partial rows of
+    both in one buffer, then one sum launch for both: deterministic, no atomics)
 
 Bytes, for R rows, A = R*D elements at x's size, A_y at y's size (float32 y: twice A for bf16 x):
 
@@ -42,8 +42,9 @@ from .._validation import check_choice
 from ..backend import resolve_backend
 from ._common import (affine, check_eps, check_norm_kind, check_norm_params, check_running_sum, check_tensor,
                       chunk_tile, fits_in_registers, launch_options, load_param_row, load_rows, new_buffer,
-                      norm_grad_from_terms, norm_grad_row_terms, norm_input_grad, normalize_tile,
+                      new_partial_rows, norm_grad_from_terms, norm_grad_row_terms, norm_input_grad, normalize_tile,
                       reduction_programs, register_cuda_twin, renormalize, row_tile, rows_of, saved_row_stats,
+                      sum_partial_rows,
                       store_partial_rows, store_rows)
 
 
@@ -272,7 +273,8 @@ def backward_programs(n_rows: int, dim: int, device: torch.device) -> int:
 
 def launch_backward(dout2, dy_out2, v2, weight, mean, rstd, has_bias: bool, is_layernorm: bool,
                     dx_dtype: torch.dtype, dy_dtype: torch.dtype | None):
-    """(dx, dy, dweight, dbias), the reductions in float32; dy only when dy_dtype is given."""
+    """(dx, dy, dparams): dparams (1 + has_bias, dim) holds dweight (and dbias) in weight's dtype,
+    reduced in float32; dy only when dy_dtype is given."""
     n_rows, dim = v2.shape
     device = v2.device
     wide = not fits_in_registers(dim, BWD_PER_THREAD)
@@ -283,13 +285,10 @@ def launch_backward(dout2, dy_out2, v2, weight, mean, rstd, has_bias: bool, is_l
         block_rows, block_d, num_warps = row_tile(dim, BWD_PER_THREAD)
     dx = new_buffer((n_rows, dim), dx_dtype, device)
     dy = new_buffer((n_rows, dim), dy_dtype, device) if dy_dtype is not None else None
-    # The wide kernel adds into its partial rows, so they start at zero.
-    partial = torch.zeros if wide else new_buffer
-    dw = partial((programs, dim), dtype=torch.float32, device=device)
-    db = partial((programs, dim), dtype=torch.float32, device=device) if has_bias else None
+    partials = new_partial_rows(has_bias, programs, dim, device, zeroed=wide)  # the wide kernel adds into them
     args = (dout2, dy_out2 if dy_out2 is not None else dout2, v2, weight,
-            mean if mean is not None else rstd, rstd, dx, dy if dy is not None else dx, dw,
-            db if db is not None else dw,
+            mean if mean is not None else rstd, rstd, dx, dy if dy is not None else dx, partials[0],
+            partials[-1],
             n_rows, dim, dout2.stride(0), dy_out2.stride(0) if dy_out2 is not None else 0, v2.stride(0),
             dx.stride(0), dy.stride(0) if dy is not None else 0)
     flags = dict(HAS_DY_OUT=dy_out2 is not None, STORE_DY=dy is not None, HAS_BIAS=has_bias,
@@ -300,7 +299,7 @@ def launch_backward(dout2, dy_out2, v2, weight, mean, rstd, has_bias: bool, is_l
     else:
         accumulate_norm_bwd_kernel[(programs,)](
             *args, **flags, BLOCK_ROWS=block_rows, BLOCK_D=block_d, **launch_options(num_warps))
-    return dx, dy, dw.sum(0), db.sum(0) if db is not None else None
+    return dx, dy, sum_partial_rows(partials, weight.dtype)
 
 
 # ----------------------------------------------------------------------------- registered ops
@@ -332,21 +331,21 @@ def accumulate_norm_fwd_fake(x, y, weight, bias, eps, is_layernorm, normalize_su
 def accumulate_norm_bwd(dout: torch.Tensor, dy_out: Optional[torch.Tensor], normalized: torch.Tensor,
                         weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool,
                         is_layernorm: bool, dy_dtype: Optional[torch.dtype]
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dy, dweight, dbias) shaped like `normalized`, dy only in dy_dtype when that is given."""
-    dx, dy, dw, db = launch_backward(
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dy, dparams): dx and dy shaped like `normalized`, dy only in dy_dtype when that is given;
+    dparams (1 + has_bias, D): dweight and dbias in one tensor (one reduction launch for both)."""
+    dx, dy, dparams = launch_backward(
         rows_of(dout), rows_of(dy_out) if dy_out is not None else None, rows_of(normalized),
         weight.contiguous(), mean if is_layernorm else None, rstd, has_bias, is_layernorm, dout.dtype, dy_dtype)
     shape = normalized.shape
-    return (dx.view(shape), dy.view(shape) if dy is not None else dx.new_empty(0), dw.to(weight.dtype),
-            db.to(weight.dtype) if db is not None else dw.new_empty(0, dtype=weight.dtype))
+    return dx.view(shape), dy.view(shape) if dy is not None else dx.new_empty(0), dparams
 
 
 @accumulate_norm_bwd.register_fake
 def accumulate_norm_bwd_fake(dout, dy_out, normalized, weight, mean, rstd, has_bias, is_layernorm, dy_dtype):
     shape = normalized.shape
     return (dout.new_empty(shape), dout.new_empty(shape, dtype=dy_dtype) if dy_dtype is not None else dout.new_empty(0),
-            weight.new_empty(weight.shape), weight.new_empty(weight.shape if has_bias else (0,)))
+            weight.new_empty((1 + has_bias, weight.shape[0])))
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -369,13 +368,13 @@ def make_backward(backward_op):
         if dout is None:
             return dy_out.to(ctx.x_dtype), dy_out, None, None, None, None, None
         split_dy = ctx.sum_has_own_grad and ctx.y_dtype != ctx.x_dtype
-        dx, dy, dw, db = backward_op(dout, dy_out, normalized, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm,
-                                     ctx.y_dtype if split_dy else None)
+        dx, dy, dparams = backward_op(dout, dy_out, normalized, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm,
+                                      ctx.y_dtype if split_dy else None)
         if not ctx.sum_has_own_grad:
             dy = dy_out
         elif not split_dy:
             dy = dx
-        return dx, dy, dw, (db if ctx.has_bias else None), None, None, None
+        return dx, dy, dparams[0], (dparams[1] if ctx.has_bias else None), None, None, None
     return backward
 
 

@@ -8,7 +8,7 @@ Math: xs is (L+1, ..., D), the layer outputs x_0..x_L of an ACN.
 Backward, with dy_k = norm backward of dout_k at y_k (see accumulate_norm):
 
     dx_k = dy_k + dy_{k+1} + ... + dy_L      (a suffix sum: x_k feeds every y_j with j >= k)
-    dw   = sum over k and rows of dout_k * y_hat_k,  db = sum of dout_k  (deterministic partials)
+    dw   = sum over k and rows of dout_k * y_hat_k,  db = sum of dout_k  (one sum launch)
 
 The backward walks k = L..0 keeping y_k: one pass over xs rebuilds y_L, then y_{k-1} = y_k - x_k.
 A plain float32 sum rebuilt by subtraction differs from the forward's by an ulp of the terms, which
@@ -38,9 +38,9 @@ from ..backend import resolve_backend
 from .accumulate_norm import launch_backward as rows_backward
 from .accumulate_norm import launch_forward as rows_forward
 from ._common import (affine, check_eps, check_norm_kind, check_norm_params, check_tensor, fits_in_registers,
-                      launch_options, load_param_row, load_rows, new_buffer, norm_input_grad, normalize_tile,
-                      reduction_programs, register_cuda_twin, renormalize, row_tile, rows_of, saved_row_stats,
-                      store_partial_rows, store_rows)
+                      launch_options, load_param_row, load_rows, new_buffer, new_partial_rows, norm_input_grad,
+                      normalize_tile, reduction_programs, register_cuda_twin, renormalize, row_tile, rows_of,
+                      saved_row_stats, store_partial_rows, store_rows, sum_partial_rows)
 
 # Row elements a thread holds: the backward keeps the running sum (a pair), the running gradient and
 # the norm backward's values live at once (compile-report checks that these do not spill).
@@ -158,15 +158,14 @@ def launch_backward(dout3, xs3, weight, mean, rstd, has_bias: bool, is_layernorm
     block_rows, block_d, num_warps = row_tile(dim, bwd_per_thread(xs3.dtype))
     programs = backward_programs(n_rows, dim, xs3.dtype, device)
     dxs = new_buffer((depth, n_rows, dim), xs3.dtype, device)
-    dw = new_buffer((programs, dim), torch.float32, device)
-    db = new_buffer((programs, dim), torch.float32, device) if has_bias else None
+    partials = new_partial_rows(has_bias, programs, dim, device)
     probe_norm_bwd_kernel[(programs,)](
-        dout3, xs3, weight, mean if mean is not None else rstd, rstd, dxs, dw, db if db is not None else dw,
+        dout3, xs3, weight, mean if mean is not None else rstd, rstd, dxs, partials[0], partials[-1],
         depth, n_rows, dim, dout3.stride(0), dout3.stride(1), xs3.stride(0), xs3.stride(1),
         dxs.stride(0), dxs.stride(1),
         HAS_BIAS=has_bias, IS_LAYERNORM=is_layernorm, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
         **launch_options(num_warps))
-    return dxs, dw.sum(0), db.sum(0) if db is not None else None
+    return dxs, sum_partial_rows(partials, weight.dtype)
 
 
 def running_sums(xs3: torch.Tensor) -> torch.Tensor:
@@ -209,26 +208,24 @@ def probe_norm_fwd_fake(xs, weight, bias, eps, is_layernorm):
 
 @torch.library.custom_op("acn_kernels::probe_norm_bwd", mutates_args=())
 def probe_norm_bwd(dout: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                   rstd: torch.Tensor, has_bias: bool, is_layernorm: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dxs, dweight, dbias); dbias empty without a bias."""
+                   rstd: torch.Tensor, has_bias: bool, is_layernorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dxs, dparams): dparams (1 + has_bias, D) holds dweight and dbias (one reduction launch)."""
     xs3 = layers_of(xs)
     weight = weight.contiguous()
     mean = mean if is_layernorm else None
     if is_wide(xs3.shape[-1]):
-        dys, _, dw, db = rows_backward(rows_of(dout), None, running_sums(xs3), weight,
+        dys, _, dparams = rows_backward(rows_of(dout), None, running_sums(xs3), weight,
                                        mean.view(-1) if mean is not None else None, rstd.view(-1), has_bias,
                                        is_layernorm, torch.float32, None)
         dxs = dys.view(xs3.shape).flip(0).cumsum(0).flip(0).to(xs.dtype)
     else:
-        dxs, dw, db = launch_backward(layers_of(dout), xs3, weight, mean, rstd, has_bias, is_layernorm)
-    return (dxs.view(xs.shape), dw.to(weight.dtype),
-            db.to(weight.dtype) if db is not None else dw.new_empty(0, dtype=weight.dtype))
+        dxs, dparams = launch_backward(layers_of(dout), xs3, weight, mean, rstd, has_bias, is_layernorm)
+    return dxs.view(xs.shape), dparams
 
 
 @probe_norm_bwd.register_fake
 def probe_norm_bwd_fake(dout, xs, weight, mean, rstd, has_bias, is_layernorm):
-    return xs.new_empty(xs.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape if has_bias else (0,))
+    return xs.new_empty(xs.shape), weight.new_empty((1 + has_bias, weight.shape[0]))
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -244,8 +241,8 @@ def setup_context(ctx, inputs, output):
 def make_backward(backward_op):
     def backward(ctx, dout, _dmean, _drstd):
         xs, weight, mean, rstd = ctx.saved_tensors
-        dxs, dw, db = backward_op(dout, xs, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm)
-        return dxs, dw, (db if ctx.has_bias else None), None, None
+        dxs, dparams = backward_op(dout, xs, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm)
+        return dxs, dparams[0], (dparams[1] if ctx.has_bias else None), None, None
     return backward
 
 

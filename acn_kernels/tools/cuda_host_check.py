@@ -258,15 +258,15 @@ class HostOps:
             w, mean_c, rstd_c = k.place("weight", weight.float()), k.place("mean", mean), k.place("rstd", rstd)
             dx = k.output("dx", (rows, dim), dout.dtype)
             dy = k.output("dy", (rows, dim), dy_dtype) if dy_dtype is not None else None
-            dw = k.output("dw_partial", (programs, dim), torch.float32, zero=True)
-            db = k.output("db_partial", (programs, dim), torch.float32, zero=True) if has_bias else None
+            partials = k.output("partial_rows", (1 + has_bias, programs, dim), torch.float32, zero=True)
             k.library.acn_host_accumulate_norm_backward(
                 _code(dout.dtype), _code(y_dtype), _ptr(dout2), _ptr(dy_out2), _ptr(v2),
                 int(normalized.dtype != dout.dtype), _ptr(w), _ptr(mean_c if is_layernorm else None), _ptr(rstd_c),
-                _ptr(dx), _ptr(dy), _ptr(dw), _ptr(db), ctypes.c_longlong(rows), dim, programs)
+                _ptr(dx), _ptr(dy), _ptr(partials[0]), _ptr(partials[1] if has_bias else None),
+                ctypes.c_longlong(rows), dim, programs)
         shape = normalized.shape
         return (dx.view(shape), dy.view(shape) if dy is not None else dout.new_empty(0),
-                dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype) if has_bias else weight.new_empty(0))
+                partials.sum(1).to(weight.dtype))
 
     def probe_norm_fwd(self, xs, weight, bias, eps, is_layernorm):
         k, depth, dim = self.k, xs.shape[0], xs.shape[-1]
@@ -290,12 +290,12 @@ class HostOps:
             xs3, dout3 = k.place("xs", xs), k.place("dout", dout.to(xs.dtype))
             w, mean_c, rstd_c = k.place("weight", weight.float()), k.place("mean", mean), k.place("rstd", rstd)
             dxs = k.output("dxs", xs.shape, xs.dtype)
-            dw = k.output("dw_partial", (programs, dim), torch.float32, zero=True)
-            db = k.output("db_partial", (programs, dim), torch.float32, zero=True) if has_bias else None
+            partials = k.output("partial_rows", (1 + has_bias, programs, dim), torch.float32, zero=True)
             k.library.acn_host_probe_norm_backward(
                 _code(xs.dtype), _ptr(dout3), _ptr(xs3), _ptr(w), _ptr(mean_c if is_layernorm else None),
-                _ptr(rstd_c), _ptr(dxs), _ptr(dw), _ptr(db), depth, ctypes.c_longlong(rows), dim, programs)
-        return dxs, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype) if has_bias else weight.new_empty(0)
+                _ptr(rstd_c), _ptr(dxs), _ptr(partials[0]), _ptr(partials[1] if has_bias else None), depth,
+                ctypes.c_longlong(rows), dim, programs)
+        return dxs, partials.sum(1).to(weight.dtype)
 
     def linear_act_accumulate_fwd(self, x, weight, bias, y, activation):
         k, act = self.k, ACTIVATIONS.index(activation)

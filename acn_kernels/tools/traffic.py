@@ -234,12 +234,12 @@ def model_cases():
     from ..models import MLP, Encoder, Mixer, ViT
 
     def make(cls, *args, **kwargs):
-        return lambda backend: cls(*args, connectivity="acn", backend=backend, **kwargs)
+        return lambda backend, connectivity: cls(*args, connectivity=connectivity, backend=backend, **kwargs)
     return [
-        ("AC-MLP", make(MLP, 64, 128, 6, 10), lambda: torch.randn(64, 64)),
-        ("AC-Mixer", make(Mixer, 16, 4, 3, 64, 6, 32, 128, 10), lambda: torch.randn(16, 3, 16, 16)),
-        ("AC-ViT", make(ViT, 16, 4, 3, 64, 6, 2, 128, 10), lambda: torch.randn(16, 3, 16, 16)),
-        ("AC-Encoder", make(Encoder, 100, 32, 64, 6, 2, 128, 2), lambda: torch.randint(0, 100, (16, 32))),
+        ("MLP", make(MLP, 64, 128, 6, 10), lambda: torch.randn(64, 64)),
+        ("Mixer", make(Mixer, 16, 4, 3, 64, 6, 32, 128, 10), lambda: torch.randn(16, 3, 16, 16)),
+        ("ViT", make(ViT, 16, 4, 3, 64, 6, 2, 128, 10), lambda: torch.randn(16, 3, 16, 16)),
+        ("Encoder", make(Encoder, 100, 32, 64, 6, 2, 128, 2), lambda: torch.randint(0, 100, (16, 32))),
     ]
 
 
@@ -251,15 +251,33 @@ def step_traffic(model, inputs) -> Traffic:
                    forward.launches + backward.launches)
 
 
-def model_rows():
+STEP_DTYPES = (torch.float32, torch.bfloat16)
+CONNECTIVITIES = ("acn", "residual", "ffn")
+
+
+def model_rows(dtypes=STEP_DTYPES, names=None):
+    """One training step of every model, dtype and connectivity, eager (backend="reference") and
+    fused (backend="triton"), from the same initialization and batch."""
     rows = []
     for name, make, inputs in model_cases():
-        torch.manual_seed(0)
-        batch = inputs()
-        eager = step_traffic(make("reference"), batch)
-        fused = step_traffic(make("triton"), batch)
-        rows.append(dict(name=name, eager=eager, fused=fused))
+        if names is not None and name not in names:
+            continue
+        for dtype in dtypes:
+            for connectivity in CONNECTIVITIES:
+                torch.manual_seed(0)
+                batch = inputs()
+                batch = batch.to(dtype) if batch.is_floating_point() else batch
+                steps = {backend: step_traffic(make(backend, connectivity).to(dtype), batch)
+                         for backend in ("reference", "triton")}
+                rows.append(dict(name=name, dtype=dtype, connectivity=connectivity, eager=steps["reference"],
+                                 fused=steps["triton"]))
     return rows
+
+
+def twin_cost(rows, row) -> float:
+    """The ACN step's fused bytes over its ffn twin's (same model, dtype and backend)."""
+    ffn = next(r for r in rows if (r["name"], r["dtype"], r["connectivity"]) == (row["name"], row["dtype"], "ffn"))
+    return row["fused"].total / ffn["fused"].total
 
 
 def _mb(n: int) -> str:
@@ -281,13 +299,16 @@ def print_report(ops, models) -> None:
                   ((r["fused_forward"], r["fused_backward"]), (r["cuda_forward"], r["cuda_backward"]))]
         print(f"{r['name']:<34} " + " ".join(f"{c:>14}" for c in cells)
               + f" {ratios[0]:>12} {ratios[1]:>10} {_mb(r['bound'][0]) + ' +' + _mb(r['bound'][1]):>16}")
-    print("\nOne training step (forward and backward) of small AC models (MiB; launches):")
-    print(f"{'model':<12} {'eager MiB':>10} {'fused MiB':>10} {'ratio':>6} "
-          f"{'eager launches':>15} {'fused launches':>15}")
+    print("\nOne training step (forward and backward, every parameter's gradient) of small models, eager against "
+          "fused (MiB [launches]); acn/ffn: the ACN's fused bytes over its ffn twin's:")
+    print(f"{'model':<8} {'dtype':<9} {'twin':<9} {'eager':>16} {'fused':>16} {'bytes':>6} {'launches':>9} "
+          f"{'acn/ffn':>8}")
     for r in models:
         e, f = r["eager"], r["fused"]
-        print(f"{r['name']:<12} {_mb(e.total):>10} {_mb(f.total):>10} {f.total / e.total:>6.2f} "
-              f"{e.launches:>15} {f.launches:>15}")
+        cost = f"{twin_cost(models, r):.2f}" if r["connectivity"] == "acn" else ""
+        print(f"{r['name']:<8} {str(r['dtype']).removeprefix('torch.'):<9} {r['connectivity']:<9} "
+              f"{_mb(e.total) + f' [{e.launches}]':>16} {_mb(f.total) + f' [{f.launches}]':>16} "
+              f"{f.total / e.total:>6.2f} {f.launches / e.launches:>9.2f} {cost:>8}")
 
 
 def run_traffic() -> int:
