@@ -53,6 +53,11 @@ def linear_act_accumulate(x, weight, bias, y, *, activation="gelu"):
     return h, accumulate(y, h)
 
 
+def feed_forward(x, w1, b1, w2, b2, *, activation="gelu"):
+    """act(x @ w1.T + b1) @ w2.T + b2."""
+    return F.linear(ACTIVATIONS[activation](F.linear(x, w1, b1)), w2, b2)
+
+
 def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm"):
     """norm(y_k) for k = 0..L, where y_k = xs[0] + ... + xs[k]; shape of xs."""
     outs, y = [], None

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import distributed_worker
 from acn_kernels import MLP, Encoder, Mixer, ViT, linear_act_accumulate
+from acn_kernels.ops import feed_forward
 from acn_kernels.backend import TRITON_INTERPRETED
 from op_harness import DEVICE, FUSED_BACKENDS, randn
 
@@ -81,11 +82,13 @@ def test_every_twin_runs_its_mlps_on_the_fused_op(family, monkeypatch):
 
     calls = []
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs["backend"])
-        return linear_act_accumulate(*args, **kwargs)
-    for module in (layers, mlp):
-        monkeypatch.setattr(module, "linear_act_accumulate", counted)
+    def counting(op):
+        def counted(*args, **kwargs):
+            calls.append(kwargs["backend"])
+            return op(*args, **kwargs)
+        return counted
+    monkeypatch.setattr(layers, "feed_forward", counting(feed_forward))
+    monkeypatch.setattr(mlp, "linear_act_accumulate", counting(linear_act_accumulate))
     mlps = {}
     for backend in ("triton", "reference"):
         for connectivity in ("acn", "residual", "ffn"):
@@ -144,12 +147,21 @@ def opcheck_cases(namespace: str = "acn_kernels"):
         "linear_act_accumulate_fwd_relu": (ops.linear_act_accumulate_fwd.default, (x, wl, None, None, "relu")),
         "activation_backward": (ops.activation_backward.default,
                                 (randn(5, 16), randn(5, 16), randn(5, 16), "silu", torch.float32)),
+        **({} if namespace != "acn_kernels" else {  # feed_forward has no CUDA twin
+            "feed_forward_fwd": (ops.feed_forward_fwd.default, (x, wl, bl, randn(7, 16, scale=0.2).requires_grad_(),
+                                                                None, "gelu_tanh")),
+            "times_activation_grad": (ops.times_activation_grad.default,
+                                      (randn(5, 7), randn(7, 16), randn(5, 16), "gelu"))}),
     }
 
 
-@pytest.mark.parametrize("namespace", [pytest.param("acn_kernels", id="triton"),
-                                       pytest.param("acn_kernels_cuda", id="cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("case", list(opcheck_cases()))
+TRITON_ONLY = ("feed_forward_fwd", "times_activation_grad")
+OPCHECKS = [pytest.param("acn_kernels", case, id=f"triton-{case}") for case in opcheck_cases()] + \
+    [pytest.param("acn_kernels_cuda", case, id=f"cuda-{case}", marks=pytest.mark.gpu)
+     for case in opcheck_cases() if case not in TRITON_ONLY]
+
+
+@pytest.mark.parametrize("namespace,case", OPCHECKS)
 def test_opcheck(case, namespace):
     op, args = opcheck_cases(namespace)[case]
     torch.library.opcheck(op, args)

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from acn_kernels import backend as backend_module
 from acn_kernels import reference
-from acn_kernels.ops import accumulate_norm, linear_act_accumulate, probe_norm
+from acn_kernels.ops import accumulate_norm, feed_forward, linear_act_accumulate, probe_norm
 from acn_kernels.ops.accumulate_norm import BWD_PER_THREAD as NORM_BWD_PER_THREAD
 from acn_kernels.ops.accumulate_norm import FWD_PER_THREAD as NORM_FWD_PER_THREAD
 from acn_kernels.ops.probe_norm import BWD_PER_THREAD as PROBE_BWD_PER_THREAD
@@ -231,6 +231,42 @@ def test_linear_act_accumulate_non_contiguous_inputs(backend):
              activation="gelu_tanh")
 
 
+# ----------------------------------------------------------------------------- feed_forward
+
+def feed_forward_params(dim, hidden, out, dtype, bias=True):
+    w1, w2 = randn(hidden, dim, dtype=dtype, scale=dim ** -0.5), randn(out, hidden, dtype=dtype, scale=hidden ** -0.5)
+    return w1, (randn(hidden, dtype=dtype) if bias else None), w2, (randn(out, dtype=dtype) if bias else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", [((1, 1), 1, 1), ((3, 5, 19), 17, 7), ((70, 33), 129, 33)])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_feed_forward_matches_reference(dtype, activation, shape, backend):
+    x_shape, hidden, out = shape
+    x = randn(*x_shape, dtype=dtype)
+    check_op(feed_forward, reference.feed_forward, (x, *feed_forward_params(x_shape[-1], hidden, out, dtype)), dtype,
+             backend=backend, activation=activation)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_feed_forward_without_biases(dtype, backend):
+    x = randn(9, 40, dtype=dtype)
+    check_op(feed_forward, reference.feed_forward, (x, *feed_forward_params(40, 24, 40, dtype, bias=False)), dtype,
+             backend=backend, activation="relu")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_feed_forward_non_contiguous_inputs(backend):
+    x = randn(30, 2, 50)[:, 1, :]             # strided rows
+    w1 = randn(50, 40, scale=0.2).t()         # column-major
+    w2 = randn(64, 40, scale=0.2)[::2]        # every other row
+    b1, b2 = randn(80)[::2], randn(32)
+    check_op(feed_forward, reference.feed_forward, (x, w1, b1, w2, b2), torch.float32, backend=backend,
+             activation="gelu_tanh")
+
+
 def test_bf16_gemm_is_right_under_the_interpreter():
     """The interpreter's bf16 tl.dot is wrong unless its operands are upcast (ACN-NOTES section 6)."""
     x, weight = randn(64, 64, dtype=torch.bfloat16), randn(64, 64, dtype=torch.bfloat16, scale=0.125)
@@ -249,10 +285,15 @@ def op_calls(dtype=torch.float32):
         "accumulate_norm": (accumulate_norm, (x, y, weight, bias), {"normalize": "sum"}),
         "probe_norm": (probe_norm, (torch.stack([x, y, x * 2]), weight, bias), {}),
         "linear_act_accumulate": (linear_act_accumulate, (x, w_lin, b_lin, y_lin), {"activation": "gelu"}),
+        "feed_forward": (feed_forward, (x, w_lin, b_lin, randn(5, 21, dtype=dtype, scale=0.2), randn(5, dtype=dtype)),
+                         {"activation": "silu"}),
     }
 
 
-@pytest.mark.parametrize("name", ("accumulate_norm", "probe_norm", "linear_act_accumulate"))
+OPS = ("accumulate_norm", "probe_norm", "linear_act_accumulate", "feed_forward")
+
+
+@pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_bitwise_deterministic(name, dtype, backend):
@@ -264,11 +305,12 @@ def test_bitwise_deterministic(name, dtype, backend):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ("accumulate_norm", "probe_norm", "linear_act_accumulate"))
+@pytest.mark.parametrize("name", OPS)
 def test_reference_backend_is_the_reference(name):
     op, args, kwargs = op_calls()[name]
     ref = getattr(reference, name)
-    for a, b in zip(op(*args, backend="reference", **kwargs), ref(*args, **kwargs)):
+    outs, expected = op(*args, backend="reference", **kwargs), ref(*args, **kwargs)
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (outs, expected))):
         assert torch.equal(a, b)
 
 
@@ -316,6 +358,12 @@ ERRORS = [
      r"y must have shape \(4, 5\), got \(4, 8\)"),
     (lambda x, w: linear_act_accumulate(x, randn(5, 8), None, None, activation="tanh"), ValueError,
      r"activation must be one of \('relu', 'gelu', 'gelu_tanh', 'silu', 'identity'\), got 'tanh'"),
+    (lambda x, w: feed_forward(x, randn(6, 8), None, randn(8, 5), None), ValueError,
+     r"w2 must have shape \(out_features, 6\), got \(8, 5\)"),
+    (lambda x, w: feed_forward(x, randn(6, 8), randn(5), randn(8, 6), None), ValueError,
+     r"b1 must have shape \(6,\), got \(5,\)"),
+    (lambda x, w: feed_forward(x, randn(6, 8), None, randn(8, 6, dtype=torch.float16), None), TypeError,
+     r"w2 must have dtype in \(torch.float32,\), got torch.float16"),
 ]
 
 

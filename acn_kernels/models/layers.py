@@ -7,7 +7,7 @@ from torch import nn
 
 from .._validation import check_choice, check_divisible, check_positive_int
 from ..backend import resolve_backend
-from ..ops import linear_act_accumulate
+from ..ops import feed_forward
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -24,9 +24,9 @@ def make_activation(name: str) -> nn.Module:
 
 
 class FeedForward(nn.Sequential):
-    """Linear -> activation -> Linear. On a fused backend (`backend`, which the model sets) the first
-    linear, its bias and the activation are one `linear_act_accumulate` (y=None): the GEMM's epilogue
-    writes the activation and the pre-activation its backward needs, and the backward is one pass."""
+    """Linear -> activation -> Linear. On a fused backend (`backend`, which the model sets) it is one
+    `feed_forward`: the first linear's bias and activation in its GEMM's epilogue, the activation's
+    backward in the epilogue of the GEMM that produces the hidden gradient."""
 
     def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu"):
         super().__init__(nn.Linear(dim, hidden_dim), make_activation(activation), nn.Linear(hidden_dim, dim))
@@ -37,9 +37,8 @@ class FeedForward(nn.Sequential):
         if resolve_backend(self.backend, x.device) == "reference":
             return super().forward(x)
         first, _, second = self
-        hidden, _ = linear_act_accumulate(x, first.weight, first.bias, None, activation=self.activation,
-                                          backend=self.backend)
-        return second(hidden)
+        return feed_forward(x, first.weight, first.bias, second.weight, second.bias, activation=self.activation,
+                            backend=self.backend)
 
 
 class SelfAttention(nn.Module):

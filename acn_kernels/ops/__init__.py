@@ -1,7 +1,8 @@
 """Fused ops, one per module: Triton kernels, launchers, the registered custom ops and their autograd
 formula, the public function, and the bytes it moves (`traffic_bound`)."""
 from .accumulate_norm import accumulate_norm
+from .feed_forward import feed_forward
 from .linear_act_accumulate import linear_act_accumulate
 from .probe_norm import probe_norm
 
-__all__ = ["accumulate_norm", "linear_act_accumulate", "probe_norm"]
+__all__ = ["accumulate_norm", "feed_forward", "linear_act_accumulate", "probe_norm"]

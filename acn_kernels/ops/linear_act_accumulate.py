@@ -81,11 +81,28 @@ def activation_grad(saved, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def nearest_bf16(v):
+    """v rounded to the nearest bfloat16 (ties to even), still float32: Triton's interpreter converts
+    float32 to bfloat16 by truncation where a GPU rounds, and a truncated h fed to the next GEMM
+    doubles the error. Used only where DOT_IN_FP32 (interpreting bfloat16) is set."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_output(v, DOT_IN_FP32: tl.constexpr):
+    if DOT_IN_FP32:
+        v = nearest_bf16(v)
+    return v
+
+
+@triton.jit
 def linear_act_accumulate_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, h_ptr, z_ptr, y_out_ptr,
     M, N, K, x_stride_m, x_stride_k, w_stride_n, w_stride_k,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Y: tl.constexpr, STORE_Z: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, TIMES_ACTIVATION_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped order: GROUP_M row-blocks walk the column-blocks together, so weight tiles stay in L2.
@@ -119,16 +136,25 @@ def linear_act_accumulate_fwd_kernel(
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     tile_start = (pid_m * BLOCK_M).to(tl.int64) * N  # 64-bit once; 32-bit offsets inside the tile
     offsets = tl.arange(0, BLOCK_M)[:, None] * N + cols[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    if STORE_Z:
-        tl.store(z_ptr + tile_start + offsets, acc.to(z_ptr.dtype.element_ty), mask=mask)
-    h = activation(acc, ACTIVATION).to(h_ptr.dtype.element_ty)
-    tl.store(h_ptr + tile_start + offsets, h, mask=mask)
-    if HAS_Y:
-        y = tl.load(y_ptr + tile_start + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_out_ptr + tile_start + offsets, (y + h.to(tl.float32)).to(y_out_ptr.dtype.element_ty),
-                 mask=mask)
+    if TIMES_ACTIVATION_GRAD:
+        # feed_forward's backward: dz = (dout @ w2) * act'(z), from what the forward saved (at z_ptr).
+        if ACTIVATION != "identity":
+            acc *= activation_grad(tl.load(z_ptr + tile_start + offsets, mask=mask, other=0.0).to(tl.float32),
+                                   ACTIVATION)
+        tl.store(h_ptr + tile_start + offsets, to_output(acc, DOT_IN_FP32).to(h_ptr.dtype.element_ty), mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if STORE_Z:
+            tl.store(z_ptr + tile_start + offsets, to_output(acc, DOT_IN_FP32).to(z_ptr.dtype.element_ty), mask=mask)
+        h = to_output(activation(acc, ACTIVATION), DOT_IN_FP32).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + tile_start + offsets, h, mask=mask)
+        if HAS_Y:
+            y = tl.load(y_ptr + tile_start + offsets, mask=mask, other=0.0).to(tl.float32)
+            total = y + h.to(tl.float32)
+            if y_out_ptr.dtype.element_ty == tl.bfloat16:
+                total = to_output(total, DOT_IN_FP32)
+            tl.store(y_out_ptr + tile_start + offsets, total.to(y_out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -185,7 +211,8 @@ def launch_forward(x2, weight, bias, y2, act: str):
         z if z is not None else h, y_out if y_out is not None else h,
         M, N, K, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
         ACTIVATION=act, HAS_BIAS=bias is not None, HAS_Y=y2 is not None, STORE_Z=z is not None,
-        DOT_IN_FP32=dot_in_fp32(dtype), INPUT_PRECISION=input_precision(dtype), **tiles)
+        DOT_IN_FP32=dot_in_fp32(dtype), INPUT_PRECISION=input_precision(dtype), TIMES_ACTIVATION_GRAD=False,
+        **tiles)
     saved = z if z is not None else (h if act == "relu" else None)
     return h, y_out, saved
 
@@ -283,6 +310,20 @@ def cast_for_autocast(device_type: str, *tensors):
     return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
 
 
+def check_linear(weight_name: str, weight, bias_name: str, bias, x: torch.Tensor, in_features: int | None = None):
+    """weight (out_features, in_features: x's last dimension by default) and bias (out_features,) or
+    None, of x's dtype and on x's device."""
+    in_features = x.shape[-1] if in_features is None else in_features
+    check_tensor(weight_name, weight, dtypes=(x.dtype,))
+    if weight.dim() != 2 or weight.shape[1] != in_features:
+        raise ValueError(f"{weight_name} must have shape (out_features, {in_features}), got {tuple(weight.shape)}")
+    check_device(weight_name, weight, x.device)
+    if bias is not None:
+        check_tensor(bias_name, bias, dtypes=(x.dtype,))
+        check_shape(bias_name, bias, (weight.shape[0],))
+        check_device(bias_name, bias, x.device)
+
+
 def linear_act_accumulate(x, weight, bias, y, *, activation="gelu", backend="auto"):
     """Returns (h, y_out): h = act(x @ weight.T + bias), y_out = y + h. See the module docstring.
     Under autocast, x, weight and bias are cast to the autocast dtype as nn.Linear's are; y is not."""
@@ -291,14 +332,7 @@ def linear_act_accumulate(x, weight, bias, y, *, activation="gelu", backend="aut
         x, weight, bias = cast_for_autocast(x.device.type, x, weight, bias)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (..., K), got a 0-d tensor")
-    check_tensor("weight", weight, dtypes=(x.dtype,))
-    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight must have shape (out_features, {x.shape[-1]}), got {tuple(weight.shape)}")
-    check_device("weight", weight, x.device)
-    if bias is not None:
-        check_tensor("bias", bias, dtypes=(x.dtype,))
-        check_shape("bias", bias, (weight.shape[0],))
-        check_device("bias", bias, x.device)
+    check_linear("weight", weight, "bias", bias, x)
     check_running_sum(y, (*x.shape[:-1], weight.shape[0]), x.dtype, x.device)
     check_choice("activation", activation, ACTIVATIONS)
     resolved = resolve_backend(backend, x.device)

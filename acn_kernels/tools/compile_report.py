@@ -34,9 +34,11 @@ class Build:
     num_warps: int = 4
     num_stages: int = 3
     maxnreg: int | None = None
+    unit_strides: tuple = ("x_stride_k", "w_stride_k")  # a GEMM's unit strides, which the JIT makes constants
 
     def config(self) -> str:
-        shown = {k: v for k, v in self.constexprs.items() if k.startswith(("BLOCK", "ACTIVATION"))}
+        shown = {k: v for k, v in self.constexprs.items() if k.startswith(("BLOCK", "ACTIVATION"))
+                 or (k == "TIMES_ACTIVATION_GRAD" and v)}
         precision = {"INPUT_PRECISION": self.constexprs["INPUT_PRECISION"]} if self.dtype == torch.float32 and \
             "INPUT_PRECISION" in self.constexprs else {}
         return " ".join(f"{k}={v}" for k, v in {**shown, **precision}.items()) + f" warps={self.num_warps}"
@@ -90,9 +92,13 @@ def linear_builds():
                 tiles = gemm_tiles(size, size, size, dtype)
                 launch = {k: tiles.pop(k) for k in ("num_warps", "num_stages")}
                 constexprs = dict(ACTIVATION="gelu_tanh", HAS_BIAS=True, HAS_Y=True, STORE_Z=True,
-                                  DOT_IN_FP32=False, INPUT_PRECISION=precision, **tiles)
+                                  DOT_IN_FP32=False, INPUT_PRECISION=precision, TIMES_ACTIVATION_GRAD=False, **tiles)
                 yield Build(module, "linear_act_accumulate_fwd_kernel", dtype, constexprs,
                             ("y_ptr", "y_out_ptr"), **launch)
+                # feed_forward's backward GEMM: dz = (dout @ w2) * act'(z), w2 read with its unit stride along N
+                yield Build(module, "linear_act_accumulate_fwd_kernel", dtype,
+                            {**constexprs, "HAS_BIAS": False, "HAS_Y": False, "STORE_Z": False,
+                             "TIMES_ACTIVATION_GRAD": True}, (), **launch, unit_strides=("x_stride_k", "w_stride_n"))
         for act in ACTIVATIONS:
             yield Build(module, "activation_backward_kernel", dtype,
                         dict(HAS_DH=True, HAS_DY_OUT=True, ACTIVATION=act, BLOCK=ELEMENTWISE_BLOCK),
@@ -102,7 +108,6 @@ def linear_builds():
 # What the JIT does at launch: an integer equal to 1 becomes a constexpr, and (the "aligned" case)
 # 16-byte-aligned pointers and integers divisible by 16 carry tt.divisibility = 16. Aligned assumes the
 # usual shapes, every width, stride and count divisible by 16; layer and chunk counts are left alone.
-UNIT_STRIDES = ("x_stride_k", "w_stride_k")  # contiguous GEMM operands
 UNSPECIALIZED = ("depth", "num_chunks", "eps")
 ALIGNMENTS = ("aligned", "unaligned")
 UNGATED = ("linear_act_accumulate_fwd_kernel",)  # a GEMM: its operands go through shared memory
@@ -111,7 +116,7 @@ UNGATED = ("linear_act_accumulate_fwd_kernel",)  # a GEMM: its operands go throu
 def signature(kernel, build: Build) -> dict:
     types = {}
     for name in kernel.arg_names:
-        if name in build.constexprs or name in UNIT_STRIDES:
+        if name in build.constexprs or name in build.unit_strides:
             types[name] = "constexpr"
         elif name.endswith("_ptr"):
             types[name] = "*" + ("fp32" if name in build.float32_pointers else TRITON_TYPES[build.dtype])
@@ -122,7 +127,7 @@ def signature(kernel, build: Build) -> dict:
 
 def specialization(kernel, build: Build, alignment: str) -> tuple[dict, dict]:
     """(constexprs, attrs) of the compilation the JIT runs for this alignment."""
-    constexprs = {**build.constexprs, **{name: 1 for name in UNIT_STRIDES if name in kernel.arg_names}}
+    constexprs = {**build.constexprs, **{name: 1 for name in build.unit_strides if name in kernel.arg_names}}
     if alignment == "unaligned":
         return constexprs, {}
     divisible = [i for i, name in enumerate(kernel.arg_names)

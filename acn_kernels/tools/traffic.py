@@ -176,8 +176,9 @@ def _leaf(*shape, dtype=torch.float32):
 def op_cases(rows: int = 512, dim: int = 1024, depth: int = 6):
     """(name, fused op, its reference, inputs, kwargs, docstring bound) for each op at one size."""
     from .. import reference
-    from ..ops import accumulate_norm, linear_act_accumulate, probe_norm
+    from ..ops import accumulate_norm, feed_forward, linear_act_accumulate, probe_norm
     from ..ops.accumulate_norm import traffic_bound as norm_bound
+    from ..ops.feed_forward import traffic_bound as feed_forward_bound
     from ..ops.linear_act_accumulate import traffic_bound as linear_bound
     from ..ops.probe_norm import traffic_bound as probe_bound
 
@@ -196,6 +197,11 @@ def op_cases(rows: int = 512, dim: int = 1024, depth: int = 6):
             _leaf(dim // 4, dtype=dtype), _leaf(rows, dim // 4, dtype=dtype)
         cases.append((f"linear_act_accumulate gelu {tag}", linear_act_accumulate, reference.linear_act_accumulate,
                       (xl, wl, bl, yl), {"activation": "gelu"}, linear_bound(xl, wl, bl, yl, activation="gelu")))
+        w2 = _leaf(dim // 8, dim // 4, dtype=dtype)
+        b2 = _leaf(dim // 8, dtype=dtype)
+        args = (xl, wl, bl, w2, b2)
+        cases.append((f"feed_forward gelu {tag}", feed_forward, reference.feed_forward, args, {"activation": "gelu"},
+                      feed_forward_bound(*args, activation="gelu")))
     return cases
 
 
@@ -224,7 +230,8 @@ def op_rows(cases):
     for name, fused, ref, inputs, kwargs, bound in cases:
         eager_f, eager_b = measure(lambda *a: ref(*a, **kwargs), inputs)
         fused_f, fused_b = measure(lambda *a: fused(*a, backend="triton", **kwargs), inputs)
-        cuda_f, cuda_b = measure(lambda *a: cuda[fused.__name__](*a, **kwargs), inputs) if cuda else (None, None)
+        cuda_op = cuda.get(fused.__name__) if cuda else None  # feed_forward has no CUDA twin
+        cuda_f, cuda_b = measure(lambda *a: cuda_op(*a, **kwargs), inputs) if cuda_op else (None, None)
         rows.append(dict(name=name, eager_forward=eager_f, eager_backward=eager_b, fused_forward=fused_f,
                          fused_backward=fused_b, cuda_forward=cuda_f, cuda_backward=cuda_b, bound=bound))
     return rows

@@ -1,0 +1,163 @@
+"""feed_forward: Linear -> act -> Linear, the activation and its backward inside GEMM epilogues.
+
+Math, for x (..., D), w1 (H, D), b1 (H,) or None, w2 (E, H), b2 (E,) or None:
+
+    z   = x @ w1.T + b1,  h = act(z)     one GEMM, bias and act in its epilogue (linear_act_accumulate's)
+    out = h @ w2.T + b2                  cuBLAS (torch.addmm)
+
+Backward, dout the gradient of out:
+
+    dz  = (dout @ w2) * act'(z)          one GEMM, act'(z) in its epilogue: dh is never written
+    dw2 = dout.T @ h,  db2 = sum over rows of dout,  dx = dz @ w1,  dw1 = dz.T @ x,  db1 = sum of dz   (cuBLAS)
+
+Bytes beyond the GEMMs' operands, for M rows, A = M*H elements at x's size:
+
+    forward    writes h (A) and z (A; gelu, gelu_tanh and silu, which act' needs)
+    backward   reads z (or h for relu; nothing for identity) and writes dz (A)
+
+Eager PyTorch reads z back for the activation (A more, one launch) and, in backward, writes dh and
+reads it back with z for the activation's backward (2A more, one launch): 3A and two launches per MLP.
+The CUDA backend has no twin of the backward's GEMM: there the first linear is the CUDA
+`linear_act_accumulate` and the rest eager, said in `feed_forward`'s docstring.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from .. import reference
+from .._validation import check_choice
+from ..backend import resolve_backend
+from ._common import check_tensor, dot_in_fp32, new_buffer, rows_of
+from .linear_act_accumulate import (ACTIVATIONS, NEEDS_PREACTIVATION, cast_for_autocast, check_linear, gemm_tiles,
+                                    input_precision, launch_forward, linear_act_accumulate,
+                                    linear_act_accumulate_fwd_kernel)
+
+
+def launch_times_activation_grad(g2, w2, saved2, act: str):
+    """dz (M, H) = (g2 @ w2) * act'(saved2) for g2 (M, E), w2 (E, H): w2 is read through its strides
+    as the (H, E) operand the kernel's x @ weight.T takes."""
+    M, E = g2.shape
+    H = w2.shape[1]
+    dz = new_buffer((M, H), g2.dtype, g2.device)
+    tiles = gemm_tiles(M, H, E, g2.dtype)
+    grid = (max(1, triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(H, tiles["BLOCK_N"])),)
+    linear_act_accumulate_fwd_kernel[grid](
+        g2, w2, w2, dz, dz, saved2 if saved2 is not None else dz, dz,
+        M, H, E, g2.stride(0), g2.stride(1), w2.stride(1), w2.stride(0),
+        ACTIVATION=act, HAS_BIAS=False, HAS_Y=False, STORE_Z=False, DOT_IN_FP32=dot_in_fp32(g2.dtype),
+        INPUT_PRECISION=input_precision(g2.dtype), TIMES_ACTIVATION_GRAD=True, **tiles)
+    return dz
+
+
+# ----------------------------------------------------------------------------- registered ops
+# Custom ops for torch.compile and opcheck (see accumulate_norm); z comes back empty where act'
+# does not need it (relu's backward keeps h, which an op may not return twice).
+
+@torch.library.custom_op("acn_kernels::feed_forward_fwd", mutates_args=())
+def feed_forward_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                     b2: Optional[torch.Tensor], activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, h, z)."""
+    h, _, saved = launch_forward(rows_of(x), w1, b1.contiguous() if b1 is not None else None, None, activation)
+    out = torch.addmm(b2, h, w2.t()) if b2 is not None else h @ w2.t()
+    lead = x.shape[:-1]
+    return (out.view(*lead, w2.shape[0]), h.view(*lead, w1.shape[0]),
+            saved.view(*lead, w1.shape[0]) if activation in NEEDS_PREACTIVATION else h.new_empty(0))
+
+
+@feed_forward_fwd.register_fake
+def feed_forward_fwd_fake(x, w1, b1, w2, b2, activation):
+    lead = x.shape[:-1]
+    hidden = (*lead, w1.shape[0])
+    return (x.new_empty((*lead, w2.shape[0])), x.new_empty(hidden),
+            x.new_empty(hidden if activation in NEEDS_PREACTIVATION else (0,)))
+
+
+@torch.library.custom_op("acn_kernels::times_activation_grad", mutates_args=())
+def times_activation_grad(dout: torch.Tensor, w2: torch.Tensor, saved: Optional[torch.Tensor],
+                          activation: str) -> torch.Tensor:
+    """dz = (dout @ w2) * act'(z), shaped (..., H); saved is z, or h for relu, or None for identity."""
+    dz = launch_times_activation_grad(rows_of(dout.to(w2.dtype)), w2,
+                                      rows_of(saved) if saved is not None else None, activation)
+    return dz.view(*dout.shape[:-1], w2.shape[1])
+
+
+@times_activation_grad.register_fake
+def times_activation_grad_fake(dout, w2, saved, activation):
+    return dout.new_empty((*dout.shape[:-1], w2.shape[1]), dtype=w2.dtype)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, activation = inputs
+    _, h, z = output
+    saved = z if activation in NEEDS_PREACTIVATION else (h if activation == "relu" else None)
+    ctx.save_for_backward(x, w1, w2, h, saved)
+    ctx.set_materialize_grads(False)  # h and z are the op's own: no gradient comes for them
+    ctx.activation, ctx.has_b1, ctx.has_b2 = activation, b1 is not None, b2 is not None
+
+
+def backward(ctx, dout, _dh, _dz):
+    """dz in one GEMM with act' in its epilogue, then the weight, bias and input gradients by cuBLAS."""
+    x, w1, w2, h, saved = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None
+    needs = ctx.needs_input_grad
+    dz2 = rows_of(times_activation_grad(dout, w2, saved, ctx.activation))
+    dout2 = rows_of(dout)
+    dx = (dz2 @ w1).view(x.shape) if needs[0] else None
+    dw1 = dz2.t() @ rows_of(x) if needs[1] else None
+    db1 = dz2.sum(0) if ctx.has_b1 and needs[2] else None
+    dw2 = dout2.t() @ rows_of(h) if needs[3] else None
+    db2 = dout2.sum(0) if ctx.has_b2 and needs[4] else None
+    return dx, dw1, db1, dw2, db2, None
+
+
+feed_forward_fwd.register_autograd(backward, setup_context=setup_context)
+
+
+# ----------------------------------------------------------------------------- public function
+
+def feed_forward(x, w1, b1, w2, b2, *, activation="gelu", backend="auto"):
+    """act(x @ w1.T + b1) @ w2.T + b2; see the module docstring. Under autocast, x, weights and biases
+    are cast to the autocast dtype, as nn.Linear's are. On backend="cuda" the first linear is the CUDA
+    linear_act_accumulate and the second (and the activation's backward) eager."""
+    check_tensor("x", x)
+    if torch.is_autocast_enabled(x.device.type):
+        x, w1, b1, w2, b2 = cast_for_autocast(x.device.type, x, w1, b1, w2, b2)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., D), got a 0-d tensor")
+    check_linear("w1", w1, "b1", b1, x)
+    check_linear("w2", w2, "b2", b2, x, in_features=w1.shape[0])
+    check_choice("activation", activation, ACTIVATIONS)
+    resolved = resolve_backend(backend, x.device)
+    if resolved == "reference":
+        return reference.feed_forward(x, w1, b1, w2, b2, activation=activation)
+    if resolved == "cuda":
+        return F.linear(linear_act_accumulate(x, w1, b1, None, activation=activation, backend="cuda")[0], w2, b2)
+    return feed_forward_fwd(x, w1, b1, w2, b2, activation)[0]
+
+
+def traffic_bound(x, w1, b1, w2, b2, *, activation="gelu") -> tuple[int, int]:
+    """The module docstring's byte counts plus the GEMMs' operands, (forward, backward). Checked by
+    the traffic tests."""
+    hidden, dim = w1.shape
+    out_features = w2.shape[0]
+    m = x.numel() // dim
+    e = x.element_size()
+    a = m * hidden * e
+    z = a if activation in NEEDS_PREACTIVATION else 0
+    saved = a if activation != "identity" else 0
+    x_bytes, out_bytes = m * dim * e, m * out_features * e
+    w1_bytes, w2_bytes = hidden * dim * e, out_features * hidden * e
+    b1_bytes = hidden * e if b1 is not None else 0
+    b2_bytes = out_features * e if b2 is not None else 0
+    forward = (x_bytes + w1_bytes + b1_bytes + a + z) + (a + w2_bytes + b2_bytes + out_bytes)
+    backward = (out_bytes + w2_bytes + saved + a) \
+        + (out_bytes + a + w2_bytes) + ((out_bytes + b2_bytes) if b2 is not None else 0) \
+        + (a + w1_bytes + x_bytes) + (a + x_bytes + w1_bytes) + ((a + b1_bytes) if b1 is not None else 0)
+    return forward, backward
