@@ -175,8 +175,9 @@ def model_cases(device: torch.device, quick: bool) -> list[Case]:
                     loss.backward()
                     optimizer.step()
                 return step
-            impls = ("eager", "compile", "triton", "cuda") if connectivity == "acn" else ("eager", "compile")
-            cases.append(Case("models", f"{name} {connectivity}", amp or torch.float32, make, impls=impls))
+            # every twin: on the fused backends their MLPs run the fused ops, the connections differ
+            cases.append(Case("models", f"{name} {connectivity}", amp or torch.float32, make,
+                              impls=("eager", "compile", "triton", "cuda")))
     return cases
 
 
@@ -223,6 +224,10 @@ def derive(results: list[Result], copy_gbps: float) -> None:
         for base in ("eager", "compile"):
             other = by_key.get((r.case.name, r.case.dtype, r.pass_, base))
             r.extra[f"vs_{base}"] = other.ms / r.ms if other else None
+        # what the long connections cost: the ACN step over its ffn twin's, same implementation
+        ffn = by_key.get((r.case.name.removesuffix(" acn") + " ffn", r.case.dtype, r.pass_, r.impl)) \
+            if r.case.suite == "models" and r.case.name.endswith(" acn") else None
+        r.extra["acn_over_ffn"] = r.ms / ffn.ms if ffn else None
 
 
 def _fmt(value, spec):
@@ -232,13 +237,13 @@ def _fmt(value, spec):
 def print_table(results: list[Result], device_label: str, copy_gbps: float) -> None:
     print(f"\ndevice: {device_label}; copy bandwidth measured now: {copy_gbps:.1f} GB/s")
     print(f"{'case':<38} {'dtype':<8} {'pass':<16} {'impl':<8} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
-          f"{'TFLOP/s':>8} {'peak MB':>8} {'vs eager':>8} {'vs compile':>10}")
+          f"{'TFLOP/s':>8} {'peak MB':>8} {'vs eager':>8} {'vs compile':>10} {'acn/ffn':>8}")
     for r in results:
         x = r.extra
         print(f"{r.case.name:<38} {str(r.case.dtype).replace('torch.', ''):<8} {r.pass_:<16} {r.impl:<8} "
               f"{r.ms:>9.3f} {_fmt(x['gbps'], '8.1f')} {_fmt(x['copy_fraction'] and 100 * x['copy_fraction'], '6.1f')} "
               f"{_fmt(x['tflops'], '8.2f')} {_fmt(r.peak_mb, '8.1f')} {_fmt(x['vs_eager'], '8.2f')} "
-              f"{_fmt(x['vs_compile'], '10.2f')}")
+              f"{_fmt(x['vs_compile'], '10.2f')} {_fmt(x['acn_over_ffn'], '8.2f')}")
 
 
 def _commit() -> str:
@@ -252,18 +257,26 @@ def _commit() -> str:
 def write_csv(results: list[Result], path: str, device_label: str) -> None:
     import triton
 
+    header = ["time", "commit", "device", "torch", "triton", "suite", "case", "dtype", "pass", "impl", "median_ms",
+              "gbps", "copy_fraction", "tflops", "peak_mb", "vs_eager", "vs_compile", "acn_over_ffn"]
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            old_header = next(csv.reader(f), None)
+        if old_header != header:  # an older version's columns: keep that file, start a new one
+            os.replace(path, path + ".old")
+            print(f"{path} had other columns; moved to {path}.old")
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)
         if new:
-            writer.writerow(["time", "commit", "device", "torch", "triton", "suite", "case", "dtype", "pass", "impl",
-                             "median_ms", "gbps", "copy_fraction", "tflops", "peak_mb", "vs_eager", "vs_compile"])
+            writer.writerow(header)
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         for r in results:
             x = r.extra
             writer.writerow([stamp, _commit(), device_label, torch.__version__, triton.__version__, r.case.suite,
                              r.case.name, str(r.case.dtype).replace("torch.", ""), r.pass_, r.impl, f"{r.ms:.4f}",
-                             x["gbps"], x["copy_fraction"], x["tflops"], r.peak_mb, x["vs_eager"], x["vs_compile"]])
+                             x["gbps"], x["copy_fraction"], x["tflops"], r.peak_mb, x["vs_eager"], x["vs_compile"],
+                             x["acn_over_ffn"]])
 
 
 def plot(results: list[Result], path: str, title: str) -> None:
