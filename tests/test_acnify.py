@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from acn_kernels import acnify
+from acn_kernels import ShrinkOnCompression, acnify
 from op_harness import FUSED_BACKENDS
 
 
@@ -79,6 +79,25 @@ def test_timm_vit_on_a_fused_backend_trains_and_matches_the_reference(backend):
     torch.testing.assert_close(fused(images), reference(images), rtol=1e-4, atol=1e-4)
     fused.train()
     one_adamw_step_trains(fused, fused(images).logsumexp(-1).mean())
+
+
+def test_shrinking_an_acnified_vit_runs_its_first_blocks_and_keeps_its_state_dict():
+    """ShrinkOnCompression reaches a converted model through its LongConnections."""
+    residual = small_vit().eval()
+    model = acnify(copy.deepcopy(residual), backend="reference").eval()
+    with torch.no_grad():  # the last block outputs zeros: depths 2 and 3 are one sub-network
+        for p in (model.blocks[2].mlp.fc2.weight, model.blocks[2].mlp.fc2.bias):
+            p.zero_()
+        images = torch.randn(16, 3, 32, 32)
+        labels = model(images).argmax(-1)
+    shrink = ShrinkOnCompression(model, images, labels, every=1, tolerance=0.0, patience=2, margin=0)
+    events = [shrink.step() for _ in range(3)]
+    assert events[:2] == [None, None] and events[2] is not None and shrink.depth <= 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), model.truncate(shrink.depth)(images))
+        assert model.probe(images).shape[0] == shrink.depth + 1
+    residual.load_state_dict(model.state_dict())  # every key still there
+    assert not any(p.requires_grad for p in model.blocks[2].parameters())
 
 
 def test_acnify_twice_says_so():

@@ -107,6 +107,25 @@ def test_shrinking_waits_while_the_scores_climb_or_sit_at_chance():
     assert event is not None and event.depth == 2 + 1  # the largest candidate of the window, plus the margin
 
 
+def test_shrinking_a_bare_long_connections_on_its_normed_sums():
+    """LongConnections itself: probe gives the normed sums, so float targets and the error of each depth."""
+    torch.manual_seed(3)
+    blocks = [torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU()) for _ in range(5)]
+    with torch.no_grad():
+        for block in blocks[2:]:
+            block[0].weight.zero_()
+            block[0].bias.zero_()
+    acn = LongConnections(blocks, final_norm=torch.nn.LayerNorm(16), backend="reference")
+    x0 = torch.randn(4, 7, 16)
+    with torch.no_grad():
+        targets = acn(x0)
+    shrink = ShrinkOnCompression(acn, x0, targets, every=1, tolerance=0.0, patience=2, margin=0)
+    assert [shrink.step() for _ in range(2)] == [None, None] and shrink.step().depth == 2
+    with torch.no_grad():
+        torch.testing.assert_close(acn(x0), targets)
+        assert acn.probe(x0).shape == (3, 4, 7, 16)
+
+
 def test_shrinking_explains_what_it_needs():
     inputs, targets = torch.randn(8, 12), torch.randint(0, 5, (8,))
     residual = MLP(12, 24, 4, 5, connectivity="residual")
