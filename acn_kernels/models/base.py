@@ -12,9 +12,9 @@ nested sub-networks that `probe` scores and `truncate` keeps.
 An "acn" model runs its long connections through `LongConnections` (the one implementation of
 them) on `backend`: each block boundary one `accumulate_norm` (y += x_i and the next block's input
 norm), the final norm its normalize="sum" mode, and `probe` one `probe_norm`. On a fused backend
-every twin runs the blocks' MLPs on `linear_act_accumulate` (bias and activation in the GEMM's
-epilogue, the MLP model's residual add too), so that the three twins differ only in their
-connections; the residual twins' other adds stay eager. backend="reference" is pure eager PyTorch.
+every twin runs the blocks' MLPs on the fused ops (`feed_forward` in FeedForward, `linear_act_accumulate`
+in the MLP model's blocks, its residual add in the GEMM's epilogue too), so that the three twins
+differ only in their connections; the residual twins' other adds stay eager. backend="reference" is pure eager PyTorch.
 Parameters and state_dict are the same whatever the backend.
 """
 from __future__ import annotations

@@ -84,17 +84,18 @@ def activation_grad(saved, ACTIVATION: tl.constexpr):
 def nearest_bf16(v):
     """v rounded to the nearest bfloat16 (ties to even), still float32: Triton's interpreter converts
     float32 to bfloat16 by truncation where a GPU rounds, and a truncated h fed to the next GEMM
-    doubles the error. Used only where DOT_IN_FP32 (interpreting bfloat16) is set."""
+    doubles the error. Used only where DOT_IN_FP32 (interpreting bfloat16) is set (in_dtype_of)."""
     bits = v.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def to_output(v, DOT_IN_FP32: tl.constexpr):
-    if DOT_IN_FP32:
-        v = nearest_bf16(v)
-    return v
+def in_dtype_of(ptr, value, DOT_IN_FP32: tl.constexpr):
+    """A float32 value in ptr's element dtype, rounded to nearest where the interpreter would truncate."""
+    if DOT_IN_FP32 and ptr.dtype.element_ty == tl.bfloat16:
+        value = nearest_bf16(value)
+    return value.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -141,20 +142,18 @@ def linear_act_accumulate_fwd_kernel(
         if ACTIVATION != "identity":
             acc *= activation_grad(tl.load(z_ptr + tile_start + offsets, mask=mask, other=0.0).to(tl.float32),
                                    ACTIVATION)
-        tl.store(h_ptr + tile_start + offsets, to_output(acc, DOT_IN_FP32).to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(h_ptr + tile_start + offsets, in_dtype_of(h_ptr, acc, DOT_IN_FP32), mask=mask)
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if STORE_Z:
-            tl.store(z_ptr + tile_start + offsets, to_output(acc, DOT_IN_FP32).to(z_ptr.dtype.element_ty), mask=mask)
-        h = to_output(activation(acc, ACTIVATION), DOT_IN_FP32).to(h_ptr.dtype.element_ty)
+            tl.store(z_ptr + tile_start + offsets, in_dtype_of(z_ptr, acc, DOT_IN_FP32), mask=mask)
+        h = in_dtype_of(h_ptr, activation(acc, ACTIVATION), DOT_IN_FP32)
         tl.store(h_ptr + tile_start + offsets, h, mask=mask)
         if HAS_Y:
             y = tl.load(y_ptr + tile_start + offsets, mask=mask, other=0.0).to(tl.float32)
-            total = y + h.to(tl.float32)
-            if y_out_ptr.dtype.element_ty == tl.bfloat16:
-                total = to_output(total, DOT_IN_FP32)
-            tl.store(y_out_ptr + tile_start + offsets, total.to(y_out_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_out_ptr + tile_start + offsets, in_dtype_of(y_out_ptr, y + h.to(tl.float32), DOT_IN_FP32),
+                     mask=mask)
 
 
 @triton.jit

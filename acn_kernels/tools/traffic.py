@@ -259,12 +259,13 @@ def step_traffic(model, inputs) -> Traffic:
 
 
 STEP_DTYPES = (torch.float32, torch.bfloat16)
-CONNECTIVITIES = ("acn", "residual", "ffn")
 
 
 def model_rows(dtypes=STEP_DTYPES, names=None):
     """One training step of every model, dtype and connectivity, eager (backend="reference") and
     fused (backend="triton"), from the same initialization and batch."""
+    from ..models import CONNECTIVITIES
+
     rows = []
     for name, make, inputs in model_cases():
         if names is not None and name not in names:
