@@ -3,7 +3,9 @@
     "reference"  pure PyTorch (`acn_kernels.reference`), any device
     "triton"     the fused Triton kernels: CUDA tensors, or CPU tensors under Triton's interpreter
     "cuda"       the CUDA C++ extension acn_kernels._C (built with ACN_KERNELS_BUILD_CUDA=1), CUDA tensors
-    "auto"       on CUDA tensors the extension when it is built, else Triton
+    "auto"       on CUDA tensors, per op, the backend `bench` measured faster on that GPU family
+                 (AUTO_TABLE; Triton where the table says nothing, which is everywhere until a GPU
+                 run fills it, and Triton where it says "cuda" but the extension is not built)
                  on CPU tensors Triton only when the interpreter is on, the reference otherwise
                  (the documented CPU path, not a fallback)
 
@@ -43,8 +45,27 @@ BUILD_HINT = ("build it on a machine with a CUDA compiler and a CUDA build of to
               "ACN_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Returns "reference" or "triton" for tensors on `device`, or raises with what to do."""
+# backend="auto" on CUDA tensors: {GPU family: {op: backend}}, the family as "sm_<major>x" (sm_8x:
+# A100 and its kin, sm_9x: H100/H200). It lists only what a GPU run of `bench` measured: the CUDA
+# kernels where they beat Triton. Empty until this project gets a GPU run (none yet).
+AUTO_TABLE: dict[str, dict[str, str]] = {}
+OPS = ("accumulate_norm", "probe_norm", "linear_act_accumulate", "feed_forward", "linear")
+
+
+def gpu_family(device: torch.device) -> str:
+    return f"sm_{torch.cuda.get_device_capability(device)[0]}x"
+
+
+def auto_backends(device: torch.device) -> dict[str, str]:
+    """{op: backend} that backend="auto" runs on this CUDA device."""
+    measured = AUTO_TABLE.get(gpu_family(device), {})
+    return {op: "cuda" if measured.get(op) == "cuda" and CUDA_EXTENSION is not None else "triton" for op in OPS}
+
+
+def resolve_backend(backend: str, device: torch.device, op: str | None = None) -> str:
+    """Returns "reference", "triton" or "cuda" for `op` on tensors on `device`, or raises with what
+    to do. Without an op, "auto" on a GPU whose table picks different backends for different ops
+    says "mixed" (fused, per op)."""
     check_choice("backend", backend, BACKENDS)
     if backend == "reference":
         return "reference"
@@ -65,11 +86,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "or use backend='reference'")
         return "triton"
     if device.type == "cuda":
-        if CUDA_EXTENSION is not None:
-            return "cuda"
-        if TRITON_AVAILABLE:
-            return "triton"
-        warnings.warn("backend='auto': triton is not installed, CUDA tensors use the reference path",
-                      stacklevel=3)
-        return "reference"
+        if not TRITON_AVAILABLE:
+            warnings.warn("backend='auto': triton is not installed, CUDA tensors use the reference path",
+                          stacklevel=3)
+            return "reference"
+        choices = auto_backends(device)
+        if op is not None:
+            return choices[op]
+        kinds = set(choices.values())
+        return kinds.pop() if len(kinds) == 1 else "mixed"
     return "triton" if TRITON_INTERPRETED else "reference"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .backend import BACKENDS
+
 
 def _add_demo(commands) -> None:
     demo = commands.add_parser("demo", help="train acn/residual/ffn twins on digits and probe every depth")
@@ -11,6 +13,8 @@ def _add_demo(commands) -> None:
     demo.add_argument("--epochs", type=int, default=None, help="default: 40 for mlp, 15 for mixer")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--plot", default=None, help="PNG path (default: acn_demo_<model>.png)")
+    demo.add_argument("--backend", choices=BACKENDS, default="auto",
+                      help="the models' backend (auto: the reference on a CPU without TRITON_INTERPRET=1)")
 
 
 def _run_traffic() -> int:
@@ -78,6 +82,7 @@ def main(argv=None) -> int:
         return run_report(args.only, args.jobs)
     if args.command == "demo":
         from .experiments.demo import run_demo
-        return run_demo(args.model, depth=args.depth, epochs=args.epochs, seed=args.seed, plot=args.plot)
+        return run_demo(args.model, depth=args.depth, epochs=args.epochs, seed=args.seed, plot=args.plot,
+                        backend=args.backend)
     from .info import print_info
     return print_info()

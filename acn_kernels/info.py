@@ -6,7 +6,8 @@ import platform
 import torch
 
 from . import __version__
-from .backend import CUDA_EXTENSION, CUDA_EXTENSION_ERROR, TRITON_AVAILABLE, TRITON_INTERPRETED
+from .backend import (AUTO_TABLE, CUDA_EXTENSION, CUDA_EXTENSION_ERROR, OPS, TRITON_AVAILABLE, TRITON_INTERPRETED,
+                      auto_backends)
 
 
 def _triton_version() -> str:
@@ -43,4 +44,19 @@ def print_info() -> int:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    print_auto_table()
     return 0
+
+
+def print_auto_table() -> None:
+    """What backend="auto" runs per op on CUDA tensors: AUTO_TABLE's measured choices by GPU family,
+    Triton elsewhere, and this GPU's choice."""
+    families = sorted(AUTO_TABLE)
+    here = auto_backends(torch.device("cuda")) if torch.cuda.is_available() else None
+    header = ["op", *families, "other GPUs", *(["this GPU"] if here else [])]
+    print('\nbackend="auto" on CUDA tensors, per op (AUTO_TABLE: measured by `bench` on a GPU; '
+          f"{'empty: no GPU run yet' if not families else ', '.join(families)}):")
+    print("  ".join(f"{h:<22}" for h in header))
+    for op in OPS:
+        cells = [op, *(AUTO_TABLE[f].get(op, "triton") for f in families), "triton", *([here[op]] if here else [])]
+        print("  ".join(f"{c:<22}" for c in cells))

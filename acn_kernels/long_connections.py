@@ -9,7 +9,9 @@ norm in one pass), the final norm its normalize="sum" mode and `probe` one `prob
 backend="reference" every norm module runs as it is (pure eager PyTorch). A block that needs its
 un-normalized input as well (the Mixer's tail skip) defines `run_normed(x, h)`, h = input_norm(x);
 a block that can add its own output to the running sum as it computes it (the MLP's GEMM epilogue)
-defines `run_accumulate(x, y, backend) -> (x_next, y + x_next)`, used on fused backends.
+defines `run_accumulate(x, y, backend, keep_output=True) -> (x_next, y + x_next)`, used on fused
+backends; the forward asks the last block for y + x_L only (keep_output=False: x_next may be None,
+never written), since the final norm needs nothing else.
 
 Norms: nn.LayerNorm, nn.RMSNorm, and LayerNorm-like modules with `weight`, `bias` and `eps` over the
 last dimension. The package's models and the models `acnify` converts keep their own module names:
@@ -90,14 +92,16 @@ class LongConnections(nn.Module):
     # ------------------------------------------------------------------ the chain
 
     def _step(self, i: int, x: torch.Tensor, y: torch.Tensor | None, x_in_y: bool, fused: bool,
-              block_kwargs: dict):
-        """(y, x_{i+1}, whether y holds x_{i+1}) for block i, given y and whether y holds x already."""
+              block_kwargs: dict, keep_output: bool = True):
+        """(y, x_{i+1}, whether y holds x_{i+1}) for block i, given y and whether y holds x already.
+        keep_output=False (the forward's last block): x_{i+1} may come back None, added into y."""
         block, last = self.blocks[i], i == self.depth - 1
         run_accumulate = getattr(block, "run_accumulate", None) if fused else None
-        if run_accumulate is not None:  # the block adds its output to y itself, but the last one's
-            if last:                    # goes to the final norm's accumulate_norm
-                return (y if x_in_y else self._add(y, x)), run_accumulate(x, None, self.backend)[0], False
-            x_next, y = run_accumulate(x, y if x_in_y else self._add(y, x), self.backend)
+        if run_accumulate is not None:  # the block adds its output to y itself, but where x_L is
+            y = y if x_in_y else self._add(y, x)  # wanted, the last one's goes to the final boundary
+            if last and keep_output:
+                return y, run_accumulate(x, None, self.backend)[0], False
+            x_next, y = run_accumulate(x, y, self.backend, keep_output=not last)
             return y, x_next, True
         if self.input_norms is None:
             return (y if x_in_y else self._add(y, x)), block(x, **block_kwargs), False
@@ -126,18 +130,27 @@ class LongConnections(nn.Module):
 
     def chain(self, x0: torch.Tensor, **block_kwargs):
         """(y_{L-1}, x_L, [x_0..x_L]): the running sum before the last output, and every output."""
+        return self._walk(x0, block_kwargs, keep_last_output=True)
+
+    def _walk(self, x0: torch.Tensor, block_kwargs: dict, keep_last_output: bool):
+        """chain; without keep_last_output, (y_L, None, outputs) where the last block adds x_L itself."""
         fused = self.fused(x0.device)
         x, y, x_in_y, outputs = x0, None, False, [x0]
         for i in range(self.depth):
+            keep = keep_last_output or i < self.depth - 1
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                y, x, x_in_y = checkpoint(self._step, i, x, y, x_in_y, fused, block_kwargs, use_reentrant=False)
+                y, x, x_in_y = checkpoint(self._step, i, x, y, x_in_y, fused, block_kwargs, keep,
+                                          use_reentrant=False)
             else:
-                y, x, x_in_y = self._step(i, x, y, x_in_y, fused, block_kwargs)
+                y, x, x_in_y = self._step(i, x, y, x_in_y, fused, block_kwargs, keep)
             outputs.append(x)
-        return y, x, outputs
+        return (y, None, outputs) if x_in_y else (y, x, outputs)
 
-    def sum_and_norm(self, y: torch.Tensor | None, x: torch.Tensor) -> tuple:
-        """(y + x, final_norm(y + x)), the last boundary (y + x twice without a final norm)."""
+    def sum_and_norm(self, y: torch.Tensor | None, x: torch.Tensor | None) -> tuple:
+        """(y + x, final_norm(y + x)), the last boundary (y + x twice without a final norm); x None:
+        y is the whole sum already."""
+        if x is None:
+            x, y = y, None
         norm = self.final_norm
         if norm is None:
             total = self._add(y, x)
@@ -150,7 +163,7 @@ class LongConnections(nn.Module):
         return total, norm(total)
 
     def forward(self, x0: torch.Tensor, **block_kwargs) -> torch.Tensor:
-        y, x, _ = self.chain(x0, **block_kwargs)
+        y, x, _ = self._walk(x0, block_kwargs, keep_last_output=False)
         return self.sum_and_norm(y, x)[1]
 
     def probe_outputs(self, outputs: list) -> torch.Tensor:

@@ -53,6 +53,11 @@ def linear_act_accumulate(x, weight, bias, y, *, activation="gelu"):
     return h, accumulate(y, h)
 
 
+def linear(x, weight, bias=None):
+    """x @ weight.T + bias."""
+    return F.linear(x, weight, bias)
+
+
 def feed_forward(x, w1, b1, w2, b2, *, activation="gelu"):
     """act(x @ w1.T + b1) @ w2.T + b2."""
     return F.linear(ACTIVATIONS[activation](F.linear(x, w1, b1)), w2, b2)

@@ -90,10 +90,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> accumulate_norm_fwd(const Tensor& x, 
   return {y ? y_out.view(x.sizes()) : at::empty({0}, x.options()), out.view(x.sizes()), mean, rstd};
 }
 
-// The dweight (and dbias) partial rows of a norm backward, one zeroed buffer (1 + has_bias, programs, dim):
-// one launch zeroes them and one sums them; the result's row 0 is dweight, row 1 dbias.
+// The dweight (and dbias) partial rows of a norm backward in one buffer (1 + has_bias, programs, dim),
+// every element written once by the kernel: one launch sums them; row 0 is dweight, row 1 dbias.
 Tensor new_partial_rows(bool has_bias, int programs, int64_t dim, const Tensor& like) {
-  return at::zeros({has_bias ? 2 : 1, programs, dim}, like.options().dtype(at::kFloat));
+  return at::empty({has_bias ? 2 : 1, programs, dim}, like.options().dtype(at::kFloat));
 }
 
 std::tuple<Tensor, Tensor, Tensor> accumulate_norm_bwd(const Tensor& dout, const OptionalTensor& dy_out,
@@ -127,7 +127,7 @@ std::tuple<Tensor, Tensor, Tensor> accumulate_norm_bwd(const Tensor& dout, const
 void check_probe_width(int64_t dim, const char* op) {
   const int64_t limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   TORCH_CHECK(acn::probe_norm_shared_bytes(static_cast<int>(dim)) <= limit, op, ": D must be at most ",
-              limit / 12, " on this GPU (three float rows of shared memory), got ", dim,
+              limit / acn::probe_norm_shared_bytes(1), " on this GPU (five float rows of shared memory), got ", dim,
               "; use backend='triton' for wider rows");
 }
 

@@ -15,8 +15,8 @@ void accumulate_norm_forward(DType x_dtype, DType y_dtype, const void* x, const 
                              const float* b, void* y_out, void* out, float* mean, float* rstd, int64_t rows,
                              int dim, float eps, bool normalize_sum, cudaStream_t stream);
 
-// dy_out and dy may be null; dw_partial/db_partial are (programs, D) float32, zeroed by the caller;
-// `normalized` has y's dtype when v_is_y. Returns the programs used.
+// dy_out and dy may be null; dw_partial/db_partial are (programs, D) float32, each element written once
+// by the kernel; `normalized` has y's dtype when v_is_y.
 void accumulate_norm_backward(DType x_dtype, DType y_dtype, const void* dout, const void* dy_out,
                               const void* normalized, bool v_is_y, const float* w, const float* mean,
                               const float* rstd, void* dx, void* dy, float* dw_partial, float* db_partial,
@@ -28,9 +28,10 @@ void probe_norm_forward(DType dtype, const void* xs, const float* w, const float
 void probe_norm_backward(DType dtype, const void* dout, const void* xs, const float* w, const float* mean,
                          const float* rstd, void* dxs, float* dw_partial, float* db_partial, int depth,
                          int64_t rows, int dim, int programs, cudaStream_t stream);
-// Dynamic shared memory per program of the probe backward (three float rows: the running sum as a
-// compensated pair and the running gradient; the forward takes two), for the caller's check.
-inline int64_t probe_norm_shared_bytes(int dim) { return 3 * static_cast<int64_t>(dim) * sizeof(float); }
+// Dynamic shared memory per program of the probe backward (five float rows: the running sum as a
+// compensated pair, the running gradient and the dweight/dbias partial sums; the forward takes two),
+// for the caller's check.
+inline int64_t probe_norm_shared_bytes(int dim) { return 5 * static_cast<int64_t>(dim) * sizeof(float); }
 
 // linear_act_accumulate.cu: the elementwise parts around the GEMM. z is x @ W.T + b (from cuBLAS).
 // h = act(z); y_out = y + h when y is given.

@@ -1,6 +1,7 @@
 // probe_norm: norm(x_0 + ... + x_k) for every k, one block per row, the running sum kept in shared
 // memory as a compensated float32 pair; the backward walks k = L..0 with the running gradient beside
-// it, rebuilding each y_k by subtraction exactly enough to round to the forward's. Math in
+// it, rebuilding each y_k by subtraction exactly enough to round to the forward's, and keeps the
+// block's dweight/dbias partial sums in shared memory, written to its partial row once. Math in
 // row_math.h; see acn_kernels/ops/probe_norm.py. Each thread owns the same columns in every pass,
 // so only the reductions synchronize.
 #include "device_utils.cuh"
@@ -52,10 +53,11 @@ __global__ void probe_norm_bwd_kernel(const T* __restrict__ dout, const T* __res
   float* hi = shared;  // y_k = hi + lo, rebuilt as the forward built it, then y_{k-1} = y_k - x_k
   float* lo = shared + dim;
   float* grad = shared + 2 * dim;
+  float* dw = shared + 3 * dim;  // this block's dweight/dbias partial sums over every row it walks
+  float* db = shared + 4 * dim;
   const bool is_layernorm = mean_in != nullptr;
   const int64_t layer = rows * dim;
-  float* dw_row = dw_partial + static_cast<int64_t>(blockIdx.x) * dim;
-  float* db_row = db_partial ? db_partial + static_cast<int64_t>(blockIdx.x) * dim : nullptr;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) dw[i] = db[i] = 0.0f;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
       hi[i] = lo[i] = grad[i] = 0.0f;
@@ -76,11 +78,16 @@ __global__ void probe_norm_bwd_kernel(const T* __restrict__ dout, const T* __res
         const float d = to_float(dout[base + i]), v_hat = normalize(hi[i] + lo[i], mean, rstd);
         grad[i] += norm_input_grad(w[i] * d, v_hat, rstd, proj, wdout_mean, is_layernorm);
         dxs[base + i] = from_float<T>(grad[i]);
-        dw_row[i] += d * v_hat;
-        if (db_row != nullptr) db_row[i] += d;
+        dw[i] += d * v_hat;
+        db[i] += d;
         add_compensated(hi[i], lo[i], -to_float(xs[base + i]));
       }
     }
+  }
+  const int64_t partial = static_cast<int64_t>(blockIdx.x) * dim;  // written once, by the column's owner
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    dw_partial[partial + i] = dw[i];
+    if (db_partial != nullptr) db_partial[partial + i] = db[i];
   }
 }
 

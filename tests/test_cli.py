@@ -5,9 +5,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from acn_kernels.backend import resolve_backend
 from acn_kernels.cli import main
-from acn_kernels.tools.compile_report import access_widths, narrow_access, resident_warps
+from acn_kernels.tools.compile_report import (Build, access_widths, linear_builds, matrix_instructions, narrow_access,
+                                              resident_warps, wgmma_expected)
 from acn_kernels.depth import smallest_depth_within
 
 
@@ -21,9 +24,14 @@ def test_effective_depth_is_the_first_depth_within_one_point_of_best():
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ("mlp", "mixer"))
 def test_demo_prints_a_table_and_writes_a_plot(model, tmp_path, capsys):
+    """The MLP on the fused kernels (the interpreter); the Mixer as a CPU user runs it, on the reference
+    (its GEMMs take minutes in the interpreter; its fused step is tested in test_integration)."""
     plot = tmp_path / "plot.png"
-    assert main(["demo", "--model", model, "--depth", "2", "--epochs", "1", "--plot", str(plot)]) == 0
+    backend = "auto" if model == "mlp" else "reference"
+    assert main(["demo", "--model", model, "--depth", "2", "--epochs", "1", "--plot", str(plot),
+                 "--backend", backend]) == 0
     out = capsys.readouterr().out
+    assert f"backend {resolve_backend(backend, torch.device('cpu'))}" in out
     assert "depth k" in out and "effective depth" in out and "acn compressed to its effective depth" in out
     for connectivity in ("acn", "residual", "ffn"):
         assert f"{connectivity}: best" in out
@@ -62,7 +70,7 @@ def test_compile_report_compiles_a_kernel_for_sm80_and_sm90_without_a_gpu():
     assert {row.split()[3] for row in rows} == {"sm_80", "sm_90"}
     widths = {(row.split()[4], row.split()[5]): row.split()[9] for row in rows}  # (dtype, alignment): ld B
     assert widths[("bf16", "aligned")] == "16" and widths[("bf16", "unaligned")] == "2-4"  # 4: the fp32 sum
-    assert "12 compilations, 0 failed, spilled or narrower than 16 bytes when aligned" in result.stdout
+    assert "12 compilations, 0 failed, spilled, narrower than 16 bytes when aligned or without wgmma" in result.stdout
 
 
 def test_compile_report_refuses_to_run_under_the_interpreter():
@@ -106,8 +114,50 @@ def test_only_aligned_row_kernels_with_room_for_16_bytes_must_use_them():
     assert narrow_access(row)
     assert not narrow_access({**row, "alignment": "unaligned"})
     assert not narrow_access({**row, "tile_bytes": 8})
-    assert not narrow_access({**row, "kernel": "linear_act_accumulate_fwd_kernel"})
+    assert not narrow_access({**row, "kernel": "gemm_kernel"})
     assert not narrow_access({**row, "loads": [16]})
+
+
+def test_compile_report_covers_every_gemm_tile_the_launcher_can_pick():
+    from itertools import product
+
+    from acn_kernels.ops._gemm import TILE_KEYS, gemm_tiles
+    built = {(b.dtype, b.constexprs["EPILOGUE"], tuple(b.constexprs[k] for k in TILE_KEYS[:3]) + (b.num_warps,
+                                                                                               b.num_stages))
+             for b in linear_builds() if b.kernel == "gemm_kernel"}
+    sizes = (1, 15, 16, 17, 33, 63, 64, 65, 129, 1000, 4096)
+    for dtype, sms, (m, n, k) in product((torch.float32, torch.float16, torch.bfloat16), (None, 8, 132),
+                                         product(sizes, repeat=3)):
+        tiles = gemm_tiles(m, n, k, dtype, sms)
+        for epilogue in ("forward", "times_activation_grad", "weight_grad"):
+            assert (dtype, epilogue, tuple(tiles[key] for key in TILE_KEYS)) in built, (dtype, m, n, k, sms)
+
+
+def test_sm90_gemm_tiles_must_run_on_wgmma():
+    assert matrix_instructions("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16") == "wgmma"
+    assert matrix_instructions("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == "mma"
+    assert matrix_instructions("fma.rn.f32") == "fma"
+    gemm = Build("acn_kernels.ops._gemm", "gemm_kernel", torch.bfloat16, {"BLOCK_M": 128, "INPUT_PRECISION": "ieee"})
+    assert wgmma_expected(gemm, 90) and not wgmma_expected(gemm, 80)
+    assert not wgmma_expected(Build(gemm.module, gemm.kernel, torch.bfloat16, {"BLOCK_M": 32}), 90)
+    fp32 = {"BLOCK_M": 128, "INPUT_PRECISION": "ieee"}
+    assert not wgmma_expected(Build(gemm.module, gemm.kernel, torch.float32, fp32), 90)  # FMAs: no tensor cores
+    assert wgmma_expected(Build(gemm.module, gemm.kernel, torch.float32, {**fp32, "INPUT_PRECISION": "tf32"}), 90)
+
+
+def test_bench_names_the_ops_whose_cuda_kernels_win():
+    """What a GPU run of bench proposes for backend="auto": the CUDA kernels where, summed over an op's
+    cases, they beat Triton forward+backward."""
+    from acn_kernels.tools.benchmark import Case, Result, measured_auto_table
+
+    def result(name, impl, ms, pass_="forward+backward"):
+        return Result(Case("ops", name, torch.float32, None), pass_, impl, ms, None)
+    results = [result("accumulate_norm 4096x1024", "triton", 2.0), result("accumulate_norm 4096x1024", "cuda", 1.0),
+               result("accumulate_norm 8192x2048", "triton", 4.0), result("accumulate_norm 8192x2048", "cuda", 4.5),
+               result("probe_norm 13x4096x768", "triton", 1.0), result("probe_norm 13x4096x768", "cuda", 1.5),
+               result("probe_norm 13x4096x768", "cuda", 0.1, pass_="forward"),
+               result("linear_act_accumulate 8192x2048x2048", "eager", 0.5)]
+    assert measured_auto_table(results) == {"accumulate_norm": "cuda"}
 
 
 def test_a_missing_extra_is_named(monkeypatch):

@@ -147,15 +147,18 @@ def opcheck_cases(namespace: str = "acn_kernels"):
         "linear_act_accumulate_fwd_relu": (ops.linear_act_accumulate_fwd.default, (x, wl, None, None, "relu")),
         "activation_backward": (ops.activation_backward.default,
                                 (randn(5, 16), randn(5, 16), randn(5, 16), "silu", torch.float32)),
-        **({} if namespace != "acn_kernels" else {  # feed_forward has no CUDA twin
+        **({} if namespace != "acn_kernels" else {  # feed_forward and linear have no CUDA twin
             "feed_forward_fwd": (ops.feed_forward_fwd.default, (x, wl, bl, randn(7, 16, scale=0.2).requires_grad_(),
                                                                 None, "gelu_tanh")),
             "times_activation_grad": (ops.times_activation_grad.default,
-                                      (randn(5, 7), randn(7, 16), randn(5, 16), "gelu"))}),
+                                      (randn(5, 7), randn(7, 16), randn(5, 16), "gelu")),
+            "linear_fwd": (ops.linear_fwd.default, (x, wl, bl)),
+            "weight_grad": (ops.weight_grad.default, (randn(5, 16), randn(5, 24), True)),
+            "weight_grad_without_bias": (ops.weight_grad.default, (randn(5, 16), randn(5, 24), False))}),
     }
 
 
-TRITON_ONLY = ("feed_forward_fwd", "times_activation_grad")
+TRITON_ONLY = ("feed_forward_fwd", "times_activation_grad", "linear_fwd", "weight_grad", "weight_grad_without_bias")
 OPCHECKS = [pytest.param("acn_kernels", case, id=f"triton-{case}") for case in opcheck_cases()] + \
     [pytest.param("acn_kernels_cuda", case, id=f"cuda-{case}", marks=pytest.mark.gpu)
      for case in opcheck_cases() if case not in TRITON_ONLY]

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from acn_kernels import backend as backend_module
 from acn_kernels import reference
-from acn_kernels.ops import accumulate_norm, feed_forward, linear_act_accumulate, probe_norm
+from acn_kernels.ops import accumulate_norm, feed_forward, linear, linear_act_accumulate, probe_norm
 from acn_kernels.ops.accumulate_norm import BWD_PER_THREAD as NORM_BWD_PER_THREAD
 from acn_kernels.ops.accumulate_norm import FWD_PER_THREAD as NORM_FWD_PER_THREAD
 from acn_kernels.ops.probe_norm import BWD_PER_THREAD as PROBE_BWD_PER_THREAD
@@ -231,6 +231,50 @@ def test_linear_act_accumulate_non_contiguous_inputs(backend):
              activation="gelu_tanh")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ("gelu", "relu"))
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_linear_act_accumulate_with_y_being_x(dtype, activation, backend):
+    """y is x (a residual add, the chain's start): x's two gradients are summed inside the op."""
+    x, weight, bias = randn(7, 5, 24, dtype=dtype), randn(24, 24, dtype=dtype, scale=0.2), randn(24, dtype=dtype)
+    check_op(lambda x, w, b, **k: linear_act_accumulate(x, w, b, x, **k),
+             lambda x, w, b, **k: reference.linear_act_accumulate(x, w, b, x, **k), (x, weight, bias), dtype,
+             backend=backend, activation=activation)
+
+
+# ----------------------------------------------------------------------------- linear
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [((1, 1), 1), ((3, 5, 19), 17), ((300, 130), 70)])  # the last: three column
+@pytest.mark.parametrize("has_bias", (True, False))                                   # tiles of dweight, a K tail
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_linear_matches_reference(dtype, shape, has_bias, backend):
+    x_shape, out_features = shape
+    x = randn(*x_shape, dtype=dtype)
+    weight = randn(out_features, x_shape[-1], dtype=dtype, scale=x_shape[-1] ** -0.5)
+    bias = randn(out_features, dtype=dtype) if has_bias else None
+    check_op(linear, reference.linear, (x, weight, bias), dtype, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_linear_non_contiguous_inputs(backend):
+    x = randn(30, 2, 50)[:, 1, :]            # strided rows
+    weight = randn(50, 40, scale=0.2).t()   # column-major
+    check_op(linear, reference.linear, (x, weight, randn(80)[::2]), torch.float32, backend=backend)
+    x = randn(6, 50, 7).transpose(1, 2)      # last stride not 1: copied
+    check_op(linear, reference.linear, (x, weight, None), torch.float32, backend=backend)
+
+
+def test_weight_gradient_needs_no_input_gradient():
+    """A first layer (inputs without gradient): dweight and dbias from the one GEMM, no dx."""
+    x, weight, bias = randn(37, 20), randn(9, 20, scale=0.2).requires_grad_(), randn(9).requires_grad_()
+    g = randn(37, 9)
+    grads = torch.autograd.grad(linear(x, weight, bias, backend="triton"), (weight, bias), g)
+    exact = (g.double().t() @ x.double(), g.double().sum(0))
+    for actual, expected in zip(grads, exact):
+        torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- feed_forward
 
 def feed_forward_params(dim, hidden, out, dtype, bias=True):
@@ -275,6 +319,44 @@ def test_bf16_gemm_is_right_under_the_interpreter():
     assert (h.double() - exact).abs().max() <= 2 * (x @ weight.t()).double().sub(exact).abs().max() + 0.05
 
 
+# ----------------------------------------------------------------------------- GEMM tiles
+
+def test_gemm_tiles_fill_the_gpu_and_are_fixed_under_the_interpreter():
+    from acn_kernels.ops._gemm import gemm_tiles
+
+    def tile(*args):
+        t = gemm_tiles(*args)
+        return t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_K"]
+    assert tile(4096, 4096, 4096, torch.bfloat16, 132) == (128, 64, 64)  # 512 programs fill 132 SMs
+    assert tile(512, 512, 512, torch.bfloat16, 132) == (32, 32, 32)      # the largest tiles that do
+    assert tile(512, 512, 512, torch.bfloat16, None) == (128, 64, 64)    # the interpreter: largest fitting
+    assert tile(64, 128, 128, torch.float32, None) == (64, 64, 16)
+    assert tile(10, 128, 4096, torch.float32, 132) == (16, 16, 16)        # a classifier's weight gradient
+    assert tile(1, 1, 1, torch.float16, None) == (16, 16, 16)
+
+
+def test_tuned_tiles_are_timed_once_and_kept(tmp_path):
+    from acn_kernels.ops._gemm import TileTuner, fitting_configs
+
+    candidates = fitting_configs(512, 512, 512, torch.bfloat16)
+    fastest, launched, timed = candidates[2][:3], [], []
+
+    def launch(tiles):
+        launched.append((tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]))
+
+    def bench(fn):  # a stand-in for triton.testing.do_bench: the fastest config takes half the time
+        fn()
+        timed.append(launched[-1])
+        return 0.5 if launched[-1] == fastest else 1.0
+
+    path = str(tmp_path / "tiles.json")
+    tiles = TileTuner(path, bench).tiles("H200|forward|512", candidates, launch)
+    assert (tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]) == fastest
+    assert sorted(timed) == sorted(c[:3] for c in candidates)
+    again = TileTuner(path, bench)  # another process: the file decides, nothing is timed again
+    assert again.tiles("H200|forward|512", candidates, launch) == tiles and len(timed) == len(candidates)
+
+
 # ----------------------------------------------------------------------------- every op
 
 def op_calls(dtype=torch.float32):
@@ -287,10 +369,11 @@ def op_calls(dtype=torch.float32):
         "linear_act_accumulate": (linear_act_accumulate, (x, w_lin, b_lin, y_lin), {"activation": "gelu"}),
         "feed_forward": (feed_forward, (x, w_lin, b_lin, randn(5, 21, dtype=dtype, scale=0.2), randn(5, dtype=dtype)),
                          {"activation": "silu"}),
+        "linear": (linear, (x, w_lin, b_lin), {}),
     }
 
 
-OPS = ("accumulate_norm", "probe_norm", "linear_act_accumulate", "feed_forward")
+OPS = ("accumulate_norm", "probe_norm", "linear_act_accumulate", "feed_forward", "linear")
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -329,6 +412,24 @@ def test_auto_backend_choice(monkeypatch):
         accumulate_norm(randn(2, 4), None, randn(4), backend="cuda")
 
 
+def test_auto_follows_the_measured_table_per_op(monkeypatch):
+    """On CUDA tensors "auto" runs, per op, what bench measured faster on that GPU family; Triton
+    where the table is silent, and where it names the CUDA extension but the extension is not built."""
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(backend_module, "gpu_family", lambda device: "sm_9x")
+    monkeypatch.setattr(backend_module, "AUTO_TABLE", {"sm_9x": {"accumulate_norm": "cuda"}})
+    monkeypatch.setattr(backend_module, "CUDA_EXTENSION", object())
+    assert backend_module.resolve_backend("auto", gpu, "accumulate_norm") == "cuda"
+    assert backend_module.resolve_backend("auto", gpu, "probe_norm") == "triton"
+    assert backend_module.resolve_backend("auto", gpu) == "mixed"
+    monkeypatch.setattr(backend_module, "CUDA_EXTENSION", None)
+    assert backend_module.resolve_backend("auto", gpu, "accumulate_norm") == "triton"
+    assert backend_module.resolve_backend("auto", gpu) == "triton"
+    monkeypatch.setattr(backend_module, "gpu_family", lambda device: "sm_8x")  # a family nobody measured
+    monkeypatch.setattr(backend_module, "CUDA_EXTENSION", object())
+    assert set(backend_module.auto_backends(gpu).values()) == {"triton"}
+
+
 ERRORS = [
     (lambda x, w: accumulate_norm(x.tolist(), None, w), TypeError, r"x must be a torch.Tensor, got list"),
     (lambda x, w: accumulate_norm(x.int(), None, w), TypeError, r"x must have dtype in .*, got torch.int32"),
@@ -358,6 +459,9 @@ ERRORS = [
      r"y must have shape \(4, 5\), got \(4, 8\)"),
     (lambda x, w: linear_act_accumulate(x, randn(5, 8), None, None, activation="tanh"), ValueError,
      r"activation must be one of \('relu', 'gelu', 'gelu_tanh', 'silu', 'identity'\), got 'tanh'"),
+    (lambda x, w: linear(x, randn(5, 7)), ValueError, r"weight must have shape \(out_features, 8\), got \(5, 7\)"),
+    (lambda x, w: linear(x, randn(5, 8), randn(4)), ValueError, r"bias must have shape \(5,\), got \(4,\)"),
+    (lambda x, w: linear(x.int(), randn(5, 8)), TypeError, r"x must have dtype in .*, got torch.int32"),
     (lambda x, w: feed_forward(x, randn(6, 8), None, randn(8, 5), None), ValueError,
      r"w2 must have shape \(out_features, 6\), got \(8, 5\)"),
     (lambda x, w: feed_forward(x, randn(6, 8), randn(5), randn(8, 6), None), ValueError,

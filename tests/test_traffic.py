@@ -46,11 +46,14 @@ def test_counter_sees_views_as_free_and_copies_as_traffic():
 
 
 @pytest.mark.skipif(isinstance(toolchain(), str), reason="the CUDA kernels' counts come from cuda-host-check")
-def test_cuda_kernels_are_counted_to_the_byte():
-    """The host execution counts each byte a CUDA kernel touches once: an ACN boundary's forward and the
-    probe forward move exactly their docstring bytes, in one launch each (every input read once)."""
+@pytest.mark.parametrize("case", [c for c in CASES if c[0].startswith(("accumulate_norm", "probe_norm"))],
+                         ids=lambda c: c[0])
+def test_cuda_norm_kernels_read_each_input_once(case):
+    """The host execution counts each byte a CUDA kernel touches once: every norm forward moves exactly
+    its docstring bytes in one launch, and every backward at most its docstring bytes in two (the
+    kernel, one sum of the partial rows it wrote once; a cast more for 16-bit parameters)."""
+    name, fused, _, inputs, kwargs, (forward_bound, backward_bound) = case
     cuda = cuda_host_ops()
-    exact = [c for c in CASES if c[0].startswith(("accumulate_norm input", "probe_norm"))]
-    for name, fused, _, inputs, kwargs, (forward_bound, _) in exact:
-        forward, _ = measure(lambda *a: cuda[fused.__name__](*a, **kwargs), inputs)
-        assert (forward.total, forward.launches) == (forward_bound, 1), name
+    forward, backward = measure(lambda *a: cuda[fused.__name__](*a, **kwargs), inputs)
+    assert (forward.total, forward.launches) == (forward_bound, 1), name
+    assert 0 < backward.total <= backward_bound and backward.launches <= 2, (name, backward)

@@ -13,6 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..backend import resolve_backend
 from ..models import CONNECTIVITIES, MLP, Mixer
 from .._extras import require
 from ..depth import compress, depth_accuracies, smallest_depth_within
@@ -24,10 +25,11 @@ LEARNING_RATE = 1e-3
 WARMUP_FRACTION = 0.05
 
 
-def build_model(name: str, depth: int, connectivity: str) -> torch.nn.Module:
+def build_model(name: str, depth: int, connectivity: str, backend: str = "auto") -> torch.nn.Module:
     if name == "mlp":
-        return MLP(64, 64, depth, 10, connectivity=connectivity)
-    return Mixer(8, 2, 1, 64, depth, token_dim=32, channel_dim=128, num_classes=10, connectivity=connectivity)
+        return MLP(64, 64, depth, 10, connectivity=connectivity, backend=backend)
+    return Mixer(8, 2, 1, 64, depth, token_dim=32, channel_dim=128, num_classes=10, connectivity=connectivity,
+                 backend=backend)
 
 
 def model_inputs(name: str, images: torch.Tensor) -> torch.Tensor:
@@ -106,7 +108,7 @@ def save_plot(results: dict[str, list[float]], title: str, path: str) -> None:
 
 
 def run_demo(model_name: str = "mlp", depth: int | None = None, epochs: int | None = None,
-             seed: int = 0, plot: str | None = None) -> int:
+             seed: int = 0, plot: str | None = None, backend: str = "auto") -> int:
     tqdm = require("tqdm", "demo", "the demo").tqdm
 
     depth = depth or DEFAULTS[model_name]["depth"]
@@ -115,11 +117,11 @@ def run_demo(model_name: str = "mlp", depth: int | None = None, epochs: int | No
     train_x, train_y, test_x, test_y = load_digits_split(seed)
     train_inputs, test_inputs = model_inputs(model_name, train_x), model_inputs(model_name, test_x)
     print(f"digits: {len(train_y)} train / {len(test_y)} test images; {model_name}, depth {depth}, "
-          f"{epochs} epochs, seed {seed}, CPU")
+          f"{epochs} epochs, seed {seed}, CPU, backend {resolve_backend(backend, torch.device('cpu'))}")
     results, models = {}, {}
     for connectivity in CONNECTIVITIES:
         torch.manual_seed(seed)
-        models[connectivity] = model = build_model(model_name, depth, connectivity)
+        models[connectivity] = model = build_model(model_name, depth, connectivity, backend)
         with tqdm(total=epochs, desc=f"{connectivity:>8}", unit="epoch", leave=True) as progress:
             train(model, train_inputs, train_y, epochs, torch.Generator().manual_seed(seed), progress)
         results[connectivity] = depth_accuracies(model.eval(), test_inputs, test_y)

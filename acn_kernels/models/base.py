@@ -48,9 +48,9 @@ class DepthModel(nn.Module):
 
     def connect(self) -> None:
         """The long connections over this model's blocks (referenced, not registered: see attach),
-        and the backend of every fused MLP inside the blocks."""
-        for module in self.blocks.modules():
-            if hasattr(module, "backend"):  # FeedForward, MLPBlock
+        and the backend of every fused layer (FeedForward, MLPBlock, FusedLinear)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "backend"):
                 module.backend = self.requested_backend
         norms = [getattr(block, "input_norm", None) for block in self.blocks]
         final = None if isinstance(self.final_norm, nn.Identity) else self.final_norm

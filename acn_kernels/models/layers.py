@@ -7,7 +7,7 @@ from torch import nn
 
 from .._validation import check_choice, check_divisible, check_positive_int
 from ..backend import resolve_backend
-from ..ops import feed_forward
+from ..ops import feed_forward, linear
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -21,6 +21,20 @@ ACTIVATIONS = {
 def make_activation(name: str) -> nn.Module:
     check_choice("activation", name, ACTIVATIONS)
     return ACTIVATIONS[name]()
+
+
+class FusedLinear(nn.Linear):
+    """nn.Linear (the same parameters and state_dict keys) that runs `linear` on a fused backend
+    (`backend`, which the model sets): its bias gradient inside the weight-gradient GEMM."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        self.backend = "reference"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if resolve_backend(self.backend, x.device) == "reference":
+            return super().forward(x)
+        return linear(x, self.weight, self.bias, backend=self.backend)
 
 
 class FeedForward(nn.Sequential):
@@ -49,8 +63,8 @@ class SelfAttention(nn.Module):
         check_positive_int("heads", heads)
         check_divisible("dim", dim, "heads", heads)
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = FusedLinear(dim, 3 * dim)
+        self.proj = FusedLinear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape

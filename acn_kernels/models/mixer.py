@@ -12,7 +12,7 @@ from torch import nn
 
 from .._validation import check_positive_int
 from .base import DepthModel
-from .layers import FeedForward, PatchEmbedding
+from .layers import FeedForward, FusedLinear, PatchEmbedding
 
 
 class MixerBlock(nn.Module):
@@ -22,7 +22,7 @@ class MixerBlock(nn.Module):
         self.token_mlp = FeedForward(tokens, token_dim)
         self.channel_norm = nn.LayerNorm(dim)
         self.channel_mlp = FeedForward(dim, channel_dim)
-        self.tail = nn.Linear(dim, dim)
+        self.tail = FusedLinear(dim, dim)
         self.tail_norm = nn.LayerNorm(dim)
         self.residual = residual
 
@@ -58,7 +58,7 @@ class Mixer(DepthModel):
             MixerBlock(tokens, dim, token_dim, channel_dim, residual=connectivity == "residual")
             for _ in range(depth))
         self.final_norm = nn.LayerNorm(dim)
-        self.classifier = nn.Linear(dim, num_classes)
+        self.classifier = FusedLinear(dim, num_classes)
         self.connect()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

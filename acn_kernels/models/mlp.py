@@ -8,7 +8,7 @@ from .._validation import check_positive_int
 from ..backend import resolve_backend
 from ..ops import linear_act_accumulate
 from .base import DepthModel
-from .layers import make_activation
+from .layers import FusedLinear, make_activation
 
 
 class MLPBlock(nn.Module):
@@ -29,11 +29,11 @@ class MLPBlock(nn.Module):
             return x + out if self.residual else out
         return self.run_accumulate(x, x if self.residual else None, self.backend)[1]
 
-    def run_accumulate(self, x: torch.Tensor, y: torch.Tensor | None, backend: str):
+    def run_accumulate(self, x: torch.Tensor, y: torch.Tensor | None, backend: str, keep_output: bool = True):
         """(act(linear(x)), y + act(linear(x))) from one GEMM with the sum in its epilogue
-        (LongConnections calls it on fused backends)."""
+        (LongConnections calls it on fused backends); keep_output=False: (None, y + act(linear(x)))."""
         return linear_act_accumulate(x, self.linear.weight, self.linear.bias, y, activation=self.activation,
-                                     backend=backend)
+                                     backend=backend, return_h=keep_output)
 
 
 class MLP(DepthModel):
@@ -43,11 +43,11 @@ class MLP(DepthModel):
         for name, value in (("in_features", in_features), ("dim", dim), ("num_classes", num_classes)):
             check_positive_int(name, value)
         make_activation(activation)  # validates the name before any block is built
-        self.input_proj = nn.Linear(in_features, dim)
+        self.input_proj = FusedLinear(in_features, dim)
         self.blocks = nn.ModuleList(
             MLPBlock(dim, activation, residual=connectivity == "residual") for _ in range(depth))
         self.final_norm = nn.LayerNorm(dim)
-        self.classifier = nn.Linear(dim, num_classes)
+        self.classifier = FusedLinear(dim, num_classes)
         self.connect()
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:

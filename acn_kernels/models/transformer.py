@@ -11,7 +11,7 @@ from torch import nn
 
 from .._validation import check_positive_int
 from .base import DepthModel
-from .layers import FeedForward, PatchEmbedding, SelfAttention
+from .layers import FeedForward, FusedLinear, PatchEmbedding, SelfAttention
 
 
 class TransformerBlock(nn.Module):
@@ -62,7 +62,7 @@ class ViT(DepthModel):
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches, dim) * 0.02)
         self.blocks = _blocks(depth, dim, heads, mlp_dim, connectivity, norm_first=True)
         self.final_norm = nn.LayerNorm(dim)
-        self.classifier = nn.Linear(dim, num_classes)
+        self.classifier = FusedLinear(dim, num_classes)
         self.connect()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ class Encoder(DepthModel):
         self.embed_norm = nn.LayerNorm(dim)
         self.blocks = _blocks(depth, dim, heads, mlp_dim, connectivity, norm_first=False)
         self.final_norm = nn.Identity()
-        self.classifier = nn.Linear(dim, num_classes)
+        self.classifier = FusedLinear(dim, num_classes)
         self.connect()
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

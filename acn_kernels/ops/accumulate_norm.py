@@ -396,7 +396,7 @@ def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm="layernorm", norm
     check_eps(eps)
     check_norm_kind(norm)
     check_choice("normalize", normalize, ("input", "sum"))
-    resolved = resolve_backend(backend, x.device)
+    resolved = resolve_backend(backend, x.device, "accumulate_norm")
     if resolved == "reference":
         return reference.accumulate_norm(x, y, weight, bias, eps=eps, norm=norm, normalize=normalize)
     return run_forward(FORWARD_OPS[resolved], x, y, weight, bias, eps, norm, normalize)

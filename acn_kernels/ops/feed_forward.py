@@ -8,7 +8,9 @@ Math, for x (..., D), w1 (H, D), b1 (H,) or None, w2 (E, H), b2 (E,) or None:
 Backward, dout the gradient of out:
 
     dz  = (dout @ w2) * act'(z)          one GEMM, act'(z) in its epilogue: dh is never written
-    dw2 = dout.T @ h,  db2 = sum over rows of dout,  dx = dz @ w1,  dw1 = dz.T @ x,  db1 = sum of dz   (cuBLAS)
+    dx  = dz @ w1                        cuBLAS
+    dw2, db2 = dout.T @ h, sum of dout   one GEMM, the bias gradient from the tiles it loads (_gemm)
+    dw1, db1 = dz.T @ x, sum of dz       one GEMM likewise
 
 Bytes beyond the GEMMs' operands, for M rows, A = M*H elements at x's size:
 
@@ -16,7 +18,9 @@ Bytes beyond the GEMMs' operands, for M rows, A = M*H elements at x's size:
     backward   reads z (or h for relu; nothing for identity) and writes dz (A)
 
 Eager PyTorch reads z back for the activation (A more, one launch) and, in backward, writes dh and
-reads it back with z for the activation's backward (2A more, one launch): 3A and two launches per MLP.
+reads it back with z for the activation's backward (2A more, one launch), and reads dz and dout
+once more for the bias gradients (A and the output's size, two launches): 4A plus the output's
+size, and four launches, more per MLP.
 The CUDA backend has no twin of the backward's GEMM: there the first linear is the CUDA
 `linear_act_accumulate` and the rest eager, said in `feed_forward`'s docstring.
 """
@@ -26,31 +30,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from .. import reference
 from .._validation import check_choice
 from ..backend import resolve_backend
-from ._common import check_tensor, dot_in_fp32, new_buffer, rows_of
-from .linear_act_accumulate import (ACTIVATIONS, NEEDS_PREACTIVATION, cast_for_autocast, check_linear, gemm_tiles,
-                                    input_precision, launch_forward, linear_act_accumulate,
-                                    linear_act_accumulate_fwd_kernel)
-
-
-def launch_times_activation_grad(g2, w2, saved2, act: str):
-    """dz (M, H) = (g2 @ w2) * act'(saved2) for g2 (M, E), w2 (E, H): w2 is read through its strides
-    as the (H, E) operand the kernel's x @ weight.T takes."""
-    M, E = g2.shape
-    H = w2.shape[1]
-    dz = new_buffer((M, H), g2.dtype, g2.device)
-    tiles = gemm_tiles(M, H, E, g2.dtype)
-    grid = (max(1, triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(H, tiles["BLOCK_N"])),)
-    linear_act_accumulate_fwd_kernel[grid](
-        g2, w2, w2, dz, dz, saved2 if saved2 is not None else dz, dz,
-        M, H, E, g2.stride(0), g2.stride(1), w2.stride(1), w2.stride(0),
-        ACTIVATION=act, HAS_BIAS=False, HAS_Y=False, STORE_Z=False, DOT_IN_FP32=dot_in_fp32(g2.dtype),
-        INPUT_PRECISION=input_precision(g2.dtype), TIMES_ACTIVATION_GRAD=True, **tiles)
-    return dz
+from ._common import check_tensor, rows_of
+from ._gemm import NEEDS_PREACTIVATION, fused_weight_grad, launch_forward, launch_times_activation_grad
+from .linear_act_accumulate import ACTIVATIONS, cast_for_autocast, check_linear, linear_act_accumulate
 
 
 # ----------------------------------------------------------------------------- registered ops
@@ -102,18 +88,16 @@ def setup_context(ctx, inputs, output):
 
 
 def backward(ctx, dout, _dh, _dz):
-    """dz in one GEMM with act' in its epilogue, then the weight, bias and input gradients by cuBLAS."""
+    """dz in one GEMM with act' in its epilogue, dx by cuBLAS, each weight and bias gradient in one
+    weight_grad GEMM."""
     x, w1, w2, h, saved = ctx.saved_tensors
     if dout is None:
         return None, None, None, None, None, None
     needs = ctx.needs_input_grad
     dz2 = rows_of(times_activation_grad(dout, w2, saved, ctx.activation))
-    dout2 = rows_of(dout)
     dx = (dz2 @ w1).view(x.shape) if needs[0] else None
-    dw1 = dz2.t() @ rows_of(x) if needs[1] else None
-    db1 = dz2.sum(0) if ctx.has_b1 and needs[2] else None
-    dw2 = dout2.t() @ rows_of(h) if needs[3] else None
-    db2 = dout2.sum(0) if ctx.has_b2 and needs[4] else None
+    dw1, db1 = fused_weight_grad(dz2, rows_of(x), needs[1], ctx.has_b1 and needs[2])
+    dw2, db2 = fused_weight_grad(rows_of(dout), rows_of(h), needs[3], ctx.has_b2 and needs[4])
     return dx, dw1, db1, dw2, db2, None
 
 
@@ -134,7 +118,7 @@ def feed_forward(x, w1, b1, w2, b2, *, activation="gelu", backend="auto"):
     check_linear("w1", w1, "b1", b1, x)
     check_linear("w2", w2, "b2", b2, x, in_features=w1.shape[0])
     check_choice("activation", activation, ACTIVATIONS)
-    resolved = resolve_backend(backend, x.device)
+    resolved = resolve_backend(backend, x.device, "feed_forward")
     if resolved == "reference":
         return reference.feed_forward(x, w1, b1, w2, b2, activation=activation)
     if resolved == "cuda":
@@ -158,6 +142,6 @@ def traffic_bound(x, w1, b1, w2, b2, *, activation="gelu") -> tuple[int, int]:
     b2_bytes = out_features * e if b2 is not None else 0
     forward = (x_bytes + w1_bytes + b1_bytes + a + z) + (a + w2_bytes + b2_bytes + out_bytes)
     backward = (out_bytes + w2_bytes + saved + a) \
-        + (out_bytes + a + w2_bytes) + ((out_bytes + b2_bytes) if b2 is not None else 0) \
-        + (a + w1_bytes + x_bytes) + (a + x_bytes + w1_bytes) + ((a + b1_bytes) if b1 is not None else 0)
+        + (out_bytes + a + w2_bytes + b2_bytes) \
+        + (a + w1_bytes + x_bytes) + (a + x_bytes + w1_bytes + b1_bytes)
     return forward, backward

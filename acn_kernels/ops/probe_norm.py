@@ -260,7 +260,7 @@ def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm", backend="au
     check_norm_params(weight, bias, xs.shape[-1], xs.device)
     check_eps(eps)
     check_norm_kind(norm)
-    resolved = resolve_backend(backend, xs.device)
+    resolved = resolve_backend(backend, xs.device, "probe_norm")
     if resolved == "reference":
         return reference.probe_norm(xs, weight, bias, eps=eps, norm=norm)
     return run_forward(FORWARD_OPS[resolved], xs, weight, bias, eps, norm)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from .._extras import require
-from ..backend import CUDA_EXTENSION
+from ..backend import CUDA_EXTENSION, gpu_family
 from ..models import MLP, Mixer, ViT
 from ..ops import accumulate_norm, linear_act_accumulate, probe_norm
 from ..ops.accumulate_norm import traffic_bound as norm_bound
@@ -298,6 +298,23 @@ def plot(results: list[Result], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def measured_auto_table(results: list[Result]) -> dict[str, str]:
+    """{op: "cuda"} for each op whose CUDA kernels beat Triton over all its cases and dtypes
+    (forward+backward time), what backend="auto" should then run on this GPU family."""
+    totals: dict[tuple, float] = {}
+    for r in results:
+        if r.case.suite == "ops" and r.pass_ == "forward+backward" and r.impl in ("triton", "cuda"):
+            op = r.case.name.split()[0]
+            totals[op, r.impl] = totals.get((op, r.impl), 0.0) + r.ms
+    return {op: "cuda" for (op, impl), ms in totals.items()
+            if impl == "cuda" and ms < totals.get((op, "triton"), float("inf"))}
+
+
+def print_auto_table(results: list[Result], device: torch.device) -> None:
+    print(f"\nbackend='auto' as measured here, for AUTO_TABLE in acn_kernels/backend.py (ops not named "
+          f"run Triton): {{{gpu_family(device)!r}: {measured_auto_table(results)!r}}}")
+
+
 def run_bench(quick: bool = False, suites=("ops", "models"), out_dir: str = "results") -> int:
     tqdm = require("tqdm", "bench", "bench").tqdm
 
@@ -325,6 +342,8 @@ def run_bench(quick: bool = False, suites=("ops", "models"), out_dir: str = "res
         plot(results, os.path.join(out_dir, f"bench_{suite}.png"), f"acn-kernels {suite}, {device_label}")
         all_results.extend(results)
     print_table(all_results, device_label, copy_gbps)
+    if device.type == "cuda":
+        print_auto_table(all_results, device)
     csv_path = os.path.join(out_dir, "bench.csv")
     write_csv(all_results, csv_path, device_label)
     print(f"\nrows appended to {csv_path}; plots in {out_dir}/")

@@ -34,11 +34,11 @@ class Build:
     num_warps: int = 4
     num_stages: int = 3
     maxnreg: int | None = None
-    unit_strides: tuple = ("x_stride_k", "w_stride_k")  # a GEMM's unit strides, which the JIT makes constants
+    unit_strides: tuple = ("a_stride_k", "b_stride_k")  # a GEMM's unit strides, which the JIT makes constants
 
     def config(self) -> str:
-        shown = {k: v for k, v in self.constexprs.items() if k.startswith(("BLOCK", "ACTIVATION"))
-                 or (k == "TIMES_ACTIVATION_GRAD" and v)}
+        shown = {k: v for k, v in self.constexprs.items() if k.startswith(("BLOCK", "ACTIVATION", "EPILOGUE"))
+                 or (k == "STORE_H" and not v)}
         precision = {"INPUT_PRECISION": self.constexprs["INPUT_PRECISION"]} if self.dtype == torch.float32 and \
             "INPUT_PRECISION" in self.constexprs else {}
         return " ".join(f"{k}={v}" for k, v in {**shown, **precision}.items()) + f" warps={self.num_warps}"
@@ -82,25 +82,32 @@ def norm_builds():
 
 
 def linear_builds():
-    from ..ops.linear_act_accumulate import ACTIVATIONS, ELEMENTWISE_BLOCK, gemm_tiles
+    from ..ops._gemm import GEMM_CONFIGS, TILE_KEYS
+    from ..ops.linear_act_accumulate import ACTIVATIONS, ELEMENTWISE_BLOCK
 
-    module = "acn_kernels.ops.linear_act_accumulate"
+    gemm = "acn_kernels.ops._gemm"
     for dtype in DTYPES:
         # float32 follows torch's TF32 switch, so both precisions are configurations it can use.
         for precision in (("ieee", "tf32") if dtype == torch.float32 else ("ieee",)):
-            for size in (16, 32, 64, 4096):  # from the smallest tile to the full one
-                tiles = gemm_tiles(size, size, size, dtype)
+            for config in GEMM_CONFIGS[dtype.itemsize]:  # every tile the launcher can pick
+                tiles = dict(zip(TILE_KEYS, config), GROUP_M=8)
                 launch = {k: tiles.pop(k) for k in ("num_warps", "num_stages")}
-                constexprs = dict(ACTIVATION="gelu_tanh", HAS_BIAS=True, HAS_Y=True, STORE_Z=True,
-                                  DOT_IN_FP32=False, INPUT_PRECISION=precision, TIMES_ACTIVATION_GRAD=False, **tiles)
-                yield Build(module, "linear_act_accumulate_fwd_kernel", dtype, constexprs,
-                            ("y_ptr", "y_out_ptr"), **launch)
+                constexprs = dict(EPILOGUE="forward", ACTIVATION="gelu_tanh", HAS_BIAS=True, HAS_Y=True, STORE_H=True,
+                                  STORE_Z=True, DOT_IN_FP32=False, INPUT_PRECISION=precision, **tiles)
+                yield Build(gemm, "gemm_kernel", dtype, constexprs, ("y_ptr", "y_out_ptr"), **launch)
+                # the last block of a chain: y_out only
+                yield Build(gemm, "gemm_kernel", dtype, {**constexprs, "STORE_H": False}, ("y_ptr", "y_out_ptr"),
+                            **launch)
                 # feed_forward's backward GEMM: dz = (dout @ w2) * act'(z), w2 read with its unit stride along N
-                yield Build(module, "linear_act_accumulate_fwd_kernel", dtype,
-                            {**constexprs, "HAS_BIAS": False, "HAS_Y": False, "STORE_Z": False,
-                             "TIMES_ACTIVATION_GRAD": True}, (), **launch, unit_strides=("x_stride_k", "w_stride_n"))
+                yield Build(gemm, "gemm_kernel", dtype,
+                            {**constexprs, "EPILOGUE": "times_activation_grad", "HAS_BIAS": False, "HAS_Y": False,
+                             "STORE_Z": False}, (), **launch, unit_strides=("a_stride_k", "b_stride_n"))
+                # every weight gradient: dout.T @ x and dout's column sums, both operands read transposed
+                yield Build(gemm, "gemm_kernel", dtype,
+                            {**constexprs, "EPILOGUE": "weight_grad", "ACTIVATION": "identity", "HAS_Y": False,
+                             "STORE_Z": False}, (), **launch, unit_strides=("a_stride_m", "b_stride_n"))
         for act in ACTIVATIONS:
-            yield Build(module, "activation_backward_kernel", dtype,
+            yield Build("acn_kernels.ops.linear_act_accumulate", "activation_backward_kernel", dtype,
                         dict(HAS_DH=True, HAS_DY_OUT=True, ACTIVATION=act, BLOCK=ELEMENTWISE_BLOCK),
                         ("dy_out_ptr",))
 
@@ -110,7 +117,7 @@ def linear_builds():
 # usual shapes, every width, stride and count divisible by 16; layer and chunk counts are left alone.
 UNSPECIALIZED = ("depth", "num_chunks", "eps")
 ALIGNMENTS = ("aligned", "unaligned")
-UNGATED = ("linear_act_accumulate_fwd_kernel",)  # a GEMM: its operands go through shared memory
+UNGATED = ("gemm_kernel",)  # a GEMM: its operands go through shared memory
 
 
 def signature(kernel, build: Build) -> dict:
@@ -271,7 +278,22 @@ def compile_one(job: tuple[Build, str, int]) -> dict:
             "tile_bytes": block * build.dtype.itemsize,
             "loads": widths["load"], "stores": widths["store"], "warps": warps,
             # Little's law: what the resident threads ask of memory before any of them must wait
-            "in_flight": warps * 32 * sum(widths["load"])}
+            "in_flight": warps * 32 * sum(widths["load"]),
+            "matrix": matrix_instructions(ptx) if build.kernel in UNGATED else "-",
+            "wgmma_expected": wgmma_expected(build, capability)}
+
+
+def matrix_instructions(ptx: str) -> str:
+    """What runs a GEMM's tl.dot: Hopper's asynchronous warp-group MMA, the warp MMA, or plain FMAs
+    (float32 without TF32)."""
+    return "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "fma"
+
+
+def wgmma_expected(build: Build, capability: int) -> bool:
+    """sm_90 GEMM tiles of 64 rows or more on tensor-core operands (16-bit, or float32 as TF32): a
+    warp group's wgmma is what Hopper's peak needs."""
+    tensor_cores = build.dtype != torch.float32 or build.constexprs.get("INPUT_PRECISION") == "tf32"
+    return build.kernel in UNGATED and capability == 90 and tensor_cores and build.constexprs["BLOCK_M"] >= 64
 
 
 def all_builds(only: str | None):
@@ -293,7 +315,7 @@ def narrow_access(row: dict) -> bool:
 
 def print_rows(rows: list) -> int:
     print(f"{'kernel':<34} {'config':<44} {'target':<6} {'dtype':<5} {'align':<9} {'regs':>4} {'spill':>5} "
-          f"{'smem':>6} {'ld B':>5} {'st B':>5} {'warps/SM':>8} {'KiB in flight':>13}")
+          f"{'smem':>6} {'ld B':>5} {'st B':>5} {'warps/SM':>8} {'KiB in flight':>13} {'mma':>5}")
     failures = 0
     for row in rows:
         head = f"{row['kernel']:<34} {row['config']:<44} {row['target']:<6} {row['dtype']:<5} {row['alignment']:<9}"
@@ -301,10 +323,11 @@ def print_rows(rows: list) -> int:
             failures += 1
             print(f"{head} FAILED {row['error']}")
             continue
-        flags = (["SPILLS"] if row["spills"] else []) + (["NARROW"] if narrow_access(row) else [])
+        flags = (["SPILLS"] if row["spills"] else []) + (["NARROW"] if narrow_access(row) else []) \
+            + (["NO_WGMMA"] if row["wgmma_expected"] and row["matrix"] != "wgmma" else [])
         failures += bool(flags)
         print(f"{head} {row['registers']:>4} {row['spills']:>5} {row['shared']:>6} {_widths(row['loads']):>5} "
-              f"{_widths(row['stores']):>5} {row['warps']:>8} {row['in_flight'] / 1024:>13.1f}"
+              f"{_widths(row['stores']):>5} {row['warps']:>8} {row['in_flight'] / 1024:>13.1f} {row['matrix']:>5}"
               + ("  " + " ".join(flags) if flags else ""))
     return failures
 
@@ -325,6 +348,8 @@ def run_report(only: str | None = None, jobs: int | None = None) -> int:
     failures = print_rows(rows)
     print("\nld B / st B: narrowest-widest global access of row data per thread, from the PTX; warps/SM: resident "
           "warps of 64 (registers, shared memory, block limits); KiB in flight: what the resident threads load "
-          "before any must wait (row loads in the PTX x resident threads)")
-    print(f"{len(rows)} compilations, {failures} failed, spilled or narrower than 16 bytes when aligned")
+          "before any must wait (row loads in the PTX x resident threads); mma: what runs a GEMM's tl.dot "
+          "(wgmma, mma.sync or fma), NO_WGMMA where an sm_90 tile of 64+ rows on tensor-core operands misses wgmma")
+    print(f"{len(rows)} compilations, {failures} failed, spilled, narrower than 16 bytes when aligned or without "
+          f"wgmma where sm_90 should use it")
     return 1 if failures else 0

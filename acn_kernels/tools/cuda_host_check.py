@@ -158,28 +158,26 @@ class HostKernels:
             return None
         t = t.contiguous()
         if self.placement.checked:
-            placed = self.allocate(t.shape, t.dtype, fill=None)
+            placed = self.allocate(t.shape, t.dtype)
             placed.copy_(t)
             t = placed
         self._register(name, t, GUARD_BYTES, writable)
         return t
 
-    def output(self, name: str, shape, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
-        t = self.allocate(shape, dtype, fill=0.0 if zero else float("nan"))
+    def output(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A NaN-filled output (when checked), so an element the kernel does not write shows."""
+        t = self.allocate(shape, dtype)
         self._register(name, t, GUARD_BYTES, True)
         return t
 
-    def allocate(self, shape, dtype: torch.dtype, fill) -> torch.Tensor:
+    def allocate(self, shape, dtype: torch.dtype) -> torch.Tensor:
         if not self.placement.checked:
-            return torch.zeros(shape, dtype=dtype) if fill == 0.0 else torch.empty(shape, dtype=dtype)
+            return torch.empty(shape, dtype=dtype)
         size = torch.Size(shape).numel()
         guard = GUARD_BYTES // torch.tensor([], dtype=dtype).element_size()
         backing = torch.full((size + 2 * guard + self.placement.shift,), float("nan"), dtype=dtype)
         self._keep.append(backing)
-        view = backing[guard + self.placement.shift: guard + self.placement.shift + size].view(shape)
-        if fill is not None and fill == fill:  # not NaN
-            view.fill_(fill)
-        return view
+        return backing[guard + self.placement.shift: guard + self.placement.shift + size].view(shape)
 
     @contextlib.contextmanager
     def call(self):
@@ -258,7 +256,7 @@ class HostOps:
             w, mean_c, rstd_c = k.place("weight", weight.float()), k.place("mean", mean), k.place("rstd", rstd)
             dx = k.output("dx", (rows, dim), dout.dtype)
             dy = k.output("dy", (rows, dim), dy_dtype) if dy_dtype is not None else None
-            partials = k.output("partial_rows", (1 + has_bias, programs, dim), torch.float32, zero=True)
+            partials = k.output("partial_rows", (1 + has_bias, programs, dim), torch.float32)
             k.library.acn_host_accumulate_norm_backward(
                 _code(dout.dtype), _code(y_dtype), _ptr(dout2), _ptr(dy_out2), _ptr(v2),
                 int(normalized.dtype != dout.dtype), _ptr(w), _ptr(mean_c if is_layernorm else None), _ptr(rstd_c),
@@ -290,7 +288,7 @@ class HostOps:
             xs3, dout3 = k.place("xs", xs), k.place("dout", dout.to(xs.dtype))
             w, mean_c, rstd_c = k.place("weight", weight.float()), k.place("mean", mean), k.place("rstd", rstd)
             dxs = k.output("dxs", xs.shape, xs.dtype)
-            partials = k.output("partial_rows", (1 + has_bias, programs, dim), torch.float32, zero=True)
+            partials = k.output("partial_rows", (1 + has_bias, programs, dim), torch.float32)
             k.library.acn_host_probe_norm_backward(
                 _code(xs.dtype), _ptr(dout3), _ptr(xs3), _ptr(w), _ptr(mean_c if is_layernorm else None),
                 _ptr(rstd_c), _ptr(dxs), _ptr(partials[0]), _ptr(partials[1] if has_bias else None), depth,

@@ -176,9 +176,10 @@ def _leaf(*shape, dtype=torch.float32):
 def op_cases(rows: int = 512, dim: int = 1024, depth: int = 6):
     """(name, fused op, its reference, inputs, kwargs, docstring bound) for each op at one size."""
     from .. import reference
-    from ..ops import accumulate_norm, feed_forward, linear_act_accumulate, probe_norm
+    from ..ops import accumulate_norm, feed_forward, linear, linear_act_accumulate, probe_norm
     from ..ops.accumulate_norm import traffic_bound as norm_bound
     from ..ops.feed_forward import traffic_bound as feed_forward_bound
+    from ..ops.linear import traffic_bound as plain_linear_bound
     from ..ops.linear_act_accumulate import traffic_bound as linear_bound
     from ..ops.probe_norm import traffic_bound as probe_bound
 
@@ -202,6 +203,7 @@ def op_cases(rows: int = 512, dim: int = 1024, depth: int = 6):
         args = (xl, wl, bl, w2, b2)
         cases.append((f"feed_forward gelu {tag}", feed_forward, reference.feed_forward, args, {"activation": "gelu"},
                       feed_forward_bound(*args, activation="gelu")))
+        cases.append((f"linear {tag}", linear, reference.linear, (xl, wl, bl), {}, plain_linear_bound(xl, wl, bl)))
     return cases
 
 
@@ -230,7 +232,7 @@ def op_rows(cases):
     for name, fused, ref, inputs, kwargs, bound in cases:
         eager_f, eager_b = measure(lambda *a: ref(*a, **kwargs), inputs)
         fused_f, fused_b = measure(lambda *a: fused(*a, backend="triton", **kwargs), inputs)
-        cuda_op = cuda.get(fused.__name__) if cuda else None  # feed_forward has no CUDA twin
+        cuda_op = cuda.get(fused.__name__) if cuda else None  # feed_forward and linear have no CUDA twin
         cuda_f, cuda_b = measure(lambda *a: cuda_op(*a, **kwargs), inputs) if cuda_op else (None, None)
         rows.append(dict(name=name, eager_forward=eager_f, eager_backward=eager_b, fused_forward=fused_f,
                          fused_backward=fused_b, cuda_forward=cuda_f, cuda_backward=cuda_b, bound=bound))

@@ -85,6 +85,8 @@ Launch<Kernel> launch(const char* name, long long grid, unsigned block, std::siz
 
 #undef __shared__
 #define __shared__ static
+#undef __launch_bounds__
+#define __launch_bounds__(...)  // a register budget for ptxas; the host has none
 
 inline void __syncthreads() { ::acn::simt::sync_threads(); }
 

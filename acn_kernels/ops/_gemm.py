@@ -1,0 +1,331 @@
+"""The GEMM kernel every linear op shares, with its three epilogues, and their launchers.
+
+    out = a @ b.T   a (M, K), b (N, K), both read through their strides, float32 accumulation
+
+    epilogue "forward"                z = out + bias, h = act(z), y_out = y + h
+                                      (linear_act_accumulate, feed_forward's first linear)
+    epilogue "times_activation_grad"  dz = out * act'(z)   (feed_forward's backward: dz = (dout @ w2) * act'(z))
+    epilogue "weight_grad"            dweight = out, dbias = the row sums of a
+                                      (a = dout.T, b = x.T: dweight = dout.T @ x, dbias = sum of dout's rows)
+
+The weight gradient's bias term is what cuBLASLt calls a BGRADA epilogue: the row sums of the tiles
+of dout.T the GEMM loads anyway, so the bias gradient costs no launch and no read of its own (eager
+PyTorch reads dout once more in a sum launch). Only the programs of the first column of output tiles
+store it, from the same loads, so it stays deterministic.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_in_fp32, new_buffer, rows_of
+
+# act'(z) needs z itself for these; relu reads h > 0 and identity needs nothing.
+# The constants are constexpr globals; each expression keeps a tensor on the left of them, since
+# constexpr * tensor stays a constexpr under Triton's interpreter and then fails.
+NEEDS_PREACTIVATION = ("gelu", "gelu_tanh", "silu")
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+GELU_TANH_CUBIC = tl.constexpr(0.044715)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def activation(z, ACTIVATION: tl.constexpr):
+    out = z
+    if ACTIVATION == "relu":
+        out = tl.maximum(z, 0.0)
+    if ACTIVATION == "gelu":
+        out = 0.5 * z * (1.0 + tl.math.erf(z * SQRT_HALF))
+    if ACTIVATION == "gelu_tanh":
+        tanh = 2.0 * tl.sigmoid((z + z * z * z * GELU_TANH_CUBIC) * SQRT_2_OVER_PI * 2.0) - 1.0
+        out = 0.5 * z * (1.0 + tanh)
+    if ACTIVATION == "silu":
+        out = z * tl.sigmoid(z)
+    return out
+
+
+@triton.jit
+def activation_grad(saved, ACTIVATION: tl.constexpr):
+    """act'(z) from what the forward saved: z, or h for relu."""
+    grad = tl.full(saved.shape, 1.0, tl.float32)
+    if ACTIVATION == "relu":
+        grad = tl.where(saved > 0.0, 1.0, 0.0)
+    if ACTIVATION == "gelu":
+        grad = 0.5 * (1.0 + tl.math.erf(saved * SQRT_HALF)) + saved * INV_SQRT_2PI * tl.exp(-0.5 * saved * saved)
+    if ACTIVATION == "gelu_tanh":
+        inner = (saved + saved * saved * saved * GELU_TANH_CUBIC) * SQRT_2_OVER_PI
+        tanh = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        grad = 0.5 * (1.0 + tanh) + 0.5 * saved * (1.0 - tanh * tanh) * SQRT_2_OVER_PI * (
+            1.0 + saved * saved * GELU_TANH_CUBIC * 3.0)
+    if ACTIVATION == "silu":
+        sig = tl.sigmoid(saved)
+        grad = sig * (1.0 + saved * (1.0 - sig))
+    return grad
+
+
+@triton.jit
+def nearest_bf16(v):
+    """v rounded to the nearest bfloat16 (ties to even), still float32: Triton's interpreter converts
+    float32 to bfloat16 by truncation where a GPU rounds, and a truncated h fed to the next GEMM
+    doubles the error. Used only where DOT_IN_FP32 (interpreting bfloat16) is set (in_dtype_of)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def in_dtype_of(ptr, value, DOT_IN_FP32: tl.constexpr):
+    """A float32 value in ptr's element dtype, rounded to nearest where the interpreter would truncate."""
+    if DOT_IN_FP32 and ptr.dtype.element_ty == tl.bfloat16:
+        value = nearest_bf16(value)
+    return value.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def gemm_kernel(
+    a_ptr, b_ptr, bias_ptr, y_ptr, h_ptr, z_ptr, y_out_ptr,
+    M, N, K, a_stride_m, a_stride_k, b_stride_n, b_stride_k,
+    EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Y: tl.constexpr,
+    STORE_H: tl.constexpr, STORE_Z: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """h_ptr receives the (M, N) result of every epilogue (h, dz or dweight; "forward" skips h when
+    STORE_H is off: only y_out is wanted); bias_ptr is the bias read by "forward" and the bias gradient
+    written by "weight_grad"; z_ptr is z, written by "forward" and read by "times_activation_grad"."""
+    # Grouped order: GROUP_M row-blocks walk the column-blocks together, so b's tiles stay in L2.
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * a_stride_m + ks[None, :] * a_stride_k
+    b_ptrs = b_ptr + cols.to(tl.int64)[None, :] * b_stride_n + ks[:, None] * b_stride_k
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sums = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + ks) < K
+        a = tl.load(a_ptrs, mask=(rows < M)[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & (cols < N)[None, :], other=0.0)
+        if EPILOGUE == "weight_grad" and HAS_BIAS:
+            row_sums += tl.sum(a.to(tl.float32), axis=1)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * a_stride_k
+        b_ptrs += BLOCK_K * b_stride_k
+
+    # The epilogue's (M, N) tensors are contiguous, so one offset tile serves them all and the
+    # register budget goes to the accumulator rather than to several 64-bit pointer tiles.
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    tile_start = (pid_m * BLOCK_M).to(tl.int64) * N  # 64-bit once; 32-bit offsets inside the tile
+    offsets = tl.arange(0, BLOCK_M)[:, None] * N + cols[None, :]
+    if EPILOGUE == "weight_grad":
+        tl.store(h_ptr + tile_start + offsets, in_dtype_of(h_ptr, acc, DOT_IN_FP32), mask=mask)
+        if HAS_BIAS:
+            if pid_n == 0:
+                tl.store(bias_ptr + rows, in_dtype_of(bias_ptr, row_sums, DOT_IN_FP32), mask=rows < M)
+    if EPILOGUE == "times_activation_grad":
+        if ACTIVATION != "identity":
+            acc *= activation_grad(tl.load(z_ptr + tile_start + offsets, mask=mask, other=0.0).to(tl.float32),
+                                   ACTIVATION)
+        tl.store(h_ptr + tile_start + offsets, in_dtype_of(h_ptr, acc, DOT_IN_FP32), mask=mask)
+    if EPILOGUE == "forward":
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if STORE_Z:
+            tl.store(z_ptr + tile_start + offsets, in_dtype_of(z_ptr, acc, DOT_IN_FP32), mask=mask)
+        h = in_dtype_of(h_ptr, activation(acc, ACTIVATION), DOT_IN_FP32)
+        if STORE_H:
+            tl.store(h_ptr + tile_start + offsets, h, mask=mask)
+        if HAS_Y:
+            y = tl.load(y_ptr + tile_start + offsets, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_out_ptr + tile_start + offsets, in_dtype_of(y_out_ptr, y + h.to(tl.float32), DOT_IN_FP32),
+                     mask=mask)
+
+
+# The tiles the launcher picks from, largest first: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+# by element size. compile-report compiles every one (none spills; 128x128 tiles spill on sm_80 with
+# these epilogues, as do float32 K steps of 32 and 64x64 tiles on 4 warps), and shows sm_90 running
+# the 64-row ones on wgmma.
+GEMM_CONFIGS = {
+    2: ((128, 64, 64, 8, 3), (64, 64, 64, 8, 3), (64, 32, 32, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 4, 2)),
+    4: ((128, 64, 16, 8, 3), (64, 64, 16, 8, 3), (64, 32, 16, 4, 3), (32, 32, 16, 4, 2), (16, 16, 16, 4, 2)),
+}
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+
+def fitting_configs(M: int, N: int, K: int, dtype: torch.dtype) -> list[tuple]:
+    """The configurations whose tiles do not overhang the problem by more than a power of two (the
+    16x16x16 one, tl.dot's smallest, always fits)."""
+    def fits(block: int, size: int) -> bool:
+        return block <= max(16, triton.next_power_of_2(size))
+    return [c for c in GEMM_CONFIGS[min(dtype.itemsize, 4)] if fits(c[0], M) and fits(c[1], N) and fits(c[2], K)]
+
+
+def programs(config: tuple, M: int, N: int) -> int:
+    return triton.cdiv(M, config[0]) * triton.cdiv(N, config[1])
+
+
+def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, sm_count: int | None = None) -> dict:
+    """The launch's tiles, a pure function of the shape, dtype and SM count, so a GPU always runs a
+    given GEMM the same way: the largest fitting tiles that give every SM a program, else the ones
+    that give the most programs. sm_count None (Triton's interpreter): the largest fitting tiles."""
+    fitting = fitting_configs(M, N, K, dtype)
+    filling = [c for c in fitting if sm_count is None or programs(c, M, N) >= sm_count]
+    config = filling[0] if filling else max(fitting, key=lambda c: programs(c, M, N))
+    return dict(zip(TILE_KEYS, config), GROUP_M=8)
+
+
+def sm_count(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def do_bench(fn) -> float:
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=5, rep=20)
+
+
+class TileTuner:
+    """ACN_KERNELS_AUTOTUNE=1 on a GPU: each GEMM (device, epilogue, activation, dtype, M, N, K) times
+    every fitting configuration once and keeps the fastest, in memory and in a JSON file
+    (ACN_KERNELS_TUNING_CACHE, default $XDG_CACHE_HOME/acn_kernels/gemm_tiles.json), so the choice stays the
+    same for that shape and device across runs. Every candidate shares the dtype's accumulation in
+    float32 over K, and a launch writes its outputs whole, so timing them changes no result."""
+
+    def __init__(self, path: str, bench=None):
+        self.path = path
+        self.bench = bench or do_bench
+        self.choices = None
+
+    def _load(self) -> dict:
+        if self.choices is None:
+            try:
+                with open(self.path) as f:
+                    self.choices = json.load(f)
+            except (OSError, ValueError):
+                self.choices = {}
+        return self.choices
+
+    def tiles(self, key: str, candidates: list[tuple], launch) -> dict:
+        choices = self._load()
+        if key not in choices:
+            times = [self.bench(lambda c=c: launch(dict(zip(TILE_KEYS, c), GROUP_M=8))) for c in candidates]
+            choices[key] = list(candidates[min(range(len(times)), key=times.__getitem__)])
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(self.path, "w") as f:
+                json.dump(choices, f, indent=0, sort_keys=True)
+        return dict(zip(TILE_KEYS, choices[key]), GROUP_M=8)
+
+
+TUNER = TileTuner(os.environ.get("ACN_KERNELS_TUNING_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "acn_kernels",
+    "gemm_tiles.json"))
+
+
+def choose_tiles(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, what: str, launch) -> dict:
+    """gemm_tiles, or under ACN_KERNELS_AUTOTUNE=1 on a GPU the tuned tiles for this GEMM."""
+    if os.environ.get("ACN_KERNELS_AUTOTUNE") == "1" and device.type == "cuda":
+        key = f"{torch.cuda.get_device_name(device)}|{what}|{dtype}|{M}x{N}x{K}"
+        return TUNER.tiles(key, fitting_configs(M, N, K, dtype), launch)
+    return gemm_tiles(M, N, K, dtype, sm_count(device))
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """float32 GEMMs follow torch's own switch, so the kernel and eager agree on using TF32."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def launch_gemm(a, a_strides, b, b_strides, out, M, N, K, epilogue: str, activation: str = "identity",
+                bias=None, y=None, z=None, y_out=None, store_z: bool = False) -> None:
+    """One launch of gemm_kernel: out (M, N) = a @ b.T through the given strides, then `epilogue`;
+    out None: the forward epilogue stores y_out (and z) only. Pointers of absent tensors stand in for
+    them, never touched (a's: in_dtype_of still rounds h to x's dtype)."""
+    stand_in = out if out is not None else a
+    flags = dict(EPILOGUE=epilogue, ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_Y=y is not None,
+                 STORE_H=out is not None, STORE_Z=store_z, DOT_IN_FP32=dot_in_fp32(a.dtype),
+                 INPUT_PRECISION=input_precision(a.dtype))
+
+    def launch(tiles: dict) -> None:
+        gemm_kernel[(max(1, triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"])),)](
+            a, b, bias if bias is not None else stand_in, y if y is not None else stand_in, stand_in,
+            z if z is not None else stand_in, y_out if y_out is not None else stand_in,
+            M, N, K, *a_strides, *b_strides, **flags, **tiles)
+    launch(choose_tiles(M, N, K, a.dtype, a.device, "|".join(map(str, flags.values())), launch))
+
+
+def launch_forward(x2, weight, bias, y2, act: str, store_h: bool = True):
+    """(h, y_out, saved) for x2 (M, K): h = act(x2 @ weight.T + bias), y_out = y2 + h; saved is z
+    or h (what act' needs) or None for identity. store_h False (y2 given): h is None, and relu saves z."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    h = new_buffer((M, N), x2.dtype, x2.device) if store_h else None
+    keep_z = act in NEEDS_PREACTIVATION or (act == "relu" and not store_h)
+    z = new_buffer((M, N), x2.dtype, x2.device) if keep_z else None
+    y_out = new_buffer((M, N), y2.dtype, x2.device) if y2 is not None else None
+    launch_gemm(x2, x2.stride(), weight, weight.stride(), h, M, N, K, "forward", act, bias=bias, y=y2, z=z,
+                y_out=y_out, store_z=z is not None)
+    return h, y_out, (z if z is not None else (h if act == "relu" else None))
+
+
+def launch_times_activation_grad(g2, w2, saved2, act: str):
+    """dz (M, H) = (g2 @ w2) * act'(saved2) for g2 (M, E), w2 (E, H): w2 is read through its strides
+    as the (H, E) operand the kernel's a @ b.T takes."""
+    M, E = g2.shape
+    H = w2.shape[1]
+    dz = new_buffer((M, H), g2.dtype, g2.device)
+    launch_gemm(g2, g2.stride(), w2, (w2.stride(1), w2.stride(0)), dz, M, H, E, "times_activation_grad", act,
+                z=saved2)
+    return dz
+
+
+def launch_weight_grad(dout2, x2, has_bias: bool):
+    """(dweight (N, K), dbias (N,) or None) for dout2 (M, N) and x2 (M, K): dout2.T @ x2 and the column
+    sums of dout2, in one launch that reads each operand through its transposed strides."""
+    M, N = dout2.shape
+    K = x2.shape[1]
+    dweight = new_buffer((N, K), dout2.dtype, dout2.device)
+    dbias = new_buffer((N,), dout2.dtype, dout2.device) if has_bias else None
+    launch_gemm(dout2, (dout2.stride(1), dout2.stride(0)), x2, (x2.stride(1), x2.stride(0)), dweight, N, K, M,
+                "weight_grad", bias=dbias)
+    return dweight, dbias
+
+
+# ----------------------------------------------------------------------------- registered op
+# Shared by the backward of every linear op on the Triton backend (torch.compile sees one op).
+
+@torch.library.custom_op("acn_kernels::weight_grad", mutates_args=())
+def weight_grad(dout: torch.Tensor, x: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dweight, dbias) of a linear layer, x (..., K) its input and dout (..., N) its output's
+    gradient; dbias comes back empty without a bias."""
+    dweight, dbias = launch_weight_grad(rows_of(dout.to(x.dtype)), rows_of(x), has_bias)
+    return dweight, dbias if dbias is not None else dweight.new_empty(0)
+
+
+@weight_grad.register_fake
+def weight_grad_fake(dout, x, has_bias):
+    return x.new_empty((dout.shape[-1], x.shape[-1])), x.new_empty((dout.shape[-1],) if has_bias else (0,))
+
+
+def eager_weight_grad(dout2: torch.Tensor, x2: torch.Tensor, needs_weight: bool, needs_bias: bool) -> tuple:
+    """(dweight, dbias) by cuBLAS and a sum launch, each None where not needed (the CUDA backend's)."""
+    return dout2.t() @ x2 if needs_weight else None, dout2.sum(0) if needs_bias else None
+
+
+def fused_weight_grad(dout2: torch.Tensor, x2: torch.Tensor, needs_weight: bool, needs_bias: bool) -> tuple:
+    """(dweight, dbias) from one weight_grad launch, each None where not needed."""
+    if not needs_weight:
+        return None, dout2.sum(0) if needs_bias else None
+    dweight, dbias = weight_grad(dout2, x2, needs_bias)
+    return dweight, dbias if needs_bias else None
