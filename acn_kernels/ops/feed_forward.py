@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from .. import reference
 from .._validation import check_choice
 from ..backend import resolve_backend
-from ._common import check_tensor, rows_of
+from ._common import rows_of
 from ._gemm import NEEDS_PREACTIVATION, fused_weight_grad, launch_forward, launch_times_activation_grad
-from .linear_act_accumulate import ACTIVATIONS, cast_for_autocast, check_linear, linear_act_accumulate
+from .linear_act_accumulate import ACTIVATIONS, check_linear, checked_linear_input, linear_act_accumulate
 
 
 # ----------------------------------------------------------------------------- registered ops
@@ -110,11 +110,7 @@ def feed_forward(x, w1, b1, w2, b2, *, activation="gelu", backend="auto"):
     """act(x @ w1.T + b1) @ w2.T + b2; see the module docstring. Under autocast, x, weights and biases
     are cast to the autocast dtype, as nn.Linear's are. On backend="cuda" the first linear is the CUDA
     linear_act_accumulate and the second (and the activation's backward) eager."""
-    check_tensor("x", x)
-    if torch.is_autocast_enabled(x.device.type):
-        x, w1, b1, w2, b2 = cast_for_autocast(x.device.type, x, w1, b1, w2, b2)
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension (..., D), got a 0-d tensor")
+    x, w1, b1, w2, b2 = checked_linear_input(x, w1, b1, w2, b2)
     check_linear("w1", w1, "b1", b1, x)
     check_linear("w2", w2, "b2", b2, x, in_features=w1.shape[0])
     check_choice("activation", activation, ACTIVATIONS)

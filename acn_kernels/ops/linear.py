@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..backend import resolve_backend
-from ._common import check_tensor, rows_of
+from ._common import rows_of
 from ._gemm import fused_weight_grad
-from .linear_act_accumulate import cast_for_autocast, check_linear
+from .linear_act_accumulate import check_linear, checked_linear_input
 
 
 @torch.library.custom_op("acn_kernels::linear_fwd", mutates_args=())
@@ -61,11 +61,7 @@ linear_fwd.register_autograd(backward, setup_context=setup_context)
 def linear(x, weight, bias=None, *, backend="auto"):
     """x @ weight.T + bias, as F.linear; see the module docstring. Under autocast, x, weight and bias
     are cast to the autocast dtype, as nn.Linear's are. backend="cuda" runs F.linear itself."""
-    check_tensor("x", x)
-    if torch.is_autocast_enabled(x.device.type):
-        x, weight, bias = cast_for_autocast(x.device.type, x, weight, bias)
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension (..., K), got a 0-d tensor")
+    x, weight, bias = checked_linear_input(x, weight, bias)
     check_linear("weight", weight, "bias", bias, x)
     resolved = resolve_backend(backend, x.device, "linear")
     if resolved == "reference":

@@ -181,6 +181,17 @@ def cast_for_autocast(device_type: str, *tensors):
     return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
 
 
+def checked_linear_input(x, *params) -> tuple:
+    """(x, *params) as a linear op's GEMM takes them: x a float tensor of at least one dimension, and
+    under autocast all of them cast to the autocast dtype, as nn.Linear's are."""
+    check_tensor("x", x)
+    if torch.is_autocast_enabled(x.device.type):
+        x, *params = cast_for_autocast(x.device.type, x, *params)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., in_features), got a 0-d tensor")
+    return (x, *params)
+
+
 def check_linear(weight_name: str, weight, bias_name: str, bias, x: torch.Tensor, in_features: int | None = None):
     """weight (out_features, in_features: x's last dimension by default) and bias (out_features,) or
     None, of x's dtype and on x's device."""
@@ -200,11 +211,7 @@ def linear_act_accumulate(x, weight, bias, y, *, activation="gelu", backend="aut
     return_h=False (with y): the layer's output feeds only the running sum, so h is None and, on
     Triton, never written (A less). Under autocast, x, weight and bias are cast to the autocast dtype
     as nn.Linear's are; y is not."""
-    check_tensor("x", x)
-    if torch.is_autocast_enabled(x.device.type):
-        x, weight, bias = cast_for_autocast(x.device.type, x, weight, bias)
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension (..., K), got a 0-d tensor")
+    x, weight, bias = checked_linear_input(x, weight, bias)
     check_linear("weight", weight, "bias", bias, x)
     check_running_sum(y, (*x.shape[:-1], weight.shape[0]), x.dtype, x.device)
     check_choice("activation", activation, ACTIVATIONS)
