@@ -188,14 +188,22 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_accumulate_fwd(const Tensor& x, co
   const c10::cuda::CUDAGuard guard(x.device());
   const int act = activation_code(activation, op);
   Tensor x2 = rows_of(x);
-  // z = x @ W.T + b by cuBLAS; the epilogue kernel then applies act and adds the running sum.
-  Tensor z = bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-  Tensor h = at::empty_like(z);
   Tensor y2 = y ? rows_of(*y) : Tensor(), y_out = y ? at::empty_like(y2) : Tensor();
-  acn::activation_epilogue(dtype_of(x, op, "x"), y ? dtype_of(*y, op, "y") : dtype_of(x, op, "x"), z.data_ptr(),
-                           y ? y2.data_ptr() : nullptr, h.data_ptr(), y ? y_out.data_ptr() : nullptr, z.numel(), act,
-                           stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const acn::DType x_dtype = dtype_of(x, op, "x"), y_dtype = y ? dtype_of(*y, op, "y") : x_dtype;
+  // Where the GEMM's own epilogue gives h (cuBLASLt's bias + ReLU, through ATen; identity: h is the
+  // GEMM's output), the elementwise kernel only adds the running sum. Otherwise z comes from cuBLAS
+  // and the kernel applies act too (cuBLASLt's GELU is the tanh form, and ATen does not return the
+  // pre-activation that act' needs).
+  const bool gemm_epilogue = act == acn::kIdentity || (act == acn::kRelu && bias);
+  Tensor z = act == acn::kRelu && bias ? at::_addmm_activation(*bias, x2, weight.t())
+             : bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  Tensor h = gemm_epilogue ? z : at::empty_like(z);
+  if (y || !gemm_epilogue) {
+    acn::activation_epilogue(x_dtype, y_dtype, z.data_ptr(), y ? y2.data_ptr() : nullptr,
+                             gemm_epilogue ? nullptr : h.data_ptr(), y ? y_out.data_ptr() : nullptr, z.numel(),
+                             gemm_epilogue ? acn::kIdentity : act, stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = weight.size(0);
   return {h.view(shape), y ? y_out.view(shape) : at::empty({0}, x.options()),

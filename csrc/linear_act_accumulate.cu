@@ -1,6 +1,7 @@
-// linear_act_accumulate, the parts around the GEMM (the GEMM is cuBLAS through ATen, in the
-// binding): the epilogue h = act(z), y_out = y + h, and the backward's dz = (dh + dy_out) * act'(z),
-// each one elementwise pass with 16-byte accesses where the buffers allow. Math in row_math.h.
+// linear_act_accumulate, the parts around the GEMM (the GEMM is cuBLAS or cuBLASLt through ATen, in
+// the binding): the epilogue h = act(z), y_out = y + h (only y_out when h is null: the GEMM's own
+// epilogue applied act already), and the backward's dz = (dh + dy_out) * act'(z), each one
+// elementwise pass with 16-byte accesses where the buffers allow. Math in row_math.h.
 #include "device_utils.cuh"
 #include "row_math.h"
 
@@ -16,7 +17,7 @@ __global__ void activation_epilogue_kernel(const T* __restrict__ z, const TY* __
     load_floats<T, VEC>(z + i, v);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[j] = to_float(from_float<T>(activation(v[j], act)));  // h as stored
-    store_floats<T, VEC>(h + i, v);
+    if (h != nullptr) store_floats<T, VEC>(h + i, v);
     if (y != nullptr) {
       float s[VEC];
       load_floats<TY, VEC>(y + i, s);

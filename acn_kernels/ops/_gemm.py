@@ -200,9 +200,10 @@ def do_bench(fn) -> float:
 class TileTuner:
     """ACN_KERNELS_AUTOTUNE=1 on a GPU: each GEMM (device, epilogue, activation, dtype, M, N, K) times
     every fitting configuration once and keeps the fastest, in memory and in a JSON file
-    (ACN_KERNELS_TUNING_CACHE, default $XDG_CACHE_HOME/acn_kernels/gemm_tiles.json), so the choice stays the
-    same for that shape and device across runs. Every candidate shares the dtype's accumulation in
-    float32 over K, and a launch writes its outputs whole, so timing them changes no result."""
+    (ACN_KERNELS_TUNING_CACHE, default $XDG_CACHE_HOME/acn_kernels/gemm_tiles.json), so the choice
+    stays the same for that shape and device across runs. Every candidate shares the dtype's accumulation in
+    float32 over K, and a launch writes its outputs whole, so timing them changes no result. The
+    timing runs at a shape's first call: make that call eagerly, before capturing a CUDA graph."""
 
     def __init__(self, path: str, bench=None):
         self.path = path

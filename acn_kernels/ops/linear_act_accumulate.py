@@ -15,8 +15,11 @@ long connection; both reach z):
     dy = dy_out                            (the same tensor, no copy)
     y is x (a residual add, the chain's start): dx = dz @ weight + dy_out in one cuBLAS addmm
 
-The CUDA backend runs the GEMM by cuBLAS with its epilogue in one CUDA kernel, and dweight, dbias by
-cuBLAS and a sum launch.
+The CUDA backend runs the GEMM through ATen: relu with a bias in cuBLASLt's bias + ReLU epilogue and
+identity as the GEMM itself, then one CUDA kernel for y + h where there is a y; the other
+activations (cuBLASLt's GELU is the tanh form and ATen does not return the pre-activation act'
+needs) as cuBLAS's z and one CUDA kernel for act and the sum. dweight and dbias by cuBLAS and a
+sum launch.
 
 Bytes beyond the GEMM's own operands, for M rows, A = M*N elements at x's size, A_y at y's size:
 

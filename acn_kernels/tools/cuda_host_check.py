@@ -298,14 +298,20 @@ class HostOps:
     def linear_act_accumulate_fwd(self, x, weight, bias, y, activation):
         k, act = self.k, ACTIVATIONS.index(activation)
         x2 = x.reshape(-1, x.shape[-1])
-        z = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())  # cuBLAS there
-        with k.call():
-            z_c, y2 = k.place("z", z), k.place("y", y.reshape(z.shape) if y is not None else None)
-            h = k.output("h", z.shape, z.dtype)
-            y_out = k.output("y_out", z.shape, y.dtype) if y is not None else None
-            k.library.acn_host_activation_epilogue(
-                _code(x.dtype), _code(y.dtype if y is not None else x.dtype), _ptr(z_c), _ptr(y2), _ptr(h),
-                _ptr(y_out), ctypes.c_longlong(z.numel()), act)
+        # cuBLAS there; relu with a bias in cuBLASLt's epilogue, identity's h the GEMM's output itself
+        gemm_epilogue = activation == "identity" or (activation == "relu" and bias is not None)
+        z = torch._addmm_activation(bias, x2, weight.t()) if activation == "relu" and bias is not None \
+            else torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        h = z if gemm_epilogue else None
+        if y is not None or not gemm_epilogue:
+            with k.call():
+                z_c, y2 = k.place("z", z), k.place("y", y.reshape(z.shape) if y is not None else None)
+                h = h if gemm_epilogue else k.output("h", z.shape, z.dtype)
+                y_out = k.output("y_out", z.shape, y.dtype) if y is not None else None
+                k.library.acn_host_activation_epilogue(
+                    _code(x.dtype), _code(y.dtype if y is not None else x.dtype), _ptr(z_c), _ptr(y2),
+                    _ptr(None if gemm_epilogue else h), _ptr(y_out), ctypes.c_longlong(z.numel()),
+                    ACTIVATIONS.index("identity") if gemm_epilogue else act)
         shape = (*x.shape[:-1], weight.shape[0])
         empty = x.new_empty(0)
         return (h.view(shape), y_out.view(shape) if y is not None else empty,
