@@ -16,6 +16,14 @@ def check_positive_int(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_real(name: str, value, meaning: str, minimum: float | None = None) -> None:
+    """A real number (an int or float, not a bool, not NaN), at least `minimum` when one is given;
+    `meaning` says what is expected, in the message."""
+    real = not isinstance(value, bool) and isinstance(value, (int, float)) and value == value
+    if not real or (minimum is not None and value < minimum):
+        raise ValueError(f"{name} must be {meaning}, got {value!r}")
+
+
 def check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> None:
     if value % divisor != 0:
         raise ValueError(

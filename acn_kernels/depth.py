@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._validation import check_positive_int
+from ._validation import check_positive_int, check_real
 from .long_connections import LongConnections
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,7 @@ def depth_accuracies(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
 
 
 def check_tolerance(tolerance) -> None:
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
-        raise ValueError(f"tolerance must be a number >= 0 (points of accuracy), got {tolerance!r}")
+    check_real("tolerance", tolerance, "a number >= 0 (points of accuracy)", minimum=0)
 
 
 def smallest_depth_within(accuracies: list, tolerance: float) -> int:

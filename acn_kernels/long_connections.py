@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._validation import check_choice
+from ._validation import check_choice, check_real
 from .backend import BACKENDS, resolve_backend
 from .ops import accumulate_norm, probe_norm
 
@@ -230,9 +230,8 @@ def exit_early(state: tuple, advance, logits_of, depth: int, threshold: float) -
 
 
 def check_threshold(threshold) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
-        raise ValueError(f"threshold must be a real number (a softmax probability; 0 exits at depth 0, above 1 "
-                         f"never early), got {threshold!r}")
+    check_real("threshold", threshold, "a real number (a softmax probability; 0 exits at depth 0, above 1 never "
+                                       "early)")
 
 
 def check_depth(k, depth: int) -> None:
