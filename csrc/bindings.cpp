@@ -182,11 +182,12 @@ bool needs_preactivation(int act) { return act == acn::kGelu || act == acn::kGel
 
 std::tuple<Tensor, Tensor, Tensor> linear_act_accumulate_fwd(const Tensor& x, const Tensor& weight,
                                                              const OptionalTensor& bias, const OptionalTensor& y,
-                                                             std::string activation) {
+                                                             std::string activation, bool store_h) {
   const char* op = "acn_kernels_cuda::linear_act_accumulate_fwd";
   check_cuda(x, op, "x"), check_cuda(weight, op, "weight"), check_cuda(bias, op, "bias"), check_cuda(y, op, "y");
   const c10::cuda::CUDAGuard guard(x.device());
   const int act = activation_code(activation, op);
+  TORCH_CHECK(store_h || y, op, ": store_h=False needs y (only the running sum is returned then)");
   Tensor x2 = rows_of(x);
   Tensor y2 = y ? rows_of(*y) : Tensor(), y_out = y ? at::empty_like(y2) : Tensor();
   const acn::DType x_dtype = dtype_of(x, op, "x"), y_dtype = y ? dtype_of(*y, op, "y") : x_dtype;
@@ -197,17 +198,21 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_accumulate_fwd(const Tensor& x, co
   const bool gemm_epilogue = act == acn::kIdentity || (act == acn::kRelu && bias);
   Tensor z = act == acn::kRelu && bias ? at::_addmm_activation(*bias, x2, weight.t())
              : bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-  Tensor h = gemm_epilogue ? z : at::empty_like(z);
+  const bool kernel_stores_h = store_h && !gemm_epilogue;
+  Tensor h = gemm_epilogue ? z : (store_h ? at::empty_like(z) : Tensor());
   if (y || !gemm_epilogue) {
     acn::activation_epilogue(x_dtype, y_dtype, z.data_ptr(), y ? y2.data_ptr() : nullptr,
-                             gemm_epilogue ? nullptr : h.data_ptr(), y ? y_out.data_ptr() : nullptr, z.numel(),
+                             kernel_stores_h ? h.data_ptr() : nullptr, y ? y_out.data_ptr() : nullptr, z.numel(),
                              gemm_epilogue ? acn::kIdentity : act, stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = weight.size(0);
-  return {h.view(shape), y ? y_out.view(shape) : at::empty({0}, x.options()),
-          needs_preactivation(act) ? z.view(shape) : at::empty({0}, x.options())};
+  // act' reads z for gelu, gelu_tanh and silu, and for relu where h is not returned (relu's z, or its
+  // h from the cuBLASLt epilogue: the same sign).
+  const bool keep_z = needs_preactivation(act) || (act == acn::kRelu && !store_h);
+  return {store_h ? h.view(shape) : at::empty({0}, x.options()), y ? y_out.view(shape) : at::empty({0}, x.options()),
+          keep_z ? z.view(shape) : at::empty({0}, x.options())};
 }
 
 Tensor activation_backward(const OptionalTensor& dh, const OptionalTensor& dy_out, const OptionalTensor& saved,
@@ -240,8 +245,8 @@ TORCH_LIBRARY(acn_kernels_cuda, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("probe_norm_bwd(Tensor dout, Tensor xs, Tensor weight, Tensor mean, Tensor rstd, bool has_bias, "
         "bool is_layernorm) -> (Tensor, Tensor)");
-  m.def("linear_act_accumulate_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? y, str activation) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("linear_act_accumulate_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? y, str activation, "
+        "bool store_h=True) -> (Tensor, Tensor, Tensor)");
   m.def("activation_backward(Tensor? dh, Tensor? dy_out, Tensor? saved, str activation, ScalarType dtype) -> Tensor");
 }
 

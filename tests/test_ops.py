@@ -242,6 +242,22 @@ def test_linear_act_accumulate_with_y_being_x(dtype, activation, backend):
              backend=backend, activation=activation)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ("gelu", "relu", "identity"))
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_linear_act_accumulate_running_sum_only(dtype, activation, backend):
+    """return_h=False: h never written (None), y_out and every gradient as the reference's."""
+    x, weight, bias = randn(5, 3, 24, dtype=dtype), randn(40, 24, dtype=dtype, scale=0.2), randn(40, dtype=dtype)
+    y = randn(5, 3, 40, dtype=dtype)
+    h, _ = linear_act_accumulate(x, weight, bias, y, activation=activation, backend=backend, return_h=False)
+    assert h is None
+    check_op(lambda *a, **k: linear_act_accumulate(*a, return_h=False, **k)[1],
+             lambda *a, **k: reference.linear_act_accumulate(*a, **k)[1], (x, weight, bias, y), dtype,
+             backend=backend, activation=activation)
+    with pytest.raises(ValueError, match=r"return_h=False needs y"):
+        linear_act_accumulate(x, weight, bias, None, backend=backend, return_h=False)
+
+
 # ----------------------------------------------------------------------------- linear
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -92,8 +92,7 @@ def launch_activation_backward(dh, dy_out, saved, act: str, shape, dtype, device
 def linear_act_accumulate_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                               y: Optional[torch.Tensor], activation: str, store_h: bool = True
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h, y_out, z); h comes back empty when store_h is off (only y_out wanted; the CUDA twin's
-    schema has no store_h and always stores h)."""
+    """(h, y_out, z); h comes back empty when store_h is off (only y_out wanted)."""
     y2 = rows_of(y).contiguous() if y is not None else None  # the epilogue's layout
     h, y_out, saved = launch_forward(rows_of(x), weight, bias.contiguous() if bias is not None else None, y2,
                                      activation, store_h)
@@ -137,9 +136,8 @@ def activation_backward_fake(dh, dy_out, saved, activation, dtype):
 # ----------------------------------------------------------------------------- autograd
 
 def setup_context(ctx, inputs, output):
-    x, weight, bias, y, activation = inputs[:5]  # the Triton op's store_h follows (the CUDA twin has none)
+    x, weight, bias, y, activation, store_h = inputs
     h, _, z = output
-    store_h = inputs[5] if len(inputs) > 5 else True
     saved = z if saves_preactivation(activation, store_h) else (h if activation == "relu" else None)
     ctx.save_for_backward(x, weight, saved)
     ctx.set_materialize_grads(False)  # unused outputs send None, not a zero-filled tensor
@@ -166,8 +164,7 @@ def make_backward(activation_backward_op, weight_grad_of=eager_weight_grad):
         needs = ctx.needs_input_grad
         dx = input_grad(dz2, weight, dy_out if ctx.y_is_x else None).view(x.shape) if needs[0] else None
         dweight, dbias = weight_grad_of(dz2, rows_of(x), needs[1], ctx.has_bias and needs[2])
-        nothing = [None] * (len(needs) - 4)  # activation (and the Triton op's store_h)
-        return dx, dweight, dbias, (None if ctx.y_is_x else dy_out), *nothing
+        return dx, dweight, dbias, (None if ctx.y_is_x else dy_out), None, None
     return backward
 
 
@@ -211,8 +208,8 @@ def check_linear(weight_name: str, weight, bias_name: str, bias, x: torch.Tensor
 
 def linear_act_accumulate(x, weight, bias, y, *, activation="gelu", backend="auto", return_h=True):
     """Returns (h, y_out): h = act(x @ weight.T + bias), y_out = y + h. See the module docstring.
-    return_h=False (with y): the layer's output feeds only the running sum, so h is None and, on
-    Triton, never written (A less). Under autocast, x, weight and bias are cast to the autocast dtype
+    return_h=False (with y): the layer's output feeds only the running sum, so h is None and never
+    written (A less). Under autocast, x, weight and bias are cast to the autocast dtype
     as nn.Linear's are; y is not."""
     x, weight, bias = checked_linear_input(x, weight, bias)
     check_linear("weight", weight, "bias", bias, x)
@@ -223,16 +220,15 @@ def linear_act_accumulate(x, weight, bias, y, *, activation="gelu", backend="aut
         raise ValueError("return_h=False needs y: without a running sum there is nothing else to return")
     if resolved == "reference":
         h, y_out = reference.linear_act_accumulate(x, weight, bias, y, activation=activation)
-    elif return_h or resolved != "triton":  # the CUDA epilogue always writes h
-        h, y_out = run_forward(FORWARD_OPS[resolved], x, weight, bias, y, activation)
-    else:
-        h, y_out = None, linear_act_accumulate_fwd(x, weight, bias, y, activation, False)[1]
-    return (h if return_h else None), y_out
+        return (h if return_h else None), y_out
+    return run_forward(FORWARD_OPS[resolved], x, weight, bias, y, activation, return_h)
 
 
-def run_forward(forward_op, x, weight, bias, y, activation):
-    """(h, y_out) from a registered forward op of any backend."""
-    h, y_out, _ = forward_op(x, weight, bias, y, activation)
+def run_forward(forward_op, x, weight, bias, y, activation, return_h=True):
+    """(h, y_out) from a registered forward op of any backend; h is None without return_h."""
+    h, y_out, _ = forward_op(x, weight, bias, y, activation, return_h)
+    if not return_h:
+        return None, y_out
     return h, (h if y is None else y_out)
 
 

@@ -295,7 +295,7 @@ class HostOps:
                 ctypes.c_longlong(rows), dim, programs)
         return dxs, partials.sum(1).to(weight.dtype)
 
-    def linear_act_accumulate_fwd(self, x, weight, bias, y, activation):
+    def linear_act_accumulate_fwd(self, x, weight, bias, y, activation, store_h=True):
         k, act = self.k, ACTIVATIONS.index(activation)
         x2 = x.reshape(-1, x.shape[-1])
         # cuBLAS there; relu with a bias in cuBLASLt's epilogue, identity's h the GEMM's output itself
@@ -306,16 +306,17 @@ class HostOps:
         if y is not None or not gemm_epilogue:
             with k.call():
                 z_c, y2 = k.place("z", z), k.place("y", y.reshape(z.shape) if y is not None else None)
-                h = h if gemm_epilogue else k.output("h", z.shape, z.dtype)
+                if store_h and not gemm_epilogue:
+                    h = k.output("h", z.shape, z.dtype)
                 y_out = k.output("y_out", z.shape, y.dtype) if y is not None else None
                 k.library.acn_host_activation_epilogue(
                     _code(x.dtype), _code(y.dtype if y is not None else x.dtype), _ptr(z_c), _ptr(y2),
                     _ptr(None if gemm_epilogue else h), _ptr(y_out), ctypes.c_longlong(z.numel()),
                     ACTIVATIONS.index("identity") if gemm_epilogue else act)
         shape = (*x.shape[:-1], weight.shape[0])
-        empty = x.new_empty(0)
-        return (h.view(shape), y_out.view(shape) if y is not None else empty,
-                z.view(shape) if activation in NEEDS_PREACTIVATION else empty)
+        keep_z = activation in NEEDS_PREACTIVATION or (activation == "relu" and not store_h)
+        return (h.view(shape) if store_h else x.new_empty(0), y_out.view(shape) if y is not None else x.new_empty(0),
+                z.view(shape) if keep_z else x.new_empty(0))
 
     def activation_backward(self, dh, dy_out, saved, activation, dtype):
         k, like = self.k, (dh if dh is not None else dy_out)
