@@ -11,6 +11,7 @@ from acn_kernels.ops import accumulate_norm, feed_forward, linear, linear_act_ac
 from acn_kernels.ops.accumulate_norm import BWD_PER_THREAD as NORM_BWD_PER_THREAD
 from acn_kernels.ops.accumulate_norm import FWD_PER_THREAD as NORM_FWD_PER_THREAD
 from acn_kernels.ops.probe_norm import BWD_PER_THREAD as PROBE_BWD_PER_THREAD
+from acn_kernels.ops import _gemm
 from acn_kernels.ops._common import fits_in_registers
 
 from op_harness import DEVICE, DTYPES, FUSED_BACKENDS, check_op, randn, run
@@ -349,6 +350,18 @@ def test_gemm_tiles_fill_the_gpu_and_are_fixed_under_the_interpreter():
     assert tile(64, 128, 128, torch.float32, None) == (64, 64, 16)
     assert tile(10, 128, 4096, torch.float32, 132) == (16, 16, 16)        # a classifier's weight gradient
     assert tile(1, 1, 1, torch.float16, None) == (16, 16, 16)
+
+
+@pytest.mark.parametrize("dtype,config", [(dtype, c) for dtype in (torch.float32, torch.bfloat16)
+                                          for c in _gemm.GEMM_CONFIGS[dtype.itemsize]], ids=str)
+def test_every_gemm_tile_configuration_is_right(dtype, config, monkeypatch):
+    """Each configuration the launcher can pick, forced on every GEMM: the three epilogues through
+    feed_forward (forward; act' times the hidden gradient; both weight gradients with their biases)
+    on odd sizes that leave partial tiles in every dimension."""
+    monkeypatch.setattr(_gemm, "choose_tiles", lambda *args: dict(zip(_gemm.TILE_KEYS, config), GROUP_M=8))
+    x = randn(3, 47, 37, dtype=dtype)
+    check_op(feed_forward, reference.feed_forward, (x, *feed_forward_params(37, 71, 29, dtype)), dtype,
+             activation="gelu")
 
 
 def test_tuned_tiles_are_timed_once_and_kept(tmp_path):
