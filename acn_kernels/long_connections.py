@@ -92,14 +92,14 @@ class LongConnections(nn.Module):
     # ------------------------------------------------------------------ the chain
 
     def _step(self, i: int, x: torch.Tensor, y: torch.Tensor | None, x_in_y: bool, fused: bool,
-              block_kwargs: dict, keep_output: bool = True):
+              block_kwargs: dict, keep_last_output: bool = True):
         """(y, x_{i+1}, whether y holds x_{i+1}) for block i, given y and whether y holds x already.
-        keep_output=False (the forward's last block): x_{i+1} may come back None, added into y."""
+        Without keep_last_output, the last block's x_{i+1} may come back None, added into y."""
         block, last = self.blocks[i], i == self.depth - 1
         run_accumulate = getattr(block, "run_accumulate", None) if fused else None
         if run_accumulate is not None:  # the block adds its output to y itself, but where x_L is
             y = y if x_in_y else self._add(y, x)  # wanted, the last one's goes to the final boundary
-            if last and keep_output:
+            if last and keep_last_output:
                 return y, run_accumulate(x, None, self.backend)[0], False
             x_next, y = run_accumulate(x, y, self.backend, keep_output=not last)
             return y, x_next, True
@@ -137,12 +137,11 @@ class LongConnections(nn.Module):
         fused = self.fused(x0.device)
         x, y, x_in_y, outputs = x0, None, False, [x0]
         for i in range(self.depth):
-            keep = keep_last_output or i < self.depth - 1
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                y, x, x_in_y = checkpoint(self._step, i, x, y, x_in_y, fused, block_kwargs, keep,
+                y, x, x_in_y = checkpoint(self._step, i, x, y, x_in_y, fused, block_kwargs, keep_last_output,
                                           use_reentrant=False)
             else:
-                y, x, x_in_y = self._step(i, x, y, x_in_y, fused, block_kwargs, keep)
+                y, x, x_in_y = self._step(i, x, y, x_in_y, fused, block_kwargs, keep_last_output)
             outputs.append(x)
         return (y, None, outputs) if x_in_y else (y, x, outputs)
 

@@ -266,18 +266,28 @@ def launch_gemm(a, a_strides, b, b_strides, out, M, N, K, epilogue: str, activat
     launch(choose_tiles(M, N, K, a.dtype, a.device, "|".join(map(str, flags.values())), launch))
 
 
+def saves_preactivation(activation: str, store_h: bool = True) -> bool:
+    """Whether the forward keeps z for act': gelu, gelu_tanh, silu, and relu when h is not stored."""
+    return activation in NEEDS_PREACTIVATION or (activation == "relu" and not store_h)
+
+
+def activation_grad_input(activation: str, h, z, store_h: bool = True):
+    """What act' reads in the backward: z where the forward keeps it, else h for relu (h > 0 exactly
+    where z > 0), nothing for identity."""
+    return z if saves_preactivation(activation, store_h) else (h if activation == "relu" else None)
+
+
 def launch_forward(x2, weight, bias, y2, act: str, store_h: bool = True):
     """(h, y_out, saved) for x2 (M, K): h = act(x2 @ weight.T + bias), y_out = y2 + h; saved is z
     or h (what act' needs) or None for identity. store_h False (y2 given): h is None, and relu saves z."""
     M, K = x2.shape
     N = weight.shape[0]
     h = new_buffer((M, N), x2.dtype, x2.device) if store_h else None
-    keep_z = act in NEEDS_PREACTIVATION or (act == "relu" and not store_h)
-    z = new_buffer((M, N), x2.dtype, x2.device) if keep_z else None
+    z = new_buffer((M, N), x2.dtype, x2.device) if saves_preactivation(act, store_h) else None
     y_out = new_buffer((M, N), y2.dtype, x2.device) if y2 is not None else None
     launch_gemm(x2, x2.stride(), weight, weight.stride(), h, M, N, K, "forward", act, bias=bias, y=y2, z=z,
                 y_out=y_out, store_z=z is not None)
-    return h, y_out, (z if z is not None else (h if act == "relu" else None))
+    return h, y_out, activation_grad_input(act, h, z, store_h)
 
 
 def launch_times_activation_grad(g2, w2, saved2, act: str):

@@ -35,7 +35,8 @@ from .. import reference
 from .._validation import check_choice
 from ..backend import resolve_backend
 from ._common import rows_of
-from ._gemm import NEEDS_PREACTIVATION, fused_weight_grad, launch_forward, launch_times_activation_grad
+from ._gemm import (activation_grad_input, fused_weight_grad, launch_forward, launch_times_activation_grad,
+                    saves_preactivation)
 from .linear_act_accumulate import ACTIVATIONS, check_linear, checked_linear_input, linear_act_accumulate
 
 
@@ -51,7 +52,7 @@ def feed_forward_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tenso
     out = torch.addmm(b2, h, w2.t()) if b2 is not None else h @ w2.t()
     lead = x.shape[:-1]
     return (out.view(*lead, w2.shape[0]), h.view(*lead, w1.shape[0]),
-            saved.view(*lead, w1.shape[0]) if activation in NEEDS_PREACTIVATION else h.new_empty(0))
+            saved.view(*lead, w1.shape[0]) if saves_preactivation(activation) else h.new_empty(0))
 
 
 @feed_forward_fwd.register_fake
@@ -59,7 +60,7 @@ def feed_forward_fwd_fake(x, w1, b1, w2, b2, activation):
     lead = x.shape[:-1]
     hidden = (*lead, w1.shape[0])
     return (x.new_empty((*lead, w2.shape[0])), x.new_empty(hidden),
-            x.new_empty(hidden if activation in NEEDS_PREACTIVATION else (0,)))
+            x.new_empty(hidden if saves_preactivation(activation) else (0,)))
 
 
 @torch.library.custom_op("acn_kernels::times_activation_grad", mutates_args=())
@@ -81,8 +82,7 @@ def times_activation_grad_fake(dout, w2, saved, activation):
 def setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, activation = inputs
     _, h, z = output
-    saved = z if activation in NEEDS_PREACTIVATION else (h if activation == "relu" else None)
-    ctx.save_for_backward(x, w1, w2, h, saved)
+    ctx.save_for_backward(x, w1, w2, h, activation_grad_input(activation, h, z))
     ctx.set_materialize_grads(False)  # h and z are the op's own: no gradient comes for them
     ctx.activation, ctx.has_b1, ctx.has_b2 = activation, b1 is not None, b2 is not None
 
@@ -130,7 +130,7 @@ def traffic_bound(x, w1, b1, w2, b2, *, activation="gelu") -> tuple[int, int]:
     m = x.numel() // dim
     e = x.element_size()
     a = m * hidden * e
-    z = a if activation in NEEDS_PREACTIVATION else 0
+    z = a if saves_preactivation(activation) else 0
     saved = a if activation != "identity" else 0
     x_bytes, out_bytes = m * dim * e, m * out_features * e
     w1_bytes, w2_bytes = hidden * dim * e, out_features * hidden * e

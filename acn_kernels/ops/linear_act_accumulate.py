@@ -43,7 +43,8 @@ from .. import reference
 from .._validation import check_choice
 from ..backend import resolve_backend
 from ._common import check_device, check_running_sum, check_shape, check_tensor, new_buffer, register_cuda_twin, rows_of
-from ._gemm import NEEDS_PREACTIVATION, activation_grad, eager_weight_grad, fused_weight_grad, launch_forward
+from ._gemm import (activation_grad, activation_grad_input, eager_weight_grad, fused_weight_grad, launch_forward,
+                    saves_preactivation)
 
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
 
@@ -111,11 +112,6 @@ def linear_act_accumulate_fwd_fake(x, weight, bias, y, activation, store_h=True)
             x.new_empty(out_shape if saves_preactivation(activation, store_h) else (0,)))
 
 
-def saves_preactivation(activation: str, store_h: bool) -> bool:
-    """Whether the forward keeps z for act': gelu, gelu_tanh, silu, and relu when h is not stored."""
-    return activation in NEEDS_PREACTIVATION or (activation == "relu" and not store_h)
-
-
 @torch.library.custom_op("acn_kernels::activation_backward", mutates_args=())
 def activation_backward(dh: Optional[torch.Tensor], dy_out: Optional[torch.Tensor], saved: Optional[torch.Tensor],
                         activation: str, dtype: torch.dtype) -> torch.Tensor:
@@ -138,8 +134,7 @@ def activation_backward_fake(dh, dy_out, saved, activation, dtype):
 def setup_context(ctx, inputs, output):
     x, weight, bias, y, activation, store_h = inputs
     h, _, z = output
-    saved = z if saves_preactivation(activation, store_h) else (h if activation == "relu" else None)
-    ctx.save_for_backward(x, weight, saved)
+    ctx.save_for_backward(x, weight, activation_grad_input(activation, h, z, store_h))
     ctx.set_materialize_grads(False)  # unused outputs send None, not a zero-filled tensor
     ctx.activation, ctx.has_y, ctx.has_bias = activation, y is not None, bias is not None
     ctx.y_is_x = y is x  # a residual add (or the chain's start): x's gradient takes dy_out in its GEMM
@@ -239,7 +234,7 @@ def traffic_bound(x, weight, bias, y, *, activation="gelu") -> tuple[int, int]:
     m = x.numel() // k
     e = x.element_size()
     a, a_y = m * n * e, (m * n * y.element_size() if y is not None else 0)
-    z = a if activation in NEEDS_PREACTIVATION else 0
+    z = a if saves_preactivation(activation) else 0
     bias_bytes = n * e if bias is not None else 0
     forward = (m * k * e + n * k * e + bias_bytes + a_y) + (a + a_y + z)
     saved = a if activation != "identity" else 0

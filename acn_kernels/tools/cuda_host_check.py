@@ -33,7 +33,8 @@ from typing import Callable
 
 import torch
 
-from ..ops.linear_act_accumulate import ACTIVATIONS, NEEDS_PREACTIVATION  # row_math.h's codes, in order
+from ..ops._gemm import saves_preactivation
+from ..ops.linear_act_accumulate import ACTIVATIONS  # row_math.h's codes, in order
 
 CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # kernels.h's DType
@@ -299,8 +300,9 @@ class HostOps:
         k, act = self.k, ACTIVATIONS.index(activation)
         x2 = x.reshape(-1, x.shape[-1])
         # cuBLAS there; relu with a bias in cuBLASLt's epilogue, identity's h the GEMM's output itself
-        gemm_epilogue = activation == "identity" or (activation == "relu" and bias is not None)
-        z = torch._addmm_activation(bias, x2, weight.t()) if activation == "relu" and bias is not None \
+        relu_epilogue = activation == "relu" and bias is not None
+        gemm_epilogue = relu_epilogue or activation == "identity"
+        z = torch._addmm_activation(bias, x2, weight.t()) if relu_epilogue \
             else torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
         h = z if gemm_epilogue else None
         if y is not None or not gemm_epilogue:
@@ -314,9 +316,8 @@ class HostOps:
                     _ptr(None if gemm_epilogue else h), _ptr(y_out), ctypes.c_longlong(z.numel()),
                     ACTIVATIONS.index("identity") if gemm_epilogue else act)
         shape = (*x.shape[:-1], weight.shape[0])
-        keep_z = activation in NEEDS_PREACTIVATION or (activation == "relu" and not store_h)
         return (h.view(shape) if store_h else x.new_empty(0), y_out.view(shape) if y is not None else x.new_empty(0),
-                z.view(shape) if keep_z else x.new_empty(0))
+                z.view(shape) if saves_preactivation(activation, store_h) else x.new_empty(0))
 
     def activation_backward(self, dh, dy_out, saved, activation, dtype):
         k, like = self.k, (dh if dh is not None else dy_out)
