@@ -13,7 +13,8 @@ import warnings
 
 from setuptools import setup
 
-SOURCES = ["csrc/accumulate_norm.cu", "csrc/linear_act_accumulate.cu", "csrc/probe_norm.cu", "csrc/bindings.cpp"]
+SOURCES = ["csrc/accumulate_norm.cu", "csrc/hybrid_accumulate_norm.cu", "csrc/linear_act_accumulate.cu",
+           "csrc/probe_norm.cu", "csrc/bindings.cpp"]
 
 
 def cuda_extension_args() -> dict:

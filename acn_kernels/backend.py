@@ -49,7 +49,7 @@ BUILD_HINT = ("build it on a machine with a CUDA compiler and a CUDA build of to
 # A100 and its kin, sm_9x: H100/H200). It lists only what a GPU run of `bench` measured: the CUDA
 # kernels where they beat Triton. Empty until this project gets a GPU run (none yet).
 AUTO_TABLE: dict[str, dict[str, str]] = {}
-OPS = ("accumulate_norm", "probe_norm", "linear_act_accumulate", "feed_forward", "linear")
+OPS = ("accumulate_norm", "hybrid_accumulate_norm", "probe_norm", "linear_act_accumulate", "feed_forward", "linear")
 
 
 def gpu_family(device: torch.device) -> str:

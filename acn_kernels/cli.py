@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     commands.add_parser("cuda-report", help="compile csrc/*.cu for sm_80 and sm_90 with nvcc; registers, spills")
     host = commands.add_parser("cuda-host-check", help="run every CUDA kernel on the CPU through a SIMT layer and "
                                "compare each op, forward and backward, with the reference")
-    host.add_argument("--only", choices=("accumulate_norm", "probe_norm", "linear_act_accumulate"), default=None)
+    host.add_argument("--only", choices=("accumulate_norm", "hybrid_accumulate_norm", "probe_norm",
+                                         "linear_act_accumulate"), default=None)
     host.add_argument("--verbose", action="store_true", help="a line for every case, not only the failures")
     bench = commands.add_parser("bench", help="fused ops and training steps against eager and torch.compile")
     bench.add_argument("--quick", action="store_true", help="small shapes on the CPU: reference against torch.compile")

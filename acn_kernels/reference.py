@@ -47,6 +47,14 @@ def accumulate_norm(x, y, weight, bias=None, *, eps=1e-5, norm="layernorm", norm
     return y_out, apply_norm(source, weight, bias, eps, norm).to(x.dtype)
 
 
+def hybrid_accumulate_norm(x, f, y, gate, weight, bias=None, *, long_weight=None, eps=1e-5, norm="layernorm"):
+    """(x_next, y_out, out): x_next = gate * x + f (the short path), y_out = y + long_weight * f (the
+    long path; 1 without a long weight), out = norm(x_next), in x's dtype; y_out in y's (f's without y)."""
+    x_next = (gate * x + f).to(x.dtype)
+    term = f if long_weight is None else (long_weight * f).to(f.dtype)
+    return x_next, accumulate(y, term), apply_norm(x_next, weight, bias, eps, norm).to(x.dtype)
+
+
 def linear_act_accumulate(x, weight, bias, y, *, activation="gelu"):
     """(h, y_out): h = act(x @ weight.T + bias), y_out = y + h."""
     h = ACTIVATIONS[activation](F.linear(x, weight, bias))

@@ -90,10 +90,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> accumulate_norm_fwd(const Tensor& x, 
   return {y ? y_out.view(x.sizes()) : at::empty({0}, x.options()), out.view(x.sizes()), mean, rstd};
 }
 
-// The dweight (and dbias) partial rows of a norm backward in one buffer (1 + has_bias, programs, dim),
-// every element written once by the kernel: one launch sums them; row 0 is dweight, row 1 dbias.
-Tensor new_partial_rows(bool has_bias, int programs, int64_t dim, const Tensor& like) {
-  return at::empty({has_bias ? 2 : 1, programs, dim}, like.options().dtype(at::kFloat));
+// The partial rows of a norm backward, float32 (programs, width): each block writes dweight's D sums at
+// column 0, dbias's at D, then the hybrid's dgate and dlong_weight; every element written once by the
+// kernel, one launch sums them all. With scalars the width is padded to 8 floats (32-byte aligned rows).
+int64_t partial_width(int64_t dim, bool has_bias, int scalars) {
+  const int64_t width = (has_bias ? 2 : 1) * dim + scalars;
+  return scalars ? (width + 7) / 8 * 8 : width;
+}
+
+Tensor new_partial_rows(int programs, int64_t width, const Tensor& like) {
+  return at::empty({programs, width}, like.options().dtype(at::kFloat));
 }
 
 std::tuple<Tensor, Tensor, Tensor> accumulate_norm_bwd(const Tensor& dout, const OptionalTensor& dy_out,
@@ -109,19 +115,79 @@ std::tuple<Tensor, Tensor, Tensor> accumulate_norm_bwd(const Tensor& dout, const
   const int64_t rows = v2.size(0);
   const int programs = reduction_programs(rows);
   Tensor dx = at::empty_like(dout2), dy = dy_dtype ? at::empty(v2.sizes(), dout.options().dtype(*dy_dtype)) : Tensor();
-  Tensor partials = new_partial_rows(has_bias, programs, dim, dout);
+  const int64_t width = partial_width(dim, has_bias, 0);
+  Tensor partials = new_partial_rows(programs, width, dout);
+  float* base = partials.data_ptr<float>();
   const acn::DType x_dtype = dtype_of(dout, op, "dout");
   const acn::DType y_dtype = dy_out ? dtype_of(*dy_out, op, "dy_out") : (dy_dtype ? acn::DType::kFloat32 : x_dtype);
   acn::accumulate_norm_backward(x_dtype, y_dtype, dout2.data_ptr(), dy_out ? dy_out2.data_ptr() : nullptr,
                                 v2.data_ptr(), normalized.scalar_type() != dout.scalar_type(), w.data_ptr<float>(),
                                 is_layernorm ? mean.data_ptr<float>() : nullptr, rstd.data_ptr<float>(),
-                                dx.data_ptr(), dy_dtype ? dy.data_ptr() : nullptr, partials[0].data_ptr<float>(),
-                                has_bias ? partials[1].data_ptr<float>() : nullptr, rows, static_cast<int>(dim),
-                                programs, stream());
+                                dx.data_ptr(), dy_dtype ? dy.data_ptr() : nullptr, base, has_bias ? base + dim : nullptr,
+                                width, rows, static_cast<int>(dim), programs, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto shape = normalized.sizes();
   return {dx.view(shape), dy_dtype ? dy.view(shape) : at::empty({0}, dout.options()),
-          partials.sum(1).to(weight.scalar_type())};
+          partials.sum(0)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> hybrid_accumulate_norm_fwd(
+    const Tensor& x, const Tensor& f, const OptionalTensor& y, const Tensor& gate, const Tensor& weight,
+    const OptionalTensor& bias, const OptionalTensor& long_weight, double eps, bool is_layernorm) {
+  const char* op = "acn_kernels_cuda::hybrid_accumulate_norm_fwd";
+  check_cuda(x, op, "x"), check_cuda(f, op, "f"), check_cuda(y, op, "y"), check_cuda(gate, op, "gate");
+  check_cuda(weight, op, "weight"), check_cuda(bias, op, "bias"), check_cuda(long_weight, op, "long_weight");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t dim = x.size(-1);
+  check_rows(f, dim, op, "f");
+  Tensor x2 = rows_of(x), f2 = rows_of(f), w = float_row(weight), b = bias ? float_row(*bias) : Tensor();
+  Tensor g = float_row(gate), lw = long_weight ? float_row(*long_weight) : Tensor();
+  Tensor y2 = y ? rows_of(*y) : Tensor();
+  if (y) check_rows(*y, dim, op, "y");
+  const bool stores_y = y || long_weight;
+  Tensor y_out = stores_y ? at::empty(f2.sizes(), y ? y2.options() : f2.options()) : Tensor();
+  Tensor x_next = at::empty_like(f2), out = at::empty_like(f2);
+  const auto stats = x.options().dtype(at::kFloat);
+  Tensor mean = at::empty({is_layernorm ? x2.size(0) : 0}, stats), rstd = at::empty({x2.size(0)}, stats);
+  const acn::DType x_dtype = dtype_of(x, op, "x");
+  acn::hybrid_accumulate_norm_forward(
+      x_dtype, y ? dtype_of(*y, op, "y") : x_dtype, x2.data_ptr(), f2.data_ptr(), y ? y2.data_ptr() : nullptr,
+      g.data_ptr<float>(), long_weight ? lw.data_ptr<float>() : nullptr, w.data_ptr<float>(),
+      bias ? b.data_ptr<float>() : nullptr, x_next.data_ptr(), stores_y ? y_out.data_ptr() : nullptr, out.data_ptr(),
+      is_layernorm ? mean.data_ptr<float>() : nullptr, rstd.data_ptr<float>(), x2.size(0), static_cast<int>(dim),
+      static_cast<float>(eps), stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {x_next.view(x.sizes()), stores_y ? y_out.view(x.sizes()) : at::empty({0}, x.options()), out.view(x.sizes()),
+          mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> hybrid_accumulate_norm_bwd(
+    const Tensor& dout, const OptionalTensor& dx_next, const OptionalTensor& dy_out, const Tensor& x, const Tensor& f,
+    const Tensor& x_next, const Tensor& gate, const Tensor& weight, const OptionalTensor& long_weight,
+    const Tensor& mean, const Tensor& rstd, bool has_bias, bool is_layernorm) {
+  const char* op = "acn_kernels_cuda::hybrid_accumulate_norm_bwd";
+  check_cuda(dout, op, "dout"), check_cuda(dx_next, op, "dx_next"), check_cuda(dy_out, op, "dy_out");
+  check_cuda(x, op, "x"), check_cuda(f, op, "f"), check_cuda(x_next, op, "x_next");
+  const c10::cuda::CUDAGuard guard(dout.device());
+  const int64_t dim = x_next.size(-1);
+  Tensor dout2 = rows_of(dout), v2 = rows_of(x_next), x2 = rows_of(x), f2 = rows_of(f), w = float_row(weight);
+  Tensor dx_next2 = dx_next ? rows_of(*dx_next) : Tensor(), dy_out2 = dy_out ? rows_of(*dy_out) : Tensor();
+  Tensor g = float_row(gate), lw = long_weight ? float_row(*long_weight) : Tensor();
+  const int64_t rows = v2.size(0);
+  const int programs = reduction_programs(rows);
+  const int64_t width = partial_width(dim, has_bias, long_weight ? 2 : 1);
+  Tensor partials = new_partial_rows(programs, width, dout);
+  Tensor dx = at::empty_like(x2), df = at::empty_like(f2);
+  const acn::DType x_dtype = dtype_of(x_next, op, "x_next");
+  acn::hybrid_accumulate_norm_backward(
+      x_dtype, dy_out ? dtype_of(*dy_out, op, "dy_out") : x_dtype, dout2.data_ptr(),
+      dx_next ? dx_next2.data_ptr() : nullptr, dy_out ? dy_out2.data_ptr() : nullptr, x2.data_ptr(), f2.data_ptr(),
+      v2.data_ptr(), g.data_ptr<float>(), long_weight ? lw.data_ptr<float>() : nullptr, w.data_ptr<float>(),
+      is_layernorm ? mean.data_ptr<float>() : nullptr, rstd.data_ptr<float>(), dx.data_ptr(), df.data_ptr(),
+      partials.data_ptr<float>(), width, has_bias, rows, static_cast<int>(dim), programs, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t sums = (has_bias ? 2 : 1) * dim + (long_weight ? 2 : 1);  // the padding is not summed
+  return {dx.view(x.sizes()), df.view(f.sizes()), partials.narrow(1, 0, sums).sum(0)};
 }
 
 void check_probe_width(int64_t dim, const char* op) {
@@ -161,13 +227,15 @@ std::tuple<Tensor, Tensor> probe_norm_bwd(const Tensor& dout, const Tensor& xs, 
   check_probe_width(dim, op);
   Tensor xs3 = xs.contiguous(), dout3 = dout.contiguous().to(xs.scalar_type()), w = float_row(weight);
   const int programs = reduction_programs(rows);
-  Tensor dxs = at::empty_like(xs3), partials = new_partial_rows(has_bias, programs, dim, xs);
+  const int64_t width = partial_width(dim, has_bias, 0);
+  Tensor dxs = at::empty_like(xs3), partials = new_partial_rows(programs, width, xs);
+  float* base = partials.data_ptr<float>();
   acn::probe_norm_backward(dtype_of(xs, op, "xs"), dout3.data_ptr(), xs3.data_ptr(), w.data_ptr<float>(),
                            is_layernorm ? mean.data_ptr<float>() : nullptr, rstd.data_ptr<float>(), dxs.data_ptr(),
-                           partials[0].data_ptr<float>(), has_bias ? partials[1].data_ptr<float>() : nullptr,
-                           static_cast<int>(depth), rows, static_cast<int>(dim), programs, stream());
+                           base, has_bias ? base + dim : nullptr, width, static_cast<int>(depth), rows,
+                           static_cast<int>(dim), programs, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {dxs, partials.sum(1).to(weight.scalar_type())};
+  return {dxs, partials.sum(0)};
 }
 
 int activation_code(const std::string& name, const char* op) {
@@ -241,6 +309,11 @@ TORCH_LIBRARY(acn_kernels_cuda, m) {
         "bool normalize_sum) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("accumulate_norm_bwd(Tensor dout, Tensor? dy_out, Tensor normalized, Tensor weight, Tensor mean, "
         "Tensor rstd, bool has_bias, bool is_layernorm, ScalarType? dy_dtype) -> (Tensor, Tensor, Tensor)");
+  m.def("hybrid_accumulate_norm_fwd(Tensor x, Tensor f, Tensor? y, Tensor gate, Tensor weight, Tensor? bias, "
+        "Tensor? long_weight, float eps, bool is_layernorm) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("hybrid_accumulate_norm_bwd(Tensor dout, Tensor? dx_next, Tensor? dy_out, Tensor x, Tensor f, Tensor x_next, "
+        "Tensor gate, Tensor weight, Tensor? long_weight, Tensor mean, Tensor rstd, bool has_bias, bool is_layernorm) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("probe_norm_fwd(Tensor xs, Tensor weight, Tensor? bias, float eps, bool is_layernorm) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("probe_norm_bwd(Tensor dout, Tensor xs, Tensor weight, Tensor mean, Tensor rstd, bool has_bias, "
@@ -254,6 +327,8 @@ TORCH_LIBRARY(acn_kernels_cuda, m) {
 #define ACN_REGISTER(m)                                             \
   m.impl("accumulate_norm_fwd", &accumulate_norm_fwd);              \
   m.impl("accumulate_norm_bwd", &accumulate_norm_bwd);              \
+  m.impl("hybrid_accumulate_norm_fwd", &hybrid_accumulate_norm_fwd);  \
+  m.impl("hybrid_accumulate_norm_bwd", &hybrid_accumulate_norm_bwd);  \
   m.impl("probe_norm_fwd", &probe_norm_fwd);                        \
   m.impl("probe_norm_bwd", &probe_norm_bwd);                        \
   m.impl("linear_act_accumulate_fwd", &linear_act_accumulate_fwd);  \

@@ -15,19 +15,35 @@ void accumulate_norm_forward(DType x_dtype, DType y_dtype, const void* x, const 
                              const float* b, void* y_out, void* out, float* mean, float* rstd, int64_t rows,
                              int dim, float eps, bool normalize_sum, cudaStream_t stream);
 
-// dy_out and dy may be null; dw_partial/db_partial are (programs, D) float32, each element written once
-// by the kernel; `normalized` has y's dtype when v_is_y.
+// dy_out and dy may be null; dw_partial/db_partial are rows of a float32 (programs, partial_stride)
+// buffer (its columns 0 and D), each element written once by the kernel; `normalized` has y's dtype
+// when v_is_y.
 void accumulate_norm_backward(DType x_dtype, DType y_dtype, const void* dout, const void* dy_out,
                               const void* normalized, bool v_is_y, const float* w, const float* mean,
                               const float* rstd, void* dx, void* dy, float* dw_partial, float* db_partial,
-                              int64_t rows, int dim, int programs, cudaStream_t stream);
+                              int64_t partial_stride, int64_t rows, int dim, int programs, cudaStream_t stream);
+
+// hybrid_accumulate_norm.cu. short_out = gate * short_in + x (normalized), y_out = y + long_weight * x;
+// y, long_weight, b, mean may be null (y_out is then long_weight * x, or not written without either).
+void hybrid_accumulate_norm_forward(DType x_dtype, DType y_dtype, const void* short_in, const void* x,
+                                    const void* y, const float* gate, const float* long_weight, const float* w,
+                                    const float* b, void* short_out, void* y_out, void* out, float* mean,
+                                    float* rstd, int64_t rows, int dim, float eps, cudaStream_t stream);
+// dshort_out and dy_out may be null; x is read only with a long_weight. partials: float32 (programs,
+// partial_stride), each block's row dweight (D), dbias (D, with has_bias), dgate, dlong_weight.
+void hybrid_accumulate_norm_backward(DType x_dtype, DType y_dtype, const void* dout, const void* dshort_out,
+                                     const void* dy_out, const void* short_in, const void* x,
+                                     const void* normalized, const float* gate, const float* long_weight,
+                                     const float* w, const float* mean, const float* rstd, void* dshort, void* dx,
+                                     float* partials, int64_t partial_stride, bool has_bias, int64_t rows, int dim,
+                                     int programs, cudaStream_t stream);
 
 // probe_norm.cu. xs is (L+1, rows, D) contiguous; mean, rstd are (L+1, rows); mean null for RMSNorm.
 void probe_norm_forward(DType dtype, const void* xs, const float* w, const float* b, void* out, float* mean,
                         float* rstd, int depth, int64_t rows, int dim, float eps, cudaStream_t stream);
 void probe_norm_backward(DType dtype, const void* dout, const void* xs, const float* w, const float* mean,
-                         const float* rstd, void* dxs, float* dw_partial, float* db_partial, int depth,
-                         int64_t rows, int dim, int programs, cudaStream_t stream);
+                         const float* rstd, void* dxs, float* dw_partial, float* db_partial, int64_t partial_stride,
+                         int depth, int64_t rows, int dim, int programs, cudaStream_t stream);
 // Dynamic shared memory per program of the probe backward (five float rows: the running sum as a
 // compensated pair, the running gradient and the dweight/dbias partial sums; the forward takes two),
 // for the caller's check.

@@ -47,8 +47,8 @@ template <typename T>
 __global__ void probe_norm_bwd_kernel(const T* __restrict__ dout, const T* __restrict__ xs,
                                       const float* __restrict__ w, const float* __restrict__ mean_in,
                                       const float* __restrict__ rstd_in, T* __restrict__ dxs,
-                                      float* __restrict__ dw_partial, float* __restrict__ db_partial, int depth,
-                                      int64_t rows, int dim) {
+                                      float* __restrict__ dw_partial, float* __restrict__ db_partial,
+                                      int64_t partial_stride, int depth, int64_t rows, int dim) {
   ACN_DYNAMIC_SHARED(float, shared);
   float* hi = shared;  // y_k = hi + lo, rebuilt as the forward built it, then y_{k-1} = y_k - x_k
   float* lo = shared + dim;
@@ -84,7 +84,7 @@ __global__ void probe_norm_bwd_kernel(const T* __restrict__ dout, const T* __res
       }
     }
   }
-  const int64_t partial = static_cast<int64_t>(blockIdx.x) * dim;  // written once, by the column's owner
+  const int64_t partial = static_cast<int64_t>(blockIdx.x) * partial_stride;  // written once, by the column's owner
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
     dw_partial[partial + i] = dw[i];
     if (db_partial != nullptr) db_partial[partial + i] = db[i];
@@ -105,15 +105,15 @@ void probe_norm_forward(DType dtype, const void* xs, const float* w, const float
 }
 
 void probe_norm_backward(DType dtype, const void* dout, const void* xs, const float* w, const float* mean,
-                         const float* rstd, void* dxs, float* dw_partial, float* db_partial, int depth,
-                         int64_t rows, int dim, int programs, cudaStream_t stream) {
+                         const float* rstd, void* dxs, float* dw_partial, float* db_partial, int64_t partial_stride,
+                         int depth, int64_t rows, int dim, int programs, cudaStream_t stream) {
   if (rows == 0) return;
   const int64_t shared = probe_norm_shared_bytes(dim);
   ACN_DISPATCH_FLOAT(dtype, T, {
     cudaFuncSetAttribute(probe_norm_bwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
     ACN_LAUNCH(programs, row_threads(dim), shared, stream, probe_norm_bwd_kernel<T>)(
         static_cast<const T*>(dout), static_cast<const T*>(xs), w, mean, rstd, static_cast<T*>(dxs), dw_partial,
-        db_partial, depth, rows, dim);
+        db_partial, partial_stride, depth, rows, dim);
   });
 }
 

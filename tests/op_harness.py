@@ -15,7 +15,7 @@ FP32_RTOL = 1e-5 if DEVICE == "cpu" else 1e-4  # the interpreter is exact fp32; 
 
 
 def randn(*shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float32, device=DEVICE) * scale).to(dtype)
+    return (torch.randn(shape, dtype=torch.float32, device=DEVICE) * scale).to(dtype)
 
 
 def check_op(fused, reference, args, dtype, backend="triton", **kwargs):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(isinstance(FOUND, str), reason=f"cuda-host-check
 HERE = pathlib.Path(__file__).parent
 
 
-@pytest.mark.parametrize("op", ("accumulate_norm", "probe_norm", "linear_act_accumulate"))
+@pytest.mark.parametrize("op", ("accumulate_norm", "hybrid_accumulate_norm", "probe_norm", "linear_act_accumulate"))
 def test_every_cuda_kernel_matches_the_reference(op, capsys):
     assert run_check(only=op) == 0, capsys.readouterr().out
     assert capsys.readouterr().out.splitlines()[-1].endswith(" 0 failures")
@@ -25,7 +25,7 @@ def test_cases_cover_both_pack_widths_and_the_persistent_loop():
     results = check([c for c in all_cases() if c.op == "accumulate_norm" and c.width == 64])
     widths = {(r.case.dtype, r.case.shift, launch.row_access) for r in results for launch in r.launches}
     assert (torch.bfloat16, 0, 16) in widths and (torch.bfloat16, 1, 2) in widths  # packs aligned, scalar not
-    backward = [launch for r in results for launch in r.launches if launch.kernel == "accumulate_norm_bwd_kernel"]
+    backward = [launch for r in results for launch in r.launches if launch.kernel == "boundary_bwd_kernel"]
     assert all(launch.grid < 5 for launch in backward)  # 5 rows walked by fewer programs
 
 
@@ -45,6 +45,9 @@ BREAKAGES = {
                                         "for (int j = 0; j < N - 1; ++j) pack.v[j] = from_float"),
     "the shuffle mask leaves out half of warp 0": ("device_utils.cuh", "s += __shfl_xor_sync(0xffffffffu, s, offset)",
                                                    "s += __shfl_xor_sync(0x0000ffffu, s, offset)"),
+    "the hybrid backward leaves the gate out of dx": ("boundary_norm.cuh", "t[j] = gate * g[j];", "t[j] = g[j];"),
+    "the hybrid forward adds x to the sum without its long weight": (
+        "boundary_norm.cuh", "s[j] += long_weight * v[j];", "s[j] += v[j];"),
     "the probe backward rebuilds y_L uncompensated": (
         "probe_norm.cu", "for (int k = 0; k < depth; ++k) add_compensated(hi[i], lo[i], to_float(xs[k * layer + row",
         "for (int k = 0; k < depth; ++k) hi[i] += (to_float(xs[k * layer + row"),

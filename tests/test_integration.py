@@ -134,11 +134,19 @@ def opcheck_cases(namespace: str = "acn_kernels"):
     x, y, w, b, xs, wl, bl, yl = grads
     ops = getattr(torch.ops, namespace)
     rstd, mean = randn(5).abs() + 0.5, randn(5)
+    gate, long_weight = (randn().requires_grad_() for _ in range(2))
     return {
         "accumulate_norm_fwd": (ops.accumulate_norm_fwd.default, (x, y, w, b, 1e-5, True, True)),
         "accumulate_norm_fwd_start": (ops.accumulate_norm_fwd.default, (x, None, w, None, 1e-5, False, False)),
         "accumulate_norm_bwd": (ops.accumulate_norm_bwd.default,
                                 (randn(5, 24), randn(5, 24), randn(5, 24), randn(24), mean, rstd, True, True, None)),
+        "hybrid_accumulate_norm_fwd": (ops.hybrid_accumulate_norm_fwd.default,
+                                       (x, y, None, gate, w, b, long_weight, 1e-5, True)),
+        "hybrid_accumulate_norm_fwd_rms": (ops.hybrid_accumulate_norm_fwd.default,
+                                           (x, y, randn(5, 24).requires_grad_(), gate, w, None, None, 1e-5, False)),
+        "hybrid_accumulate_norm_bwd": (ops.hybrid_accumulate_norm_bwd.default,
+                                       (randn(5, 24), randn(5, 24), randn(5, 24), randn(5, 24), randn(5, 24),
+                                        randn(5, 24), randn(), randn(24), randn(), mean, rstd, True, True)),
         "probe_norm_fwd": (ops.probe_norm_fwd.default, (xs, w, b, 1e-5, True)),
         "probe_norm_bwd": (ops.probe_norm_bwd.default,
                            (randn(3, 4, 24), randn(3, 4, 24), randn(24), randn(3, 4), randn(3, 4).abs() + 0.5,

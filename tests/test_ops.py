@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 from acn_kernels import backend as backend_module
 from acn_kernels import reference
-from acn_kernels.ops import accumulate_norm, feed_forward, linear, linear_act_accumulate, probe_norm
+from acn_kernels.ops import (accumulate_norm, feed_forward, hybrid_accumulate_norm, linear, linear_act_accumulate,
+                             probe_norm)
 from acn_kernels.ops.accumulate_norm import BWD_PER_THREAD as NORM_BWD_PER_THREAD
 from acn_kernels.ops.accumulate_norm import FWD_PER_THREAD as NORM_FWD_PER_THREAD
 from acn_kernels.ops.probe_norm import BWD_PER_THREAD as PROBE_BWD_PER_THREAD
@@ -131,6 +132,86 @@ def test_accumulate_norm_random_shapes(rows, dim, norm, normalize, has_y, has_bi
     weight, bias = norm_params(dim, has_bias)
     check_op(accumulate_norm, reference.accumulate_norm, (x, y, weight, bias), torch.float32,
              norm=norm, normalize=normalize)
+
+
+# ----------------------------------------------------------------------------- hybrid_accumulate_norm
+
+def hybrid_with_positional_long_weight(op):
+    """op with the long weight positional, so that the harness checks its gradient too."""
+    return lambda x, f, y, gate, w, b, long_weight, **kwargs: op(x, f, y, gate, w, b, long_weight=long_weight,
+                                                                  **kwargs)
+
+
+def hybrid_inputs(shape, dtype, y="same", long_weight=True, bias=True):
+    """(x, f, y, gate, weight, bias, long_weight): fresh random values, gate and long weight away from 0 and 1."""
+    ys = {"none": None, "same": randn(*shape, dtype=dtype, scale=3.0), "float32": randn(*shape, scale=3.0)}
+    gate, lw = randn() * 0.5 + 0.3, (randn() * 0.5 + 1.2 if long_weight else None)
+    return (randn(*shape, dtype=dtype, scale=2.0), randn(*shape, dtype=dtype), ys[y], gate,
+            *norm_params(shape[-1], bias), lw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+@pytest.mark.parametrize("norm", ("layernorm", "rmsnorm"))
+@pytest.mark.parametrize("y,long_weight", [("same", True), ("none", True), ("same", False), ("none", False)])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_hybrid_accumulate_norm_matches_reference(dtype, shape, norm, y, long_weight, backend):
+    check_op(hybrid_with_positional_long_weight(hybrid_accumulate_norm),
+             hybrid_with_positional_long_weight(reference.hybrid_accumulate_norm),
+             hybrid_inputs(shape, dtype, y, long_weight), dtype, backend=backend, norm=norm)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_hybrid_accumulate_norm_float32_running_sum_with_16_bit_x(dtype, backend):
+    (x_next, y_out, out), _ = check_op(
+        hybrid_with_positional_long_weight(hybrid_accumulate_norm),
+        hybrid_with_positional_long_weight(reference.hybrid_accumulate_norm),
+        hybrid_inputs((6, 7, 96), dtype, "float32"), dtype, backend=backend)
+    assert (x_next.dtype, y_out.dtype, out.dtype) == (dtype, torch.float32, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", (4097, 8193))
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_hybrid_accumulate_norm_rows_too_wide_for_registers(dtype, dim, backend):
+    """4097: the backward walks chunks; 8193: the forward does too."""
+    check_op(hybrid_with_positional_long_weight(hybrid_accumulate_norm),
+             hybrid_with_positional_long_weight(reference.hybrid_accumulate_norm),
+             hybrid_inputs((3, dim), dtype), dtype, backend=backend, norm="rmsnorm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_hybrid_at_gate_zero_is_the_acn_boundary_exactly(dtype, backend):
+    """gate = 0: x_next is f, y_out = y + f and out = norm(f), bit for bit accumulate_norm's."""
+    x, f, y, _, weight, bias, _ = hybrid_inputs((5, 3, 40), dtype)
+    x_next, y_out, out = hybrid_accumulate_norm(x, f, y, torch.zeros((), device=DEVICE), weight, bias, backend=backend)
+    acn_y, acn_out = accumulate_norm(f, y, weight, bias, backend=backend)
+    assert torch.equal(x_next, f) and torch.equal(y_out, acn_y) and torch.equal(out, acn_out)
+
+
+@pytest.mark.parametrize("used", [(0,), (1,), (2,), (0, 2), (1, 2)], ids=str)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_hybrid_accumulate_norm_gradients_when_some_outputs_are_unused(used, backend):
+    """Gradients reach only through the outputs used (x_next, y_out, out): the others send None."""
+    def picked(op):
+        return lambda *a, **k: tuple(hybrid_with_positional_long_weight(op)(*a, **k)[i] for i in used)
+    check_op(picked(hybrid_accumulate_norm), picked(reference.hybrid_accumulate_norm),
+             hybrid_inputs((9, 33), torch.float32), torch.float32, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_hybrid_accumulate_norm_non_contiguous_inputs(backend):
+    dim = 48
+    x = randn(10, 2 * dim)[:, :dim]   # strided rows
+    f = randn(dim, 10).t()             # column-major: copied
+    y = randn(10, dim, 2)[..., 0]      # last stride 2: copied
+    args = (x, f, y, randn() + 0.5, randn(2 * dim)[::2], randn(3 * dim)[::3], randn() + 1.0)
+    assert not any(t.is_contiguous() for t in args[:3])
+    check_op(hybrid_with_positional_long_weight(hybrid_accumulate_norm),
+             hybrid_with_positional_long_weight(reference.hybrid_accumulate_norm), args, torch.float32,
+             backend=backend)
 
 
 # ----------------------------------------------------------------------------- probe_norm
@@ -396,13 +477,15 @@ def op_calls(dtype=torch.float32):
         "accumulate_norm": (accumulate_norm, (x, y, weight, bias), {"normalize": "sum"}),
         "probe_norm": (probe_norm, (torch.stack([x, y, x * 2]), weight, bias), {}),
         "linear_act_accumulate": (linear_act_accumulate, (x, w_lin, b_lin, y_lin), {"activation": "gelu"}),
+        "hybrid_accumulate_norm": (hybrid_with_positional_long_weight(hybrid_accumulate_norm),
+                                   (x, y * 2, y, randn() + 0.5, weight, bias, randn() + 1.0), {}),
         "feed_forward": (feed_forward, (x, w_lin, b_lin, randn(5, 21, dtype=dtype, scale=0.2), randn(5, dtype=dtype)),
                          {"activation": "silu"}),
         "linear": (linear, (x, w_lin, b_lin), {}),
     }
 
 
-OPS = ("accumulate_norm", "probe_norm", "linear_act_accumulate", "feed_forward", "linear")
+OPS = ("accumulate_norm", "hybrid_accumulate_norm", "probe_norm", "linear_act_accumulate", "feed_forward", "linear")
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -421,6 +504,8 @@ def test_bitwise_deterministic(name, dtype, backend):
 def test_reference_backend_is_the_reference(name):
     op, args, kwargs = op_calls()[name]
     ref = getattr(reference, name)
+    if name == "hybrid_accumulate_norm":
+        ref = hybrid_with_positional_long_weight(ref)
     outs, expected = op(*args, backend="reference", **kwargs), ref(*args, **kwargs)
     for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (outs, expected))):
         assert torch.equal(a, b)
@@ -474,6 +559,22 @@ ERRORS = [
     (lambda x, w: accumulate_norm(x, None, w, normalize="output"), ValueError,
      r"normalize must be one of \('input', 'sum'\), got 'output'"),
     (lambda x, w: accumulate_norm(x, None, w, eps=-1.0), ValueError, r"eps must be a positive number, got -1.0"),
+    (lambda x, w: hybrid_accumulate_norm(x, x, None, 0.5, w), TypeError,
+     r"gate must be a 0-dim floating tensor \(a learnable scalar, dtype in .*\), got float"),
+    (lambda x, w: hybrid_accumulate_norm(x, x, None, w[:1], w), TypeError,
+     r"gate must be a 0-dim floating tensor .*, got a tensor of shape \(1,\) and dtype torch.float32"),
+    (lambda x, w: hybrid_accumulate_norm(x, x, None, torch.tensor(1), w), TypeError,
+     r"gate must be a 0-dim floating tensor .*, got a tensor of shape \(\) and dtype torch.int64"),
+    (lambda x, w: hybrid_accumulate_norm(x, x, None, w[0], w, long_weight=w[:2]), TypeError,
+     r"long_weight must be a 0-dim floating tensor .*, got a tensor of shape \(2,\)"),
+    (lambda x, w: hybrid_accumulate_norm(x, x[:, :3], None, w[0], w), ValueError,
+     r"f must have shape \(4, 8\), got \(4, 3\)"),
+    (lambda x, w: hybrid_accumulate_norm(x, x.double(), None, w[0], w), TypeError,
+     r"f must have dtype in \(torch.float32,\), got torch.float64"),
+    (lambda x, w: hybrid_accumulate_norm(x, x, x[:2], w[0], w), ValueError,
+     r"y must have shape \(4, 8\), got \(2, 8\)"),
+    (lambda x, w: hybrid_accumulate_norm(x, x, None, w[0].to("meta"), w), ValueError,
+     r"gate must be on cpu like x, got meta"),
     (lambda x, w: probe_norm(x[0], w), ValueError,
      r"xs must have shape \(L\+1, ..., D\) with at least 2 dims, got \(8,\)"),
     (lambda x, w: probe_norm(x, w[:3]), ValueError, r"weight must have shape \(8,\), got \(3,\)"),

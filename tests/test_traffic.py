@@ -45,13 +45,31 @@ def test_counter_sees_views_as_free_and_copies_as_traffic():
     assert (counter.traffic.read, counter.traffic.written, counter.traffic.launches) == (x.nbytes, x.nbytes, 1)
 
 
+BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.skipif(
+    isinstance(toolchain(), str), reason="the CUDA kernels' counts come from cuda-host-check"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [c for c in op_cases(rows=256, dim=384) if c[0].startswith("hybrid")],
+                         ids=lambda c: c[0])
+def test_hybrid_boundary_moves_at_most_0_6_of_eager_bytes_in_three_launches(case, backend):
+    name, fused, reference_op, inputs, kwargs, _ = case
+    eager_f, eager_b = measure(reference_op, inputs)
+    op = fused if backend == "triton" else cuda_host_ops()["hybrid_accumulate_norm"]
+    fused_f, fused_b = measure(lambda *a: op(*a, **({"backend": "triton"} if backend == "triton" else {})), inputs)
+    ratio = (fused_f.total + fused_b.total) / (eager_f.total + eager_b.total)
+    assert ratio <= 0.6, f"{name}: fused/eager bytes {ratio:.3f}"
+    assert (fused_f.launches, fused_b.launches) == (1, 2), (fused_f, fused_b)
+
+
 @pytest.mark.skipif(isinstance(toolchain(), str), reason="the CUDA kernels' counts come from cuda-host-check")
-@pytest.mark.parametrize("case", [c for c in CASES if c[0].startswith(("accumulate_norm", "probe_norm"))],
+@pytest.mark.parametrize("case", [c for c in CASES if c[0].startswith(("accumulate_norm", "hybrid", "probe_norm"))],
                          ids=lambda c: c[0])
 def test_cuda_norm_kernels_read_each_input_once(case):
-    """The host execution counts each byte a CUDA kernel touches once: every norm forward moves exactly
-    its docstring bytes in one launch, and every backward at most its docstring bytes in two (the
-    kernel, one sum of the partial rows it wrote once; a cast more for 16-bit parameters)."""
+    """The host execution counts each byte a CUDA kernel touches once: every norm forward (the hybrid
+    boundary's too) moves exactly its docstring bytes in one launch, and every backward at most its
+    docstring bytes in two (the kernel, one sum of the partial rows it wrote once; a cast more for
+    16-bit parameters)."""
     name, fused, _, inputs, kwargs, (forward_bound, backward_bound) = case
     cuda = cuda_host_ops()
     forward, backward = measure(lambda *a: cuda[fused.__name__](*a, **kwargs), inputs)

@@ -78,20 +78,49 @@ def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def new_partial_rows(has_bias: bool, programs: int, dim: int, device: torch.device, zeroed: bool = False):
-    """float32 (1 + has_bias, programs, dim): the dweight (and dbias) partial rows of a norm backward
-    in one buffer, so that one launch sums them all (and one zeroes them, where a kernel adds into
-    them); row 0 holds dweight's, row 1 dbias's."""
-    shape = (1 + has_bias, programs, dim)
+def partial_width(dim: int, has_bias: bool, scalars: int = 0) -> int:
+    """Columns of a norm backward's partial rows: dweight's D, dbias's D, then `scalars` single sums
+    (the hybrid's dgate and dlong_weight), padded to 8 floats so every program's row starts 32-byte
+    aligned for the CUDA kernels' packed stores (the padding is neither written nor summed)."""
+    width = (1 + has_bias) * dim + scalars
+    return width if not scalars else -(-width // 8) * 8
+
+
+def new_partial_rows(programs: int, width: int, device: torch.device, zeroed: bool = False) -> torch.Tensor:
+    """float32 (programs, width): each program of a norm backward writes its partial sums of dweight,
+    dbias (and scalars, see partial_width) into its own row, so that one launch sums them all (and
+    one zeroes them, where a kernel adds into them)."""
     if zeroed:
-        return torch.zeros(shape, dtype=torch.float32, device=device)
-    return new_buffer(shape, torch.float32, device)
+        return torch.zeros((programs, width), dtype=torch.float32, device=device)
+    return new_buffer((programs, width), torch.float32, device)
 
 
-def sum_partial_rows(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(1 + has_bias, dim) in `dtype`: dweight (and dbias) in one reduction launch (one cast more
-    for 16-bit parameters); the autograd formulas split the rows."""
-    return partials.sum(1).to(dtype)
+def sum_partial_rows(partials: torch.Tensor) -> torch.Tensor:
+    """float32 (width,): every partial sum reduced in one launch; the autograd formulas slice it and
+    cast each parameter's gradient to that parameter's dtype."""
+    return partials.sum(0)
+
+
+def parameter_spec(param: torch.Tensor | None):
+    """(shape, dtype) of a parameter whose gradient comes from partial rows, or None; what the
+    autograd formulas keep of a parameter they do not save."""
+    return None if param is None else (param.shape, param.dtype)
+
+
+def parameter_grads(dparams: torch.Tensor, *specs) -> list:
+    """The gradients of the parameters that `specs` describe (parameter_spec's, in partial_width's
+    column order) from a reduced partial row, each shaped and typed like its parameter; None where
+    a spec is None (that parameter has no columns)."""
+    grads, start = [], 0
+    for spec in specs:
+        if spec is None:
+            grads.append(None)
+            continue
+        shape, dtype = spec
+        size = shape.numel()
+        grads.append(dparams[start:start + size].view(shape).to(dtype))
+        start += size
+    return grads
 
 
 MAX_WARPS = 16  # 512 threads a program keep 128 registers each
@@ -155,6 +184,29 @@ def register_cuda_twin(forward_name: str, backward_name: str, forward_fake, back
 
 # ----------------------------------------------------------------------------- Triton helpers
 
+# Triton's interpreter converts float32 to bfloat16 by truncation where a GPU rounds to nearest, a bias
+# that sums up in reductions (a gate's gradient) and doubles a GEMM's error when its truncated output
+# feeds the next GEMM; there the kernels round to nearest by hand (a constant False on a GPU).
+ROUND_BF16_BY_HAND = tl.constexpr(TRITON_INTERPRETED)
+
+
+@triton.jit
+def nearest_bf16(v):
+    """float32 v rounded to the nearest bfloat16 (ties to even), still float32."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def in_dtype_of(ptr, value):
+    """value in ptr's element dtype, rounded to nearest as a GPU rounds (see ROUND_BF16_BY_HAND)."""
+    if ROUND_BF16_BY_HAND:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            value = nearest_bf16(value.to(tl.float32))
+    return value.to(ptr.dtype.element_ty)
+
+
 @triton.jit
 def load_rows(ptr, rows, cols, stride, mask):
     """A (BLOCK_ROWS, BLOCK_D) tile of a (rows, D) matrix as float32; 64-bit row offsets."""
@@ -165,7 +217,7 @@ def load_rows(ptr, rows, cols, stride, mask):
 @triton.jit
 def store_rows(ptr, rows, cols, stride, mask, value):
     offsets = rows.to(tl.int64)[:, None] * stride + cols[None, :]
-    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + offsets, in_dtype_of(ptr, value), mask=mask)
 
 
 @triton.jit
@@ -184,11 +236,11 @@ def affine(v_hat, w_ptr, b_ptr, cols, dim, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def store_partial_rows(dw_ptr, db_ptr, pid, dim, cols, dw, db, HAS_BIAS: tl.constexpr):
-    """This program's dweight (and dbias) partial row; the launcher sums the rows."""
-    tl.store(dw_ptr + pid * dim + cols, dw, mask=cols < dim)
+def store_partial_rows(dw_ptr, db_ptr, pid, partial_stride, dim, cols, dw, db, HAS_BIAS: tl.constexpr):
+    """This program's dweight (and dbias) partial sums, into its row of the partial rows."""
+    tl.store(dw_ptr + pid * partial_stride + cols, dw, mask=cols < dim)
     if HAS_BIAS:
-        tl.store(db_ptr + pid * dim + cols, db, mask=cols < dim)
+        tl.store(db_ptr + pid * partial_stride + cols, db, mask=cols < dim)
 
 
 @triton.jit

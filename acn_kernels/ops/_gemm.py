@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_in_fp32, new_buffer, rows_of
+from ._common import dot_in_fp32, in_dtype_of, new_buffer, rows_of
 
 # act'(z) needs z itself for these; relu reads h > 0 and identity needs nothing.
 # The constants are constexpr globals; each expression keeps a tensor on the left of them, since
@@ -66,24 +66,6 @@ def activation_grad(saved, ACTIVATION: tl.constexpr):
         sig = tl.sigmoid(saved)
         grad = sig * (1.0 + saved * (1.0 - sig))
     return grad
-
-
-@triton.jit
-def nearest_bf16(v):
-    """v rounded to the nearest bfloat16 (ties to even), still float32: Triton's interpreter converts
-    float32 to bfloat16 by truncation where a GPU rounds, and a truncated h fed to the next GEMM
-    doubles the error. Used only where DOT_IN_FP32 (interpreting bfloat16) is set (in_dtype_of)."""
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def in_dtype_of(ptr, value, DOT_IN_FP32: tl.constexpr):
-    """A float32 value in ptr's element dtype, rounded to nearest where the interpreter would truncate."""
-    if DOT_IN_FP32 and ptr.dtype.element_ty == tl.bfloat16:
-        value = nearest_bf16(value)
-    return value.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -132,26 +114,26 @@ def gemm_kernel(
     tile_start = (pid_m * BLOCK_M).to(tl.int64) * N  # 64-bit once; 32-bit offsets inside the tile
     offsets = tl.arange(0, BLOCK_M)[:, None] * N + cols[None, :]
     if EPILOGUE == "weight_grad":
-        tl.store(h_ptr + tile_start + offsets, in_dtype_of(h_ptr, acc, DOT_IN_FP32), mask=mask)
+        tl.store(h_ptr + tile_start + offsets, in_dtype_of(h_ptr, acc), mask=mask)
         if HAS_BIAS:
             if pid_n == 0:
-                tl.store(bias_ptr + rows, in_dtype_of(bias_ptr, row_sums, DOT_IN_FP32), mask=rows < M)
+                tl.store(bias_ptr + rows, in_dtype_of(bias_ptr, row_sums), mask=rows < M)
     if EPILOGUE == "times_activation_grad":
         if ACTIVATION != "identity":
             acc *= activation_grad(tl.load(z_ptr + tile_start + offsets, mask=mask, other=0.0).to(tl.float32),
                                    ACTIVATION)
-        tl.store(h_ptr + tile_start + offsets, in_dtype_of(h_ptr, acc, DOT_IN_FP32), mask=mask)
+        tl.store(h_ptr + tile_start + offsets, in_dtype_of(h_ptr, acc), mask=mask)
     if EPILOGUE == "forward":
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if STORE_Z:
-            tl.store(z_ptr + tile_start + offsets, in_dtype_of(z_ptr, acc, DOT_IN_FP32), mask=mask)
-        h = in_dtype_of(h_ptr, activation(acc, ACTIVATION), DOT_IN_FP32)
+            tl.store(z_ptr + tile_start + offsets, in_dtype_of(z_ptr, acc), mask=mask)
+        h = in_dtype_of(h_ptr, activation(acc, ACTIVATION))
         if STORE_H:
             tl.store(h_ptr + tile_start + offsets, h, mask=mask)
         if HAS_Y:
             y = tl.load(y_ptr + tile_start + offsets, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_out_ptr + tile_start + offsets, in_dtype_of(y_out_ptr, y + h.to(tl.float32), DOT_IN_FP32),
+            tl.store(y_out_ptr + tile_start + offsets, in_dtype_of(y_out_ptr, y + h.to(tl.float32)),
                      mask=mask)
 
 
@@ -252,7 +234,7 @@ def launch_gemm(a, a_strides, b, b_strides, out, M, N, K, epilogue: str, activat
                 bias=None, y=None, z=None, y_out=None, store_z: bool = False) -> None:
     """One launch of gemm_kernel: out (M, N) = a @ b.T through the given strides, then `epilogue`;
     out None: the forward epilogue stores y_out (and z) only. Pointers of absent tensors stand in for
-    them, never touched (a's: in_dtype_of still rounds h to x's dtype)."""
+    them, never touched."""
     stand_in = out if out is not None else a
     flags = dict(EPILOGUE=epilogue, ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_Y=y is not None,
                  STORE_H=out is not None, STORE_Z=store_z, DOT_IN_FP32=dot_in_fp32(a.dtype),

@@ -42,7 +42,8 @@ import triton.language as tl
 from .. import reference
 from .._validation import check_choice
 from ..backend import resolve_backend
-from ._common import check_device, check_running_sum, check_shape, check_tensor, new_buffer, register_cuda_twin, rows_of
+from ._common import (check_device, check_running_sum, check_shape, check_tensor, in_dtype_of, new_buffer,
+                      register_cuda_twin, rows_of)
 from ._gemm import (activation_grad, activation_grad_input, eager_weight_grad, fused_weight_grad, launch_forward,
                     saves_preactivation)
 
@@ -64,7 +65,7 @@ def activation_backward_kernel(
     if ACTIVATION != "identity":
         saved = tl.load(saved_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         grad *= activation_grad(saved, ACTIVATION)
-    tl.store(dz_ptr + offsets, grad.to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + offsets, in_dtype_of(dz_ptr, grad), mask=mask)
 
 
 ELEMENTWISE_BLOCK = 1024

@@ -39,8 +39,9 @@ from .accumulate_norm import launch_backward as rows_backward
 from .accumulate_norm import launch_forward as rows_forward
 from ._common import (affine, check_eps, check_norm_kind, check_norm_params, check_tensor, fits_in_registers,
                       launch_options, load_param_row, load_rows, new_buffer, new_partial_rows, norm_input_grad,
-                      normalize_tile, reduction_programs, register_cuda_twin, renormalize, row_tile, rows_of,
-                      saved_row_stats, store_partial_rows, store_rows, sum_partial_rows)
+                      normalize_tile, parameter_grads, parameter_spec, partial_width, reduction_programs,
+                      register_cuda_twin, renormalize, row_tile, rows_of, saved_row_stats, store_partial_rows,
+                      store_rows, sum_partial_rows)
 
 # Row elements a thread holds: the backward keeps the running sum (a pair), the running gradient and
 # the norm backward's values live at once (compile-report checks that these do not spill).
@@ -92,7 +93,7 @@ def probe_norm_fwd_kernel(
 def probe_norm_bwd_kernel(
     dout_ptr, xs_ptr, w_ptr, mean_ptr, rstd_ptr, dxs_ptr, dw_ptr, db_ptr,
     depth, n_rows, dim, dout_layer_stride, dout_row_stride, xs_layer_stride, xs_row_stride,
-    dxs_layer_stride, dxs_row_stride,
+    dxs_layer_stride, dxs_row_stride, partial_stride,
     HAS_BIAS: tl.constexpr, IS_LAYERNORM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -124,7 +125,7 @@ def probe_norm_bwd_kernel(
             grad += norm_input_grad(dout, v_hat, w, rstd, mask, dim, IS_LAYERNORM)
             store_rows(dxs_ptr + k * dxs_layer_stride, rows, cols, dxs_row_stride, mask, grad)
             hi, lo = add_compensated(hi, lo, -load_rows(xs_ptr + k * xs_layer_stride, rows, cols, xs_row_stride, mask))
-    store_partial_rows(dw_ptr, db_ptr, pid, dim, cols, dw, db, HAS_BIAS)
+    store_partial_rows(dw_ptr, db_ptr, pid, partial_stride, dim, cols, dw, db, HAS_BIAS)
 
 
 def layers_of(t: torch.Tensor) -> torch.Tensor:
@@ -158,14 +159,15 @@ def launch_backward(dout3, xs3, weight, mean, rstd, has_bias: bool, is_layernorm
     block_rows, block_d, num_warps = row_tile(dim, bwd_per_thread(xs3.dtype))
     programs = backward_programs(n_rows, dim, xs3.dtype, device)
     dxs = new_buffer((depth, n_rows, dim), xs3.dtype, device)
-    partials = new_partial_rows(has_bias, programs, dim, device)
+    width = partial_width(dim, has_bias)
+    partials = new_partial_rows(programs, width, device)
     probe_norm_bwd_kernel[(programs,)](
-        dout3, xs3, weight, mean if mean is not None else rstd, rstd, dxs, partials[0], partials[-1],
+        dout3, xs3, weight, mean if mean is not None else rstd, rstd, dxs, partials, partials[:, dim:],
         depth, n_rows, dim, dout3.stride(0), dout3.stride(1), xs3.stride(0), xs3.stride(1),
-        dxs.stride(0), dxs.stride(1),
+        dxs.stride(0), dxs.stride(1), width,
         HAS_BIAS=has_bias, IS_LAYERNORM=is_layernorm, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
         **launch_options(num_warps))
-    return dxs, sum_partial_rows(partials, weight.dtype)
+    return dxs, sum_partial_rows(partials)
 
 
 def running_sums(xs3: torch.Tensor) -> torch.Tensor:
@@ -191,7 +193,7 @@ def probe_norm_fwd(xs: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     if is_wide(xs3.shape[-1]):
-        _, out, mean, rstd = rows_forward(running_sums(xs3), None, weight, bias, eps, is_layernorm, False,
+        _, out, mean, rstd, _ = rows_forward(running_sums(xs3), None, weight, bias, eps, is_layernorm, False,
                                           out_dtype=xs.dtype)
         mean = mean.view(xs3.shape[:2]) if mean is not None else None
         rstd = rstd.view(xs3.shape[:2])
@@ -209,12 +211,12 @@ def probe_norm_fwd_fake(xs, weight, bias, eps, is_layernorm):
 @torch.library.custom_op("acn_kernels::probe_norm_bwd", mutates_args=())
 def probe_norm_bwd(dout: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                    rstd: torch.Tensor, has_bias: bool, is_layernorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dxs, dparams): dparams (1 + has_bias, D) holds dweight and dbias (one reduction launch)."""
+    """(dxs, dparams): dparams, float32 (partial_width,), holds dweight and dbias (one reduction launch)."""
     xs3 = layers_of(xs)
     weight = weight.contiguous()
     mean = mean if is_layernorm else None
     if is_wide(xs3.shape[-1]):
-        dys, _, dparams = rows_backward(rows_of(dout), None, running_sums(xs3), weight,
+        dys, _, dparams, _ = rows_backward(rows_of(dout), None, running_sums(xs3), weight,
                                        mean.view(-1) if mean is not None else None, rstd.view(-1), has_bias,
                                        is_layernorm, torch.float32, None)
         dxs = dys.view(xs3.shape).flip(0).cumsum(0).flip(0).to(xs.dtype)
@@ -225,7 +227,7 @@ def probe_norm_bwd(dout: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, m
 
 @probe_norm_bwd.register_fake
 def probe_norm_bwd_fake(dout, xs, weight, mean, rstd, has_bias, is_layernorm):
-    return xs.new_empty(xs.shape), weight.new_empty((1 + has_bias, weight.shape[0]))
+    return xs.new_empty(xs.shape), weight.new_empty(partial_width(weight.shape[0], has_bias), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -236,13 +238,14 @@ def setup_context(ctx, inputs, output):
     ctx.save_for_backward(xs, weight, mean, rstd)
     ctx.set_materialize_grads(False)  # unused outputs send None, not a zero-filled tensor
     ctx.has_bias, ctx.is_layernorm = bias is not None, is_layernorm
+    ctx.param_specs = (parameter_spec(weight), parameter_spec(bias))
 
 
 def make_backward(backward_op):
     def backward(ctx, dout, _dmean, _drstd):
         xs, weight, mean, rstd = ctx.saved_tensors
         dxs, dparams = backward_op(dout, xs, weight, mean, rstd, ctx.has_bias, ctx.is_layernorm)
-        return dxs, dparams[0], (dparams[1] if ctx.has_bias else None), None, None
+        return dxs, *parameter_grads(dparams, *ctx.param_specs), None, None
     return backward
 
 

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import product
 
 import torch
 
@@ -38,7 +39,7 @@ class Build:
 
     def config(self) -> str:
         shown = {k: v for k, v in self.constexprs.items() if k.startswith(("BLOCK", "ACTIVATION", "EPILOGUE"))
-                 or (k == "STORE_H" and not v)}
+                 or (k == "STORE_H" and not v) or (k == "HYBRID" and v)}
         precision = {"INPUT_PRECISION": self.constexprs["INPUT_PRECISION"]} if self.dtype == torch.float32 and \
             "INPUT_PRECISION" in self.constexprs else {}
         return " ".join(f"{k}={v}" for k, v in {**shown, **precision}.items()) + f" warps={self.num_warps}"
@@ -56,28 +57,37 @@ def norm_builds():
     from ..ops.probe_norm import BWD_PER_THREAD as PROBE_BWD, FWD_PER_THREAD as PROBE_FWD, bwd_per_thread
 
     stats = ("w_ptr", "b_ptr", "mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr")
-    fwd = (dict(HAS_Y=True, HAS_BIAS=True, IS_LAYERNORM=True, NORMALIZE_SUM=True), stats + ("y_ptr", "y_out_ptr"))
-    bwd = (dict(HAS_DY_OUT=True, STORE_DY=True, HAS_BIAS=True, IS_LAYERNORM=True), stats + ("dy_out_ptr", "dy_ptr"))
-    probe = (dict(HAS_BIAS=True, IS_LAYERNORM=True), stats)
+    scalars = ("gate_ptr", "long_weight_ptr", "dscalars_ptr")
+    plain_fwd = dict(HAS_Y=True, HAS_BIAS=True, IS_LAYERNORM=True, NORMALIZE_SUM=True, HYBRID=False, LONG_WEIGHT=False)
+    plain_bwd = dict(HAS_DY_OUT=True, STORE_DY=True, HAS_BIAS=True, IS_LAYERNORM=True, HYBRID=False, LONG_WEIGHT=False,
+                     HAS_DSHORT_OUT=False)
+    # the boundary kernels twice: accumulate_norm's (float32 y, the sum normalized) and the hybrid's
+    boundary_fwd = ((plain_fwd, stats + ("y_ptr", "y_out_ptr")),
+                    ({**plain_fwd, "NORMALIZE_SUM": False, "HYBRID": True, "LONG_WEIGHT": True},
+                     stats + scalars + ("y_ptr", "y_out_ptr")))
+    boundary_bwd = ((plain_bwd, stats + ("dy_out_ptr", "dy_ptr")),
+                    ({**plain_bwd, "STORE_DY": False, "HYBRID": True, "LONG_WEIGHT": True, "HAS_DSHORT_OUT": True},
+                     stats + scalars + ("dy_out_ptr",)))
+    probe = ((dict(HAS_BIAS=True, IS_LAYERNORM=True), stats),)
     norm, probe_module = "acn_kernels.ops.accumulate_norm", "acn_kernels.ops.probe_norm"
-    # (module, kernel, flags and float32 pointers, elements per thread by dtype, widest row in registers)
+    # (module, kernel, variants of flags and float32 pointers, elements per thread by dtype, widest row in registers)
     row_kernels = (
-        (norm, "accumulate_norm_fwd_kernel", fwd, lambda _: FWD_PER_THREAD, FWD_PER_THREAD),
-        (norm, "accumulate_norm_bwd_kernel", bwd, lambda _: BWD_PER_THREAD, BWD_PER_THREAD),
+        (norm, "accumulate_norm_fwd_kernel", boundary_fwd, lambda _: FWD_PER_THREAD, FWD_PER_THREAD),
+        (norm, "accumulate_norm_bwd_kernel", boundary_bwd, lambda _: BWD_PER_THREAD, BWD_PER_THREAD),
         (probe_module, "probe_norm_fwd_kernel", probe, lambda _: PROBE_FWD, PROBE_BWD),
         (probe_module, "probe_norm_bwd_kernel", probe, bwd_per_thread, PROBE_BWD),
     )
-    for module, kernel, (flags, fp32_pointers), per_thread, widest_per_thread in row_kernels:
+    for module, kernel, variants, per_thread, widest_per_thread in row_kernels:
         widest = chunk_tile(1, widest_per_thread)[0]
-        for block_d in (2 ** p for p in range(widest.bit_length())):
-            for dtype in DTYPES:
-                block_rows, _, num_warps = row_tile(block_d, per_thread(dtype))
-                yield Build(module, kernel, dtype, {**flags, "BLOCK_ROWS": block_rows, "BLOCK_D": block_d},
-                            fp32_pointers, **launch_options(num_warps))
-    for kernel, (flags, fp32_pointers), per_thread in (("accumulate_norm_fwd_wide_kernel", fwd, FWD_PER_THREAD),
-                                                       ("accumulate_norm_bwd_wide_kernel", bwd, BWD_PER_THREAD)):
+        for (flags, fp32_pointers), block_d, dtype in product(variants, (2 ** p for p in range(widest.bit_length())),
+                                                               DTYPES):
+            block_rows, _, num_warps = row_tile(block_d, per_thread(dtype))
+            yield Build(module, kernel, dtype, {**flags, "BLOCK_ROWS": block_rows, "BLOCK_D": block_d},
+                        fp32_pointers, **launch_options(num_warps))
+    for kernel, variants, per_thread in (("accumulate_norm_fwd_wide_kernel", boundary_fwd, FWD_PER_THREAD),
+                                         ("accumulate_norm_bwd_wide_kernel", boundary_bwd, BWD_PER_THREAD)):
         block_d, _, num_warps = chunk_tile(1, per_thread)
-        for dtype in DTYPES:
+        for (flags, fp32_pointers), dtype in product(variants, DTYPES):
             yield Build(norm, kernel, dtype, {**flags, "BLOCK_D": block_d}, fp32_pointers, **launch_options(num_warps))
 
 
@@ -166,7 +176,8 @@ def ptxas_report(ptx: str, capability: int) -> tuple[int, int]:
 PARAM_LOAD = re.compile(r"ld\.param\.\w+\s+(%\w+),\s*\[\w+_param_(\d+)\]")
 REGISTER = re.compile(r"%[a-z]+\d+")
 # Norm parameters, statistics and partial rows: every other pointer a kernel takes is row data.
-NOT_ROW_DATA = ("w_ptr", "b_ptr", "mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr")
+NOT_ROW_DATA = ("w_ptr", "b_ptr", "mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr", "gate_ptr", "long_weight_ptr",
+                "dscalars_ptr")
 
 
 def _instruction(line: str) -> str:

@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from ..ops._common import partial_width
 from ..ops._gemm import saves_preactivation
 from ..ops.linear_act_accumulate import ACTIVATIONS  # row_math.h's codes, in order
 
@@ -94,7 +95,7 @@ def build_library(csrc: pathlib.Path = CSRC, cache: pathlib.Path | None = None) 
 
 # ----------------------------------------------------------------------------- the layer's runtime
 
-PARAMETER_BUFFERS = ("weight", "bias", "mean", "rstd", "dw_partial", "db_partial")
+PARAMETER_BUFFERS = ("weight", "bias", "mean", "rstd", "partial_rows", "gate", "long_weight")
 
 
 @dataclass
@@ -220,6 +221,15 @@ def _code(dtype: torch.dtype) -> int:
     return DTYPE_CODES[dtype]
 
 
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.float() if t is not None else None
+
+
+def _partial_pointers(partials: torch.Tensor, dim: int, has_bias: bool) -> tuple:
+    """The dweight and dbias pointers into (programs, width) partial rows: columns 0 and D."""
+    return _ptr(partials), _ptr(partials[:, dim:] if has_bias else None)
+
+
 # ----------------------------------------------------------------------------- bindings.cpp, mirrored
 
 class HostOps:
@@ -250,6 +260,7 @@ class HostOps:
         k, dim = self.k, normalized.shape[-1]
         rows = normalized.numel() // dim
         programs = k.reduction_programs(rows)
+        width = partial_width(dim, has_bias)
         y_dtype = dy_out.dtype if dy_out is not None else (torch.float32 if dy_dtype is not None else dout.dtype)
         with k.call():
             dout2, v2 = k.place("dout", dout.reshape(-1, dim)), k.place("normalized", normalized.reshape(-1, dim))
@@ -257,15 +268,57 @@ class HostOps:
             w, mean_c, rstd_c = k.place("weight", weight.float()), k.place("mean", mean), k.place("rstd", rstd)
             dx = k.output("dx", (rows, dim), dout.dtype)
             dy = k.output("dy", (rows, dim), dy_dtype) if dy_dtype is not None else None
-            partials = k.output("partial_rows", (1 + has_bias, programs, dim), torch.float32)
+            partials = k.output("partial_rows", (programs, width), torch.float32)
             k.library.acn_host_accumulate_norm_backward(
                 _code(dout.dtype), _code(y_dtype), _ptr(dout2), _ptr(dy_out2), _ptr(v2),
                 int(normalized.dtype != dout.dtype), _ptr(w), _ptr(mean_c if is_layernorm else None), _ptr(rstd_c),
-                _ptr(dx), _ptr(dy), _ptr(partials[0]), _ptr(partials[1] if has_bias else None),
+                _ptr(dx), _ptr(dy), *_partial_pointers(partials, dim, has_bias), ctypes.c_longlong(width),
                 ctypes.c_longlong(rows), dim, programs)
         shape = normalized.shape
-        return (dx.view(shape), dy.view(shape) if dy is not None else dout.new_empty(0),
-                partials.sum(1).to(weight.dtype))
+        return dx.view(shape), dy.view(shape) if dy is not None else dout.new_empty(0), partials.sum(0)
+
+    def hybrid_accumulate_norm_fwd(self, x, f, y, gate, weight, bias, long_weight, eps, is_layernorm):
+        k, dim = self.k, x.shape[-1]
+        rows = x.numel() // dim
+        stores_y = y is not None or long_weight is not None
+        with k.call():
+            x2, f2 = k.place("x", x.reshape(-1, dim)), k.place("f", f.reshape(-1, dim))
+            y2 = k.place("y", y.reshape(-1, dim) if y is not None else None)
+            g, lw = k.place("gate", gate.float()), k.place("long_weight", _float(long_weight))
+            w, b = k.place("weight", weight.float()), k.place("bias", _float(bias))
+            x_next = k.output("x_next", f2.shape, x.dtype)
+            y_out = k.output("y_out", f2.shape, y.dtype if y is not None else f.dtype) if stores_y else None
+            out = k.output("out", f2.shape, x.dtype)
+            mean = k.output("mean", (rows if is_layernorm else 0,), torch.float32)
+            rstd = k.output("rstd", (rows,), torch.float32)
+            k.library.acn_host_hybrid_accumulate_norm_forward(
+                _code(x.dtype), _code(y.dtype if y is not None else x.dtype), _ptr(x2), _ptr(f2), _ptr(y2), _ptr(g),
+                _ptr(lw), _ptr(w), _ptr(b), _ptr(x_next), _ptr(y_out), _ptr(out),
+                _ptr(mean if is_layernorm else None), _ptr(rstd), ctypes.c_longlong(rows), dim, ctypes.c_float(eps))
+        return (x_next.view(x.shape), y_out.view(x.shape) if stores_y else x.new_empty(0), out.view(x.shape), mean,
+                rstd)
+
+    def hybrid_accumulate_norm_bwd(self, dout, dx_next, dy_out, x, f, x_next, gate, weight, long_weight, mean, rstd,
+                                   has_bias, is_layernorm):
+        k, dim = self.k, x_next.shape[-1]
+        rows = x_next.numel() // dim
+        programs = k.reduction_programs(rows)
+        width = partial_width(dim, has_bias, 1 + (long_weight is not None))
+        with k.call():
+            placed = [k.place(name, t.reshape(-1, dim) if t is not None else None) for name, t in
+                      (("dout", dout), ("dx_next", dx_next), ("dy_out", dy_out), ("x", x), ("f", f),
+                       ("x_next", x_next))]
+            g, lw = k.place("gate", gate.float()), k.place("long_weight", _float(long_weight))
+            w, mean_c, rstd_c = k.place("weight", weight.float()), k.place("mean", mean), k.place("rstd", rstd)
+            dx, df = k.output("dx", (rows, dim), x.dtype), k.output("df", (rows, dim), f.dtype)
+            partials = k.output("partial_rows", (programs, width), torch.float32)
+            k.library.acn_host_hybrid_accumulate_norm_backward(
+                _code(x_next.dtype), _code(dy_out.dtype if dy_out is not None else x_next.dtype),
+                *map(_ptr, placed), _ptr(g), _ptr(lw), _ptr(w), _ptr(mean_c if is_layernorm else None), _ptr(rstd_c),
+                _ptr(dx), _ptr(df), _ptr(partials), ctypes.c_longlong(width), int(has_bias), ctypes.c_longlong(rows),
+                dim, programs)
+        sums = (1 + has_bias) * dim + 1 + (long_weight is not None)  # the padding is not summed
+        return dx.view(x.shape), df.view(f.shape), partials[:, :sums].sum(0)
 
     def probe_norm_fwd(self, xs, weight, bias, eps, is_layernorm):
         k, depth, dim = self.k, xs.shape[0], xs.shape[-1]
@@ -289,12 +342,13 @@ class HostOps:
             xs3, dout3 = k.place("xs", xs), k.place("dout", dout.to(xs.dtype))
             w, mean_c, rstd_c = k.place("weight", weight.float()), k.place("mean", mean), k.place("rstd", rstd)
             dxs = k.output("dxs", xs.shape, xs.dtype)
-            partials = k.output("partial_rows", (1 + has_bias, programs, dim), torch.float32)
+            width = partial_width(dim, has_bias)
+            partials = k.output("partial_rows", (programs, width), torch.float32)
             k.library.acn_host_probe_norm_backward(
                 _code(xs.dtype), _ptr(dout3), _ptr(xs3), _ptr(w), _ptr(mean_c if is_layernorm else None),
-                _ptr(rstd_c), _ptr(dxs), _ptr(partials[0]), _ptr(partials[1] if has_bias else None), depth,
-                ctypes.c_longlong(rows), dim, programs)
-        return dxs, partials.sum(1).to(weight.dtype)
+                _ptr(rstd_c), _ptr(dxs), *_partial_pointers(partials, dim, has_bias), ctypes.c_longlong(width),
+                depth, ctypes.c_longlong(rows), dim, programs)
+        return dxs, partials.sum(0)
 
     def linear_act_accumulate_fwd(self, x, weight, bias, y, activation, store_h=True):
         k, act = self.k, ACTIVATIONS.index(activation)
@@ -352,17 +406,22 @@ def autograd_twin(forward, backward, make_backward, setup_context):
 
 
 def public_ops(host: HostOps) -> dict:
-    """The three public ops, as `backend="cuda"` runs them, on the host-executed kernels."""
-    an, la, pn = (importlib.import_module(f"..ops.{name}", __package__)  # the modules, not the functions
-                  for name in ("accumulate_norm", "linear_act_accumulate", "probe_norm"))
+    """The public ops of the CUDA backend's kernels, as `backend="cuda"` runs them, on the host-executed
+    kernels (the hybrid op takes its long weight positionally, so that its gradient is checked)."""
+    an, hy, la, pn = (importlib.import_module(f"..ops.{name}", __package__)  # the modules, not the functions
+                      for name in ("accumulate_norm", "hybrid_accumulate_norm", "linear_act_accumulate", "probe_norm"))
 
     norm_fwd = autograd_twin(host.accumulate_norm_fwd, host.accumulate_norm_bwd, an.make_backward, an.setup_context)
+    hybrid_fwd = autograd_twin(host.hybrid_accumulate_norm_fwd, host.hybrid_accumulate_norm_bwd, hy.make_backward,
+                               hy.setup_context)
     probe_fwd = autograd_twin(host.probe_norm_fwd, host.probe_norm_bwd, pn.make_backward, pn.setup_context)
     linear_fwd = autograd_twin(host.linear_act_accumulate_fwd, host.activation_backward, la.make_backward,
                                la.setup_context)
     return {
         "accumulate_norm": lambda x, y, w, b, eps=1e-5, norm="layernorm", normalize="input":
             an.run_forward(norm_fwd, x, y, w, b, eps, norm, normalize),
+        "hybrid_accumulate_norm": lambda x, f, y, gate, w, b, long_weight=None, eps=1e-5, norm="layernorm":
+            hy.run_forward(hybrid_fwd, x, f, y, gate, w, b, long_weight, eps, norm),
         "probe_norm": lambda xs, w, b, eps=1e-5, norm="layernorm": pn.run_forward(probe_fwd, xs, w, b, eps, norm),
         "linear_act_accumulate": lambda x, w, b, y, activation="gelu":
             la.run_forward(linear_fwd, x, w, b, y, activation),
@@ -401,6 +460,10 @@ def all_cases() -> list[Case]:
                 continue  # the same launch as normalize="input" without y
             cases.append(Case("accumulate_norm", dtype, width, shift,
                               (("y", y), ("normalize", normalize), ("norm", norm), ("bias", bias))))
+        for y, long_weight, (norm, bias) in itertools.product(running_sums, (False, True),
+                                                              (("layernorm", True), ("rmsnorm", False))):
+            cases.append(Case("hybrid_accumulate_norm", dtype, width, shift,
+                              (("y", y), ("long_weight", long_weight), ("norm", norm), ("bias", bias))))
         for (norm, bias), terms in itertools.product((("layernorm", True), ("rmsnorm", False)), ("random", "cancel")):
             cases.append(Case("probe_norm", dtype, width, shift, (("norm", norm), ("bias", bias), ("terms", terms))))
         for activation, y in zip(ACTIVATIONS, itertools.cycle(running_sums)):
@@ -409,7 +472,7 @@ def all_cases() -> list[Case]:
 
 
 def _randn(*shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape) * scale).to(dtype)
+    return (torch.randn(shape) * scale).to(dtype)
 
 
 def case_inputs(case: Case):
@@ -422,6 +485,12 @@ def case_inputs(case: Case):
              "float32": _randn(ROWS, width, scale=3)}[o["y"]]
         args = (_randn(ROWS, width, dtype=d, scale=2) + 0.5, y, _randn(width), _randn(width) if o["bias"] else None)
         return reference.accumulate_norm, args, {"norm": o["norm"], "normalize": o["normalize"]}
+    if case.op == "hybrid_accumulate_norm":
+        y = {"none": None, "same": _randn(ROWS, width, dtype=d, scale=3),
+             "float32": _randn(ROWS, width, scale=3)}[o["y"]]
+        args = (_randn(ROWS, width, dtype=d, scale=2), _randn(ROWS, width, dtype=d) + 0.5, y, _randn(),
+                _randn(width), _randn(width) if o["bias"] else None, _randn() + 1 if o["long_weight"] else None)
+        return hybrid_reference, args, {"norm": o["norm"]}
     if case.op == "probe_norm":
         xs = _randn(3, ROWS, width, scale=2)
         if o["terms"] == "cancel":  # y_1 ~ 1e-5 of its terms, rebuilt in backward as y_2 - x_2 (x_2 large)
@@ -432,6 +501,12 @@ def case_inputs(case: Case):
     k = 24
     args = (_randn(ROWS, k, dtype=d), _randn(width, k, dtype=d, scale=3 * k ** -0.5), _randn(width, dtype=d), y)
     return reference.linear_act_accumulate, args, {"activation": o["activation"]}
+
+
+def hybrid_reference(x, f, y, gate, weight, bias, long_weight, **kwargs):
+    """The reference with the long weight positional, as public_ops takes it."""
+    from .. import reference
+    return reference.hybrid_accumulate_norm(x, f, y, gate, weight, bias, long_weight=long_weight, **kwargs)
 
 
 @dataclass

@@ -170,15 +170,23 @@ def measure(fn, inputs) -> tuple[Traffic, Traffic]:
 # ----------------------------------------------------------------------------- the report
 
 def _leaf(*shape, dtype=torch.float32):
-    return torch.randn(*shape).to(dtype).requires_grad_()
+    return torch.randn(shape).to(dtype).requires_grad_()
+
+
+def with_positional_long_weight(op):
+    """The hybrid op (or its reference) with the long weight positional, so that its gradient counts."""
+    def hybrid_accumulate_norm(x, f, y, gate, weight, bias, long_weight, **kwargs):
+        return op(x, f, y, gate, weight, bias, long_weight=long_weight, **kwargs)
+    return hybrid_accumulate_norm
 
 
 def op_cases(rows: int = 512, dim: int = 1024, depth: int = 6):
     """(name, fused op, its reference, inputs, kwargs, docstring bound) for each op at one size."""
     from .. import reference
-    from ..ops import accumulate_norm, feed_forward, linear, linear_act_accumulate, probe_norm
+    from ..ops import accumulate_norm, feed_forward, hybrid_accumulate_norm, linear, linear_act_accumulate, probe_norm
     from ..ops.accumulate_norm import traffic_bound as norm_bound
     from ..ops.feed_forward import traffic_bound as feed_forward_bound
+    from ..ops.hybrid_accumulate_norm import traffic_bound as hybrid_bound
     from ..ops.linear import traffic_bound as plain_linear_bound
     from ..ops.linear_act_accumulate import traffic_bound as linear_bound
     from ..ops.probe_norm import traffic_bound as probe_bound
@@ -191,6 +199,13 @@ def op_cases(rows: int = 512, dim: int = 1024, depth: int = 6):
             kwargs = {"normalize": normalize}
             cases.append((f"accumulate_norm {normalize} {tag}", accumulate_norm, reference.accumulate_norm,
                           (x, y, w, b), kwargs, norm_bound(x, y, w, b, **kwargs)))
+        f, gate = _leaf(rows, dim, dtype=dtype), _leaf()
+        for long_weight in (None, _leaf()):
+            cases.append((f"hybrid_accumulate_norm{' long weight' if long_weight is not None else ''} {tag}",
+                          with_positional_long_weight(hybrid_accumulate_norm),
+                          with_positional_long_weight(reference.hybrid_accumulate_norm),
+                          (x, f, y, gate, w, b, long_weight), {}, hybrid_bound(x, f, y, gate, w, b,
+                                                                                long_weight=long_weight)))
         xs = _leaf(depth, rows // depth, dim, dtype=dtype)
         cases.append((f"probe_norm L+1={depth} {tag}", probe_norm, reference.probe_norm, (xs, w, b), {},
                       probe_bound(xs, w, b)))

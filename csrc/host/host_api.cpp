@@ -16,9 +16,28 @@ void acn_host_accumulate_norm_forward(int x_dtype, int y_dtype, const void* x, c
 void acn_host_accumulate_norm_backward(int x_dtype, int y_dtype, const void* dout, const void* dy_out,
                                        const void* normalized, int v_is_y, const float* w, const float* mean,
                                        const float* rstd, void* dx, void* dy, float* dw_partial, float* db_partial,
-                                       long long rows, int dim, int programs) {
+                                       long long partial_stride, long long rows, int dim, int programs) {
   acn::accumulate_norm_backward(DType(x_dtype), DType(y_dtype), dout, dy_out, normalized, v_is_y != 0, w, mean, rstd,
-                                dx, dy, dw_partial, db_partial, rows, dim, programs, nullptr);
+                                dx, dy, dw_partial, db_partial, partial_stride, rows, dim, programs, nullptr);
+}
+
+void acn_host_hybrid_accumulate_norm_forward(int x_dtype, int y_dtype, const void* short_in, const void* x,
+                                             const void* y, const float* gate, const float* long_weight,
+                                             const float* w, const float* b, void* short_out, void* y_out, void* out,
+                                             float* mean, float* rstd, long long rows, int dim, float eps) {
+  acn::hybrid_accumulate_norm_forward(DType(x_dtype), DType(y_dtype), short_in, x, y, gate, long_weight, w, b,
+                                      short_out, y_out, out, mean, rstd, rows, dim, eps, nullptr);
+}
+
+void acn_host_hybrid_accumulate_norm_backward(int x_dtype, int y_dtype, const void* dout, const void* dshort_out,
+                                              const void* dy_out, const void* short_in, const void* x,
+                                              const void* normalized, const float* gate, const float* long_weight,
+                                              const float* w, const float* mean, const float* rstd, void* dshort,
+                                              void* dx, float* partials, long long partial_stride, int has_bias,
+                                              long long rows, int dim, int programs) {
+  acn::hybrid_accumulate_norm_backward(DType(x_dtype), DType(y_dtype), dout, dshort_out, dy_out, short_in, x,
+                                       normalized, gate, long_weight, w, mean, rstd, dshort, dx, partials,
+                                       partial_stride, has_bias != 0, rows, dim, programs, nullptr);
 }
 
 void acn_host_probe_norm_forward(int dtype, const void* xs, const float* w, const float* b, void* out, float* mean,
@@ -27,10 +46,10 @@ void acn_host_probe_norm_forward(int dtype, const void* xs, const float* w, cons
 }
 
 void acn_host_probe_norm_backward(int dtype, const void* dout, const void* xs, const float* w, const float* mean,
-                                  const float* rstd, void* dxs, float* dw_partial, float* db_partial, int depth,
-                                  long long rows, int dim, int programs) {
-  acn::probe_norm_backward(DType(dtype), dout, xs, w, mean, rstd, dxs, dw_partial, db_partial, depth, rows, dim,
-                           programs, nullptr);
+                                  const float* rstd, void* dxs, float* dw_partial, float* db_partial,
+                                  long long partial_stride, int depth, long long rows, int dim, int programs) {
+  acn::probe_norm_backward(DType(dtype), dout, xs, w, mean, rstd, dxs, dw_partial, db_partial, partial_stride, depth,
+                           rows, dim, programs, nullptr);
 }
 
 void acn_host_activation_epilogue(int dtype, int y_dtype, const void* z, const void* y, void* h, void* y_out,
