@@ -124,9 +124,9 @@ def long_connections_of(model: nn.Module) -> LongConnections:
     """The LongConnections that run `model`'s blocks; a clear error for a model that has none or whose
     depths are not nested sub-networks (residual and ffn twins)."""
     connectivity = getattr(model, "connectivity", "acn")
-    if connectivity != "acn":
-        raise ValueError(f"only an ACN can shrink (connectivity='acn'): the depths of a {connectivity} model "
-                         f"are not nested sub-networks, got connectivity={connectivity!r}")
+    if connectivity not in ("acn", "hybrid"):
+        raise ValueError(f"only an ACN (or a hybrid) can shrink: the depths of a {connectivity} model are not nested "
+                         f"sub-networks, got connectivity={connectivity!r}")
     if isinstance(model, LongConnections):
         return model
     found = [m.long_connections for m in model.modules() if isinstance(getattr(m, "long_connections", None),
@@ -236,13 +236,16 @@ class ShrinkOnCompression:
 
     def drop_blocks_past(self, depth: int) -> None:
         long = self.long_connections
-        dropped = list(long.blocks)[depth:long.depth]
+        dropped = [p for block in list(long.blocks)[depth:long.depth] for p in block.parameters()]
         if long.input_norms is not None:
-            dropped += list(long.input_norms)[depth:long.depth]
-        for module in dropped:
-            for parameter in module.parameters():
-                parameter.requires_grad_(False)
-                parameter.grad = None
+            dropped += [p for norm in list(long.input_norms)[depth:long.depth] for p in norm.parameters()]
+        if long.gates is not None:  # gate i joins block i's output into block i + 1's input
+            dropped += list(long.gates)[max(depth - 1, 0):long.depth - 1]
+        if long.long_weights is not None:
+            dropped += list(long.long_weights)[depth:long.depth]
+        for parameter in dropped:
+            parameter.requires_grad_(False)
+            parameter.grad = None
         long.set_active_depth(depth)
 
 

@@ -4,8 +4,19 @@
     y_k   = x_0 + x_1 + ... + x_k                   k = 0..L, the nested sub-networks
     out   = final_norm(y_L)                         (y_L itself without a final norm)
 
+gates="learned" makes it the hybrid (H-ACN): a gated short path beside the long one,
+
+    s_0   = x_0,   s_i = g_i * s_{i-1} + x_i        i = 1..L-1, the short path, g_i = gates[i-1]
+    x_i   = blocks[i](input_norms[i](s_{i-1}))      each block reads the short state
+    y_k   = x_0 + b_1 x_1 + ... + b_k x_k           b_i = long_weights[i-1] (1 unless long_weights=True)
+
+with L-1 learnable scalar gates (the last block's output feeds only the sum): every gate 0 is the
+ACN exactly, every gate 1 a residual chain whose outputs also feed the sum. The sums y_k are the same
+nested sub-networks, so probe, truncate, compress, early exit and ShrinkOnCompression work unchanged.
+
 On a fused backend each block boundary is one `accumulate_norm` (y += x_{i-1} and the next input
-norm in one pass), the final norm its normalize="sum" mode and `probe` one `probe_norm`; on
+norm in one pass; for the hybrid one `hybrid_accumulate_norm`, the short path too), the final norm
+its normalize="sum" mode and `probe` one `probe_norm`; on
 backend="reference" every norm module runs as it is (pure eager PyTorch). A block that needs its
 un-normalized input as well (the Mixer's tail skip) defines `run_normed(x, h)`, h = input_norm(x);
 a block that can add its own output to the running sum as it computes it (the MLP's GEMM epilogue)
@@ -27,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._validation import check_choice, check_real
 from .backend import BACKENDS, resolve_backend
-from .ops import accumulate_norm, probe_norm
+from .ops import accumulate_norm, hybrid_accumulate_norm, probe_norm
 
 
 def norm_kind(module: nn.Module, name: str) -> str:
@@ -55,13 +66,37 @@ def norm_parameters(module: nn.Module, x: torch.Tensor) -> tuple:
     return weight, getattr(module, "bias", None), eps
 
 
-class LongConnections(nn.Module):
-    """forward(x0, **block_kwargs) = final_norm(x_0 + ... + x_L); see the module docstring."""
+def scalar_parameters(name: str, given, count: int, init: float, trainable: bool) -> nn.ParameterList:
+    """`count` 0-dim parameters: new ones at `init` when `given` is "learned" (or True), else the
+    sequence given (shared with its owner: a truncated view, a model that registers them itself)."""
+    if given in ("learned", True):
+        return nn.ParameterList(nn.Parameter(torch.tensor(float(init)), requires_grad=trainable) for _ in range(count))
+    given = list(given)
+    if len(given) != count or any(not isinstance(p, torch.Tensor) or p.dim() != 0 for p in given):
+        raise ValueError(f"{name} must be 'learned' or {count} 0-dim tensors, got {len(given)} of shapes "
+                         f"{[tuple(getattr(p, 'shape', ())) for p in given]}")
+    return nn.ParameterList(given)
 
-    def __init__(self, blocks, input_norms=None, final_norm: nn.Module | None = None, backend: str = "auto"):
+
+class LongConnections(nn.Module):
+    """forward(x0, **block_kwargs) = final_norm(x_0 + ... + x_L); see the module docstring.
+    gates: None (the ACN), "learned" (the hybrid: L-1 scalar gates at gate_init, trained unless
+    learn_gates=False) or L-1 0-dim parameters to share; long_weights: False, True (L scalars at 1,
+    trained) or L 0-dim parameters to share."""
+
+    def __init__(self, blocks, input_norms=None, final_norm: nn.Module | None = None, backend: str = "auto",
+                 gates=None, gate_init: float = 0.5, learn_gates: bool = True, long_weights=False):
         super().__init__()
         check_choice("backend", backend, BACKENDS)
         self.blocks = blocks if isinstance(blocks, nn.ModuleList) else nn.ModuleList(blocks)
+        if gates is None and long_weights is not False:
+            raise ValueError("long_weights needs the hybrid's gates (gates='learned'): the ACN's long path has unit "
+                             "weights")
+        check_real("gate_init", gate_init, "a real number (the short path's starting weight)")
+        self.gates = None if gates is None else scalar_parameters("gates", gates, max(len(self.blocks) - 1, 0),
+                                                                  gate_init, learn_gates)
+        self.long_weights = None if long_weights is False else scalar_parameters("long_weights", long_weights,
+                                                                                 len(self.blocks), 1.0, True)
         if input_norms is not None:
             input_norms = input_norms if isinstance(input_norms, nn.ModuleList) else nn.ModuleList(input_norms)
             if len(input_norms) != len(self.blocks):
@@ -91,27 +126,51 @@ class LongConnections(nn.Module):
 
     # ------------------------------------------------------------------ the chain
 
-    def _step(self, i: int, x: torch.Tensor, y: torch.Tensor | None, x_in_y: bool, fused: bool,
-              block_kwargs: dict, keep_last_output: bool = True):
-        """(y, x_{i+1}, whether y holds x_{i+1}) for block i, given y and whether y holds x already.
-        Without keep_last_output, the last block's x_{i+1} may come back None, added into y."""
+    @property
+    def hybrid(self) -> bool:
+        return self.gates is not None
+
+    def _term(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block i's output as the sum takes it: times its long weight, where there are long weights."""
+        return x if self.long_weights is None else self.long_weights[i] * x
+
+    def _short_state(self, i: int, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The input of block i + 1 (before its norm) from block i's input s and output x: x itself for
+        the ACN, gates[i] * s + x for the hybrid."""
+        return x if not self.hybrid else torch.addcmul(x, self.gates[i], s)
+
+    def _step(self, i: int, s: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor | None, x_in_y: bool,
+              fused: bool, block_kwargs: dict, keep_last_output: bool = True):
+        """(s_i, y, x_{i+1}, whether y holds x_{i+1}) for block i, given x (x_0 or block i-1's output), the
+        input s of block i-1 (None for x_0), the sum y and whether y holds x already. s_i is block i's
+        input before its norm: x for the ACN, gates[i-1] * s + x for the hybrid. Without keep_last_output,
+        the last block's x_{i+1} may come back None, added into y."""
         block, last = self.blocks[i], i == self.depth - 1
-        run_accumulate = getattr(block, "run_accumulate", None) if fused else None
+        joins_short_path = self.hybrid and s is not None
+        run_accumulate = getattr(block, "run_accumulate", None) if fused and self.long_weights is None else None
         if run_accumulate is not None:  # the block adds its output to y itself, but where x_L is
-            y = y if x_in_y else self._add(y, x)  # wanted, the last one's goes to the final boundary
+            state = self._short_state(i - 1, s, x) if joins_short_path else x  # wanted, the last one's goes
+            y = y if x_in_y else self._add(y, x)                                # to the final boundary
             if last and keep_last_output:
-                return y, run_accumulate(x, None, self.backend)[0], False
-            x_next, y = run_accumulate(x, y, self.backend, keep_output=not last)
-            return y, x_next, True
-        if self.input_norms is None:
-            return (y if x_in_y else self._add(y, x)), block(x, **block_kwargs), False
-        norm = self.input_norms[i]
-        if fused and not x_in_y:
+                return state, y, run_accumulate(state, None, self.backend)[0], False
+            x_next, y = run_accumulate(state, y, self.backend, keep_output=not last)
+            return state, y, x_next, True
+        norm = None if self.input_norms is None else self.input_norms[i]
+        if fused and norm is not None and joins_short_path:
             weight, bias, eps = norm_parameters(norm, x)
-            y, h = accumulate_norm(x, y, weight, bias, eps=eps, norm=self.norm_kinds[i], backend=self.backend)
+            long_weight = None if self.long_weights is None else self.long_weights[i - 1]
+            state, y, h = hybrid_accumulate_norm(s, x, y, self.gates[i - 1], weight, bias, long_weight=long_weight,
+                                                 eps=eps, norm=self.norm_kinds[i], backend=self.backend)
+        elif fused and norm is not None and not x_in_y:
+            weight, bias, eps = norm_parameters(norm, x)
+            state, (y, h) = x, accumulate_norm(x, y, weight, bias, eps=eps, norm=self.norm_kinds[i],
+                                               backend=self.backend)
         else:
-            y, h = (y if x_in_y else self._add(y, x)), norm(x)
-        return y, self._run_normed(i, x, h, block_kwargs), False
+            state = self._short_state(i - 1, s, x) if joins_short_path else x
+            y = y if x_in_y else self._add(y, self._term(i - 1, x) if joins_short_path else x)
+            h = state if norm is None else norm(state)
+        x_next = block(h, **block_kwargs) if norm is None else self._run_normed(i, state, h, block_kwargs)
+        return state, y, x_next, False
 
     def _run_normed(self, i: int, x: torch.Tensor, h: torch.Tensor, block_kwargs: dict) -> torch.Tensor:
         """x_{i+1} from x_i and h = input_norms[i](x_i)."""
@@ -129,21 +188,23 @@ class LongConnections(nn.Module):
         return x if y is None else y + x
 
     def chain(self, x0: torch.Tensor, **block_kwargs):
-        """(y_{L-1}, x_L, [x_0..x_L]): the running sum before the last output, and every output."""
+        """(y_{L-1}, the last term of the sum, [the terms of the sum]): the running sum before the last
+        block's output, that output (times its long weight), and x_0 with every block's (ditto)."""
         return self._walk(x0, block_kwargs, keep_last_output=True)
 
     def _walk(self, x0: torch.Tensor, block_kwargs: dict, keep_last_output: bool):
         """chain; without keep_last_output, (y_L, None, outputs) where the last block adds x_L itself."""
         fused = self.fused(x0.device)
-        x, y, x_in_y, outputs = x0, None, False, [x0]
+        s, x, y, x_in_y, outputs = None, x0, None, False, [x0]
         for i in range(self.depth):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                y, x, x_in_y = checkpoint(self._step, i, x, y, x_in_y, fused, block_kwargs, keep_last_output,
-                                          use_reentrant=False)
+                s, y, x, x_in_y = checkpoint(self._step, i, s, x, y, x_in_y, fused, block_kwargs, keep_last_output,
+                                             use_reentrant=False)
             else:
-                y, x, x_in_y = self._step(i, x, y, x_in_y, fused, block_kwargs, keep_last_output)
+                s, y, x, x_in_y = self._step(i, s, x, y, x_in_y, fused, block_kwargs, keep_last_output)
             outputs.append(x)
-        return (y, None, outputs) if x_in_y else (y, x, outputs)
+        terms = [outputs[0], *(self._term(i, x) for i, x in enumerate(outputs[1:]))] if keep_last_output else outputs
+        return (y, None, terms) if x_in_y else (y, self._term(self.depth - 1, x) if self.depth else x, terms)
 
     def sum_and_norm(self, y: torch.Tensor | None, x: torch.Tensor | None) -> tuple:
         """(y + x, final_norm(y + x)), the last boundary (y + x twice without a final norm); x None:
@@ -185,19 +246,24 @@ class LongConnections(nn.Module):
         head(final_norm(y_k)) puts a softmax probability of at least `threshold` on one class (the
         deepest active depth otherwise); blocks run only for the samples still going. Each depth's
         y_k and final_norm(y_k) are one accumulate_norm(normalize="sum") on fused backends. Block
-        kwargs are passed as given, so they must not have a batch dimension."""
-        def boundary(x, y):
-            return (x, *self.sum_and_norm(y, x))
+        kwargs are passed as given, so they must not have a batch dimension. The state of a depth:
+        (the next block's input, y_k, final_norm(y_k))."""
+        def advance(i, state):
+            x = self._next_output(i, state[0], block_kwargs)
+            state_next = self._short_state(i, state[0], x) if i + 1 < self.depth else x
+            return (state_next, *self.sum_and_norm(state[1], self._term(i, x)))
 
-        return exit_early(boundary(x0, None), lambda i, state: boundary(self._next_output(i, state[0], block_kwargs),
-                                                                        state[1]),
-                          lambda state: head(state[2]), self.depth, threshold)
+        return exit_early((x0, *self.sum_and_norm(None, x0)), advance, lambda state: head(state[2]), self.depth,
+                          threshold)
 
     def truncate(self, k: int) -> "LongConnections":
-        """The first k blocks (and their norms), sharing every parameter."""
+        """The first k blocks (and their norms, gates and long weights), sharing every parameter."""
         check_depth(k, self.depth)
-        norms = {} if self.input_norms is None else {"input_norms": nn.ModuleList(list(self.input_norms)[:k])}
-        shallow = shallow_copy(self, blocks=nn.ModuleList(list(self.blocks)[:k]), **norms)
+        parts = {"blocks": nn.ModuleList(list(self.blocks)[:k])}
+        for name, count in (("input_norms", k), ("gates", max(k - 1, 0)), ("long_weights", k)):
+            if getattr(self, name) is not None:
+                parts[name] = type(getattr(self, name))(list(getattr(self, name))[:count])
+        shallow = shallow_copy(self, **parts)
         shallow._active_depth = None
         return shallow
 
@@ -244,6 +310,19 @@ def shallow_copy(module: nn.Module, **replaced: nn.Module) -> nn.Module:
     shallow = copy.copy(module)
     shallow._modules = {**module._modules, **replaced}
     return shallow
+
+
+def registered_scalars(long_connections: LongConnections) -> dict:
+    """{name: ParameterList} of the hybrid's gates and long weights, for an owner to register."""
+    return {name: getattr(long_connections, name) for name in ("gates", "long_weights")
+            if getattr(long_connections, name) is not None}
+
+
+def register_scalars(owner: nn.Module, long_connections: LongConnections) -> None:
+    """Registers the hybrid's gates and long weights on `owner` (`gates.i`, `long_weights.i`), which
+    attaches the long connections without registering them."""
+    for name, parameters in registered_scalars(long_connections).items():
+        owner.add_module(name, parameters)
 
 
 def attach(owner: nn.Module, long_connections: LongConnections) -> None:

@@ -100,6 +100,37 @@ def test_shrinking_an_acnified_vit_runs_its_first_blocks_and_keeps_its_state_dic
     assert not any(p.requires_grad for p in model.blocks[2].parameters())
 
 
+def test_timm_vit_hybrid_is_the_gated_loop_and_adds_only_its_gates():
+    residual = small_vit().double().eval()
+    model = acnify(copy.deepcopy(residual), backend="reference", connectivity="hybrid", gate_init=0.4)
+    with torch.no_grad():
+        for g in model.gates:
+            g.copy_(torch.rand(()))
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    s, total = x, x
+    for i, b in enumerate(model.blocks):
+        x = b.ls2(b.mlp(b.norm2(b.ls1(b.attn(b.norm1(s))))))
+        total = total + x
+        s = model.gates[i] * s + x if i < len(model.blocks) - 1 else s
+    torch.testing.assert_close(model(images), model.forward_head(model.norm(total)), rtol=1e-12, atol=1e-12)
+    assert set(model.state_dict()) - set(residual.state_dict()) == {"gates.0", "gates.1"}
+    missing, unexpected = model.load_state_dict(residual.state_dict(), strict=False)
+    assert sorted(missing) == ["gates.0", "gates.1"] and unexpected == []
+    torch.testing.assert_close(model.truncate(2)(images), model.probe(images)[2], rtol=1e-12, atol=1e-12)
+    assert list(dict(model.truncate(2).named_parameters())).count("gates.0") == 1
+
+
+def test_hf_bert_hybrid_trains_its_gates():
+    model = acnify(small_bert(), connectivity="hybrid", long_weights=True)
+    names = [n for n, _ in model.named_parameters() if "gate" in n or "long_weight" in n]
+    assert names == ["bert.encoder.gates.0", "bert.encoder.gates.1", "bert.encoder.long_weights.0",
+                     "bert.encoder.long_weights.1", "bert.encoder.long_weights.2"]
+    ids = torch.randint(0, 50, (2, 7))
+    assert model.probe(input_ids=ids).shape == (4, 2, 3)
+    one_adamw_step_trains(model, model(input_ids=ids).logits.square().mean())
+
+
 def test_acnify_twice_says_so():
     model = acnify(small_vit())
     with pytest.raises(TypeError, match=r"got AcnVisionTransformer \(already converted\)"):

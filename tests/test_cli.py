@@ -65,12 +65,13 @@ def run_module(*args, interpret: bool):
 def test_compile_report_compiles_a_kernel_for_sm80_and_sm90_without_a_gpu():
     result = run_module("compile-report", "--only", "accumulate_norm_fwd_wide_kernel", interpret=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("accumulate_norm_fwd_wide_kernel")]
-    assert len(rows) == 12  # three dtypes, two targets, aligned and unaligned
-    assert {row.split()[3] for row in rows} == {"sm_80", "sm_90"}
+    lines = [line for line in result.stdout.splitlines() if line.startswith("accumulate_norm_fwd_wide_kernel")]
+    assert len(lines) == 24  # accumulate_norm's and the hybrid's, three dtypes, two targets, aligned and unaligned
+    rows = [line for line in lines if "HYBRID=True" not in line]
+    assert len(rows) == 12 and {row.split()[3] for row in rows} == {"sm_80", "sm_90"}
     widths = {(row.split()[4], row.split()[5]): row.split()[9] for row in rows}  # (dtype, alignment): ld B
     assert widths[("bf16", "aligned")] == "16" and widths[("bf16", "unaligned")] == "2-4"  # 4: the fp32 sum
-    assert "12 compilations, 0 failed, spilled, narrower than 16 bytes when aligned or without wgmma" in result.stdout
+    assert "24 compilations, 0 failed, spilled, narrower than 16 bytes when aligned or without wgmma" in result.stdout
 
 
 def test_compile_report_refuses_to_run_under_the_interpreter():

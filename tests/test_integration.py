@@ -18,20 +18,22 @@ pytestmark = needs_triton_here
 
 
 def make(family: str, backend: str, connectivity: str = "acn", depth: int = 3):
+    """A small model (a hybrid with long weights and its gates away from 0.5) with inputs and labels."""
     torch.manual_seed(0)
+    hybrid = {"long_weights": True, "gate_init": 0.3} if connectivity == "hybrid" else {}
     if family == "mlp":
-        model, inputs = MLP(12, 32, depth, 5, connectivity=connectivity, backend=backend), randn(6, 12)
+        model, inputs = MLP(12, 32, depth, 5, connectivity=connectivity, backend=backend, **hybrid), randn(6, 12)
     elif family == "mixer":
         model = Mixer(8, 2, 3, 32, depth, token_dim=16, channel_dim=48, num_classes=5, connectivity=connectivity,
-                      backend=backend)
+                      backend=backend, **hybrid)
         inputs = randn(4, 3, 8, 8)
     elif family == "vit":
         model = ViT(8, 2, 3, 32, depth, heads=2, mlp_dim=48, num_classes=5, connectivity=connectivity,
-                    backend=backend)
+                    backend=backend, **hybrid)
         inputs = randn(4, 3, 8, 8)
     else:
         model = Encoder(50, 12, 32, depth, heads=2, mlp_dim=48, num_classes=5, connectivity=connectivity,
-                        backend=backend)
+                        backend=backend, **hybrid)
         inputs = torch.randint(0, 50, (4, 9), device=DEVICE)
     return model.to(DEVICE), inputs, torch.randint(0, 5, (inputs.shape[0],), device=DEVICE)
 
@@ -65,7 +67,7 @@ def step_matches_reference(family, backend, connectivity="acn"):
     return fused, ref, inputs, labels
 
 
-@pytest.mark.parametrize("connectivity", ("acn", "residual", "ffn"))
+@pytest.mark.parametrize("connectivity", ("acn", "residual", "ffn", "hybrid"))
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_and_reference_models_agree(family, backend, connectivity):

@@ -73,6 +73,52 @@ def test_matches_a_plain_loop_forward_probe_and_every_gradient(backend, norm, wi
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def hybrid_loop(x0, blocks, input_norms, final_norm, gates, long_weights):
+    """The hybrid of the definition, written out: s_0 = x_0, x_i = block_i(norm_i(s_{i-1})),
+    s_i = g_i s_{i-1} + x_i, every partial sum x_0 + b_1 x_1 + ... through the final norm."""
+    s, total, sums = x0, x0, [x0]
+    for i, block in enumerate(blocks):
+        x = block(input_norms[i](s) if input_norms else s)
+        total = total + long_weights[i] * x
+        sums.append(total)
+        if i < len(blocks) - 1:
+            s = gates[i] * s + x
+    normed = [final_norm(t) for t in sums]
+    return normed[-1], torch.stack(normed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_input_norms", (True, False), ids=("input_norms", "no_input_norms"))
+def test_hybrid_matches_a_plain_loop_forward_probe_and_every_gradient(backend, with_input_norms):
+    blocks, input_norms = make_parts(3, "rmsnorm", with_input_norms)
+    final_norm = make_norm("layernorm").to(DEVICE)
+    long = LongConnections(blocks, input_norms, final_norm, backend=backend, gates="learned", gate_init=0.3,
+                           long_weights=True)
+    with torch.no_grad():
+        for p in [*long.gates, *long.long_weights]:
+            p.copy_(torch.rand(()) + 0.2)
+    assert [n for n, _ in long.named_parameters() if "gate" in n or "long" in n] == \
+        ["gates.0", "gates.1", "long_weights.0", "long_weights.1", "long_weights.2"]
+    x0 = torch.randn(2, 5, DIM, device=DEVICE, requires_grad=True)
+    params = [x0, *long.parameters()]
+    out, probed = long(x0), long.probe(x0)
+    expected_out, expected_probe = hybrid_loop(x0, long.blocks, input_norms, final_norm, long.gates, long.long_weights)
+    torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(probed, expected_probe, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads([out, probed], params), grads([expected_out, expected_probe], params)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(long.truncate(2)(x0), probed[2], rtol=1e-5, atol=1e-6)
+
+
+def test_hybrid_options_are_checked():
+    with pytest.raises(ValueError, match=r"long_weights needs the hybrid's gates \(gates='learned'\)"):
+        LongConnections([nn.Linear(4, 4)] * 2, long_weights=True)
+    with pytest.raises(ValueError, match=r"gates must be 'learned' or 1 0-dim tensors, got 2 of shapes \[\(\), \(\)\]"):
+        LongConnections([nn.Linear(4, 4)] * 2, gates=[torch.zeros(()), torch.zeros(())])
+    with pytest.raises(ValueError, match=r"gate_init must be a real number"):
+        LongConnections([nn.Linear(4, 4)] * 2, gates="learned", gate_init=None)
+
+
 def test_without_a_final_norm_it_is_the_plain_sum():
     blocks = [nn.Linear(DIM, DIM) for _ in range(2)]
     x0 = torch.randn(4, DIM)

@@ -8,16 +8,17 @@ from acn_kernels.models import CONNECTIVITIES, MLP, Encoder, Mixer, ViT
 BATCH = 3
 
 
-def make(family: str, connectivity: str, depth: int = 3):
+def make(family: str, connectivity: str, depth: int = 3, **hybrid):
+    """A small model of `family` and its inputs; `hybrid`: gate_init, learn_gates, long_weights (or backend)."""
     if family == "mlp":
-        return MLP(7, 12, depth, 5, connectivity=connectivity), torch.randn(BATCH, 7)
+        return MLP(7, 12, depth, 5, connectivity=connectivity, **hybrid), torch.randn(BATCH, 7)
     if family == "mixer":
-        return (Mixer(6, 2, 3, 8, depth, token_dim=5, channel_dim=11, num_classes=4, connectivity=connectivity),
-                torch.randn(BATCH, 3, 6, 6))
+        return (Mixer(6, 2, 3, 8, depth, token_dim=5, channel_dim=11, num_classes=4, connectivity=connectivity,
+                      **hybrid), torch.randn(BATCH, 3, 6, 6))
     if family == "vit":
-        return (ViT(6, 3, 2, 8, depth, heads=2, mlp_dim=13, num_classes=4, connectivity=connectivity),
+        return (ViT(6, 3, 2, 8, depth, heads=2, mlp_dim=13, num_classes=4, connectivity=connectivity, **hybrid),
                 torch.randn(BATCH, 2, 6, 6))
-    return (Encoder(11, 9, 8, depth, heads=2, mlp_dim=13, num_classes=4, connectivity=connectivity),
+    return (Encoder(11, 9, 8, depth, heads=2, mlp_dim=13, num_classes=4, connectivity=connectivity, **hybrid),
             torch.randint(0, 11, (BATCH, 7)))
 
 
@@ -69,12 +70,86 @@ def test_partial_sums_of_chains_are_the_state_after_k_blocks(family, connectivit
     torch.testing.assert_close(model.partial_sums(inputs), torch.stack(block_outputs(model, inputs)))
 
 
+def randomize_scalars(model):
+    """Gates and long weights away from their starting values, so that a wrong one shows."""
+    with torch.no_grad():
+        for p in [*model.gates, *(model.long_weights or ())]:
+            p.copy_(torch.rand(()) * 1.2 - 0.1)
+
+
+def hybrid_by_hand(model, inputs):
+    """The hybrid of the definition over the model's own blocks: s_0 = x_0, x_i = block_i(s_{i-1}),
+    s_i = g_i s_{i-1} + x_i, y = x_0 + b_1 x_1 + ... + b_L x_L; returns every partial sum and the logits."""
+    s = y = model.embed(inputs)
+    sums = [y]
+    for i, block in enumerate(model.blocks):
+        x = block(s)
+        y = y + (model.long_weights[i] * x if model.long_weights is not None else x)
+        sums.append(y)
+        if i < model.depth - 1:
+            s = model.gates[i] * s + x
+    return torch.stack(sums), model.readout(model.final_norm(y))
+
+
+@every_model
+@pytest.mark.parametrize("long_weights", (False, True))
+def test_hybrid_follows_its_recurrence(family, long_weights):
+    model, inputs = make(family, "hybrid", depth=4, long_weights=long_weights)
+    randomize_scalars(model)
+    sums, logits = hybrid_by_hand(model, inputs)
+    torch.testing.assert_close(model.partial_sums(inputs), sums)
+    torch.testing.assert_close(model(inputs), logits)
+    assert [n for n, _ in model.named_parameters() if "gate" in n] == ["gates.0", "gates.1", "gates.2"]
+    assert sum(1 for n, _ in model.named_parameters() if n.startswith("long_weights.")) == (4 if long_weights else 0)
+
+
+@every_model
+def test_hybrid_at_gate_zero_is_its_acn_twin_and_their_checkpoints_load_both_ways(family):
+    torch.manual_seed(0)
+    acn, inputs = make(family, "acn")
+    hybrid, _ = make(family, "hybrid", gate_init=0.0)
+    missing, unexpected = hybrid.load_state_dict(acn.state_dict(), strict=False)
+    assert sorted(missing) == ["gates.0", "gates.1"] and unexpected == []
+    assert torch.equal(hybrid(inputs), acn(inputs))
+    acn.load_state_dict(hybrid.state_dict(), strict=False)
+    assert set(hybrid.state_dict()) - set(acn.state_dict()) == {"gates.0", "gates.1"}
+
+
+def test_hybrid_gate_gradients_agree_with_central_finite_differences():
+    torch.manual_seed(0)
+    model, inputs = make("vit", "hybrid", depth=4, long_weights=True, backend="reference")  # float64
+    model = model.double()
+    randomize_scalars(model)
+    inputs = inputs.double()
+    scalars = [*model.gates, *model.long_weights]
+
+    def loss():
+        return model(inputs).square().mean()
+    analytic = torch.autograd.grad(loss(), scalars)
+    step = 1e-6
+    for p, grad in zip(scalars, analytic):
+        with torch.no_grad():
+            p += step
+            above = loss()
+            p -= 2 * step
+            below = loss()
+            p += step
+        torch.testing.assert_close(grad, (above - below) / (2 * step), rtol=1e-6, atol=1e-9)
+
+
+def test_hybrid_gates_can_be_frozen():
+    model, inputs = make("mlp", "hybrid", gate_init=0.25, learn_gates=False)
+    assert all(not g.requires_grad and g.item() == 0.25 for g in model.gates)
+    model(inputs).sum().backward()
+    assert all(g.grad is None for g in model.gates) and model.blocks[0].linear.weight.grad is not None
+
+
 def mlp_step(block, x):
     return F.gelu(F.linear(x, block.linear.weight, block.linear.bias))
 
 
 def test_mlp_connectivities_follow_their_recurrences():
-    for connectivity in CONNECTIVITIES:
+    for connectivity in ("acn", "residual", "ffn"):  # the hybrid's: test_hybrid_follows_its_recurrence
         model, inputs = make("mlp", connectivity)
         sums = model.partial_sums(inputs)
         x = model.input_proj(inputs)
@@ -175,7 +250,8 @@ def test_same_seed_same_model_and_outputs(family):
 
 
 def test_bad_arguments_raise_value_errors_naming_them():
-    with pytest.raises(ValueError, match=r"connectivity must be one of \('acn', 'residual', 'ffn'\), got 'dense'"):
+    with pytest.raises(ValueError, match=r"connectivity must be one of \('acn', 'residual', 'ffn', 'hybrid'\), "
+                                         r"got 'dense'"):
         MLP(4, 8, 2, 3, connectivity="dense")
     with pytest.raises(ValueError, match=r"depth must be an integer >= 1, got 0"):
         ViT(8, 4, 3, 8, 0, 2, 16, 10)
@@ -185,6 +261,10 @@ def test_bad_arguments_raise_value_errors_naming_them():
         Encoder(10, 8, 8, 2, 3, 16, 2)
     with pytest.raises(ValueError, match=r"activation must be one of .*, got 'tanh'"):
         MLP(4, 8, 2, 3, activation="tanh")
+    with pytest.raises(ValueError, match=r"long_weights=True needs connectivity='hybrid', got connectivity='acn'"):
+        MLP(4, 8, 2, 3, long_weights=True)
+    with pytest.raises(ValueError, match=r"gate_init must be a real number .*, got 'half'"):
+        MLP(4, 8, 2, 3, connectivity="hybrid", gate_init="half")
     with pytest.raises(ValueError, match=r"depth must be an integer >= 1, got True"):
         MLP(4, 8, True, 3)
     model, inputs = make("mlp", "acn")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from acn_kernels.experiments import continual, noise
-from acn_kernels.experiments.paper import verdict
+from acn_kernels.experiments.paper import hybrid_verdict, verdict
 
 
 def test_noise_of_strength_zero_is_the_identity():
@@ -92,6 +92,14 @@ def test_the_verdict_follows_the_direction_beyond_the_spread():
                                                                                     "c", "x")
 
 
+def test_the_hybrid_verdict_needs_both_the_speed_and_the_compression():
+    assert hybrid_verdict([0.0, 1.0], [0.5, 1.0]).startswith("verdict: reproduced.")          # +0.5 within 0.71
+    assert hybrid_verdict([2.0, 3.0], [0.0, 0.0]).startswith("verdict: not reproduced.")      # slower: +2.5 > 0.71
+    assert hybrid_verdict([-1.0, -1.0], [2.0, 1.0]).startswith("verdict: not reproduced.")    # 1.5 blocks deeper
+    assert "hybrid - residual -1.00 ± 0.00 (not slower); effective depth, hybrid - acn +1.50 (beyond one block)" in \
+        hybrid_verdict([-1.0, -1.0], [2.0, 1.0])
+
+
 @pytest.mark.slow
 def test_paper_quick_writes_its_tables_csvs_and_plots(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
@@ -99,9 +107,9 @@ def test_paper_quick_writes_its_tables_csvs_and_plots(tmp_path):
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for title in ("1. Compression", "2. Noise robustness", "3. Continual learning", "4. Training speed",
-                  "5a. Shrinking while training", "5b. Early exit per sample"):
+                  "4b. The hybrid", "5a. Shrinking while training", "5b. Early exit per sample"):
         assert title in result.stdout
-    assert result.stdout.count("verdict: ") == 6 and result.stdout.count("target: ") == 2
-    for name in ("compression", "noise", "continual", "training_speed", "shrinking", "early_exit"):
+    assert result.stdout.count("verdict: ") == 7 and result.stdout.count("target: ") == 2
+    for name in ("compression", "noise", "continual", "training_speed", "hybrid", "shrinking", "early_exit"):
         assert (tmp_path / f"{name}.csv").read_text().startswith("dataset,model,twin,seed,metric,value")
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

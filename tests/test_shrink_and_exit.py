@@ -126,10 +126,28 @@ def test_shrinking_a_bare_long_connections_on_its_normed_sums():
         assert acn.probe(x0).shape == (3, 4, 7, 16)
 
 
+def test_a_hybrid_shrinks_and_freezes_the_gates_it_no_longer_uses():
+    torch.manual_seed(0)
+    model = MLP(12, 24, 6, 5, connectivity="hybrid", gate_init=0.0, long_weights=True)
+    with torch.no_grad():  # gate 0 and silent blocks past LIVE: depths LIVE..6 are one sub-network
+        for block in model.blocks[LIVE:]:
+            block.linear.weight.zero_()
+            block.linear.bias.zero_()
+    inputs = torch.randn(64, 12)
+    shrink = ShrinkOnCompression(model, inputs, own_labels(model, inputs), every=1, tolerance=0.0, patience=2,
+                                 margin=1)
+    event = [shrink.step() for _ in range(3)][-1]
+    assert event is not None and event.depth == LIVE + 1 == model.long_connections.depth
+    assert [g.requires_grad for g in model.gates] == [True] * LIVE + [False] * (5 - LIVE)
+    assert [b.requires_grad for b in model.long_weights] == [True] * (LIVE + 1) + [False] * (5 - LIVE)
+    torch.nn.functional.cross_entropy(model(inputs), own_labels(model, inputs).roll(1)).backward()
+    assert all(g.grad is not None for g in model.gates[:LIVE])
+
+
 def test_shrinking_explains_what_it_needs():
     inputs, targets = torch.randn(8, 12), torch.randint(0, 5, (8,))
     residual = MLP(12, 24, 4, 5, connectivity="residual")
-    with pytest.raises(ValueError, match=r"only an ACN can shrink .* got connectivity='residual'"):
+    with pytest.raises(ValueError, match=r"only an ACN \(or a hybrid\) can shrink.* got connectivity='residual'"):
         ShrinkOnCompression(residual, inputs, targets)
     with pytest.raises(TypeError, match=r"model must have probe\(\)"):
         ShrinkOnCompression(torch.nn.Linear(12, 5), inputs, targets)
@@ -185,7 +203,7 @@ def trained_twin(connectivity, backend="reference"):
     return model.eval(), inputs
 
 
-@pytest.mark.parametrize("connectivity", ["acn", "residual", "ffn"])
+@pytest.mark.parametrize("connectivity", ["acn", "residual", "ffn", "hybrid"])
 def test_early_exit_matches_a_per_sample_loop_over_probe(connectivity):
     model, inputs = trained_twin(connectivity)
     threshold = threshold_splitting(model, inputs, 1)  # about half the samples leave at depth 1 or before

@@ -7,7 +7,7 @@ from acn_kernels import reference
 from acn_kernels.backend import TRITON_INTERPRETED
 from acn_kernels.ops import accumulate_norm
 from acn_kernels.tools.cuda_host_check import toolchain
-from acn_kernels.tools.traffic import TrafficCounter, cuda_host_ops, measure, op_cases
+from acn_kernels.tools.traffic import TrafficCounter, cuda_host_ops, measure, model_rows, op_cases
 
 pytestmark = pytest.mark.skipif(not TRITON_INTERPRETED, reason="counts loads and stores under Triton's interpreter")
 
@@ -33,6 +33,12 @@ def test_acn_boundary_moves_at_most_0_8_of_eager_bytes(dtype, normalize):
     ratio = (fused_f.total + fused_b.total) / (eager_f.total + eager_b.total)
     assert ratio <= 0.8, f"fused/eager bytes {ratio:.3f}"
     assert fused_f.launches == 1
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_hybrid_vit_training_step_moves_at_most_0_85_of_eager_bytes(dtype):
+    (row,) = model_rows(dtypes=(dtype,), names=("ViT",), connectivities=("hybrid",))
+    assert row["fused"].total <= 0.85 * row["eager"].total, (row["fused"], row["eager"])
 
 
 def test_counter_sees_views_as_free_and_copies_as_traffic():

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 from transformers.models.bert.modeling_bert import BertEncoder, BertOutput, BertSelfOutput
 
-from ..long_connections import LongConnections, attach, shallow_copy
+from ..long_connections import LongConnections, attach, register_scalars, registered_scalars, shallow_copy
 
 
 class AcnBertSelfOutput(BertSelfOutput):
@@ -80,6 +80,7 @@ def truncate(model: nn.Module, k: int) -> nn.Module:
     for name in path.split("."):
         parent._modules[name] = parent = shallow_copy(parent._modules[name])
     parent._modules["layer"] = nn.ModuleList(long.blocks)
+    parent._modules.update(registered_scalars(long))
     attach(parent, long)
     bind(shallow)
     return shallow
@@ -90,7 +91,7 @@ def bind(model: nn.Module) -> None:
     model.truncate = types.MethodType(truncate, model)
 
 
-def acnify_bert(model: nn.Module, backend: str) -> nn.Module:
+def acnify_bert(model: nn.Module, options: dict) -> nn.Module:
     encoders = [m for m in model.modules() if type(m) is BertEncoder]
     for encoder in encoders:
         for layer in encoder.layer:
@@ -98,6 +99,8 @@ def acnify_bert(model: nn.Module, backend: str) -> nn.Module:
             layer.output.__class__ = AcnBertOutput
         encoder.__class__ = AcnBertEncoder
         encoder.recording, encoder.replaced_output, encoder.recorded_outputs = False, None, None
-        attach(encoder, LongConnections(list(encoder.layer), backend=backend))
+        long = LongConnections(list(encoder.layer), **options)
+        register_scalars(encoder, long)
+        attach(encoder, long)
     bind(model)
     return model

@@ -8,7 +8,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from ..long_connections import LongConnections, attach, shallow_copy
+from ..long_connections import LongConnections, attach, register_scalars, registered_scalars, shallow_copy
 
 
 class AcnBlock(Block):
@@ -40,12 +40,12 @@ class AcnVisionTransformer(VisionTransformer):
 
     def truncate(self, k: int) -> "AcnVisionTransformer":
         long = self.long_connections.truncate(k)
-        shallow = shallow_copy(self, blocks=nn.Sequential(*long.blocks))
+        shallow = shallow_copy(self, blocks=nn.Sequential(*long.blocks), **registered_scalars(long))
         attach(shallow, long)
         return shallow
 
 
-def acnify_vit(model: VisionTransformer, backend: str) -> AcnVisionTransformer:
+def acnify_vit(model: VisionTransformer, options: dict) -> AcnVisionTransformer:
     unsupported = sorted({type(b).__name__ for b in model.blocks if type(b) is not Block})
     if unsupported:
         raise TypeError(f"acnify converts timm ViTs built of timm.models.vision_transformer.Block, got blocks "
@@ -54,5 +54,7 @@ def acnify_vit(model: VisionTransformer, backend: str) -> AcnVisionTransformer:
         block.__class__ = AcnBlock
     model.__class__ = AcnVisionTransformer
     final = None if isinstance(model.norm, nn.Identity) else model.norm
-    attach(model, LongConnections(list(model.blocks), [b.norm1 for b in model.blocks], final, backend))
+    long = LongConnections(list(model.blocks), [b.norm1 for b in model.blocks], final, **options)
+    register_scalars(model, long)
+    attach(model, long)
     return model

@@ -18,6 +18,7 @@ from ..models import CONNECTIVITIES, MLP, Mixer
 from .._extras import require
 from ..depth import compress, depth_accuracies, smallest_depth_within
 from .data import load_digits_split
+from .plots import pyplot, style
 
 DEFAULTS = {"mlp": {"depth": 12, "epochs": 40}, "mixer": {"depth": 8, "epochs": 15}}
 BATCH_SIZE = 64
@@ -90,12 +91,11 @@ def format_table(results: dict[str, list[float]]) -> str:
 
 
 def save_plot(results: dict[str, list[float]], title: str, path: str) -> None:
-    require("matplotlib", "demo", "the demo's plot").use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("demo", "the demo's plot")
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, acc in results.items():
-        ax.plot(range(len(acc)), acc, marker="o", label=f"{name} (effective depth {smallest_depth_within(acc, 1.0)})")
+        ax.plot(range(len(acc)), acc, label=f"{name} (effective depth {smallest_depth_within(acc, 1.0)})",
+                **style(name))
     ax.set_xlabel("depth k (blocks used)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)

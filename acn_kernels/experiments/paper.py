@@ -6,7 +6,9 @@
    depth) on test inputs with Gaussian or salt-and-pepper noise; inputs scaled to [0, 1].
 3. Continual learning: Split-digits and Split-MNIST-1D, 5 tasks of 2 classes, task-incremental (the
    prediction is restricted to the task's classes), naive fine-tuning and Synaptic Intelligence.
-4. Training speed: epochs and training seconds until the test accuracy first reaches a target.
+4. Training speed: epochs and training seconds until the test accuracy first reaches a target;
+   4b. the hybrid (H-ACN, the authors' answer to 4): does it train as fast as the residual twin while
+   compressing like the ACN, and where do its learned gates end, layer by layer.
 5. Depth on demand (the ACN's own answer to 4): training with ShrinkOnCompression against the full
    ACN and the residual twin, and per-sample early exit at inference, acn against residual.
 
@@ -33,8 +35,9 @@ from ..models import MLP, Mixer, ViT
 from . import continual, noise
 from .data import Dataset, load
 from .demo import BATCH_SIZE, LEARNING_RATE, train
+from .plots import pyplot, style
 
-TWINS = ("acn", "residual", "ffn")
+TWINS = ("acn", "residual", "ffn", "hybrid")
 TARGETS = {"digits": 95.0, "mnist1d": 30.0}  # test accuracy (%) for the training-speed experiment
 CONTINUAL_BATCH = 128
 # ShrinkOnCompression in the paper: a probe every 10 optimizer steps, 5 probes to agree (tolerance 0.5, margin 1)
@@ -109,13 +112,14 @@ def per_seed(rows: dict, suffix: str, columns: list) -> list:
     return [statistics.fmean(cell[seed] for cell in cells) for seed in range(len(cells[0]))]
 
 
-def print_table(title: str, columns: list, rows: dict) -> None:
+def print_table(title: str, columns: list, rows: dict, digits: int = 1) -> None:
     """rows: label -> {column: [values over seeds]}"""
     width = max([len(r) for r in rows] + [12])
     print(f"\n{title}")
     print(f"{'':<{width}}  " + "  ".join(f"{c:>15}" for c in columns))
     for label, values in rows.items():
-        print(f"{label:<{width}}  " + "  ".join(f"{cell(values[c]) if values.get(c) else '-':>15}" for c in columns))
+        print(f"{label:<{width}}  " + "  ".join(f"{cell(values[c], digits) if values.get(c) else '-':>15}"
+                                                for c in columns))
 
 
 def write_csv(path: str, records: list) -> None:
@@ -210,7 +214,7 @@ def record(run: dict, metric: str, value: float, twin: str | None = None) -> dic
 
 def noise_robustness(runs: list, out: str, device: torch.device) -> None:
     rows, records = defaultdict(lambda: defaultdict(list)), []
-    for run in (r for r in runs if r["twin"] in ("acn", "residual")):
+    for run in (r for r in runs if r["twin"] in ("acn", "residual", "hybrid")):
         nets = {run["twin"]: run["net"]}
         if run["twin"] == "acn":
             nets["acn truncated"] = run["net"].truncate(smallest_depth_within(run["accuracies"], 1.0))
@@ -265,6 +269,58 @@ def training_speed(runs: list, out: str) -> None:
     write_csv(os.path.join(out, "training_speed.csv"), records)
     plot_lines(os.path.join(out, "training_speed.png"), rows, lambda values: series(values, "epoch", 1),
                "epoch", "test accuracy (%)")
+
+
+def hybrid_twin(runs: list, out: str) -> None:
+    """The hybrid against the residual twin's speed and the ACN's compression, and its learned gates."""
+    rows, gate_rows, records = defaultdict(lambda: defaultdict(list)), defaultdict(lambda: defaultdict(list)), []
+    by_key = {(r["dataset"], r["model"], r["seed"], r["twin"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    speed_gap, depth_gap = defaultdict(list), defaultdict(list)  # per seed, over data sets and models
+    for (dataset, model, seed, twin), run in by_key.items():
+        if twin != "hybrid":
+            continue
+        depth = {t: smallest_depth_within(by_key[dataset, model, seed, t]["accuracies"], 1.0)
+                 for t in ("acn", "hybrid", "residual")}
+        epochs = {t: to_target(by_key[dataset, model, seed, t])[0] for t in ("acn", "hybrid", "residual")}
+        speed_gap[seed].append(epochs["hybrid"] - epochs["residual"])
+        depth_gap[seed].append(depth["hybrid"] - depth["acn"])
+        values = {**{f"epochs {t}": e for t, e in epochs.items()}, **{f"eff. depth {t}": d for t, d in depth.items()}}
+        gates = [g.item() for g in run["net"].gates]
+        values["mean gate"] = statistics.fmean(gates) if gates else float("nan")
+        for metric, value in values.items():
+            rows[f"{dataset} {model}"][metric].append(value)
+            records.append(record(run, metric, value))
+        for i, gate in enumerate(gates):
+            gate_rows[f"{dataset} {model} hybrid"][f"gate {i + 1}"].append(gate)
+            records.append(record(run, f"gate {i + 1}", gate))
+    print_table("4b. The hybrid (H-ACN: a learnable gate on a short path beside the long one, each gate starting at "
+                "0.5): epochs to the target and effective depth against the residual and acn twins, mean ± std over "
+                "seeds", ["epochs hybrid", "epochs residual", "epochs acn", "eff. depth hybrid", "eff. depth acn",
+                          "eff. depth residual", "mean gate"], rows)
+    gate_columns = sorted({c for values in gate_rows.values() for c in values}, key=lambda c: int(c.split()[1]))
+    print_table("    the learned gates at the end of training, gate i joining block i's output into block i+1's "
+                "input, mean ± std over seeds", gate_columns, gate_rows, digits=2)
+    print(hybrid_verdict([statistics.fmean(speed_gap[s]) for s in seeds],
+                         [statistics.fmean(depth_gap[s]) for s in seeds]))
+    write_csv(os.path.join(out, "hybrid.csv"), records)
+    plot_lines(os.path.join(out, "hybrid.png"), gate_rows, lambda values: [
+        (int(c.split()[1]), statistics.fmean(values[c])) for c in gate_columns if c in values], "gate i",
+        "learned gate value")
+
+
+def hybrid_verdict(speed_gaps: list, depth_gaps: list) -> str:
+    """The claim holds when the hybrid is not slower than the residual twin beyond the seeds' spread
+    (epochs to the target, per seed the mean of hybrid - residual over data sets and models) and its
+    effective depth is within one block of the ACN's (the mean of hybrid - acn)."""
+    speed, speed_spread = mean_std(speed_gaps)
+    depth, _ = mean_std(depth_gaps)
+    as_fast, compresses = speed <= speed_spread, depth <= 1.0
+    word = "reproduced" if as_fast and compresses else "not reproduced"
+    return (f"verdict: {word}. The hybrid trains as fast as the residual twin while keeping the ACN's "
+            f"auto-compression: epochs to the target, hybrid - residual {speed:+.2f} ± {speed_spread:.2f} "
+            f"({'not slower' if as_fast else 'slower'}); effective depth, hybrid - acn {depth:+.2f} "
+            f"({'within' if compresses else 'beyond'} one block), over {len(speed_gaps)} seeds")
 
 
 # ----------------------------------------------------------------------------- experiment 3
@@ -350,7 +406,7 @@ def early_exit(runs: list, out: str) -> None:
     """Per-sample early exit on the acn and residual twins: the sweep over EXIT_THRESHOLDS, and at the
     lowest threshold whose accuracy is within 0.5 points of the full model's, the blocks per sample."""
     rows, records, curves = defaultdict(lambda: defaultdict(list)), [], defaultdict(lambda: defaultdict(list))
-    for run in (r for r in runs if r["twin"] in ("acn", "residual")):
+    for run in (r for r in runs if r["twin"] in ("acn", "residual", "hybrid")):
         sweep = early_exit_sweep(run["net"], run["test_x"], run["test_y"], EXIT_THRESHOLDS)
         full = sweep[-1]
         chosen = next(row for row in sweep if row["accuracy"] >= full["accuracy"] - 0.5)
@@ -387,17 +443,17 @@ def series(values: dict, prefix: str, start: int) -> list:
 
 
 def plot_lines(path: str, rows: dict, points, xlabel: str, ylabel: str) -> None:
-    """One line per table row (mean over seeds), a panel per data set."""
-    require("matplotlib", "paper", "paper's plots").use("Agg")
-    import matplotlib.pyplot as plt
-
+    """One line per table row (mean over seeds), a panel per data set; a color per connectivity, a
+    line style per model (plots.style)."""
+    plt = pyplot("paper", "paper's plots")
     datasets = sorted({key.split()[0] for key in rows})
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for key, values in rows.items():
             if key.split()[0] == dataset:
                 xs, ys = zip(*points(values))
-                ax.plot(xs, ys, marker="o", markersize=3, label=key.split(" ", 1)[1])
+                label = key.split(" ", 1)[1]
+                ax.plot(xs, ys, label=label, **style(label))
         ax.set_title(dataset)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel)
@@ -426,6 +482,7 @@ def run_paper(quick: bool = False, seeds: int | None = None, out: str = "paper_r
     noise_robustness(runs, out, device)
     continual_learning(settings, out, device, tqdm)
     training_speed(runs, out)
+    hybrid_twin(runs, out)
     shrinking(settings, runs, out, device, tqdm)
     early_exit(runs, out)
     return 0

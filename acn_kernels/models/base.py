@@ -5,17 +5,20 @@
     "acn":      x_i = f_i(x_{i-1}),              state after k blocks: y_k = x_0 + ... + x_k
     "residual": x_i = x_{i-1} + f_i(x_{i-1})     (the residual adds live inside each block)
     "ffn":      x_i = f_i(x_{i-1})               state after k blocks: x_k
+    "hybrid":   x_i = f_i(s_{i-1}), s_i = g_i s_{i-1} + x_i (the H-ACN: a gated short path beside the
+                long one, g_i learnable), state after k blocks: y_k = x_0 + ... + x_k, as the acn's
 
 The states after k = 0..L blocks, read through the shared final norm and readout, are the L+1
 nested sub-networks that `probe` scores and `truncate` keeps.
 
-An "acn" model runs its long connections through `LongConnections` (the one implementation of
-them) on `backend`: each block boundary one `accumulate_norm` (y += x_i and the next block's input
-norm), the final norm its normalize="sum" mode, and `probe` one `probe_norm`. On a fused backend
-every twin runs the blocks' MLPs on the fused ops (`feed_forward` in FeedForward, `linear_act_accumulate`
-in the MLP model's blocks, its residual add in the GEMM's epilogue too), so that the three twins
-differ only in their connections; the residual twins' other adds stay eager. backend="reference" is pure eager PyTorch.
-Parameters and state_dict are the same whatever the backend.
+An "acn" (or "hybrid") model runs its long connections through `LongConnections` (the one
+implementation of them; see its docstring for the hybrid's gates and long weights) on `backend`:
+each block boundary one `accumulate_norm` (y += x_i and the next block's input norm; the hybrid's
+`hybrid_accumulate_norm`), the final norm its normalize="sum" mode, and `probe` one `probe_norm`. On
+a fused backend every twin runs the blocks' MLPs on the fused ops (`feed_forward` in FeedForward,
+`linear_act_accumulate` in the MLP model's blocks, its residual add in the GEMM's epilogue too), so
+that the twins differ only in their connections; the residual twins' other adds stay eager.
+backend="reference" is pure eager PyTorch. Parameters and state_dict are the same whatever the backend.
 """
 from __future__ import annotations
 
@@ -26,25 +29,36 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .._validation import check_choice, check_positive_int
+from .._validation import check_choice, check_positive_int, check_real
 from ..backend import BACKENDS, resolve_backend
-from ..long_connections import LongConnections, attach, check_depth, exit_early, shallow_copy
+from ..long_connections import LongConnections, attach, check_depth, exit_early, scalar_parameters, shallow_copy
 
-CONNECTIVITIES = ("acn", "residual", "ffn")
+CONNECTIVITIES = ("acn", "residual", "ffn", "hybrid")
+LONG = ("acn", "hybrid")  # the connectivities with long connections: their depths are nested sub-networks
 
 
 class DepthModel(nn.Module):
     """Subclasses set `self.blocks` and `self.final_norm`, call `self.connect()`, and define `embed`
-    and `readout`. A block that starts with a norm names it `input_norm` (and takes `run_normed`)."""
+    and `readout`. A block that starts with a norm names it `input_norm` (and takes `run_normed`).
+    A "hybrid" model registers its gates (`gates.0` ... `gates.{L-2}`, starting at gate_init, trained
+    unless learn_gates=False) and, with long_weights=True, its long weights (`long_weights.0` ...);
+    every other parameter is the acn twin's, so checkpoints load between them (strict=False)."""
 
-    def __init__(self, depth: int, connectivity: str, backend: str = "auto"):
+    def __init__(self, depth: int, connectivity: str, backend: str = "auto", gate_init: float = 0.5,
+                 learn_gates: bool = True, long_weights: bool = False):
         super().__init__()
         check_positive_int("depth", depth)
         check_choice("connectivity", connectivity, CONNECTIVITIES)
         check_choice("backend", backend, BACKENDS)
+        if long_weights and connectivity != "hybrid":
+            raise ValueError(f"long_weights=True needs connectivity='hybrid', got connectivity={connectivity!r}")
         self.connectivity = connectivity
         self.requested_backend = backend
         self._checkpointing = False
+        check_real("gate_init", gate_init, "a real number (the short path's starting weight)")
+        hybrid = connectivity == "hybrid"
+        self.gates = scalar_parameters("gates", "learned", depth - 1, gate_init, learn_gates) if hybrid else None
+        self.long_weights = scalar_parameters("long_weights", "learned", depth, 1.0, True) if long_weights else None
 
     def connect(self) -> None:
         """The long connections over this model's blocks (referenced, not registered: see attach),
@@ -55,7 +69,8 @@ class DepthModel(nn.Module):
         norms = [getattr(block, "input_norm", None) for block in self.blocks]
         final = None if isinstance(self.final_norm, nn.Identity) else self.final_norm
         long_connections = LongConnections(self.blocks, None if None in norms else norms, final,
-                                           self.requested_backend)
+                                           self.requested_backend, gates=self.gates,
+                                           long_weights=False if self.long_weights is None else self.long_weights)
         long_connections.gradient_checkpointing = self._checkpointing
         attach(self, long_connections)
 
@@ -105,20 +120,20 @@ class DepthModel(nn.Module):
     # ------------------------------------------------------------------ public
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.connectivity == "acn":
+        if self.connectivity in LONG:
             return self.readout(self.long_connections(self.embed(inputs)))
         last_state = deque(self.states(inputs), maxlen=1)[0]  # walks the chain, keeps only the end
         return self.head(last_state)
 
     def partial_sums(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(L+1, *hidden_shape): y_0..y_L for "acn", the state after k blocks otherwise."""
-        if self.connectivity == "acn":
+        """(L+1, *hidden_shape): y_0..y_L for "acn" and "hybrid", the state after k blocks otherwise."""
+        if self.connectivity in LONG:
             return torch.stack(self.long_connections.chain(self.embed(inputs))[2]).cumsum(0)
         return torch.stack(list(self.states(inputs)))
 
     def probe(self, inputs: torch.Tensor) -> torch.Tensor:
         """(L+1, batch, classes): logits of every depth k through the shared final norm and head."""
-        if self.connectivity != "acn":
+        if self.connectivity not in LONG:
             return torch.stack([self.head(hidden) for hidden in self.states(inputs)])
         normed = self.long_connections.probe(self.embed(inputs))
         return torch.stack([self.readout(hidden) for hidden in normed])
@@ -128,7 +143,7 @@ class DepthModel(nn.Module):
         state after k blocks through the final norm and head, as in `probe`) put a softmax probability
         of at least `threshold` on one class, the full depth otherwise; a block computes only the
         samples still in. threshold 0: every sample at depth 0; above 1: the full forward."""
-        if self.connectivity == "acn":
+        if self.connectivity in LONG:
             return self.long_connections.early_exit(self.embed(inputs), self.readout, threshold)
         return exit_early((self.embed(inputs),), lambda i, state: (self.run_block(self.blocks[i], state[0]),),
                           lambda state: self.head(state[0]), self.depth, threshold)
@@ -136,6 +151,10 @@ class DepthModel(nn.Module):
     def truncate(self, k: int) -> "DepthModel":
         """A model that runs only the first k blocks; it shares every parameter with this one."""
         check_depth(k, self.depth)
-        shallow = shallow_copy(self, blocks=nn.ModuleList(list(self.blocks)[:k]))
+        parts = {"blocks": nn.ModuleList(list(self.blocks)[:k])}
+        for name, count in (("gates", max(k - 1, 0)), ("long_weights", k)):
+            if getattr(self, name) is not None:
+                parts[name] = nn.ParameterList(list(getattr(self, name))[:count])
+        shallow = shallow_copy(self, **parts)
         shallow.connect()
         return shallow

@@ -27,8 +27,9 @@ from .. import reference
 from .._extras import require
 from ..backend import CUDA_EXTENSION, gpu_family
 from ..models import MLP, Mixer, ViT
-from ..ops import accumulate_norm, linear_act_accumulate, probe_norm
+from ..ops import accumulate_norm, hybrid_accumulate_norm, linear_act_accumulate, probe_norm
 from ..ops.accumulate_norm import traffic_bound as norm_bound
+from ..ops.hybrid_accumulate_norm import traffic_bound as hybrid_bound
 from ..ops.linear_act_accumulate import traffic_bound as linear_bound
 from ..ops.probe_norm import traffic_bound as probe_bound
 
@@ -96,7 +97,7 @@ def peak_memory_mb(fn: Callable, device: torch.device) -> float | None:
 # ----------------------------------------------------------------------------- cases
 
 def _inputs(device, dtype, *shapes):
-    return [torch.randn(*shape, device=device).to(dtype if len(shape) > 1 else torch.float32).requires_grad_()
+    return [torch.randn(shape, device=device).to(dtype if len(shape) > 1 else torch.float32).requires_grad_()
             for shape in shapes]
 
 
@@ -124,6 +125,10 @@ def op_cases(device: torch.device, quick: bool) -> list[Case]:
             cases.append(Case("ops", f"accumulate_norm {rows}x{dim}", dtype,
                               _op_make(accumulate_norm, reference.accumulate_norm, (x, y, w, b), {}),
                               norm_bound(x, y, w, b)))
+            f, gate = _inputs(device, dtype, (rows, dim), ())
+            cases.append(Case("ops", f"hybrid_accumulate_norm {rows}x{dim}", dtype,
+                              _op_make(hybrid_accumulate_norm, reference.hybrid_accumulate_norm, (x, f, y, gate, w, b),
+                                       {}), hybrid_bound(x, f, y, gate, w, b)))
         depth, rows, dim = probe_size
         xs, w, b = _inputs(device, dtype, (depth, rows, dim), (dim,), (dim,))
         cases.append(Case("ops", f"probe_norm {depth}x{rows}x{dim}", dtype,
@@ -158,7 +163,7 @@ def model_specs(quick: bool):
 def model_cases(device: torch.device, quick: bool) -> list[Case]:
     cases = []
     for name, build, batch, amp in model_specs(quick):
-        for connectivity in ("acn", "residual", "ffn"):
+        for connectivity in ("acn", "residual", "ffn", "hybrid"):
             def make(impl, build=build, batch=batch, amp=amp, connectivity=connectivity):
                 backend = impl if impl in ("triton", "cuda") else "reference"
                 torch.manual_seed(0)
@@ -175,7 +180,8 @@ def model_cases(device: torch.device, quick: bool) -> list[Case]:
                     loss.backward()
                     optimizer.step()
                 return step
-            # every twin: on the fused backends their MLPs run the fused ops, the connections differ
+            # every twin: on the fused backends their MLPs run the fused ops, the connections differ (the
+            # hybrid's boundaries on hybrid_accumulate_norm)
             cases.append(Case("models", f"{name} {connectivity}", amp or torch.float32, make,
                               impls=("eager", "compile", "triton", "cuda")))
     return cases
@@ -224,10 +230,11 @@ def derive(results: list[Result], copy_gbps: float) -> None:
         for base in ("eager", "compile"):
             other = by_key.get((r.case.name, r.case.dtype, r.pass_, base))
             r.extra[f"vs_{base}"] = other.ms / r.ms if other else None
-        # what the long connections cost: the ACN step over its ffn twin's, same implementation
-        ffn = by_key.get((r.case.name.removesuffix(" acn") + " ffn", r.case.dtype, r.pass_, r.impl)) \
-            if r.case.suite == "models" and r.case.name.endswith(" acn") else None
-        r.extra["acn_over_ffn"] = r.ms / ffn.ms if ffn else None
+        # what the long connections cost: the acn (or hybrid) step over its ffn twin's, same implementation
+        model, _, twin = r.case.name.rpartition(" ")
+        ffn = by_key.get((model + " ffn", r.case.dtype, r.pass_, r.impl)) \
+            if r.case.suite == "models" and twin in ("acn", "hybrid") else None
+        r.extra["over_ffn"] = r.ms / ffn.ms if ffn else None
 
 
 def _fmt(value, spec):
@@ -237,13 +244,13 @@ def _fmt(value, spec):
 def print_table(results: list[Result], device_label: str, copy_gbps: float) -> None:
     print(f"\ndevice: {device_label}; copy bandwidth measured now: {copy_gbps:.1f} GB/s")
     print(f"{'case':<38} {'dtype':<8} {'pass':<16} {'impl':<8} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
-          f"{'TFLOP/s':>8} {'peak MB':>8} {'vs eager':>8} {'vs compile':>10} {'acn/ffn':>8}")
+          f"{'TFLOP/s':>8} {'peak MB':>8} {'vs eager':>8} {'vs compile':>10} {'/ffn twin':>9}")
     for r in results:
         x = r.extra
         print(f"{r.case.name:<38} {str(r.case.dtype).replace('torch.', ''):<8} {r.pass_:<16} {r.impl:<8} "
               f"{r.ms:>9.3f} {_fmt(x['gbps'], '8.1f')} {_fmt(x['copy_fraction'] and 100 * x['copy_fraction'], '6.1f')} "
               f"{_fmt(x['tflops'], '8.2f')} {_fmt(r.peak_mb, '8.1f')} {_fmt(x['vs_eager'], '8.2f')} "
-              f"{_fmt(x['vs_compile'], '10.2f')} {_fmt(x['acn_over_ffn'], '8.2f')}")
+              f"{_fmt(x['vs_compile'], '10.2f')} {_fmt(x['over_ffn'], '9.2f')}")
 
 
 def _commit() -> str:
@@ -258,7 +265,7 @@ def write_csv(results: list[Result], path: str, device_label: str) -> None:
     import triton
 
     header = ["time", "commit", "device", "torch", "triton", "suite", "case", "dtype", "pass", "impl", "median_ms",
-              "gbps", "copy_fraction", "tflops", "peak_mb", "vs_eager", "vs_compile", "acn_over_ffn"]
+              "gbps", "copy_fraction", "tflops", "peak_mb", "vs_eager", "vs_compile", "over_ffn"]
     if os.path.exists(path):
         with open(path, newline="") as f:
             old_header = next(csv.reader(f), None)
@@ -276,7 +283,7 @@ def write_csv(results: list[Result], path: str, device_label: str) -> None:
             writer.writerow([stamp, _commit(), device_label, torch.__version__, triton.__version__, r.case.suite,
                              r.case.name, str(r.case.dtype).replace("torch.", ""), r.pass_, r.impl, f"{r.ms:.4f}",
                              x["gbps"], x["copy_fraction"], x["tflops"], r.peak_mb, x["vs_eager"], x["vs_compile"],
-                             x["acn_over_ffn"]])
+                             x["over_ffn"]])
 
 
 def plot(results: list[Result], path: str, title: str) -> None:

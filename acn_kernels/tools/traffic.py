@@ -278,9 +278,9 @@ def step_traffic(model, inputs) -> Traffic:
 STEP_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def model_rows(dtypes=STEP_DTYPES, names=None):
-    """One training step of every model, dtype and connectivity, eager (backend="reference") and
-    fused (backend="triton"), from the same initialization and batch."""
+def model_rows(dtypes=STEP_DTYPES, names=None, connectivities=None):
+    """One training step of every model, dtype and connectivity (or those named), eager
+    (backend="reference") and fused (backend="triton"), from the same initialization and batch."""
     from ..models import CONNECTIVITIES
 
     rows = []
@@ -288,7 +288,7 @@ def model_rows(dtypes=STEP_DTYPES, names=None):
         if names is not None and name not in names:
             continue
         for dtype in dtypes:
-            for connectivity in CONNECTIVITIES:
+            for connectivity in connectivities or CONNECTIVITIES:
                 torch.manual_seed(0)
                 batch = inputs()
                 batch = batch.to(dtype) if batch.is_floating_point() else batch
@@ -300,7 +300,7 @@ def model_rows(dtypes=STEP_DTYPES, names=None):
 
 
 def twin_cost(rows, row) -> float:
-    """The ACN step's fused bytes over its ffn twin's (same model, dtype and backend)."""
+    """A long-connection step's fused bytes (acn or hybrid) over its ffn twin's (same model, dtype, backend)."""
     ffn = next(r for r in rows if (r["name"], r["dtype"], r["connectivity"]) == (row["name"], row["dtype"], "ffn"))
     return row["fused"].total / ffn["fused"].total
 
@@ -325,15 +325,15 @@ def print_report(ops, models) -> None:
         print(f"{r['name']:<34} " + " ".join(f"{c:>14}" for c in cells)
               + f" {ratios[0]:>12} {ratios[1]:>10} {_mb(r['bound'][0]) + ' +' + _mb(r['bound'][1]):>16}")
     print("\nOne training step (forward and backward, every parameter's gradient) of small models, eager against "
-          "fused (MiB [launches]); acn/ffn: the ACN's fused bytes over its ffn twin's:")
+          "fused (MiB [launches]); /ffn twin: the acn (or hybrid) step's fused bytes over its ffn twin's:")
     print(f"{'model':<8} {'dtype':<9} {'twin':<9} {'eager':>16} {'fused':>16} {'bytes':>6} {'launches':>9} "
-          f"{'acn/ffn':>8}")
+          f"{'/ffn twin':>9}")
     for r in models:
         e, f = r["eager"], r["fused"]
-        cost = f"{twin_cost(models, r):.2f}" if r["connectivity"] == "acn" else ""
+        cost = f"{twin_cost(models, r):.2f}" if r["connectivity"] in ("acn", "hybrid") else ""
         print(f"{r['name']:<8} {str(r['dtype']).removeprefix('torch.'):<9} {r['connectivity']:<9} "
               f"{_mb(e.total) + f' [{e.launches}]':>16} {_mb(f.total) + f' [{f.launches}]':>16} "
-              f"{f.total / e.total:>6.2f} {f.launches / e.launches:>9.2f} {cost:>8}")
+              f"{f.total / e.total:>6.2f} {f.launches / e.launches:>9.2f} {cost:>9}")
 
 
 def run_traffic() -> int:
