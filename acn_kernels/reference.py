@@ -11,12 +11,19 @@ import torch.nn.functional as F
 
 NORMS = ("layernorm", "rmsnorm")
 NORMALIZE = ("input", "sum")
+def swiglu(z: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for z = [gate | up] along the last dimension (Llama's MLP): half z's width."""
+    gate, up = z.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
     "silu": F.silu,
     "identity": lambda z: z,
+    "swiglu": swiglu,
 }
 
 
@@ -56,7 +63,8 @@ def hybrid_accumulate_norm(x, f, y, gate, weight, bias=None, *, long_weight=None
 
 
 def linear_act_accumulate(x, weight, bias, y, *, activation="gelu"):
-    """(h, y_out): h = act(x @ weight.T + bias), y_out = y + h."""
+    """(h, y_out): h = act(x @ weight.T + bias), y_out = y + h (swiglu: weight's rows are the gate's,
+    then the up projection's, and h half their count wide)."""
     h = ACTIVATIONS[activation](F.linear(x, weight, bias))
     return h, accumulate(y, h)
 

@@ -239,14 +239,17 @@ std::tuple<Tensor, Tensor> probe_norm_bwd(const Tensor& dout, const Tensor& xs, 
 }
 
 int activation_code(const std::string& name, const char* op) {
-  static const char* names[] = {"relu", "gelu", "gelu_tanh", "silu", "identity"};
-  for (int i = 0; i < 5; ++i)
+  static const char* names[] = {"relu", "gelu", "gelu_tanh", "silu", "identity", "swiglu"};
+  for (int i = 0; i < 6; ++i)
     if (name == names[i]) return i;
-  TORCH_CHECK(false, op, ": activation must be one of relu, gelu, gelu_tanh, silu, identity, got '", name, "'");
+  TORCH_CHECK(false, op, ": activation must be one of relu, gelu, gelu_tanh, silu, identity, swiglu, got '", name,
+              "'");
   return -1;
 }
 
-bool needs_preactivation(int act) { return act == acn::kGelu || act == acn::kGeluTanh || act == acn::kSilu; }
+bool needs_preactivation(int act) {
+  return act == acn::kGelu || act == acn::kGeluTanh || act == acn::kSilu || act == acn::kSwiglu;
+}
 
 std::tuple<Tensor, Tensor, Tensor> linear_act_accumulate_fwd(const Tensor& x, const Tensor& weight,
                                                              const OptionalTensor& bias, const OptionalTensor& y,
@@ -263,24 +266,31 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_accumulate_fwd(const Tensor& x, co
   // GEMM's output), the elementwise kernel only adds the running sum. Otherwise z comes from cuBLAS
   // and the kernel applies act too (cuBLASLt's GELU is the tanh form, and ATen does not return the
   // pre-activation that act' needs).
+  // swiglu: z is (M, 2H), each row the gate projection's then the up projection's, h and y (M, H).
   const bool gemm_epilogue = act == acn::kIdentity || (act == acn::kRelu && bias);
+  TORCH_CHECK(act != acn::kSwiglu || weight.size(0) % 2 == 0, op, ": swiglu's weight must have an even number of rows, "
+              "got ", weight.sizes());
   Tensor z = act == acn::kRelu && bias ? at::_addmm_activation(*bias, x2, weight.t())
              : bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  const int64_t glu_width = act == acn::kSwiglu ? weight.size(0) / 2 : 0;
   const bool kernel_stores_h = store_h && !gemm_epilogue;
-  Tensor h = gemm_epilogue ? z : (store_h ? at::empty_like(z) : Tensor());
+  Tensor h = gemm_epilogue ? z : (store_h ? at::empty({x2.size(0), glu_width ? glu_width : z.size(1)}, z.options())
+                                          : Tensor());
   if (y || !gemm_epilogue) {
     acn::activation_epilogue(x_dtype, y_dtype, z.data_ptr(), y ? y2.data_ptr() : nullptr,
-                             kernel_stores_h ? h.data_ptr() : nullptr, y ? y_out.data_ptr() : nullptr, z.numel(),
-                             gemm_epilogue ? acn::kIdentity : act, stream());
+                             kernel_stores_h ? h.data_ptr() : nullptr, y ? y_out.data_ptr() : nullptr,
+                             z.numel() / (glu_width ? 2 : 1), gemm_epilogue ? acn::kIdentity : act, glu_width,
+                             stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = weight.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end()), z_shape = shape;
+  shape.back() = glu_width ? glu_width : weight.size(0);
+  z_shape.back() = weight.size(0);
   // act' reads z for gelu, gelu_tanh and silu, and for relu where h is not returned (relu's z, or its
   // h from the cuBLASLt epilogue: the same sign).
   const bool keep_z = needs_preactivation(act) || (act == acn::kRelu && !store_h);
   return {store_h ? h.view(shape) : at::empty({0}, x.options()), y ? y_out.view(shape) : at::empty({0}, x.options()),
-          keep_z ? z.view(shape) : at::empty({0}, x.options())};
+          keep_z ? z.view(z_shape) : at::empty({0}, x.options())};
 }
 
 Tensor activation_backward(const OptionalTensor& dh, const OptionalTensor& dy_out, const OptionalTensor& saved,
@@ -293,11 +303,14 @@ Tensor activation_backward(const OptionalTensor& dh, const OptionalTensor& dy_ou
   const int act = activation_code(activation, op);
   Tensor dh_c = dh ? dh->to(dtype).contiguous() : Tensor(), dy_c = dy_out ? dy_out->contiguous() : Tensor();
   Tensor saved_c = saved ? saved->contiguous() : Tensor();
-  Tensor dz = at::empty(like.sizes(), like.options().dtype(dtype));
+  const int64_t glu_width = act == acn::kSwiglu ? like.size(-1) : 0;  // dz and z are then twice as wide
+  TORCH_CHECK(!glu_width || (saved && saved->size(-1) == 2 * glu_width), op, ": swiglu's saved z must have last "
+              "dimension ", 2 * glu_width, " (the gate's and the up projection's)");
+  Tensor dz = at::empty(glu_width ? saved->sizes() : like.sizes(), like.options().dtype(dtype));
   const acn::DType x_dtype = dtype_of(dz, op, "dtype");
   acn::activation_backward(x_dtype, dy_out ? dtype_of(*dy_out, op, "dy_out") : x_dtype, dh ? dh_c.data_ptr() : nullptr,
                            dy_out ? dy_c.data_ptr() : nullptr, saved ? saved_c.data_ptr() : nullptr, dz.data_ptr(),
-                           dz.numel(), act, stream());
+                           like.numel(), act, glu_width, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dz;
 }

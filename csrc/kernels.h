@@ -50,11 +50,13 @@ void probe_norm_backward(DType dtype, const void* dout, const void* xs, const fl
 inline int64_t probe_norm_shared_bytes(int dim) { return 5 * static_cast<int64_t>(dim) * sizeof(float); }
 
 // linear_act_accumulate.cu: the elementwise parts around the GEMM. z is x @ W.T + b (from cuBLAS).
-// h = act(z); y_out = y + h when y is given; h null: only y_out (z is h already, act identity).
+// h = act(z); y_out = y + h when y is given; h null: only y_out (z is h already, act identity). n is
+// h's element count; for swiglu (glu_width W > 0) z is (n / W, 2W), each row its gate then up halves.
 void activation_epilogue(DType dtype, DType y_dtype, const void* z, const void* y, void* h, void* y_out,
-                         int64_t n, int activation, cudaStream_t stream);
-// dz = (dh + dy_out) * act'(saved); dh, dy_out, saved may be null (saved: identity).
+                         int64_t n, int activation, int64_t glu_width, cudaStream_t stream);
+// dz = (dh + dy_out) * act'(saved); dh, dy_out, saved may be null (saved: identity). For swiglu saved
+// and dz are (n / W, 2W), both halves of dz written.
 void activation_backward(DType dtype, DType y_dtype, const void* dh, const void* dy_out, const void* saved,
-                         void* dz, int64_t n, int activation, cudaStream_t stream);
+                         void* dz, int64_t n, int activation, int64_t glu_width, cudaStream_t stream);
 
 }  // namespace acn

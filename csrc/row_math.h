@@ -12,8 +12,9 @@
 
 namespace acn {
 
-// Activation codes, in the order of acn_kernels.reference.ACTIVATIONS.
-enum Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kIdentity = 4 };
+// Activation codes, in the order of acn_kernels.reference.ACTIVATIONS. kSwiglu pairs two values of z
+// (its gate and up halves) per output: see swiglu and swiglu_grads.
+enum Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kIdentity = 4, kSwiglu = 5 };
 
 constexpr float kSqrtHalf = 0.7071067811865476f;
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
@@ -75,6 +76,15 @@ ACN_HD float activation_grad(float saved, int act) {
     }
     default: return 1.0f;
   }
+}
+
+ACN_HD float swiglu(float gate, float up) { return gate * sigmoid(gate) * up; }
+
+// The gradients of h = silu(gate) * up, given dh.
+ACN_HD void swiglu_grads(float dh, float gate, float up, float& dgate, float& dup) {
+  const float s = sigmoid(gate);
+  dgate = dh * up * s * (1.0f + gate * (1.0f - s));
+  dup = dh * gate * s;
 }
 
 }  // namespace acn

@@ -123,15 +123,17 @@ def test_compile_report_covers_every_gemm_tile_the_launcher_can_pick():
     from itertools import product
 
     from acn_kernels.ops._gemm import TILE_KEYS, gemm_tiles
-    built = {(b.dtype, b.constexprs["EPILOGUE"], tuple(b.constexprs[k] for k in TILE_KEYS[:3]) + (b.num_warps,
-                                                                                               b.num_stages))
+    built = {(b.dtype, b.constexprs["EPILOGUE"], b.constexprs["ACTIVATION"] == "swiglu",
+              tuple(b.constexprs[k] for k in TILE_KEYS[:3]) + (b.num_warps, b.num_stages))
              for b in linear_builds() if b.kernel == "gemm_kernel"}
     sizes = (1, 15, 16, 17, 33, 63, 64, 65, 129, 1000, 4096)
     for dtype, sms, (m, n, k) in product((torch.float32, torch.float16, torch.bfloat16), (None, 8, 132),
                                          product(sizes, repeat=3)):
-        tiles = gemm_tiles(m, n, k, dtype, sms)
-        for epilogue in ("forward", "times_activation_grad", "weight_grad"):
-            assert (dtype, epilogue, tuple(tiles[key] for key in TILE_KEYS)) in built, (dtype, m, n, k, sms)
+        for gated, epilogues in ((False, ("forward", "times_activation_grad", "weight_grad")),
+                                 (True, ("forward", "times_activation_grad"))):
+            tiles = gemm_tiles(m, n, k, dtype, sms, gated)
+            for epilogue in epilogues:
+                assert (dtype, epilogue, gated, tuple(tiles[key] for key in TILE_KEYS)) in built, (dtype, m, n, k)
 
 
 def test_sm90_gemm_tiles_must_run_on_wgmma():

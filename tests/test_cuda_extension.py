@@ -9,8 +9,8 @@ from acn_kernels.backend import CUDA_EXTENSION, CUDA_EXTENSION_ERROR
 
 pytestmark = pytest.mark.skipif(CUDA_EXTENSION is None, reason=f"CUDA extension not built: {CUDA_EXTENSION_ERROR}")
 
-OPS = ("accumulate_norm_fwd", "accumulate_norm_bwd", "probe_norm_fwd", "probe_norm_bwd",
-       "linear_act_accumulate_fwd", "activation_backward")
+OPS = ("accumulate_norm_fwd", "accumulate_norm_bwd", "hybrid_accumulate_norm_fwd", "hybrid_accumulate_norm_bwd",
+       "probe_norm_fwd", "probe_norm_bwd", "linear_act_accumulate_fwd", "activation_backward")
 
 
 def test_every_op_is_registered_with_the_triton_schema():
@@ -27,6 +27,8 @@ def test_compiled_architectures():
 @pytest.mark.parametrize("call", [
     lambda ops, x, w: ops.accumulate_norm_fwd(x, None, w, None, 1e-5, True, False),
     lambda ops, x, w: ops.accumulate_norm_bwd(x, None, x, w, w, w, False, True, None),
+    lambda ops, x, w: ops.hybrid_accumulate_norm_fwd(x, x, None, w[0], w, None, None, 1e-5, True),
+    lambda ops, x, w: ops.hybrid_accumulate_norm_bwd(x, None, None, x, x, x, w[0], w, None, w, w, False, True),
     lambda ops, x, w: ops.probe_norm_fwd(x.unsqueeze(0), w, None, 1e-5, True),
     lambda ops, x, w: ops.probe_norm_bwd(x.unsqueeze(0), x.unsqueeze(0), w, w, w, False, True),
     lambda ops, x, w: ops.linear_act_accumulate_fwd(x, w.unsqueeze(0), None, None, "gelu"),

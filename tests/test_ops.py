@@ -275,8 +275,9 @@ def test_linear_act_accumulate_matches_reference(dtype, activation, shape, backe
     x_shape, out_features = shape
     in_features = x_shape[-1]
     x = randn(*x_shape, dtype=dtype)
-    weight = randn(out_features, in_features, dtype=dtype, scale=in_features ** -0.5)
-    bias = randn(out_features, dtype=dtype)
+    rows = 2 * out_features if activation == "swiglu" else out_features  # swiglu: gate rows, then up rows
+    weight = randn(rows, in_features, dtype=dtype, scale=in_features ** -0.5)
+    bias = randn(rows, dtype=dtype)
     y = randn(*x_shape[:-1], out_features, dtype=dtype, scale=2.0)
     check_op(linear_act_accumulate, reference.linear_act_accumulate, (x, weight, bias, y), dtype, backend=backend,
              activation=activation)
@@ -375,9 +376,10 @@ def test_weight_gradient_needs_no_input_gradient():
 
 # ----------------------------------------------------------------------------- feed_forward
 
-def feed_forward_params(dim, hidden, out, dtype, bias=True):
-    w1, w2 = randn(hidden, dim, dtype=dtype, scale=dim ** -0.5), randn(out, hidden, dtype=dtype, scale=hidden ** -0.5)
-    return w1, (randn(hidden, dtype=dtype) if bias else None), w2, (randn(out, dtype=dtype) if bias else None)
+def feed_forward_params(dim, hidden, out, dtype, bias=True, activation="gelu"):
+    rows = 2 * hidden if activation == "swiglu" else hidden  # swiglu: gate rows, then up rows
+    w1, w2 = randn(rows, dim, dtype=dtype, scale=dim ** -0.5), randn(out, hidden, dtype=dtype, scale=hidden ** -0.5)
+    return w1, (randn(rows, dtype=dtype) if bias else None), w2, (randn(out, dtype=dtype) if bias else None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -387,7 +389,8 @@ def feed_forward_params(dim, hidden, out, dtype, bias=True):
 def test_feed_forward_matches_reference(dtype, activation, shape, backend):
     x_shape, hidden, out = shape
     x = randn(*x_shape, dtype=dtype)
-    check_op(feed_forward, reference.feed_forward, (x, *feed_forward_params(x_shape[-1], hidden, out, dtype)), dtype,
+    check_op(feed_forward, reference.feed_forward,
+             (x, *feed_forward_params(x_shape[-1], hidden, out, dtype, activation=activation)), dtype,
              backend=backend, activation=activation)
 
 
@@ -433,16 +436,17 @@ def test_gemm_tiles_fill_the_gpu_and_are_fixed_under_the_interpreter():
     assert tile(1, 1, 1, torch.float16, None) == (16, 16, 16)
 
 
-@pytest.mark.parametrize("dtype,config", [(dtype, c) for dtype in (torch.float32, torch.bfloat16)
-                                          for c in _gemm.GEMM_CONFIGS[dtype.itemsize]], ids=str)
-def test_every_gemm_tile_configuration_is_right(dtype, config, monkeypatch):
+@pytest.mark.parametrize("dtype,activation,config", [
+    (dtype, activation, c) for dtype in (torch.float32, torch.bfloat16) for activation in ("gelu", "swiglu")
+    for c in _gemm.tile_configs(dtype, gated=activation == "swiglu")], ids=str)
+def test_every_gemm_tile_configuration_is_right(dtype, activation, config, monkeypatch):
     """Each configuration the launcher can pick, forced on every GEMM: the three epilogues through
     feed_forward (forward; act' times the hidden gradient; both weight gradients with their biases)
-    on odd sizes that leave partial tiles in every dimension."""
+    on odd sizes that leave partial tiles in every dimension; swiglu's tiles on its two accumulators."""
     monkeypatch.setattr(_gemm, "choose_tiles", lambda *args: dict(zip(_gemm.TILE_KEYS, config), GROUP_M=8))
     x = randn(3, 47, 37, dtype=dtype)
-    check_op(feed_forward, reference.feed_forward, (x, *feed_forward_params(37, 71, 29, dtype)), dtype,
-             activation="gelu")
+    check_op(feed_forward, reference.feed_forward, (x, *feed_forward_params(37, 71, 29, dtype, activation=activation)),
+             dtype, activation=activation)
 
 
 def test_tuned_tiles_are_timed_once_and_kept(tmp_path):
@@ -588,7 +592,11 @@ ERRORS = [
     (lambda x, w: linear_act_accumulate(x, randn(5, 8), None, x), ValueError,
      r"y must have shape \(4, 5\), got \(4, 8\)"),
     (lambda x, w: linear_act_accumulate(x, randn(5, 8), None, None, activation="tanh"), ValueError,
-     r"activation must be one of \('relu', 'gelu', 'gelu_tanh', 'silu', 'identity'\), got 'tanh'"),
+     r"activation must be one of \('relu', 'gelu', 'gelu_tanh', 'silu', 'identity', 'swiglu'\), got 'tanh'"),
+    (lambda x, w: linear_act_accumulate(x, randn(5, 8), None, None, activation="swiglu"), ValueError,
+     r"weight must have an even number of rows for activation='swiglu' .*, got \(5, 8\)"),
+    (lambda x, w: feed_forward(x, randn(6, 8), None, randn(8, 6), None, activation="swiglu"), ValueError,
+     r"w2 must have shape \(out_features, 3\), got \(8, 6\)"),
     (lambda x, w: linear(x, randn(5, 7)), ValueError, r"weight must have shape \(out_features, 8\), got \(5, 7\)"),
     (lambda x, w: linear(x, randn(5, 8), randn(4)), ValueError, r"bias must have shape \(5,\), got \(4,\)"),
     (lambda x, w: linear(x.int(), randn(5, 8)), TypeError, r"x must have dtype in .*, got torch.int32"),

@@ -5,6 +5,12 @@
     epilogue "forward"                z = out + bias, h = act(z), y_out = y + h
                                       (linear_act_accumulate, feed_forward's first linear)
     epilogue "times_activation_grad"  dz = out * act'(z)   (feed_forward's backward: dz = (dout @ w2) * act'(z))
+
+swiglu (a gated linear unit, Llama's MLP): b is (2N, K), rows [0, N) the gate projection and [N, 2N)
+the up projection, z = [z_gate | z_up] is (M, 2N) and h = silu(z_gate) * z_up is (M, N). Each program
+accumulates both halves of its N columns (two dots on the same a tile), so the pairing needs no
+second pass; the backward epilogue writes both halves of dz: dz_gate = dh * z_up * silu'(z_gate),
+dz_up = dh * silu(z_gate).
     epilogue "weight_grad"            dweight = out, dbias = the row sums of a
                                       (a = dout.T, b = x.T: dweight = dout.T @ x, dbias = sum of dout's rows)
 
@@ -27,7 +33,8 @@ from ._common import dot_in_fp32, in_dtype_of, new_buffer, rows_of
 # act'(z) needs z itself for these; relu reads h > 0 and identity needs nothing.
 # The constants are constexpr globals; each expression keeps a tensor on the left of them, since
 # constexpr * tensor stays a constexpr under Triton's interpreter and then fails.
-NEEDS_PREACTIVATION = ("gelu", "gelu_tanh", "silu")
+NEEDS_PREACTIVATION = ("gelu", "gelu_tanh", "silu", "swiglu")
+GATED = ("swiglu",)  # activations of a (gate, up) pair: z is twice h's width
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 GELU_TANH_CUBIC = tl.constexpr(0.044715)
@@ -69,6 +76,13 @@ def activation_grad(saved, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def swiglu_grads(dh, gate, up):
+    """(dz_gate, dz_up) of h = silu(gate) * up, float32 tiles."""
+    sig = tl.sigmoid(gate)
+    return dh * up * sig * (1.0 + gate * (1.0 - sig)), dh * gate * sig
+
+
+@triton.jit
 def gemm_kernel(
     a_ptr, b_ptr, bias_ptr, y_ptr, h_ptr, z_ptr, y_out_ptr,
     M, N, K, a_stride_m, a_stride_k, b_stride_n, b_stride_k,
@@ -78,7 +92,8 @@ def gemm_kernel(
 ):
     """h_ptr receives the (M, N) result of every epilogue (h, dz or dweight; "forward" skips h when
     STORE_H is off: only y_out is wanted); bias_ptr is the bias read by "forward" and the bias gradient
-    written by "weight_grad"; z_ptr is z, written by "forward" and read by "times_activation_grad"."""
+    written by "weight_grad"; z_ptr is z, written by "forward" and read by "times_activation_grad".
+    swiglu: b, bias and z hold (gate, up) pairs, N apart; "times_activation_grad" writes dz, (M, 2N)."""
     # Grouped order: GROUP_M row-blocks walk the column-blocks together, so b's tiles stay in L2.
     pid = tl.program_id(0)
     blocks_m = tl.cdiv(M, BLOCK_M)
@@ -93,18 +108,26 @@ def gemm_kernel(
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * a_stride_m + ks[None, :] * a_stride_k
     b_ptrs = b_ptr + cols.to(tl.int64)[None, :] * b_stride_n + ks[:, None] * b_stride_k
+    up_shift = tl.cast(N, tl.int64) * b_stride_n  # the up projection's rows, N after the gate's (swiglu)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_sums = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = (k0 + ks) < K
+        b_mask = k_mask[:, None] & (cols < N)[None, :]
         a = tl.load(a_ptrs, mask=(rows < M)[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & (cols < N)[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         if EPILOGUE == "weight_grad" and HAS_BIAS:
             row_sums += tl.sum(a.to(tl.float32), axis=1)
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if ACTIVATION == "swiglu" and EPILOGUE == "forward":
+            b_up = tl.load(b_ptrs + up_shift, mask=b_mask, other=0.0)
+            if DOT_IN_FP32:
+                b_up = b_up.to(tl.float32)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * a_stride_k
         b_ptrs += BLOCK_K * b_stride_k
 
@@ -118,17 +141,37 @@ def gemm_kernel(
         if HAS_BIAS:
             if pid_n == 0:
                 tl.store(bias_ptr + rows, in_dtype_of(bias_ptr, row_sums), mask=rows < M)
+    # A GLU's z and dz rows are 2N wide: the gate half at cols, the up half N further.
+    pair_start = tile_start * 2
+    pair_offsets = tl.arange(0, BLOCK_M)[:, None] * (2 * N) + cols[None, :]
     if EPILOGUE == "times_activation_grad":
-        if ACTIVATION != "identity":
-            acc *= activation_grad(tl.load(z_ptr + tile_start + offsets, mask=mask, other=0.0).to(tl.float32),
-                                   ACTIVATION)
-        tl.store(h_ptr + tile_start + offsets, in_dtype_of(h_ptr, acc), mask=mask)
+        if ACTIVATION == "swiglu":
+            gate = tl.load(z_ptr + pair_start + pair_offsets, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(z_ptr + pair_start + pair_offsets + N, mask=mask, other=0.0).to(tl.float32)
+            dgate, dup = swiglu_grads(acc, gate, up)
+            tl.store(h_ptr + pair_start + pair_offsets, in_dtype_of(h_ptr, dgate), mask=mask)
+            tl.store(h_ptr + pair_start + pair_offsets + N, in_dtype_of(h_ptr, dup), mask=mask)
+        else:
+            if ACTIVATION != "identity":
+                acc *= activation_grad(tl.load(z_ptr + tile_start + offsets, mask=mask, other=0.0).to(tl.float32),
+                                       ACTIVATION)
+            tl.store(h_ptr + tile_start + offsets, in_dtype_of(h_ptr, acc), mask=mask)
     if EPILOGUE == "forward":
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        if STORE_Z:
-            tl.store(z_ptr + tile_start + offsets, in_dtype_of(z_ptr, acc), mask=mask)
-        h = in_dtype_of(h_ptr, activation(acc, ACTIVATION))
+            if ACTIVATION == "swiglu":
+                acc_up += tl.load(bias_ptr + N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION == "swiglu":
+            if STORE_Z:
+                tl.store(z_ptr + pair_start + pair_offsets, in_dtype_of(z_ptr, acc), mask=mask)
+                tl.store(z_ptr + pair_start + pair_offsets + N, in_dtype_of(z_ptr, acc_up), mask=mask)
+            # the rounded z, as the backward reads it and the reference computes h from it
+            gate, up = in_dtype_of(z_ptr, acc).to(tl.float32), in_dtype_of(z_ptr, acc_up).to(tl.float32)
+            h = in_dtype_of(h_ptr, gate * tl.sigmoid(gate) * up)
+        else:
+            if STORE_Z:
+                tl.store(z_ptr + tile_start + offsets, in_dtype_of(z_ptr, acc), mask=mask)
+            h = in_dtype_of(h_ptr, activation(acc, ACTIVATION))
         if STORE_H:
             tl.store(h_ptr + tile_start + offsets, h, mask=mask)
         if HAS_Y:
@@ -145,26 +188,37 @@ GEMM_CONFIGS = {
     2: ((128, 64, 64, 8, 3), (64, 64, 64, 8, 3), (64, 32, 32, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 4, 2)),
     4: ((128, 64, 16, 8, 3), (64, 64, 16, 8, 3), (64, 32, 16, 4, 3), (32, 32, 16, 4, 2), (16, 16, 16, 4, 2)),
 }
+# A gated activation's programs keep two accumulators (the gate's and the up projection's): the
+# plain list's largest tiles spill then (compile-report, unaligned builds), these do not.
+GATED_CONFIGS = {
+    2: ((128, 32, 64, 8, 3), (64, 64, 32, 8, 3), (64, 32, 32, 4, 3), (32, 32, 32, 4, 2), (16, 16, 16, 4, 2)),
+    4: ((128, 32, 16, 8, 3), (64, 64, 16, 8, 3), (64, 32, 16, 4, 3), (32, 32, 16, 4, 2), (16, 16, 16, 4, 2)),
+}
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 
-def fitting_configs(M: int, N: int, K: int, dtype: torch.dtype) -> list[tuple]:
+def tile_configs(dtype: torch.dtype, gated: bool = False) -> tuple:
+    """The configurations the launcher picks from, largest first."""
+    return (GATED_CONFIGS if gated else GEMM_CONFIGS)[min(dtype.itemsize, 4)]
+
+
+def fitting_configs(M: int, N: int, K: int, dtype: torch.dtype, gated: bool = False) -> list[tuple]:
     """The configurations whose tiles do not overhang the problem by more than a power of two (the
     16x16x16 one, tl.dot's smallest, always fits)."""
     def fits(block: int, size: int) -> bool:
         return block <= max(16, triton.next_power_of_2(size))
-    return [c for c in GEMM_CONFIGS[min(dtype.itemsize, 4)] if fits(c[0], M) and fits(c[1], N) and fits(c[2], K)]
+    return [c for c in tile_configs(dtype, gated) if fits(c[0], M) and fits(c[1], N) and fits(c[2], K)]
 
 
 def programs(config: tuple, M: int, N: int) -> int:
     return triton.cdiv(M, config[0]) * triton.cdiv(N, config[1])
 
 
-def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, sm_count: int | None = None) -> dict:
+def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, sm_count: int | None = None, gated: bool = False) -> dict:
     """The launch's tiles, a pure function of the shape, dtype and SM count, so a GPU always runs a
     given GEMM the same way: the largest fitting tiles that give every SM a program, else the ones
     that give the most programs. sm_count None (Triton's interpreter): the largest fitting tiles."""
-    fitting = fitting_configs(M, N, K, dtype)
+    fitting = fitting_configs(M, N, K, dtype, gated)
     filling = [c for c in fitting if sm_count is None or programs(c, M, N) >= sm_count]
     config = filling[0] if filling else max(fitting, key=lambda c: programs(c, M, N))
     return dict(zip(TILE_KEYS, config), GROUP_M=8)
@@ -217,12 +271,13 @@ TUNER = TileTuner(os.environ.get("ACN_KERNELS_TUNING_CACHE") or os.path.join(
     "gemm_tiles.json"))
 
 
-def choose_tiles(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, what: str, launch) -> dict:
+def choose_tiles(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, what: str, launch,
+                 gated: bool = False) -> dict:
     """gemm_tiles, or under ACN_KERNELS_AUTOTUNE=1 on a GPU the tuned tiles for this GEMM."""
     if os.environ.get("ACN_KERNELS_AUTOTUNE") == "1" and device.type == "cuda":
         key = f"{torch.cuda.get_device_name(device)}|{what}|{dtype}|{M}x{N}x{K}"
-        return TUNER.tiles(key, fitting_configs(M, N, K, dtype), launch)
-    return gemm_tiles(M, N, K, dtype, sm_count(device))
+        return TUNER.tiles(key, fitting_configs(M, N, K, dtype, gated), launch)
+    return gemm_tiles(M, N, K, dtype, sm_count(device), gated)
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -245,7 +300,8 @@ def launch_gemm(a, a_strides, b, b_strides, out, M, N, K, epilogue: str, activat
             a, b, bias if bias is not None else stand_in, y if y is not None else stand_in, stand_in,
             z if z is not None else stand_in, y_out if y_out is not None else stand_in,
             M, N, K, *a_strides, *b_strides, **flags, **tiles)
-    launch(choose_tiles(M, N, K, a.dtype, a.device, "|".join(map(str, flags.values())), launch))
+    gated = activation in GATED and epilogue != "weight_grad"
+    launch(choose_tiles(M, N, K, a.dtype, a.device, "|".join(map(str, flags.values())), launch, gated))
 
 
 def saves_preactivation(activation: str, store_h: bool = True) -> bool:
@@ -259,13 +315,19 @@ def activation_grad_input(activation: str, h, z, store_h: bool = True):
     return z if saves_preactivation(activation, store_h) else (h if activation == "relu" else None)
 
 
+def output_width(weight: torch.Tensor, act: str) -> int:
+    """h's width for a linear of `weight` (out_features, in_features): half the rows for a GLU."""
+    return weight.shape[0] // 2 if act in GATED else weight.shape[0]
+
+
 def launch_forward(x2, weight, bias, y2, act: str, store_h: bool = True):
     """(h, y_out, saved) for x2 (M, K): h = act(x2 @ weight.T + bias), y_out = y2 + h; saved is z
-    or h (what act' needs) or None for identity. store_h False (y2 given): h is None, and relu saves z."""
+    or h (what act' needs) or None for identity. store_h False (y2 given): h is None, and relu saves z.
+    swiglu: weight (2N, K), z (M, 2N), h (M, N)."""
     M, K = x2.shape
-    N = weight.shape[0]
+    N = output_width(weight, act)
     h = new_buffer((M, N), x2.dtype, x2.device) if store_h else None
-    z = new_buffer((M, N), x2.dtype, x2.device) if saves_preactivation(act, store_h) else None
+    z = new_buffer((M, weight.shape[0]), x2.dtype, x2.device) if saves_preactivation(act, store_h) else None
     y_out = new_buffer((M, N), y2.dtype, x2.device) if y2 is not None else None
     launch_gemm(x2, x2.stride(), weight, weight.stride(), h, M, N, K, "forward", act, bias=bias, y=y2, z=z,
                 y_out=y_out, store_z=z is not None)
@@ -274,10 +336,10 @@ def launch_forward(x2, weight, bias, y2, act: str, store_h: bool = True):
 
 def launch_times_activation_grad(g2, w2, saved2, act: str):
     """dz (M, H) = (g2 @ w2) * act'(saved2) for g2 (M, E), w2 (E, H): w2 is read through its strides
-    as the (H, E) operand the kernel's a @ b.T takes."""
+    as the (H, E) operand the kernel's a @ b.T takes. swiglu: dz and saved2 are (M, 2H)."""
     M, E = g2.shape
     H = w2.shape[1]
-    dz = new_buffer((M, H), g2.dtype, g2.device)
+    dz = new_buffer((M, 2 * H if act in GATED else H), g2.dtype, g2.device)
     launch_gemm(g2, g2.stride(), w2, (w2.stride(1), w2.stride(0)), dz, M, H, E, "times_activation_grad", act,
                 z=saved2)
     return dz

@@ -2,7 +2,8 @@
 
 Math, for x (..., D), w1 (H, D), b1 (H,) or None, w2 (E, H), b2 (E,) or None:
 
-    z   = x @ w1.T + b1,  h = act(z)     one GEMM, bias and act in its epilogue (linear_act_accumulate's)
+    z   = x @ w1.T + b1,  h = act(z)     one GEMM, bias and act in its epilogue (linear_act_accumulate's;
+                                         swiglu: w1 (2H, D), gate rows then up rows, h = silu(z_gate) * z_up)
     out = h @ w2.T + b2                  cuBLAS (torch.addmm)
 
 Backward, dout the gradient of out:
@@ -36,7 +37,8 @@ from .._validation import check_choice
 from ..backend import resolve_backend
 from ._common import rows_of
 from ._gemm import (activation_grad_input, fused_weight_grad, launch_forward, launch_times_activation_grad,
-                    saves_preactivation)
+                    output_width, saves_preactivation)
+from ._gemm import GATED
 from .linear_act_accumulate import ACTIVATIONS, check_linear, checked_linear_input, linear_act_accumulate
 
 
@@ -51,30 +53,31 @@ def feed_forward_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tenso
     h, _, saved = launch_forward(rows_of(x), w1, b1.contiguous() if b1 is not None else None, None, activation)
     out = torch.addmm(b2, h, w2.t()) if b2 is not None else h @ w2.t()
     lead = x.shape[:-1]
-    return (out.view(*lead, w2.shape[0]), h.view(*lead, w1.shape[0]),
+    return (out.view(*lead, w2.shape[0]), h.view(*lead, output_width(w1, activation)),
             saved.view(*lead, w1.shape[0]) if saves_preactivation(activation) else h.new_empty(0))
 
 
 @feed_forward_fwd.register_fake
 def feed_forward_fwd_fake(x, w1, b1, w2, b2, activation):
     lead = x.shape[:-1]
-    hidden = (*lead, w1.shape[0])
-    return (x.new_empty((*lead, w2.shape[0])), x.new_empty(hidden),
-            x.new_empty(hidden if saves_preactivation(activation) else (0,)))
+    return (x.new_empty((*lead, w2.shape[0])), x.new_empty((*lead, output_width(w1, activation))),
+            x.new_empty((*lead, w1.shape[0]) if saves_preactivation(activation) else (0,)))
 
 
 @torch.library.custom_op("acn_kernels::times_activation_grad", mutates_args=())
 def times_activation_grad(dout: torch.Tensor, w2: torch.Tensor, saved: Optional[torch.Tensor],
                           activation: str) -> torch.Tensor:
-    """dz = (dout @ w2) * act'(z), shaped (..., H); saved is z, or h for relu, or None for identity."""
+    """dz = (dout @ w2) * act'(z), shaped like z (..., H; swiglu's (..., 2H)); saved is z, or h for relu,
+    or None for identity."""
     dz = launch_times_activation_grad(rows_of(dout.to(w2.dtype)), w2,
                                       rows_of(saved) if saved is not None else None, activation)
-    return dz.view(*dout.shape[:-1], w2.shape[1])
+    return dz.view(*dout.shape[:-1], dz.shape[-1])
 
 
 @times_activation_grad.register_fake
 def times_activation_grad_fake(dout, w2, saved, activation):
-    return dout.new_empty((*dout.shape[:-1], w2.shape[1]), dtype=w2.dtype)
+    return dout.new_empty((*dout.shape[:-1], saved.shape[-1] if activation in GATED else w2.shape[1]),
+                          dtype=w2.dtype)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -111,9 +114,9 @@ def feed_forward(x, w1, b1, w2, b2, *, activation="gelu", backend="auto"):
     are cast to the autocast dtype, as nn.Linear's are. On backend="cuda" the first linear is the CUDA
     linear_act_accumulate and the second (and the activation's backward) eager."""
     x, w1, b1, w2, b2 = checked_linear_input(x, w1, b1, w2, b2)
-    check_linear("w1", w1, "b1", b1, x)
-    check_linear("w2", w2, "b2", b2, x, in_features=w1.shape[0])
     check_choice("activation", activation, ACTIVATIONS)
+    check_linear("w1", w1, "b1", b1, x, activation=activation)
+    check_linear("w2", w2, "b2", b2, x, in_features=output_width(w1, activation))
     resolved = resolve_backend(backend, x.device, "feed_forward")
     if resolved == "reference":
         return reference.feed_forward(x, w1, b1, w2, b2, activation=activation)
@@ -125,19 +128,20 @@ def feed_forward(x, w1, b1, w2, b2, *, activation="gelu", backend="auto"):
 def traffic_bound(x, w1, b1, w2, b2, *, activation="gelu") -> tuple[int, int]:
     """The module docstring's byte counts plus the GEMMs' operands, (forward, backward). Checked by
     the traffic tests."""
-    hidden, dim = w1.shape
+    rows_w1, dim = w1.shape  # z's width: swiglu's is twice h's
+    hidden = output_width(w1, activation)
     out_features = w2.shape[0]
     m = x.numel() // dim
     e = x.element_size()
-    a = m * hidden * e
-    z = a if saves_preactivation(activation) else 0
-    saved = a if activation != "identity" else 0
+    a, a_z = m * hidden * e, m * rows_w1 * e
+    z = a_z if saves_preactivation(activation) else 0
+    saved = a_z if activation != "identity" else 0
     x_bytes, out_bytes = m * dim * e, m * out_features * e
-    w1_bytes, w2_bytes = hidden * dim * e, out_features * hidden * e
-    b1_bytes = hidden * e if b1 is not None else 0
+    w1_bytes, w2_bytes = rows_w1 * dim * e, out_features * hidden * e
+    b1_bytes = rows_w1 * e if b1 is not None else 0
     b2_bytes = out_features * e if b2 is not None else 0
     forward = (x_bytes + w1_bytes + b1_bytes + a + z) + (a + w2_bytes + b2_bytes + out_bytes)
-    backward = (out_bytes + w2_bytes + saved + a) \
+    backward = (out_bytes + w2_bytes + saved + a_z) \
         + (out_bytes + a + w2_bytes + b2_bytes) \
-        + (a + w1_bytes + x_bytes) + (a + x_bytes + w1_bytes + b1_bytes)
+        + (a_z + w1_bytes + x_bytes) + (a_z + x_bytes + w1_bytes + b1_bytes)
     return forward, backward

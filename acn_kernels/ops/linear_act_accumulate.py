@@ -3,8 +3,12 @@
 Math, for x (..., K), weight (N, K) as in nn.Linear, bias (N,) or None, y None or (..., N):
 
     z     = x @ weight.T + bias
-    h     = act(z)                         act in relu, gelu, gelu_tanh, silu, identity
+    h     = act(z)                         act in relu, gelu, gelu_tanh, silu, identity, swiglu
     y_out = y + h                          (y is None: y_out is h itself, no copy)
+
+swiglu (Llama's MLP) takes weight (2N, K), rows [0, N) the gate projection and [N, 2N) the up
+projection (bias likewise): z = [z_gate | z_up] is (..., 2N) and h = silu(z_gate) * z_up (..., N),
+both halves accumulated by each GEMM program, so h never needs a second pass.
 
 Backward, with dh and dy_out the gradients of the two outputs (h feeds the next layer, y_out the
 long connection; both reach z):
@@ -44,43 +48,61 @@ from .._validation import check_choice
 from ..backend import resolve_backend
 from ._common import (check_device, check_running_sum, check_shape, check_tensor, in_dtype_of, new_buffer,
                       register_cuda_twin, rows_of)
-from ._gemm import (activation_grad, activation_grad_input, eager_weight_grad, fused_weight_grad, launch_forward,
-                    saves_preactivation)
+from ._gemm import (GATED, activation_grad, activation_grad_input, eager_weight_grad, fused_weight_grad,
+                    launch_forward, output_width, saves_preactivation, swiglu_grads)
 
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
 
 
 @triton.jit
 def activation_backward_kernel(
-    dh_ptr, dy_out_ptr, saved_ptr, dz_ptr, n_elements,
+    dh_ptr, dy_out_ptr, saved_ptr, dz_ptr, width, n_elements,
     HAS_DH: tl.constexpr, HAS_DY_OUT: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n_elements
+    """One BLOCK of a row of `width` gradients per program (program_id(0) the row, (1) the block):
+    the n_elements gradients in rows of one block, or for swiglu one row of the (M, width) gradients
+    per program row, paired with a (gate, up) row of z, 2 * width wide."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offsets = row * width + cols
+    mask = (cols < width) & (offsets < n_elements)
     grad = tl.zeros((BLOCK,), dtype=tl.float32)
     if HAS_DH:
         grad += tl.load(dh_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_DY_OUT:
         grad += tl.load(dy_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if ACTIVATION != "identity":
-        saved = tl.load(saved_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        grad *= activation_grad(saved, ACTIVATION)
-    tl.store(dz_ptr + offsets, in_dtype_of(dz_ptr, grad), mask=mask)
+    if ACTIVATION == "swiglu":
+        pairs = row * 2 * width + cols
+        gate = tl.load(saved_ptr + pairs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(saved_ptr + pairs + width, mask=mask, other=0.0).to(tl.float32)
+        dgate, dup = swiglu_grads(grad, gate, up)
+        tl.store(dz_ptr + pairs, in_dtype_of(dz_ptr, dgate), mask=mask)
+        tl.store(dz_ptr + pairs + width, in_dtype_of(dz_ptr, dup), mask=mask)
+    else:
+        if ACTIVATION != "identity":
+            saved = tl.load(saved_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            grad *= activation_grad(saved, ACTIVATION)
+        tl.store(dz_ptr + offsets, in_dtype_of(dz_ptr, grad), mask=mask)
 
 
 ELEMENTWISE_BLOCK = 1024
 
 
 def launch_activation_backward(dh, dy_out, saved, act: str, shape, dtype, device):
-    """dz = (dh + dy_out) * act'(z) over contiguous (M, N) buffers."""
-    dz = new_buffer(shape, dtype, device)
-    n_elements = dz.numel()
+    """dz = (dh + dy_out) * act'(z) over contiguous (M, N) gradients; swiglu: dz and z are (M, 2N), a
+    program row per row (N blocks of ELEMENTWISE_BLOCK at most, the grid's second dimension)."""
+    rows, width = shape
+    n_elements = rows * width
+    glu = act in GATED
+    dz = new_buffer((rows, 2 * width) if glu else shape, dtype, device)
+    if not glu:
+        rows, width = triton.cdiv(n_elements, ELEMENTWISE_BLOCK), ELEMENTWISE_BLOCK
     dh = dh.contiguous() if dh is not None else None
     dy_out = dy_out.contiguous() if dy_out is not None else None
     stand_in = dz
-    activation_backward_kernel[(max(1, triton.cdiv(n_elements, ELEMENTWISE_BLOCK)),)](
+    activation_backward_kernel[(max(1, rows), max(1, triton.cdiv(width, ELEMENTWISE_BLOCK)))](
         dh if dh is not None else stand_in, dy_out if dy_out is not None else stand_in,
-        saved if saved is not None else stand_in, dz, n_elements,
+        saved if saved is not None else stand_in, dz, width, n_elements,
         HAS_DH=dh is not None, HAS_DY_OUT=dy_out is not None, ACTIVATION=act, BLOCK=ELEMENTWISE_BLOCK)
     return dz
 
@@ -98,36 +120,39 @@ def linear_act_accumulate_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optio
     y2 = rows_of(y).contiguous() if y is not None else None  # the epilogue's layout
     h, y_out, saved = launch_forward(rows_of(x), weight, bias.contiguous() if bias is not None else None, y2,
                                      activation, store_h)
-    out_shape = (*x.shape[:-1], weight.shape[0])
+    out_shape = (*x.shape[:-1], output_width(weight, activation))
     absent = x.new_empty  # a fresh empty tensor for each output an op does not produce
     return (h.view(out_shape) if h is not None else absent(0),
             y_out.view(out_shape) if y_out is not None else absent(0),
-            saved.view(out_shape) if saves_preactivation(activation, store_h) else absent(0))
+            saved.view(*x.shape[:-1], weight.shape[0]) if saves_preactivation(activation, store_h) else absent(0))
 
 
 @linear_act_accumulate_fwd.register_fake
 def linear_act_accumulate_fwd_fake(x, weight, bias, y, activation, store_h=True):
-    out_shape = (*x.shape[:-1], weight.shape[0])
+    out_shape = (*x.shape[:-1], output_width(weight, activation))
+    z_shape = (*x.shape[:-1], weight.shape[0])
     return (x.new_empty(out_shape if store_h else (0,)),
             x.new_empty(out_shape, dtype=y.dtype) if y is not None else x.new_empty(0),
-            x.new_empty(out_shape if saves_preactivation(activation, store_h) else (0,)))
+            x.new_empty(z_shape if saves_preactivation(activation, store_h) else (0,)))
 
 
 @torch.library.custom_op("acn_kernels::activation_backward", mutates_args=())
 def activation_backward(dh: Optional[torch.Tensor], dy_out: Optional[torch.Tensor], saved: Optional[torch.Tensor],
                         activation: str, dtype: torch.dtype) -> torch.Tensor:
-    """dz = (dh + dy_out) * act'(z) in `dtype` (x's), shaped like the gradients."""
+    """dz = (dh + dy_out) * act'(z) in `dtype` (x's), shaped like z (twice the gradients' width for swiglu)."""
     shape = next(t.shape for t in (dh, dy_out) if t is not None)
     rows = (shape.numel() // shape[-1], shape[-1])
-    flat = [t.reshape(rows) if t is not None else None for t in (dh, dy_out, saved)]
+    flat = [t.reshape(rows) if t is not None else None for t in (dh, dy_out)]
+    saved = saved.reshape(rows[0], -1) if saved is not None else None
     device = next(t.device for t in (dh, dy_out) if t is not None)
-    return launch_activation_backward(*flat, activation, rows, dtype, device).view(shape)
+    dz = launch_activation_backward(*flat, saved, activation, rows, dtype, device)
+    return dz.view(*shape[:-1], dz.shape[-1])
 
 
 @activation_backward.register_fake
 def activation_backward_fake(dh, dy_out, saved, activation, dtype):
     grad = dh if dh is not None else dy_out
-    return grad.new_empty(grad.shape, dtype=dtype)
+    return grad.new_empty(saved.shape if activation in GATED else grad.shape, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -188,13 +213,17 @@ def checked_linear_input(x, *params) -> tuple:
     return (x, *params)
 
 
-def check_linear(weight_name: str, weight, bias_name: str, bias, x: torch.Tensor, in_features: int | None = None):
+def check_linear(weight_name: str, weight, bias_name: str, bias, x: torch.Tensor, in_features: int | None = None,
+                 activation: str = "identity"):
     """weight (out_features, in_features: x's last dimension by default) and bias (out_features,) or
-    None, of x's dtype and on x's device."""
+    None, of x's dtype and on x's device; a gated activation's out_features are (gate, up) pairs."""
     in_features = x.shape[-1] if in_features is None else in_features
     check_tensor(weight_name, weight, dtypes=(x.dtype,))
     if weight.dim() != 2 or weight.shape[1] != in_features:
         raise ValueError(f"{weight_name} must have shape (out_features, {in_features}), got {tuple(weight.shape)}")
+    if activation in GATED and weight.shape[0] % 2:
+        raise ValueError(f"{weight_name} must have an even number of rows for activation={activation!r} (the gate "
+                         f"projection's, then the up projection's), got {tuple(weight.shape)}")
     check_device(weight_name, weight, x.device)
     if bias is not None:
         check_tensor(bias_name, bias, dtypes=(x.dtype,))
@@ -208,9 +237,9 @@ def linear_act_accumulate(x, weight, bias, y, *, activation="gelu", backend="aut
     written (A less). Under autocast, x, weight and bias are cast to the autocast dtype
     as nn.Linear's are; y is not."""
     x, weight, bias = checked_linear_input(x, weight, bias)
-    check_linear("weight", weight, "bias", bias, x)
-    check_running_sum(y, (*x.shape[:-1], weight.shape[0]), x.dtype, x.device)
     check_choice("activation", activation, ACTIVATIONS)
+    check_linear("weight", weight, "bias", bias, x, activation=activation)
+    check_running_sum(y, (*x.shape[:-1], output_width(weight, activation)), x.dtype, x.device)
     resolved = resolve_backend(backend, x.device, "linear_act_accumulate")
     if not return_h and y is None:
         raise ValueError("return_h=False needs y: without a running sum there is nothing else to return")
@@ -231,14 +260,15 @@ def run_forward(forward_op, x, weight, bias, y, activation, return_h=True):
 def traffic_bound(x, weight, bias, y, *, activation="gelu") -> tuple[int, int]:
     """The module docstring's byte counts plus the GEMMs' operands, (forward, backward). Checked
     by the traffic tests."""
-    n, k = weight.shape
+    rows_w, k = weight.shape  # z's width: swiglu's is twice h's
+    n = output_width(weight, activation)
     m = x.numel() // k
     e = x.element_size()
-    a, a_y = m * n * e, (m * n * y.element_size() if y is not None else 0)
-    z = a if saves_preactivation(activation) else 0
-    bias_bytes = n * e if bias is not None else 0
-    forward = (m * k * e + n * k * e + bias_bytes + a_y) + (a + a_y + z)
-    saved = a if activation != "identity" else 0
-    elementwise = (a + a_y + saved) + a                        # dh, dy_out, z or h -> dz
-    gemms = (a + n * k * e + m * k * e) + (a + m * k * e + n * k * e)  # dx = dz W, dW = dz^T x
-    return forward, elementwise + gemms + (n * e if bias is not None else 0)
+    a, a_y, a_z = m * n * e, (m * n * y.element_size() if y is not None else 0), m * rows_w * e
+    z = a_z if saves_preactivation(activation) else 0
+    bias_bytes = rows_w * e if bias is not None else 0
+    forward = (m * k * e + rows_w * k * e + bias_bytes + a_y) + (a + a_y + z)
+    saved = a_z if activation != "identity" else 0
+    elementwise = (a + a_y + saved) + a_z                      # dh, dy_out, z or h -> dz
+    gemms = (a_z + rows_w * k * e + m * k * e) + (a_z + m * k * e + rows_w * k * e)  # dx = dz W, dW = dz^T x
+    return forward, elementwise + gemms + bias_bytes

@@ -92,30 +92,35 @@ def norm_builds():
 
 
 def linear_builds():
-    from ..ops._gemm import GEMM_CONFIGS, TILE_KEYS
+    from ..ops._gemm import TILE_KEYS, tile_configs
     from ..ops.linear_act_accumulate import ACTIVATIONS, ELEMENTWISE_BLOCK
 
     gemm = "acn_kernels.ops._gemm"
-    for dtype in DTYPES:
+    for dtype, gated in product(DTYPES, (False, True)):
         # float32 follows torch's TF32 switch, so both precisions are configurations it can use.
         for precision in (("ieee", "tf32") if dtype == torch.float32 else ("ieee",)):
-            for config in GEMM_CONFIGS[dtype.itemsize]:  # every tile the launcher can pick
+            for config in tile_configs(dtype, gated):  # every tile the launcher can pick
                 tiles = dict(zip(TILE_KEYS, config), GROUP_M=8)
                 launch = {k: tiles.pop(k) for k in ("num_warps", "num_stages")}
-                constexprs = dict(EPILOGUE="forward", ACTIVATION="gelu_tanh", HAS_BIAS=True, HAS_Y=True, STORE_H=True,
-                                  STORE_Z=True, DOT_IN_FP32=False, INPUT_PRECISION=precision, **tiles)
+                constexprs = dict(EPILOGUE="forward", ACTIVATION="swiglu" if gated else "gelu_tanh", HAS_BIAS=True,
+                                  HAS_Y=True, STORE_H=True, STORE_Z=True, DOT_IN_FP32=False,
+                                  INPUT_PRECISION=precision, **tiles)
                 yield Build(gemm, "gemm_kernel", dtype, constexprs, ("y_ptr", "y_out_ptr"), **launch)
-                # the last block of a chain: y_out only
-                yield Build(gemm, "gemm_kernel", dtype, {**constexprs, "STORE_H": False}, ("y_ptr", "y_out_ptr"),
-                            **launch)
                 # feed_forward's backward GEMM: dz = (dout @ w2) * act'(z), w2 read with its unit stride along N
                 yield Build(gemm, "gemm_kernel", dtype,
                             {**constexprs, "EPILOGUE": "times_activation_grad", "HAS_BIAS": False, "HAS_Y": False,
                              "STORE_Z": False}, (), **launch, unit_strides=("a_stride_k", "b_stride_n"))
+                if gated:
+                    continue
+                # the last block of a chain: y_out only
+                yield Build(gemm, "gemm_kernel", dtype, {**constexprs, "STORE_H": False}, ("y_ptr", "y_out_ptr"),
+                            **launch)
                 # every weight gradient: dout.T @ x and dout's column sums, both operands read transposed
                 yield Build(gemm, "gemm_kernel", dtype,
                             {**constexprs, "EPILOGUE": "weight_grad", "ACTIVATION": "identity", "HAS_Y": False,
                              "STORE_Z": False}, (), **launch, unit_strides=("a_stride_m", "b_stride_n"))
+        if gated:
+            continue
         for act in ACTIVATIONS:
             yield Build("acn_kernels.ops.linear_act_accumulate", "activation_backward_kernel", dtype,
                         dict(HAS_DH=True, HAS_DY_OUT=True, ACTIVATION=act, BLOCK=ELEMENTWISE_BLOCK),

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from ..ops._common import partial_width
-from ..ops._gemm import saves_preactivation
+from ..ops._gemm import GATED, output_width, saves_preactivation
 from ..ops.linear_act_accumulate import ACTIVATIONS  # row_math.h's codes, in order
 
 CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
@@ -353,35 +353,39 @@ class HostOps:
     def linear_act_accumulate_fwd(self, x, weight, bias, y, activation, store_h=True):
         k, act = self.k, ACTIVATIONS.index(activation)
         x2 = x.reshape(-1, x.shape[-1])
+        glu_width = output_width(weight, activation) if activation in GATED else 0
         # cuBLAS there; relu with a bias in cuBLASLt's epilogue, identity's h the GEMM's output itself
         relu_epilogue = activation == "relu" and bias is not None
         gemm_epilogue = relu_epilogue or activation == "identity"
         z = torch._addmm_activation(bias, x2, weight.t()) if relu_epilogue \
             else torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
         h = z if gemm_epilogue else None
+        h_shape = (z.shape[0], glu_width or z.shape[1])
         if y is not None or not gemm_epilogue:
             with k.call():
-                z_c, y2 = k.place("z", z), k.place("y", y.reshape(z.shape) if y is not None else None)
+                z_c, y2 = k.place("z", z), k.place("y", y.reshape(h_shape) if y is not None else None)
                 if store_h and not gemm_epilogue:
-                    h = k.output("h", z.shape, z.dtype)
-                y_out = k.output("y_out", z.shape, y.dtype) if y is not None else None
+                    h = k.output("h", h_shape, z.dtype)
+                y_out = k.output("y_out", h_shape, y.dtype) if y is not None else None
                 k.library.acn_host_activation_epilogue(
                     _code(x.dtype), _code(y.dtype if y is not None else x.dtype), _ptr(z_c), _ptr(y2),
-                    _ptr(None if gemm_epilogue else h), _ptr(y_out), ctypes.c_longlong(z.numel()),
-                    ACTIVATIONS.index("identity") if gemm_epilogue else act)
-        shape = (*x.shape[:-1], weight.shape[0])
+                    _ptr(None if gemm_epilogue else h), _ptr(y_out), ctypes.c_longlong(h_shape[0] * h_shape[1]),
+                    ACTIVATIONS.index("identity") if gemm_epilogue else act, ctypes.c_longlong(glu_width))
+        shape = (*x.shape[:-1], h_shape[1])
         return (h.view(shape) if store_h else x.new_empty(0), y_out.view(shape) if y is not None else x.new_empty(0),
-                z.view(shape) if saves_preactivation(activation, store_h) else x.new_empty(0))
+                z.view(*x.shape[:-1], z.shape[1]) if saves_preactivation(activation, store_h) else x.new_empty(0))
 
     def activation_backward(self, dh, dy_out, saved, activation, dtype):
         k, like = self.k, (dh if dh is not None else dy_out)
+        glu_width = like.shape[-1] if activation in GATED else 0
         with k.call():
             dh_c = k.place("dh", dh.to(dtype) if dh is not None else None)
             dy_c, saved_c = k.place("dy_out", dy_out), k.place("saved", saved)
-            dz = k.output("dz", like.shape, dtype)
+            dz = k.output("dz", saved.shape if glu_width else like.shape, dtype)
             k.library.acn_host_activation_backward(
                 _code(dtype), _code(dy_out.dtype if dy_out is not None else dtype), _ptr(dh_c), _ptr(dy_c),
-                _ptr(saved_c), _ptr(dz), ctypes.c_longlong(dz.numel()), ACTIVATIONS.index(activation))
+                _ptr(saved_c), _ptr(dz), ctypes.c_longlong(like.numel()), ACTIVATIONS.index(activation),
+                ctypes.c_longlong(glu_width))
         return dz
 
 
@@ -498,8 +502,8 @@ def case_inputs(case: Case):
         args = (xs.to(d), _randn(width), _randn(width) if o["bias"] else None)
         return reference.probe_norm, args, {"norm": o["norm"]}
     y = {"none": None, "same": _randn(ROWS, width, dtype=d), "float32": _randn(ROWS, width)}[o["y"]]
-    k = 24
-    args = (_randn(ROWS, k, dtype=d), _randn(width, k, dtype=d, scale=3 * k ** -0.5), _randn(width, dtype=d), y)
+    k, rows_w = 24, 2 * width if o["activation"] in GATED else width  # swiglu: (gate, up) rows
+    args = (_randn(ROWS, k, dtype=d), _randn(rows_w, k, dtype=d, scale=3 * k ** -0.5), _randn(rows_w, dtype=d), y)
     return reference.linear_act_accumulate, args, {"activation": o["activation"]}
 
 

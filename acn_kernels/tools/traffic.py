@@ -218,8 +218,27 @@ def op_cases(rows: int = 512, dim: int = 1024, depth: int = 6):
         args = (xl, wl, bl, w2, b2)
         cases.append((f"feed_forward gelu {tag}", feed_forward, reference.feed_forward, args, {"activation": "gelu"},
                       feed_forward_bound(*args, activation="gelu")))
+        w_gated, b_gated = _leaf(dim // 2, dim // 4, dtype=dtype), _leaf(dim // 2, dtype=dtype)  # (gate, up) rows
+        args = (xl, w_gated, b_gated, w2, b2)
+        cases.append((f"feed_forward swiglu {tag}", feed_forward, reference.feed_forward, args,
+                      {"activation": "swiglu"}, feed_forward_bound(*args, activation="swiglu")))
         cases.append((f"linear {tag}", linear, reference.linear, (xl, wl, bl), {}, plain_linear_bound(xl, wl, bl)))
     return cases
+
+
+def liger_swiglu_bytes(x, w1, b1, w2, b2) -> tuple[int, int]:
+    """(forward, backward) bytes of an MLP as Liger-Kernel runs SwiGLU: cuBLAS writes z = (gate, up),
+    one fused elementwise kernel reads z and writes h, and in backward reads dh and z and writes dz
+    (recomputing silu), cuBLAS around it and a sum for each bias: the anchor for feed_forward's swiglu."""
+    rows_w1, dim = w1.shape
+    hidden, out_features = rows_w1 // 2, w2.shape[0]
+    m, e = x.numel() // dim, x.element_size()
+    a, x_b, out_b = m * hidden * e, m * dim * e, m * out_features * e
+    w1_b, w2_b, b1_b, b2_b = w1.numel() * e, w2.numel() * e, b1.numel() * e, b2.numel() * e
+    forward = (x_b + w1_b + b1_b + 2 * a) + (2 * a + a) + (a + w2_b + b2_b + out_b)
+    backward = (out_b + w2_b + a) + (out_b + a + w2_b) + (out_b + b2_b) + (a + 2 * a + 2 * a) \
+        + (2 * a + w1_b + x_b) + (2 * a + x_b + w1_b) + (2 * a + b1_b)
+    return forward, backward
 
 
 # The CUDA backend's partial rows, like the Triton count's: 2 programs per SM on a 4-SM device = 8.
@@ -309,6 +328,17 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:8.2f}"
 
 
+def print_swiglu_anchor(ops, cases) -> None:
+    """feed_forward's fused swiglu against Liger-Kernel's design, in bytes."""
+    for row, case in zip(ops, cases):
+        if row["name"].startswith("feed_forward swiglu"):
+            forward, backward = liger_swiglu_bytes(*case[3])
+            fused = row["fused_forward"].total + row["fused_backward"].total
+            print(f"{row['name']}: fused {_mb(fused).strip()} MiB against {_mb(forward + backward).strip()} MiB as "
+                  f"Liger-Kernel runs it (cuBLAS, one elementwise SwiGLU kernel each way, cuBLAS): "
+                  f"{fused / (forward + backward):.2f}")
+
+
 def print_report(ops, models) -> None:
     print("Per op, one call forward and backward (MiB; launches in brackets). triton: the Triton kernels under "
           "the interpreter; cuda: the CUDA kernels executed on the CPU (cuda-host-check); both with 8 programs' "
@@ -342,5 +372,9 @@ def run_traffic() -> int:
     if not TRITON_INTERPRETED:
         raise RuntimeError("the traffic model counts the Triton kernels' loads and stores under Triton's "
                            "interpreter: run it with TRITON_INTERPRET=1")
-    print_report(op_rows(op_cases()), model_rows())
+    cases = op_cases()
+    ops = op_rows(cases)
+    print_report(ops, model_rows())
+    print()
+    print_swiglu_anchor(ops, cases)
     return 0

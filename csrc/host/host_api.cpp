@@ -53,13 +53,13 @@ void acn_host_probe_norm_backward(int dtype, const void* dout, const void* xs, c
 }
 
 void acn_host_activation_epilogue(int dtype, int y_dtype, const void* z, const void* y, void* h, void* y_out,
-                                  long long n, int activation) {
-  acn::activation_epilogue(DType(dtype), DType(y_dtype), z, y, h, y_out, n, activation, nullptr);
+                                  long long n, int activation, long long glu_width) {
+  acn::activation_epilogue(DType(dtype), DType(y_dtype), z, y, h, y_out, n, activation, glu_width, nullptr);
 }
 
 void acn_host_activation_backward(int dtype, int y_dtype, const void* dh, const void* dy_out, const void* saved,
-                                  void* dz, long long n, int activation) {
-  acn::activation_backward(DType(dtype), DType(y_dtype), dh, dy_out, saved, dz, n, activation, nullptr);
+                                  void* dz, long long n, int activation, long long glu_width) {
+  acn::activation_backward(DType(dtype), DType(y_dtype), dh, dy_out, saved, dz, n, activation, glu_width, nullptr);
 }
 
 }  // extern "C"
