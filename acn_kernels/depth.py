@@ -14,34 +14,52 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ._validation import check_positive_int, check_real
+from ._validation import check_choice, check_positive_int, check_real
 from .long_connections import LongConnections
 
 log = logging.getLogger(__name__)
 
 
+IGNORE_INDEX = -100  # a target position that counts in no score (padding), as in F.cross_entropy
+METRICS = ("accuracy", "loss")
+
+
 @dataclass
 class Compression:
     """What `compress` measured and the model it kept."""
-    accuracies: list          # percent, depth 0..L, on the held-out data given
-    depth: int                # the smallest depth within `tolerance` points of the best
-    tolerance: float
+    scores: list              # depth 0..L on the held-out data given: accuracy (%) or mean cross-entropy
+    depth: int                # the smallest depth within `tolerance` of the best
+    tolerance: float          # points of accuracy, or percent of the best loss
     model: nn.Module          # the truncated model (shares its parameters with the full one)
     parameters: tuple         # (full, truncated)
     latency_ms: tuple         # (full, truncated): median of repeated forwards of one batch, model's device
+    metric: str = "accuracy"
+    tokens_per_second: tuple | None = None  # (full, truncated): greedy generation with the KV cache
+
+    @property
+    def accuracies(self) -> list:
+        if self.metric != "accuracy":
+            raise AttributeError(f"this compression scored the depths by {self.metric}: see scores")
+        return self.scores
 
     @property
     def speedup(self) -> float:
         return self.latency_ms[0] / self.latency_ms[1]
 
     def __str__(self) -> str:
-        best = max(self.accuracies)
-        return (f"depth {self.depth} of {len(self.accuracies) - 1}: {self.accuracies[self.depth]:.1f}% "
-                f"(best {best:.1f}%, tolerance {self.tolerance:g} pt); parameters {self.parameters[0]:,} -> "
+        score = (f"{self.scores[self.depth]:.1f}% (best {max(self.scores):.1f}%, tolerance {self.tolerance:g} pt)"
+                 if self.metric == "accuracy" else
+                 f"loss {self.scores[self.depth]:.4f} (best {min(self.scores):.4f}, tolerance {self.tolerance:g}%)")
+        text = (f"depth {self.depth} of {len(self.scores) - 1}: {score}; parameters {self.parameters[0]:,} -> "
                 f"{self.parameters[1]:,}; latency {self.latency_ms[0]:.3f} -> {self.latency_ms[1]:.3f} ms "
                 f"({self.speedup:.2f}x)")
+        if self.tokens_per_second is not None:
+            full, truncated = self.tokens_per_second
+            text += f"; generation {full:,.0f} -> {truncated:,.0f} tokens/s ({truncated / full:.2f}x)"
+        return text
 
 
 def check_probe_data(inputs: torch.Tensor, targets: torch.Tensor, names: str = "inputs and targets") -> None:
@@ -49,64 +67,106 @@ def check_probe_data(inputs: torch.Tensor, targets: torch.Tensor, names: str = "
         raise ValueError(f"{names} must be non-empty and of one length, got {len(inputs)} and {len(targets)}")
 
 
-def depth_accuracies(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 512) -> list:
-    """Percent of `targets` that each depth's logits (model.probe) get right."""
-    correct = None
+def depth_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, metric: str = "accuracy",
+                 batch_size: int = 512) -> list:
+    """Every depth's score (model.probe's logits, (L+1, batch, ..., classes)) on `targets` (batch, ...):
+    the percent right, or the mean cross-entropy; targets equal to IGNORE_INDEX count in neither
+    (a language model's next tokens: targets (batch, positions))."""
+    check_choice("metric", metric, METRICS)
+    total, count = None, 0
     with torch.inference_mode():
         for start in range(0, len(targets), batch_size):
             logits = model.probe(inputs[start:start + batch_size])
-            hits = (logits.argmax(-1) == targets[start:start + batch_size].to(logits.device)).sum(-1)
-            correct = hits if correct is None else correct + hits
-    return (100.0 * correct.double() / len(targets)).tolist()
+            chunk = targets[start:start + batch_size].to(logits.device)
+            valid = chunk != IGNORE_INDEX
+            if metric == "accuracy":
+                per_depth = ((logits.argmax(-1) == chunk) & valid).flatten(1).sum(-1).double()
+            else:
+                per_depth = torch.stack([F.cross_entropy(depth_logits.flatten(0, -2).double(), chunk.flatten(),
+                                                         ignore_index=IGNORE_INDEX, reduction="sum")
+                                         for depth_logits in logits])
+            total = per_depth if total is None else total + per_depth
+            count += int(valid.sum())
+    return ((100.0 if metric == "accuracy" else 1.0) * total / max(count, 1)).tolist()
+
+
+def depth_accuracies(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 512) -> list:
+    """Percent of `targets` that each depth's logits (model.probe) get right."""
+    return depth_scores(model, inputs, targets, "accuracy", batch_size)
 
 
 def check_tolerance(tolerance) -> None:
-    check_real("tolerance", tolerance, "a number >= 0 (points of accuracy)", minimum=0)
+    check_real("tolerance", tolerance, "a number >= 0 (points of accuracy, or percent of the best loss)", minimum=0)
 
 
-def smallest_depth_within(accuracies: list, tolerance: float) -> int:
-    best = max(accuracies)
-    return next(k for k, accuracy in enumerate(accuracies) if accuracy >= best - tolerance)
+def smallest_depth_within(scores: list, tolerance: float, metric: str = "accuracy") -> int:
+    """The smallest depth whose accuracy is within `tolerance` points of the best, or whose loss is
+    within `tolerance` percent of the lowest."""
+    if metric == "accuracy":
+        best = max(scores)
+        return next(k for k, score in enumerate(scores) if score >= best - tolerance)
+    best = min(scores)
+    return next(k for k, score in enumerate(scores) if score <= best * (1 + tolerance / 100))
 
 
 def latency_ms(model: nn.Module, inputs: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time of one forward, in milliseconds (synchronized on a GPU)."""
-    device = next(model.parameters()).device
+    return median_ms(lambda: model(inputs), next(model.parameters()).device, repeats, warmup)
+
+
+def median_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():
         for i in range(warmup + repeats):
             synchronize()
             start = time.perf_counter()
-            model(inputs)
+            fn()
             synchronize()
             if i >= warmup:
                 times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times)
 
 
+def generation_tokens_per_second(model: nn.Module, prompts: torch.Tensor, new_tokens: int, repeats: int = 3) -> float:
+    """New tokens per second of greedy generation with the KV cache (median of `repeats` runs)."""
+    ms = median_ms(lambda: model.generate(prompts, new_tokens), next(model.parameters()).device, repeats, 1)
+    return prompts.shape[0] * new_tokens / (ms / 1000)
+
+
 def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tolerance: float = 1.0,
-             repeats: int = 20, timing_batch: int = 64) -> Compression:
+             repeats: int = 20, timing_batch: int = 64, metric: str = "accuracy",
+             generate_tokens: int | None = None) -> Compression:
     """Scores every depth of `model` on held-out (inputs, targets), keeps the smallest depth within
-    `tolerance` points of the best, and measures parameters and latency of both models (the median
-    of `repeats` forwards of the first `timing_batch` inputs). The model must offer probe and truncate."""
+    `tolerance` of the best (points of accuracy, or percent of the lowest loss with metric="loss"),
+    and measures parameters and latency of both models (the median of `repeats` forwards of the
+    first `timing_batch` inputs). The model must offer probe and truncate. A language model's inputs
+    are token sequences and its targets the next tokens; with generate_tokens (and a model that has
+    generate), the generation speed of both, with the KV cache, from the first 8 tokens of each of
+    the timing batch's sequences."""
     for method in ("probe", "truncate"):
         if not callable(getattr(model, method, None)):
             raise TypeError(f"model must have {method}() (the package's models, LongConnections-based or "
                             f"acnify'd ones), got {type(model).__name__}")
     check_tolerance(tolerance)
     check_probe_data(inputs, targets)
+    if generate_tokens is not None:
+        check_positive_int("generate_tokens", generate_tokens)
+        if not callable(getattr(model, "generate", None)):
+            raise TypeError(f"generate_tokens needs a model with generate(), got {type(model).__name__}")
     was_training = model.training
     model.eval()
     try:
-        accuracies = depth_accuracies(model, inputs, targets)
-        depth = smallest_depth_within(accuracies, tolerance)
+        scores = depth_scores(model, inputs, targets, metric)
+        depth = smallest_depth_within(scores, tolerance, metric)
         truncated = model.truncate(depth)
         parameters = tuple(sum(p.numel() for p in m.parameters()) for m in (model, truncated))
         latency = tuple(latency_ms(m, inputs[:timing_batch], repeats) for m in (model, truncated))
+        speeds = None if generate_tokens is None else tuple(
+            generation_tokens_per_second(m, inputs[:timing_batch, :8], generate_tokens) for m in (model, truncated))
     finally:
         model.train(was_training)
-    return Compression(accuracies, depth, tolerance, truncated, parameters, latency)
+    return Compression(scores, depth, tolerance, truncated, parameters, latency, metric, speeds)
 
 
 # ----------------------------------------------------------------------------- shrinking while training
@@ -236,13 +296,14 @@ class ShrinkOnCompression:
 
     def drop_blocks_past(self, depth: int) -> None:
         long = self.long_connections
-        dropped = [p for block in list(long.blocks)[depth:long.depth] for p in block.parameters()]
+        start, end = depth * long.units_per_depth, long.units  # the blocks (units) of the dropped depths
+        dropped = [p for block in list(long.blocks)[start:end] for p in block.parameters()]
         if long.input_norms is not None:
-            dropped += [p for norm in list(long.input_norms)[depth:long.depth] for p in norm.parameters()]
+            dropped += [p for norm in list(long.input_norms)[start:end] for p in norm.parameters()]
         if long.gates is not None:  # gate i joins block i's output into block i + 1's input
-            dropped += list(long.gates)[max(depth - 1, 0):long.depth - 1]
+            dropped += list(long.gates)[max(start - 1, 0):end - 1]
         if long.long_weights is not None:
-            dropped += list(long.long_weights)[depth:long.depth]
+            dropped += list(long.long_weights)[start:end]
         for parameter in dropped:
             parameter.requires_grad_(False)
             parameter.grad = None

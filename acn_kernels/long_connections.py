@@ -14,6 +14,10 @@ with L-1 learnable scalar gates (the last block's output feeds only the sum): ev
 ACN exactly, every gate 1 a residual chain whose outputs also feed the sum. The sums y_k are the same
 nested sub-networks, so probe, truncate, compress, early exit and ShrinkOnCompression work unchanged.
 
+units_per_depth=n groups n consecutive blocks into one depth (the AC-GPT's attention and MLP branches,
+both added to the sum, are two units of one block): probe, truncate, set_active_depth and early_exit
+then count depths of n units.
+
 On a fused backend each block boundary is one `accumulate_norm` (y += x_{i-1} and the next input
 norm in one pass; for the hybrid one `hybrid_accumulate_norm`, the short path too), the final norm
 its normalize="sum" mode and `probe` one `probe_norm`; on
@@ -36,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._validation import check_choice, check_real
+from ._validation import check_choice, check_positive_int, check_real
 from .backend import BACKENDS, resolve_backend
 from .ops import accumulate_norm, hybrid_accumulate_norm, probe_norm
 
@@ -85,10 +89,16 @@ class LongConnections(nn.Module):
     trained) or L 0-dim parameters to share."""
 
     def __init__(self, blocks, input_norms=None, final_norm: nn.Module | None = None, backend: str = "auto",
-                 gates=None, gate_init: float = 0.5, learn_gates: bool = True, long_weights=False):
+                 gates=None, gate_init: float = 0.5, learn_gates: bool = True, long_weights=False,
+                 units_per_depth: int = 1):
         super().__init__()
         check_choice("backend", backend, BACKENDS)
         self.blocks = blocks if isinstance(blocks, nn.ModuleList) else nn.ModuleList(blocks)
+        check_positive_int("units_per_depth", units_per_depth)
+        if len(self.blocks) % units_per_depth:
+            raise ValueError(f"blocks must be a whole number of depths of units_per_depth={units_per_depth} blocks, "
+                             f"got {len(self.blocks)}")
+        self.units_per_depth = units_per_depth
         if gates is None and long_weights is not False:
             raise ValueError("long_weights needs the hybrid's gates (gates='learned'): the ACN's long path has unit "
                              "weights")
@@ -112,14 +122,21 @@ class LongConnections(nn.Module):
 
     @property
     def depth(self) -> int:
-        """The number of blocks that run: all of them, or the active depth `set_active_depth` chose."""
-        return len(self.blocks) if self._active_depth is None else self._active_depth
+        """The number of depths that run (blocks, or groups of units_per_depth blocks): all of them, or
+        the active depth `set_active_depth` chose."""
+        return len(self.blocks) // self.units_per_depth if self._active_depth is None else self._active_depth
+
+    @property
+    def units(self) -> int:
+        """The number of blocks that run."""
+        return self.depth * self.units_per_depth
 
     def set_active_depth(self, k: int) -> None:
-        """Runs only the first k blocks from now on (forward, probe, early_exit); the rest stay in place,
-        so parameters and state_dict do not change. k = len(blocks) runs them all again."""
-        check_depth(k, len(self.blocks))
-        self._active_depth = None if k == len(self.blocks) else k
+        """Runs only the first k depths from now on (forward, probe, early_exit); the rest stay in place,
+        so parameters and state_dict do not change. k = the full depth runs them all again."""
+        full = len(self.blocks) // self.units_per_depth
+        check_depth(k, full)
+        self._active_depth = None if k == full else k
 
     def fused(self, device: torch.device) -> bool:
         return resolve_backend(self.backend, device) != "reference"
@@ -145,7 +162,7 @@ class LongConnections(nn.Module):
         input s of block i-1 (None for x_0), the sum y and whether y holds x already. s_i is block i's
         input before its norm: x for the ACN, gates[i-1] * s + x for the hybrid. Without keep_last_output,
         the last block's x_{i+1} may come back None, added into y."""
-        block, last = self.blocks[i], i == self.depth - 1
+        block, last = self.blocks[i], i == self.units - 1
         joins_short_path = self.hybrid and s is not None
         run_accumulate = getattr(block, "run_accumulate", None) if fused and self.long_weights is None else None
         if run_accumulate is not None:  # the block adds its output to y itself, but where x_L is
@@ -196,7 +213,7 @@ class LongConnections(nn.Module):
         """chain; without keep_last_output, (y_L, None, outputs) where the last block adds x_L itself."""
         fused = self.fused(x0.device)
         s, x, y, x_in_y, outputs = None, x0, None, False, [x0]
-        for i in range(self.depth):
+        for i in range(self.units):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 s, y, x, x_in_y = checkpoint(self._step, i, s, x, y, x_in_y, fused, block_kwargs, keep_last_output,
                                              use_reentrant=False)
@@ -204,7 +221,7 @@ class LongConnections(nn.Module):
                 s, y, x, x_in_y = self._step(i, s, x, y, x_in_y, fused, block_kwargs, keep_last_output)
             outputs.append(x)
         terms = [outputs[0], *(self._term(i, x) for i, x in enumerate(outputs[1:]))] if keep_last_output else outputs
-        return (y, None, terms) if x_in_y else (y, self._term(self.depth - 1, x) if self.depth else x, terms)
+        return (y, None, terms) if x_in_y else (y, self._term(self.units - 1, x) if self.units else x, terms)
 
     def sum_and_norm(self, y: torch.Tensor | None, x: torch.Tensor | None) -> tuple:
         """(y + x, final_norm(y + x)), the last boundary (y + x twice without a final norm); x None:
@@ -227,8 +244,11 @@ class LongConnections(nn.Module):
         return self.sum_and_norm(y, x)[1]
 
     def probe_outputs(self, outputs: list) -> torch.Tensor:
-        """(L+1, ...): final_norm(y_k) for every depth, from the block outputs [x_0..x_L]."""
+        """(L+1, ...): final_norm(y_k) for every depth, from the terms of the sum [x_0..x_L] (every
+        unit's: the depths are every units_per_depth-th partial sum)."""
         xs = torch.stack(outputs)
+        if self.units_per_depth > 1:  # each depth's units as one term
+            xs = torch.cat([xs[:1], xs[1:].unflatten(0, (-1, self.units_per_depth)).sum(1)])
         norm = self.final_norm
         if norm is None:
             return xs.cumsum(0)
@@ -248,19 +268,26 @@ class LongConnections(nn.Module):
         y_k and final_norm(y_k) are one accumulate_norm(normalize="sum") on fused backends. Block
         kwargs are passed as given, so they must not have a batch dimension. The state of a depth:
         (the next block's input, y_k, final_norm(y_k))."""
-        def advance(i, state):
-            x = self._next_output(i, state[0], block_kwargs)
-            state_next = self._short_state(i, state[0], x) if i + 1 < self.depth else x
-            return (state_next, *self.sum_and_norm(state[1], self._term(i, x)))
+        def advance(k, state):
+            """The state after depth k + 1: its units run one after another, the last one's output added
+            to the sum by the final norm's boundary."""
+            s, y = state[0], state[1]
+            for i in range(k * self.units_per_depth, (k + 1) * self.units_per_depth):
+                x = self._next_output(i, s, block_kwargs)
+                term, s = self._term(i, x), self._short_state(i, s, x) if i + 1 < self.units else x
+                if i + 1 < (k + 1) * self.units_per_depth:
+                    y = self._add(y, term)
+            return (s, *self.sum_and_norm(y, term))
 
         return exit_early((x0, *self.sum_and_norm(None, x0)), advance, lambda state: head(state[2]), self.depth,
                           threshold)
 
     def truncate(self, k: int) -> "LongConnections":
-        """The first k blocks (and their norms, gates and long weights), sharing every parameter."""
+        """The first k depths (their blocks, norms, gates and long weights), sharing every parameter."""
         check_depth(k, self.depth)
-        parts = {"blocks": nn.ModuleList(list(self.blocks)[:k])}
-        for name, count in (("input_norms", k), ("gates", max(k - 1, 0)), ("long_weights", k)):
+        units = k * self.units_per_depth
+        parts = {"blocks": nn.ModuleList(list(self.blocks)[:units])}
+        for name, count in (("input_norms", units), ("gates", max(units - 1, 0)), ("long_weights", units)):
             if getattr(self, name) is not None:
                 parts[name] = type(getattr(self, name))(list(getattr(self, name))[:count])
         shallow = shallow_copy(self, **parts)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from acn_kernels import MLP, compress
+from acn_kernels import GPT, MLP, compress
+from acn_kernels.depth import IGNORE_INDEX, depth_scores
 from acn_kernels.experiments.data import load_digits_split
 from acn_kernels.experiments.demo import train
 
@@ -13,7 +14,7 @@ from acn_kernels.experiments.demo import train
 def trained():
     train_x, train_y, test_x, test_y = load_digits_split(0)
     torch.manual_seed(0)
-    model = MLP(64, 64, 6, 10, connectivity="acn")
+    model = MLP(64, 64, 6, 10, connectivity="acn", backend="reference")  # compress, not the kernels, is tested
     train(model, train_x.flatten(1), train_y, epochs=8, generator=torch.Generator().manual_seed(0))
     return model, test_x.flatten(1), test_y
 
@@ -38,7 +39,34 @@ def test_compress_explains_what_it_needs(trained):
     model, inputs, targets = trained
     with pytest.raises(TypeError, match=r"model must have probe\(\)"):
         compress(nn.Linear(64, 10), inputs, targets)
-    with pytest.raises(ValueError, match=r"tolerance must be a number >= 0 \(points of accuracy\), got -1"):
+    with pytest.raises(ValueError, match=r"tolerance must be a number >= 0 \(points of accuracy, or percent of the "
+                                         r"best loss\), got -1"):
         compress(model, inputs, targets, tolerance=-1)
     with pytest.raises(ValueError, match=r"inputs and targets must be non-empty and of one length, got 450 and 3"):
         compress(model, inputs, targets[:3])
+
+
+def test_compress_a_language_model_by_next_token_loss_and_generation_speed():
+    torch.manual_seed(0)
+    model = GPT(29, 16, 32, 4, 4, backend="reference")
+    tokens = torch.randint(0, 29, (6, 12))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
+    report = compress(model, inputs, targets, tolerance=5.0, metric="loss", repeats=2, generate_tokens=4)
+    best = min(report.scores)
+    assert len(report.scores) == 5 and report.scores[report.depth] <= best * 1.05
+    assert all(loss > best * 1.05 for loss in report.scores[:report.depth])
+    assert report.model.depth == report.depth and report.model.generate(inputs[:2, :3], 2).shape == (2, 5)
+    assert all(speed > 0 for speed in report.tokens_per_second) and "tokens/s" in str(report)
+    with pytest.raises(AttributeError, match="scored the depths by loss"):
+        report.accuracies
+
+
+def test_ignored_targets_count_in_no_score():
+    torch.manual_seed(0)
+    model = GPT(29, 16, 32, 2, 4, backend="reference")
+    inputs, targets = torch.randint(0, 29, (4, 9)), torch.randint(0, 29, (4, 9))
+    padded = targets.clone()
+    padded[:, 5:] = IGNORE_INDEX
+    for metric in ("accuracy", "loss"):
+        torch.testing.assert_close(torch.tensor(depth_scores(model, inputs, padded, metric)),
+                                   torch.tensor(depth_scores(model, inputs[:, :5], targets[:, :5], metric)))

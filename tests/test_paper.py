@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from acn_kernels.experiments import continual, noise
+from acn_kernels.experiments import continual, noise, text
 from acn_kernels.experiments.paper import hybrid_verdict, verdict
 
 
@@ -78,6 +78,26 @@ def test_average_accuracy_and_forgetting_of_a_given_matrix():
     assert continual.average_forgetting(matrix) == pytest.approx((10 + 35) / 2)
 
 
+def test_the_corpus_is_the_same_bytes_everywhere_and_a_million_tokens():
+    data = text.corpus()
+    assert len(data) >= 1_000_000 and text.corpus_sha256(data) == text.CORPUS_SHA256
+    assert data.isascii() and b'"' in data and b"(" in data and b"counted: " in data
+
+
+def test_additions_reverse_their_answers_and_mask_them():
+    assert text.addition_line(493, 85) == "493+85=875\n"
+    lines = text.addition_examples(200, 3, seed=0)
+    assert lines == text.addition_examples(200, 3, seed=0) and len(set(lines)) > 150
+    for line in lines:
+        a, rest = line.split("+")
+        b, answer = rest.split("=")
+        assert int(answer[::-1]) == int(a) + int(b) and max(len(a), len(b)) <= 3
+    encoded = text.encode_additions(["12+9=12\n"], 10)
+    assert bytes(encoded.tokens[0].tolist()) == b"12+9=12\n\n\n"
+    # next-token targets 4..6 are the answer's "1", "2" and "\n" (target i predicts token i + 1)
+    assert encoded.answer[0].tolist() == [False] * 4 + [True] * 3 + [False] * 2
+
+
 def test_restricted_logits_predict_only_the_tasks_classes():
     logits = torch.tensor([[5.0, 1.0, 2.0, 0.0]])
     assert continual.restrict(logits, [2, 3]).argmax(-1).item() == 2
@@ -107,9 +127,10 @@ def test_paper_quick_writes_its_tables_csvs_and_plots(tmp_path):
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for title in ("1. Compression", "2. Noise robustness", "3. Continual learning", "4. Training speed",
-                  "4b. The hybrid", "5a. Shrinking while training", "5b. Early exit per sample"):
+                  "4b. The hybrid", "5a. Shrinking while training", "5b. Early exit per sample", "6. Language models"):
         assert title in result.stdout
-    assert result.stdout.count("verdict: ") == 7 and result.stdout.count("target: ") == 2
-    for name in ("compression", "noise", "continual", "training_speed", "hybrid", "shrinking", "early_exit"):
+    assert result.stdout.count("verdict: ") == 8 and result.stdout.count("target: ") == 3
+    for name in ("compression", "noise", "continual", "training_speed", "hybrid", "shrinking", "early_exit",
+                 "language"):
         assert (tmp_path / f"{name}.csv").read_text().startswith("dataset,model,twin,seed,metric,value")
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -41,6 +41,13 @@ def test_hybrid_vit_training_step_moves_at_most_0_85_of_eager_bytes(dtype):
     assert row["fused"].total <= 0.85 * row["eager"].total, (row["fused"], row["eager"])
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_ac_gpt_training_step_moves_at_most_0_85_of_eager_bytes_and_launches(dtype):
+    (row,) = model_rows(dtypes=(dtype,), names=("GPT",), connectivities=("acn",))
+    assert row["fused"].total <= 0.85 * row["eager"].total, (row["fused"], row["eager"])
+    assert row["fused"].launches <= 0.85 * row["eager"].launches, (row["fused"], row["eager"])
+
+
 def test_counter_sees_views_as_free_and_copies_as_traffic():
     x = torch.randn(64, 32)
     with TrafficCounter() as counter:

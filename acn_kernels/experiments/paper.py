@@ -11,6 +11,9 @@
    compressing like the ACN, and where do its learned gates end, layer by layer.
 5. Depth on demand (the ACN's own answer to 4): training with ShrinkOnCompression against the full
    ACN and the residual twin, and per-sample early exit at inference, acn against residual.
+6. Language models (language.py): AC-GPT and its twins on a byte-level grammar corpus and on n-digit
+   addition, loss at every depth, effective depth, steps to a target loss, and the generation speed
+   of the model truncated to its effective depth.
 
 Experiments 1, 2, 4 and 5 share one training per data set, model, twin and seed (the test accuracy is
 recorded after every epoch). Every table ends with a verdict on the direction of the poster's claim,
@@ -20,7 +23,6 @@ more than their standard deviation over the seeds, "inconclusive" otherwise.
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import statistics
@@ -32,10 +34,10 @@ import torch
 from .._extras import require
 from ..depth import ShrinkOnCompression, compress, depth_accuracies, early_exit_sweep, smallest_depth_within
 from ..models import MLP, Mixer, ViT
-from . import continual, noise
+from . import continual, language, noise
 from .data import Dataset, load
 from .demo import BATCH_SIZE, LEARNING_RATE, train
-from .plots import pyplot, style
+from .report import cell, mean_std, per_seed, plot_lines, print_table, series, verdict, write_csv
 
 TWINS = ("acn", "residual", "ffn", "hybrid")
 TARGETS = {"digits": 95.0, "mnist1d": 30.0}  # test accuracy (%) for the training-speed experiment
@@ -53,6 +55,7 @@ class Settings:
     continual_models: tuple
     continual_depths: tuple
     continual_epochs: int
+    language: language.LanguageSettings
     # Chosen on seed 100, which no table reports: c in {0.01, 0.1, 0.5, 1, 5} x xi in {0.01, 0.1, 1}, MLP and
     # Mixer at L=10 on Split-digits, the mean average accuracy of both twins (94.1% at c=1, xi=1).
     si_c: float = 1.0
@@ -62,10 +65,11 @@ class Settings:
 FULL = Settings(seeds=3, datasets=("digits", "mnist1d"),
                 models={"digits": (("mlp", 12, 25), ("mixer", 8, 12), ("vit", 6, 10)),
                         "mnist1d": (("mlp", 12, 20), ("mixer", 8, 8))},
-                continual_models=("mixer", "mlp"), continual_depths=(5, 10, 15), continual_epochs=2)
+                continual_models=("mixer", "mlp"), continual_depths=(5, 10, 15), continual_epochs=2,
+                language=language.FULL)
 QUICK = Settings(seeds=2, datasets=("digits", "mnist1d"),
                  models={"digits": (("mlp", 6, 6), ("mixer", 4, 4)), "mnist1d": (("mlp", 6, 4),)},
-                 continual_models=("mlp",), continual_depths=(5,), continual_epochs=1)
+                 continual_models=("mlp",), continual_depths=(5,), continual_epochs=1, language=language.QUICK)
 
 
 def build(model: str, data: Dataset, depth: int, connectivity: str) -> torch.nn.Module:
@@ -81,52 +85,6 @@ def build(model: str, data: Dataset, depth: int, connectivity: str) -> torch.nn.
 
 def inputs_for(model: str, x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1) if model == "mlp" else x.unsqueeze(1)
-
-
-# ----------------------------------------------------------------------------- statistics and verdicts
-
-def mean_std(values: list) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def cell(values: list, digits: int = 1) -> str:
-    mean, std = mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def verdict(ours: list, theirs: list, expect_greater: bool, claim: str, what: str) -> str:
-    """The direction of ours - theirs (one value per seed each, paired) against the poster's claim,
-    decided when the mean difference is larger than its standard deviation over the seeds."""
-    difference, spread = mean_std([a - b for a, b in zip(ours, theirs)])
-    if abs(difference) <= spread:
-        word = "inconclusive"
-    else:
-        word = "reproduced" if (difference > 0) == expect_greater else "not reproduced"
-    return (f"verdict: {word}. {claim}: {what} {statistics.fmean(ours):.2f} against {statistics.fmean(theirs):.2f}, "
-            f"difference {difference:+.2f} ± {spread:.2f} over {len(ours)} seeds")
-
-
-def per_seed(rows: dict, suffix: str, columns: list) -> list:
-    """For each seed, the mean of the values of the rows ending in `suffix`, over `columns`."""
-    cells = [rows[key][column] for key in rows if key.endswith(suffix) for column in columns]
-    return [statistics.fmean(cell[seed] for cell in cells) for seed in range(len(cells[0]))]
-
-
-def print_table(title: str, columns: list, rows: dict, digits: int = 1) -> None:
-    """rows: label -> {column: [values over seeds]}"""
-    width = max([len(r) for r in rows] + [12])
-    print(f"\n{title}")
-    print(f"{'':<{width}}  " + "  ".join(f"{c:>15}" for c in columns))
-    for label, values in rows.items():
-        print(f"{label:<{width}}  " + "  ".join(f"{cell(values[c], digits) if values.get(c) else '-':>15}"
-                                                for c in columns))
-
-
-def write_csv(path: str, records: list) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
 
 
 # ----------------------------------------------------------------------------- experiments 1, 2, 4
@@ -436,34 +394,6 @@ def early_exit(runs: list, out: str) -> None:
 
 # ----------------------------------------------------------------------------- output
 
-def series(values: dict, prefix: str, start: int) -> list:
-    """(k, mean over seeds) of the columns f"{prefix} {k} %", k = start, start + 1, ..."""
-    count = sum(column.startswith(prefix + " ") for column in values)
-    return [(k, statistics.fmean(values[f"{prefix} {k} %"])) for k in range(start, start + count)]
-
-
-def plot_lines(path: str, rows: dict, points, xlabel: str, ylabel: str) -> None:
-    """One line per table row (mean over seeds), a panel per data set; a color per connectivity, a
-    line style per model (plots.style)."""
-    plt = pyplot("paper", "paper's plots")
-    datasets = sorted({key.split()[0] for key in rows})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        for key, values in rows.items():
-            if key.split()[0] == dataset:
-                xs, ys = zip(*points(values))
-                label = key.split(" ", 1)[1]
-                ax.plot(xs, ys, label=label, **style(label))
-        ax.set_title(dataset)
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run_paper(quick: bool = False, seeds: int | None = None, out: str = "paper_results",
               device: str | None = None, si_c: float | None = None, si_xi: float | None = None) -> int:
     tqdm = require("tqdm", "paper", "paper").tqdm
@@ -485,4 +415,5 @@ def run_paper(quick: bool = False, seeds: int | None = None, out: str = "paper_r
     hybrid_twin(runs, out)
     shrinking(settings, runs, out, device, tqdm)
     early_exit(runs, out)
+    language.run_language(settings.language, out, tqdm)
     return 0

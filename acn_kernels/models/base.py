@@ -39,10 +39,14 @@ LONG = ("acn", "hybrid")  # the connectivities with long connections: their dept
 
 class DepthModel(nn.Module):
     """Subclasses set `self.blocks` and `self.final_norm`, call `self.connect()`, and define `embed`
-    and `readout`. A block that starts with a norm names it `input_norm` (and takes `run_normed`).
+    and `readout`. A block that starts with a norm names it `input_norm` (and takes `run_normed`); a
+    family whose blocks hold several units of the long connections (GPT: attention, then MLP) sets
+    UNITS_PER_BLOCK and defines `units()`.
     A "hybrid" model registers its gates (`gates.0` ... `gates.{L-2}`, starting at gate_init, trained
     unless learn_gates=False) and, with long_weights=True, its long weights (`long_weights.0` ...);
     every other parameter is the acn twin's, so checkpoints load between them (strict=False)."""
+
+    UNITS_PER_BLOCK = 1
 
     def __init__(self, depth: int, connectivity: str, backend: str = "auto", gate_init: float = 0.5,
                  learn_gates: bool = True, long_weights: bool = False):
@@ -57,8 +61,13 @@ class DepthModel(nn.Module):
         self._checkpointing = False
         check_real("gate_init", gate_init, "a real number (the short path's starting weight)")
         hybrid = connectivity == "hybrid"
-        self.gates = scalar_parameters("gates", "learned", depth - 1, gate_init, learn_gates) if hybrid else None
-        self.long_weights = scalar_parameters("long_weights", "learned", depth, 1.0, True) if long_weights else None
+        units = depth * self.UNITS_PER_BLOCK
+        self.gates = scalar_parameters("gates", "learned", units - 1, gate_init, learn_gates) if hybrid else None
+        self.long_weights = scalar_parameters("long_weights", "learned", units, 1.0, True) if long_weights else None
+
+    def units(self) -> list:
+        """(module, input norm or None) of every unit of the long connections, in order: the blocks."""
+        return [(block, getattr(block, "input_norm", None)) for block in self.blocks]
 
     def connect(self) -> None:
         """The long connections over this model's blocks (referenced, not registered: see attach),
@@ -66,11 +75,12 @@ class DepthModel(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "backend"):
                 module.backend = self.requested_backend
-        norms = [getattr(block, "input_norm", None) for block in self.blocks]
+        modules, norms = zip(*self.units()) if self.blocks else ((), ())
         final = None if isinstance(self.final_norm, nn.Identity) else self.final_norm
-        long_connections = LongConnections(self.blocks, None if None in norms else norms, final,
+        long_connections = LongConnections(list(modules), None if None in norms else list(norms), final,
                                            self.requested_backend, gates=self.gates,
-                                           long_weights=False if self.long_weights is None else self.long_weights)
+                                           long_weights=False if self.long_weights is None else self.long_weights,
+                                           units_per_depth=self.UNITS_PER_BLOCK)
         long_connections.gradient_checkpointing = self._checkpointing
         attach(self, long_connections)
 
@@ -128,7 +138,7 @@ class DepthModel(nn.Module):
     def partial_sums(self, inputs: torch.Tensor) -> torch.Tensor:
         """(L+1, *hidden_shape): y_0..y_L for "acn" and "hybrid", the state after k blocks otherwise."""
         if self.connectivity in LONG:
-            return torch.stack(self.long_connections.chain(self.embed(inputs))[2]).cumsum(0)
+            return torch.stack(self.long_connections.chain(self.embed(inputs))[2]).cumsum(0)[::self.UNITS_PER_BLOCK]
         return torch.stack(list(self.states(inputs)))
 
     def probe(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -152,7 +162,8 @@ class DepthModel(nn.Module):
         """A model that runs only the first k blocks; it shares every parameter with this one."""
         check_depth(k, self.depth)
         parts = {"blocks": nn.ModuleList(list(self.blocks)[:k])}
-        for name, count in (("gates", max(k - 1, 0)), ("long_weights", k)):
+        units = k * self.UNITS_PER_BLOCK
+        for name, count in (("gates", max(units - 1, 0)), ("long_weights", units)):
             if getattr(self, name) is not None:
                 parts[name] = nn.ParameterList(list(getattr(self, name))[:count])
         shallow = shallow_copy(self, **parts)

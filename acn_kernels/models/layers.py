@@ -9,12 +9,21 @@ from .._validation import check_choice, check_divisible, check_positive_int
 from ..backend import resolve_backend
 from ..ops import feed_forward, linear
 
+class SwiGLU(nn.Module):
+    """silu(gate) * up of z = [gate | up] (Llama's MLP): the preceding linear has twice the rows."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        gate, up = z.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
 ACTIVATIONS = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
     "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
     "silu": nn.SiLU,
     "identity": nn.Identity,
+    "swiglu": SwiGLU,
 }
 
 
@@ -27,8 +36,8 @@ class FusedLinear(nn.Linear):
     """nn.Linear (the same parameters and state_dict keys) that runs `linear` on a fused backend
     (`backend`, which the model sets): its bias gradient inside the weight-gradient GEMM."""
 
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
         self.backend = "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +52,8 @@ class FeedForward(nn.Sequential):
     backward in the epilogue of the GEMM that produces the hidden gradient."""
 
     def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu"):
-        super().__init__(nn.Linear(dim, hidden_dim), make_activation(activation), nn.Linear(hidden_dim, dim))
+        gated = 2 if activation == "swiglu" else 1  # swiglu's first linear: the gate's rows, then the up's
+        super().__init__(nn.Linear(dim, gated * hidden_dim), make_activation(activation), nn.Linear(hidden_dim, dim))
         self.activation = activation
         self.backend = "reference"
 

@@ -2,6 +2,7 @@
 launch sizes, and the Triton helpers for a tile of normalized rows."""
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -109,16 +110,18 @@ def parameter_spec(param: torch.Tensor | None):
 
 def parameter_grads(dparams: torch.Tensor, *specs) -> list:
     """The gradients of the parameters that `specs` describe (parameter_spec's, in partial_width's
-    column order) from a reduced partial row, each shaped and typed like its parameter; None where
-    a spec is None (that parameter has no columns)."""
-    grads, start = [], 0
-    for spec in specs:
-        if spec is None:
-            grads.append(None)
-            continue
-        shape, dtype = spec
-        size = shape.numel()
-        grads.append(dparams[start:start + size].view(shape).to(dtype))
+    column order) from a reduced partial row, each shaped and typed like its parameter; None where a
+    spec is None (that parameter has no columns). Adjacent parameters of one dtype share one cast (a
+    norm's 16-bit weight and bias: one launch)."""
+    grads, start = [None] * len(specs), 0
+    present = [(i, spec) for i, spec in enumerate(specs) if spec is not None]
+    for dtype, group in itertools.groupby(present, key=lambda item: item[1][1]):
+        group = list(group)
+        size = sum(shape.numel() for _, (shape, _) in group)
+        cast = dparams[start:start + size].to(dtype)
+        for i, (shape, _) in group:
+            grads[i] = cast[:shape.numel()].view(shape)
+            cast = cast[shape.numel():]
         start += size
     return grads
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import reference
 from .._extras import require
 from ..backend import CUDA_EXTENSION, gpu_family
-from ..models import MLP, Mixer, ViT
+from ..models import GPT, MLP, Mixer, ViT
 from ..ops import accumulate_norm, hybrid_accumulate_norm, linear_act_accumulate, probe_norm
 from ..ops.accumulate_norm import traffic_bound as norm_bound
 from ..ops.hybrid_accumulate_norm import traffic_bound as hybrid_bound
@@ -143,20 +143,38 @@ def op_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
+def tokens(batch: int, length: int, vocab: int):
+    """A language model's batch maker: (inputs, next-token targets) of random tokens."""
+    def make(device):
+        rows = torch.randint(0, vocab, (batch, length + 1), device=device)
+        return rows[:, :-1], rows[:, 1:]
+    return make
+
+
+def classes(shape: tuple):
+    """A classifier's batch maker: (random inputs, class 0 targets)."""
+    return lambda device: (torch.randn(shape, device=device), torch.zeros(shape[0], dtype=torch.int64, device=device))
+
+
 def model_specs(quick: bool):
-    """(name, constructor(connectivity, backend), batch maker, autocast dtype or None)."""
+    """(name, constructor(connectivity, backend), batch maker (device -> inputs, targets), autocast dtype or None)."""
     if quick:
-        return [("MLP 64-d x6", lambda c, b: MLP(64, 64, 6, 10, connectivity=c, backend=b),
-                 lambda d: torch.randn(32, 64, device=d), None)]
+        return [("MLP 64-d x6", lambda c, b: MLP(64, 64, 6, 10, connectivity=c, backend=b), classes((32, 64)), None),
+                ("GPT 64-d x2", lambda c, b: GPT(256, 32, 64, 2, 2, connectivity=c, backend=b), tokens(4, 32, 256),
+                 None)]
     return [
+        ("GPT-2 small 1024", lambda c, b: GPT(50304, 1024, 768, 12, 12, connectivity=c, backend=b),
+         tokens(8, 1024, 50304), torch.bfloat16),
+        ("Llama-style 1024", lambda c, b: GPT(50304, 1024, 768, 12, 12, connectivity=c, norm="rmsnorm", mlp="swiglu",
+                                               positions="rotary", backend=b), tokens(8, 1024, 50304), torch.bfloat16),
         ("ViT-S/16 224", lambda c, b: ViT(224, 16, 3, 384, 12, 6, 1536, 1000, connectivity=c, backend=b),
-         lambda d: torch.randn(64, 3, 224, 224, device=d), torch.bfloat16),
+         classes((64, 3, 224, 224)), torch.bfloat16),
         ("ViT CIFAR", lambda c, b: ViT(32, 4, 3, 192, 9, 3, 384, 10, connectivity=c, backend=b),
-         lambda d: torch.randn(128, 3, 32, 32, device=d), torch.bfloat16),
+         classes((128, 3, 32, 32)), torch.bfloat16),
         ("Mixer (paper)", lambda c, b: Mixer(32, 4, 3, 128, 16, 64, 512, 10, connectivity=c, backend=b),
-         lambda d: torch.randn(64, 3, 32, 32, device=d), torch.bfloat16),
+         classes((64, 3, 32, 32)), torch.bfloat16),
         ("MLP 1024-d x8", lambda c, b: MLP(3072, 1024, 8, 10, connectivity=c, backend=b),
-         lambda d: torch.randn(256, 3072, device=d), torch.bfloat16),
+         classes((256, 3072)), torch.bfloat16),
     ]
 
 
@@ -170,12 +188,11 @@ def model_cases(device: torch.device, quick: bool) -> list[Case]:
                 model = build(connectivity, backend).to(device)
                 run = torch.compile(model) if impl == "compile" else model
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-                inputs = batch(device)
-                labels = torch.zeros(inputs.shape[0], dtype=torch.int64, device=device)
+                inputs, targets = batch(device)
 
                 def step():
                     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                        loss = F.cross_entropy(run(inputs).float(), labels)
+                        loss = F.cross_entropy(run(inputs).float().flatten(0, -2), targets.flatten())
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

@@ -274,7 +274,7 @@ def op_rows(cases):
 
 
 def model_cases():
-    from ..models import MLP, Encoder, Mixer, ViT
+    from ..models import GPT, MLP, Encoder, Mixer, ViT
 
     def make(cls, *args, **kwargs):
         return lambda backend, connectivity: cls(*args, connectivity=connectivity, backend=backend, **kwargs)
@@ -283,6 +283,9 @@ def model_cases():
         ("Mixer", make(Mixer, 16, 4, 3, 64, 6, 32, 128, 10), lambda: torch.randn(16, 3, 16, 16)),
         ("ViT", make(ViT, 16, 4, 3, 64, 6, 2, 128, 10), lambda: torch.randn(16, 3, 16, 16)),
         ("Encoder", make(Encoder, 100, 32, 64, 6, 2, 128, 2), lambda: torch.randint(0, 100, (16, 32))),
+        ("GPT", make(GPT, 256, 32, 64, 6, 2), lambda: torch.randint(0, 256, (16, 32))),
+        ("GPT-swiglu", make(GPT, 256, 32, 64, 6, 2, norm="rmsnorm", mlp="swiglu", positions="rotary"),
+         lambda: torch.randint(0, 256, (16, 32))),
     ]
 
 

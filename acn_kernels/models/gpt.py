@@ -1,0 +1,290 @@
+"""GPT: a decoder-only causal language model with the package's four connectivities.
+
+    x_0       = token embedding (+ a learned position embedding; rotary positions act in attention)
+    acn:      a_i = Attn_i(norm1_i(x_{i-1}));  y += a_i;  m_i = MLP_i(norm2_i(a_i));  y += m_i;  x_i = m_i
+              (the authors' AC-GPT: both branches of a block add to the running sum, the attention
+              output feeds the MLP branch; y starts at x_0)
+    hybrid:   the acn's branches with a gated short path between them (LongConnections' gates: one
+              per branch boundary, 2L - 1 in all)
+    residual: h = x + Attn(norm1(x)),  x_i = h + MLP(norm2(h))       (a pre-norm GPT)
+    ffn:      x_i = MLP(norm2(Attn(norm1(x_{i-1}))))                 (the chain alone)
+    logits    = lm_head(final_norm(y))                               (x_L for residual and ffn)
+
+The branches are the units of the long connections (two per block: LongConnections' units_per_depth),
+so `probe` gives the logits after 0..L blocks, a block's two branches both added, and `truncate(k)`
+keeps k blocks. Attention is causal `F.scaled_dot_product_attention`; `generate` keeps a KV cache
+(greedy tokens identical without it). On fused backends every boundary is one `accumulate_norm`
+(`hybrid_accumulate_norm`; RMSNorm where asked), the MLPs `feed_forward` (gelu, or swiglu with its
+(gate, up) rows), the other linears `linear`; the LM head and cross-entropy stay eager.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._validation import check_choice, check_divisible, check_positive_int, check_real
+from .base import LONG, DepthModel
+from .layers import FeedForward, FusedLinear
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("learned", "rotary")
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim) if kind == "layernorm" else nn.RMSNorm(dim, eps=1e-6)
+
+
+def default_mlp_dim(dim: int, mlp: str) -> int:
+    """4 dim for gelu; about 8/3 dim for swiglu (its two projections keep the parameter count), a
+    multiple of 8."""
+    return 4 * dim if mlp == "gelu" else -(-8 * dim // 3 // 8) * 8
+
+
+class KVCache:
+    """The keys and values of every attention layer for the positions seen so far: `generate` fills it
+    with the prompt, then one position per new token. `length` is the number of positions held."""
+
+    def __init__(self):
+        self.keys: dict = {}
+        self.values: dict = {}
+        self.length = 0
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """(keys, values) of `layer` with the new positions' appended, (batch, heads, positions, head_dim)."""
+        if layer in self.keys:
+            k, v = torch.cat([self.keys[layer], k], 2), torch.cat([self.values[layer], v], 2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE) of the query and key heads, the cos/sin tables up to max_len."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+        super().__init__()
+        check_divisible("dim // heads", head_dim, "2 (rotary positions rotate pairs)", 2)
+        inverse = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inverse)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, t: torch.Tensor, start: int) -> torch.Tensor:
+        """t (batch, heads, positions, head_dim) rotated by the angles of positions start.."""
+        cos = self.cos[start:start + t.shape[2]].to(t.dtype)
+        sin = self.sin[start:start + t.shape[2]].to(t.dtype)
+        even, odd = t[..., 0::2], t[..., 1::2]
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention over (batch, positions, dim); with a KVCache, the new positions
+    attend to every cached one and causally among themselves."""
+
+    def __init__(self, dim: int, heads: int, layer: int, rotary: Rotary | None):
+        super().__init__()
+        check_positive_int("heads", heads)
+        check_divisible("dim", dim, "heads", heads)
+        self.heads, self.layer = heads, layer
+        self.qkv = FusedLinear(dim, 3 * dim)
+        self.proj = FusedLinear(dim, dim)
+        object.__setattr__(self, "rotary", rotary)  # shared by every layer, registered once by the model
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        batch, positions, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, positions, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary(q, start), self.rotary(k, start)
+        if cache is not None:
+            k, v = cache.extend(self.layer, k, v)
+        if start == 0 or positions == 1:  # the whole prefix is new, or one new position sees them all
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=positions > 1)
+        else:  # new positions after cached ones: position start + i sees keys 0..start + i
+            keys, queries = torch.arange(k.shape[2], device=x.device), torch.arange(positions, device=x.device)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=keys <= start + queries[:, None])
+        return self.proj(attended.transpose(1, 2).reshape(batch, positions, dim))
+
+
+class Branch(nn.Module):
+    """One branch of a block as a unit of the long connections: it takes the block keywords (cache,
+    start) and passes them on only where they mean something (attention)."""
+
+    def __init__(self, module: nn.Module, takes_kwargs: bool):
+        super().__init__()
+        self.module, self.takes_kwargs = module, takes_kwargs
+
+    def forward(self, h: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.module(h, **kwargs) if self.takes_kwargs else self.module(h)
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_dim: int, norm: str, mlp: str, layer: int, rotary: Rotary | None,
+                 residual: bool):
+        super().__init__()
+        self.norm1 = make_norm(norm, dim)
+        self.attn = CausalSelfAttention(dim, heads, layer, rotary)
+        self.norm2 = make_norm(norm, dim)
+        self.mlp = FeedForward(dim, mlp_dim, "gelu" if mlp == "gelu" else "swiglu")
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """The residual block (pre-norm, two skips) or the ffn chain's; the long connections run the
+        branches of acn and hybrid blocks themselves."""
+        a = self.attn(self.norm1(x), cache=cache, start=start)
+        if not self.residual:
+            return self.mlp(self.norm2(a))
+        h = x + a
+        return h + self.mlp(self.norm2(h))
+
+
+class GPT(DepthModel):
+    """A causal language model; see the module docstring. mlp_dim defaults to 4 dim (gelu) or about
+    8/3 dim (swiglu)."""
+
+    UNITS_PER_BLOCK = 2
+
+    def __init__(self, vocab_size: int, max_len: int, dim: int, depth: int, heads: int, mlp_dim: int | None = None,
+                 connectivity: str = "acn", norm: str = "layernorm", mlp: str = "gelu", positions: str = "learned",
+                 tie_embeddings: bool = True, backend: str = "auto", gate_init: float = 0.5,
+                 learn_gates: bool = True, long_weights: bool = False):
+        super().__init__(depth, connectivity, backend, gate_init, learn_gates, long_weights)
+        for name, value in (("vocab_size", vocab_size), ("max_len", max_len), ("dim", dim)):
+            check_positive_int(name, value)
+        check_choice("norm", norm, NORMS)
+        check_choice("mlp", mlp, MLPS)
+        check_choice("positions", positions, POSITIONS)
+        mlp_dim = default_mlp_dim(dim, mlp) if mlp_dim is None else mlp_dim
+        check_positive_int("mlp_dim", mlp_dim)
+        check_divisible("dim", dim, "heads", heads)
+        self.vocab_size, self.max_len = vocab_size, max_len
+        self.token_embed = nn.Embedding(vocab_size, dim)
+        self.pos_embed = nn.Embedding(max_len, dim) if positions == "learned" else None
+        self.rotary = Rotary(dim // heads, max_len) if positions == "rotary" else None
+        self.blocks = nn.ModuleList(GPTBlock(dim, heads, mlp_dim, norm, mlp, i, self.rotary,
+                                             residual=connectivity == "residual") for i in range(depth))
+        self.final_norm = make_norm(norm, dim)
+        self.lm_head = FusedLinear(dim, vocab_size, bias=False)
+        self.apply(init_weights)
+        if tie_embeddings:
+            self.lm_head.weight = self.token_embed.weight
+        self.connect()
+
+    def units(self) -> list:
+        """Each block's attention branch, then its MLP branch, with their input norms."""
+        return [unit for b in self.blocks for unit in ((Branch(b.attn, takes_kwargs=True), b.norm1),
+                                                        (Branch(b.mlp, takes_kwargs=False), b.norm2))]
+
+    # ------------------------------------------------------------------ the pieces
+
+    def check_tokens(self, tokens, start: int = 0) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32, torch.int64) \
+                or tokens.dim() != 2 or tokens.shape[1] == 0:
+            got = f"dtype {tokens.dtype} and shape {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) \
+                else type(tokens).__name__
+            raise ValueError(f"tokens must be an integer tensor of shape (batch, positions >= 1), got {got}")
+        if start + tokens.shape[1] > self.max_len:
+            raise ValueError(f"tokens must fit max_len={self.max_len} positions, got {tokens.shape[1]}"
+                             + (f" after {start} cached ones" if start else ""))
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"tokens must be in [0, {self.vocab_size}) (vocab_size), got values in "
+                             f"[{tokens.min().item()}, {tokens.max().item()}]")
+
+    def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        self.check_tokens(tokens, start)
+        x = self.token_embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(start, start + tokens.shape[1], device=tokens.device))
+        return x
+
+    def readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def states(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0):
+        """The residual or ffn chain's state after k = 0..L blocks."""
+        x = self.embed(tokens, start)
+        yield x
+        for block in self.blocks:
+            x = self.run_block(lambda x, block=block: block(x, cache=cache, start=start), x)
+            yield x
+
+    # ------------------------------------------------------------------ public
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """(batch, positions, vocab_size) next-token logits; with a cache, for the new positions after
+        the cached ones (the cache then holds them too)."""
+        start = cache.length if cache is not None else 0
+        if self.connectivity in LONG:
+            hidden = self.long_connections(self.embed(tokens, start), cache=cache, start=start)
+        else:
+            *_, last = self.states(tokens, cache, start)
+            hidden = self.final_norm(last)
+        if cache is not None:
+            cache.length = start + tokens.shape[1]
+        return self.readout(hidden)
+
+    def probe(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(L+1, batch, positions, vocab_size): the logits after 0..L blocks, through the shared final
+        norm and head (a block's two branches both added)."""
+        if self.connectivity not in LONG:
+            return torch.stack([self.head(hidden) for hidden in self.states(tokens)])
+        return torch.stack([self.readout(hidden) for hidden in self.long_connections.probe(self.embed(tokens))])
+
+    def early_exit(self, tokens: torch.Tensor, threshold: float) -> tuple:
+        """(logits, depth used), per position: each position's logits from the first depth k whose
+        softmax puts at least `threshold` on one token, the full depth otherwise. Every position runs
+        every block, since later positions attend to earlier ones at every depth: the depths used
+        tell how deep each token needed to go (a decoder that exits early copies the state upward)."""
+        check_real("threshold", threshold, "a real number (a softmax probability; 0 exits at depth 0, above 1 "
+                                           "never early)")
+        logits = self.probe(tokens)
+        confident = torch.softmax(logits.float(), -1).amax(-1) >= threshold
+        confident[-1] = True
+        used = confident.int().argmax(0)
+        return logits.gather(0, used[None, ..., None].expand(1, *logits.shape[1:])).squeeze(0), used
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, use_cache: bool = True, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+        """tokens (batch, positions) followed by max_new_tokens generated ones: greedy, or sampled from
+        softmax(logits / temperature) restricted to the top_k tokens. With use_cache the prompt runs
+        once and each new token alone, its keys and values cached; the greedy tokens are the same."""
+        check_positive_int("max_new_tokens", max_new_tokens)
+        check_real("temperature", temperature, "a positive number", minimum=0)
+        if temperature == 0:
+            raise ValueError("temperature must be a positive number, got 0 (use do_sample=False for greedy)")
+        if top_k is not None:
+            check_positive_int("top_k", top_k)
+        self.check_tokens(tokens)
+        if tokens.shape[1] + max_new_tokens > self.max_len:
+            raise ValueError(f"max_new_tokens must leave the sequence within max_len={self.max_len}, got "
+                             f"{max_new_tokens} after {tokens.shape[1]} prompt positions")
+        cache = KVCache() if use_cache else None
+        logits = self(tokens, cache)[:, -1]
+        for step in range(max_new_tokens):
+            new = sample(logits, do_sample, temperature, top_k, generator)
+            tokens = torch.cat([tokens, new], 1)
+            if step + 1 < max_new_tokens:
+                logits = (self(new, cache) if use_cache else self(tokens))[:, -1]
+        return tokens
+
+
+def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """(batch, 1) next tokens from (batch, vocab) logits."""
+    if not do_sample:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+
+
+def init_weights(module: nn.Module) -> None:
+    """GPT-2's initialization: normal(0, 0.02) weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
