@@ -46,10 +46,12 @@ from .ops import accumulate_norm, hybrid_accumulate_norm, probe_norm
 
 
 def norm_kind(module: nn.Module, name: str) -> str:
-    """"layernorm" or "rmsnorm" for a norm the fused ops can run; otherwise a ValueError naming it."""
+    """"layernorm" or "rmsnorm" for a norm the fused ops can run; otherwise a ValueError naming it.
+    RMSNorms: nn.RMSNorm, and Llama's kind (`weight` and `variance_epsilon`, no bias)."""
     # Batch, instance and group norms have weight, bias and eps too, but normalize across other dims.
     other_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm))
-    if isinstance(module, nn.RMSNorm):
+    if isinstance(module, nn.RMSNorm) or (hasattr(module, "variance_epsilon") and hasattr(module, "weight")
+                                          and getattr(module, "bias", None) is None):
         kind = "rmsnorm"
     elif isinstance(module, nn.LayerNorm) or (all(hasattr(module, a) for a in ("weight", "bias", "eps"))
                                               and not other_norm):
@@ -66,7 +68,8 @@ def norm_kind(module: nn.Module, name: str) -> str:
 def norm_parameters(module: nn.Module, x: torch.Tensor) -> tuple:
     """(weight, bias, eps) as the fused ops take them; a norm without affine parameters gets ones."""
     weight = module.weight if module.weight is not None else torch.ones(x.shape[-1], device=x.device)
-    eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's default
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    eps = eps if eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's default
     return weight, getattr(module, "bias", None), eps
 
 

@@ -1,6 +1,12 @@
 """Test setup. Triton chooses compiled or interpreted kernels when they are decorated, so the
-interpreter is switched on here, before anything imports acn_kernels, on machines without a GPU."""
+interpreter is switched on here, before anything imports acn_kernels, on machines without a GPU.
+
+Randomness is fixed per test: torch's generator is seeded from the test's id (each test draws its
+own fresh inputs, the same ones on every run), and hypothesis runs derandomized with the "ci"
+profile's budget. `HYPOTHESIS_PROFILE=fuzz` (and ACN_KERNELS_FUZZ_EXAMPLES=N) runs the randomized
+tests longer, with a random seed."""
 import os
+import zlib
 
 import torch
 
@@ -8,6 +14,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("fuzz", max_examples=int(os.environ.get("ACN_KERNELS_FUZZ_EXAMPLES", "1000")),
+                          deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def fixed_seed(request):
+    """Fresh inputs per test, the same on every run: the generator seeded from the test's id."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def pytest_collection_modifyitems(config, items):

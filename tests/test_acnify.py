@@ -15,7 +15,7 @@ from op_harness import FUSED_BACKENDS
 
 def test_unsupported_models_name_the_supported_classes():
     with pytest.raises(TypeError, match=r"acnify supports timm.models.vision_transformer.VisionTransformer and "
-                                        r"transformers BertModel .* got Linear"):
+                                        r"transformers BertModel, GPT2Model, LlamaModel .* got Linear"):
         acnify(nn.Linear(3, 3))
 
 
@@ -181,3 +181,198 @@ def test_hf_bert_model_with_a_mask_trains():
     out = model(input_ids=ids, attention_mask=mask)
     assert model.probe(input_ids=ids, attention_mask=mask).shape == (4, 2, 7, 32)
     one_adamw_step_trains(model, out.last_hidden_state.square().mean() + out.pooler_output.square().mean())
+
+
+# ----------------------------------------------------------------------------- Hugging Face decoders
+
+def decoder(family: str, **config):
+    """A small decoder (a task model, or its base model for the "-base" families), eager attention so
+    that float64 comparisons are exact."""
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
+    torch.manual_seed(0)
+    config = {"attn_implementation": "eager", **config}
+    if family.startswith("gpt2"):
+        cfg = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=3, n_head=4, pad_token_id=0,
+                                      **config)
+        return (transformers.GPT2Model if family.endswith("-base") else transformers.GPT2LMHeadModel)(cfg)
+    name = {"llama": "Llama", "llama-base": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[family]
+    cfg = getattr(transformers, f"{name}Config")(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, **config)
+    return getattr(transformers, f"{name}Model" if family.endswith("-base") else f"{name}ForCausalLM")(cfg)
+
+
+DECODERS = ("gpt2", "gpt2-base", "llama", "llama-base", "qwen2", "mistral")
+CAUSAL_LMS = ("gpt2", "llama", "qwen2", "mistral")
+
+
+def base_of(model):
+    return next(m for m in (model, getattr(model, "transformer", None), getattr(model, "model", None))
+                if m is not None and hasattr(m, "get_input_embeddings") and (hasattr(m, "h") or hasattr(m, "layers")))
+
+
+def decoder_by_hand(model, ids, residual: bool):
+    """The model's base by hand over its own submodules: the ACN of the definition (each layer's
+    attention branch, then its MLP branch on the attention output, both added to the sum from the
+    embeddings, the final norm on the sum), or with the residual adds put back, the model as it was."""
+    from transformers.masking_utils import create_causal_mask
+
+    base = base_of(model)
+    positions = torch.arange(ids.shape[1])[None]
+    if hasattr(base, "h"):  # GPT-2
+        x, layers, final = base.wte(ids) + base.wpe(positions), [(b.ln_1, b.attn, b.ln_2, b.mlp) for b in base.h], \
+            base.ln_f
+        keywords = {}
+    else:
+        x, layers, final = base.embed_tokens(ids), [(la.input_layernorm, la.self_attn, la.post_attention_layernorm,
+                                                     la.mlp) for la in base.layers], base.norm
+        keywords = {"position_embeddings": base.rotary_emb(x, positions)}
+    keywords["attention_mask"] = create_causal_mask(config=base.config, inputs_embeds=x, attention_mask=None,
+                                                    cache=None, position_ids=positions)
+    total = x
+    for norm1, attention, norm2, mlp in layers:
+        a = attention(norm1(x), **keywords)[0]
+        if residual:
+            x = x + a
+            x = x + mlp(norm2(x))
+        else:
+            m = mlp(norm2(a))
+            total, x = total + a + m, m
+    return final(x if residual else total)
+
+
+def last_hidden(model, ids, **kwargs):
+    return base_of(model)(ids, **kwargs).last_hidden_state
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_hf_decoder_is_the_acn_of_its_own_layers(family):
+    residual = decoder(family).double().eval()
+    ids = torch.randint(1, 50, (2, 9))
+    torch.testing.assert_close(last_hidden(residual, ids), decoder_by_hand(residual, ids, residual=True))
+    model = acnify(copy.deepcopy(residual), backend="reference")
+    torch.testing.assert_close(last_hidden(model, ids), decoder_by_hand(model, ids, residual=False), rtol=1e-12,
+                               atol=1e-12)
+    assert not torch.allclose(last_hidden(model, ids), last_hidden(residual, ids))
+    hidden = base_of(model)(ids, output_hidden_states=True).hidden_states
+    assert len(hidden) == 4 and torch.equal(hidden[-1], last_hidden(model, ids))
+    probed = model.probe(input_ids=ids)
+    assert probed.shape[0] == 4 and torch.equal(probed[-1], model(ids)[0])
+    for k in range(4):
+        torch.testing.assert_close(model.truncate(k)(input_ids=ids)[0], probed[k], rtol=1e-12, atol=1e-12)
+    assert_round_trip(residual, model, decoder(family).double())
+    assert [len(list(layers)) for layers in (getattr(base_of(model), "h", None) or base_of(model).layers,)] == [3]
+
+
+@pytest.mark.parametrize("family", CAUSAL_LMS)
+def test_hf_causal_lm_generates_as_before_with_or_without_the_cache(family):
+    model = acnify(decoder(family)).eval()
+    prompt = torch.randint(1, 50, (2, 4))
+    greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    assert torch.equal(greedy, model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                                              do_sample=False, use_cache=False))
+    sampled = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=True, top_k=5)
+    assert sampled.shape == (2, 10)
+    shallow = model.truncate(1)
+    assert shallow.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3,
+                            do_sample=False).shape == (2, 7)
+
+
+@pytest.mark.parametrize("family", CAUSAL_LMS)
+def test_hf_causal_lm_with_padding_labels_and_one_training_step(family):
+    model = acnify(decoder(family, attn_implementation="sdpa")).eval()
+    ids = torch.randint(1, 50, (1, 6))
+    padded, mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1), torch.tensor([[0] * 3 + [1] * 6])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    torch.testing.assert_close(model(padded, attention_mask=mask, position_ids=positions).logits[:, 3:],
+                               model(ids).logits, rtol=1e-5, atol=1e-5)  # left padding changes nothing
+    labels = padded.masked_fill(mask == 0, -100)
+    assert model.probe(padded, attention_mask=mask, labels=labels, output="loss").shape == (4,)
+    model.train()
+    one_adamw_step_trains(model, model(padded, attention_mask=mask, labels=labels).loss)
+
+
+def test_hf_decoder_gradient_checkpointing_gives_the_same_gradients():
+    model = acnify(decoder("llama"))
+    ids = torch.randint(1, 50, (2, 7))
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_hf_decoder_hybrid_adds_only_its_gates_and_runs_fused():
+    residual = decoder("llama")
+    model = acnify(copy.deepcopy(residual), backend="triton", connectivity="hybrid", gate_init=0.25)
+    assert set(model.state_dict()) - set(residual.state_dict()) == {f"model.gates.{i}" for i in range(5)}
+    reference = acnify(copy.deepcopy(residual), backend="reference", connectivity="hybrid", gate_init=0.25)
+    ids = torch.randint(1, 50, (2, 7))
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+    one_adamw_step_trains(model, model(ids, labels=ids).loss)
+
+
+def test_lora_adapters_attach_to_a_converted_model_as_to_the_original():
+    peft = pytest.importorskip("peft", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
+    model = peft.get_peft_model(acnify(decoder("llama")), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ids = torch.randint(1, 50, (2, 7))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_decoders_whose_layers_attend_differently_are_refused():
+    model = decoder("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    with pytest.raises(TypeError, match=r"whose layers all attend alike, got layer_types"):
+        acnify(model)
+
+
+LOAD = """
+import sys, torch
+if sys.argv[2] == "with":
+    import acn_kernels
+import transformers
+expected = torch.load(sys.argv[1] + "/expected.pt")
+for name in ("AutoModelFor" + sys.argv[3], sys.argv[4]):
+    try:
+        model = getattr(transformers, name).from_pretrained(sys.argv[1]).eval()
+    except ValueError as error:
+        print(name, "refused:", error)
+        continue
+    converted = any(hasattr(m, "long_connections") for m in model.modules())
+    # attention may load as sdpa where it was saved eager: equal within float32 rounding
+    same = torch.allclose(model(torch.arange(1, 9)[None])[0], expected, rtol=1e-5, atol=1e-6)
+    print(name, "converted" if converted else "residual", same)
+"""
+
+
+@pytest.mark.parametrize("family,auto,concrete", [("llama", "CausalLM", "LlamaForCausalLM"),
+                                                  ("gpt2", "CausalLM", "GPT2LMHeadModel"),
+                                                  ("bert", "SequenceClassification",
+                                                   "BertForSequenceClassification")])
+def test_saved_acns_load_back_as_acns_and_never_silently_residual(family, auto, concrete, tmp_path):
+    import subprocess
+    import sys
+
+    model = acnify(small_bert() if family == "bert" else decoder(family), connectivity="hybrid").eval()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "gates.0" in n).fill_(0.7)
+    model.save_pretrained(tmp_path)
+    torch.save(model(torch.arange(1, 9)[None])[0], tmp_path / "expected.pt")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    runs = {imported: subprocess.run([sys.executable, "-c", LOAD, str(tmp_path), imported, auto, concrete],
+                                     capture_output=True, text=True, env=env, timeout=300)
+            for imported in ("with", "without")}
+    assert runs["with"].returncode == 0, runs["with"].stderr[-2000:]
+    assert f"AutoModelFor{auto} converted True" in runs["with"].stdout
+    assert f"{concrete} converted True" in runs["with"].stdout
+    alone = runs["without"].stdout + runs["without"].stderr
+    assert f"AutoModelFor{auto} refused" in alone and f"model type `acn_{family}`" in alone
+    assert f"of type `acn_{family}`" in runs["without"].stderr  # the concrete class warns, naming the ACN

@@ -36,11 +36,6 @@ def block_outputs(model, inputs):
     return xs
 
 
-@pytest.fixture(autouse=True)
-def fresh_seed(request):
-    torch.manual_seed(hash(request.node.name) % 2**31)
-
-
 @every_model
 def test_acn_output_is_head_of_the_sum_of_all_layer_outputs(family):
     model, inputs = make(family, "acn")

@@ -9,7 +9,10 @@ from .._validation import check_choice
 from ..backend import BACKENDS
 
 SUPPORTED = ("timm.models.vision_transformer.VisionTransformer",
-             "transformers BertModel and the Bert task models around one (BertForSequenceClassification, ...)")
+             "transformers BertModel, GPT2Model, LlamaModel and the Llama-shaped decoders (Qwen2, Mistral, ...), "
+             "each with the task models around one (BertForSequenceClassification, GPT2LMHeadModel, "
+             "LlamaForCausalLM, ...)")
+CONNECTIVITIES = ("acn", "hybrid")
 
 
 def acnify(model: nn.Module, backend: str = "auto", connectivity: str = "acn", gate_init: float = 0.5,
@@ -19,20 +22,63 @@ def acnify(model: nn.Module, backend: str = "auto", connectivity: str = "acn", g
     residual checkpoint loads into the converted model (to fine-tune from) and back.
     connectivity="hybrid" keeps a gated short path beside the long one (the H-ACN; LongConnections'
     docstring): its gates (and, with long_weights=True, its long weights) are the only new parameters,
-    registered as `gates.i` (`long_weights.i`) beside the converted blocks."""
+    registered as `gates.i` (`long_weights.i`) beside the converted blocks. A Hugging Face model records
+    the conversion in its config, so that it saves and loads back converted (huggingface.py)."""
     check_choice("backend", backend, BACKENDS)
-    check_choice("connectivity", connectivity, ("acn", "hybrid"))
-    options = dict(backend=backend, gates="learned" if connectivity == "hybrid" else None, gate_init=gate_init,
-                   learn_gates=learn_gates, long_weights=long_weights)
+    check_choice("connectivity", connectivity, CONNECTIVITIES)
+    if any(hasattr(m, "long_connections") for m in model.modules()):
+        raise TypeError(f"acnify supports {' and '.join(SUPPORTED)}; got {type(model).__name__} (already converted)")
+    options = dict(connectivity=connectivity, gate_init=gate_init, learn_gates=learn_gates, long_weights=long_weights)
+    converter = find_converter(model)
+    if converter is None:
+        raise TypeError(f"acnify supports {' and '.join(SUPPORTED)}; got {type(model).__name__}")
+    converted = converter(model, long_connection_options(backend, options))
+    if getattr(model, "config", None) is not None and "transformers" in sys.modules:
+        from .huggingface import record_conversion
+        record_conversion(converted, options)
+    return converted
+
+
+def long_connection_options(backend: str, options: dict) -> dict:
+    """LongConnections' arguments from acnify's."""
+    return dict(backend=backend, gates="learned" if options["connectivity"] == "hybrid" else None,
+                gate_init=options["gate_init"], learn_gates=options["learn_gates"],
+                long_weights=options["long_weights"])
+
+
+def find_converter(model: nn.Module):
+    """The function that converts `model`'s family, or None."""
     if "timm" in sys.modules:
         from timm.models.vision_transformer import VisionTransformer
         if type(model) is VisionTransformer:
             from .timm import acnify_vit
-            return acnify_vit(model, options)
-    if "transformers" in sys.modules:
-        from transformers.models.bert.modeling_bert import BertEncoder, BertPreTrainedModel
-        if isinstance(model, BertPreTrainedModel) and any(type(m) is BertEncoder for m in model.modules()):
-            from .hf import acnify_bert
-            return acnify_bert(model, options)
-    converted = " (already converted)" if any(hasattr(m, "long_connections") for m in model.modules()) else ""
-    raise TypeError(f"acnify supports {' and '.join(SUPPORTED)}; got {type(model).__name__}{converted}")
+            return acnify_vit
+    if "transformers" not in sys.modules:
+        return None
+    from transformers import GPT2Model, GPT2PreTrainedModel
+    from transformers.models.bert.modeling_bert import BertEncoder, BertPreTrainedModel
+    if isinstance(model, BertPreTrainedModel) and any(isinstance(m, BertEncoder) for m in model.modules()):
+        from .bert import acnify_bert
+        return acnify_bert
+    if isinstance(model, GPT2PreTrainedModel) and any(isinstance(m, GPT2Model) for m in model.modules()):
+        from .gpt2 import acnify_gpt2
+        return acnify_gpt2
+    from .llama import acnify_llama, llama_shaped_base
+    if llama_shaped_base(model) is not None:
+        return acnify_llama
+    return None
+
+
+def convert_recorded(model: nn.Module, options: dict) -> None:
+    """The conversion a loaded config records, at the end of the model's init: nothing where the model
+    is converted already, or is a part that the recorded conversion does not concern."""
+    if hasattr(model, "probe") and any(hasattr(m, "long_connections") for m in model.modules()):
+        return
+    converter = find_converter(model)
+    if converter is not None:
+        converter(model, long_connection_options("auto", options))
+
+
+from .huggingface import install  # noqa: E402
+
+install()

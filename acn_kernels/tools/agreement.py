@@ -2,9 +2,10 @@
 dtype-scaled tolerance rule that the op tests and `cuda-host-check` both apply.
 
 The rule: float32 results match the float64 reference within rtol (and atol = rtol x the largest
-exact magnitude, at least 1); for float16/bfloat16 the op's largest error against the float64
-reference is at most twice eager PyTorch's (the reference run at the input precision) plus
-2 eps x that magnitude.
+exact magnitude, at least 1), or, where eager PyTorch's own float32 error is larger (a reduction of
+many cancelling terms: a gate's gradient), are at most twice that error plus the atol; for
+float16/bfloat16 the op's largest error against the float64 reference is at most twice eager
+PyTorch's (the reference run at the input precision) plus 2 eps x that magnitude.
 """
 from __future__ import annotations
 
@@ -45,10 +46,13 @@ def mismatch(actual, exact, eager, dtype: torch.dtype, fp32_rtol: float, what: s
     scale = exact.abs().max().clamp(min=1.0).item()
     deviation = (actual.double() - exact).abs()
     error = deviation.max().item()
+    eager_error = (eager.double() - exact).abs().max().item()
     if dtype == torch.float32:  # elementwise, as torch.testing.assert_close
         excess = (deviation - (fp32_rtol * scale + fp32_rtol * exact.abs())).max().item()
-        return None if excess <= 0 else f"{what}: error {error:.3g} beyond rtol = atol/scale = {fp32_rtol:g}"
-    eager_error = (eager.double() - exact).abs().max().item()
+        if excess <= 0 or error <= 2 * eager_error + fp32_rtol * scale:
+            return None
+        return (f"{what}: error {error:.3g} beyond rtol = atol/scale = {fp32_rtol:g} and beyond twice eager's "
+                f"{eager_error:.3g}")
     atol = 2 * EPS[dtype] * scale
     if error <= 2 * eager_error + atol:
         return None

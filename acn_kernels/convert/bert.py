@@ -1,0 +1,59 @@
+"""acnify for Hugging Face's BertModel and the task models around one: the AC-BERT of the paper.
+Both `+ input` adds of every layer removed (post-LN: LayerNorm(dropout(dense(h))) alone), a running
+sum from the embedding output, no final norm, and the pooler and heads on the sum. Classes are
+swapped for subclasses, so parameter names and state_dict keys stay as they are; `probe` and
+`truncate` are huggingface.py's.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+from transformers.models.bert.modeling_bert import BertEncoder, BertOutput, BertSelfOutput
+
+from ..long_connections import LongConnections, attach, register_scalars
+from .huggingface import Owner, bind
+
+
+class AcnBertSelfOutput(BertSelfOutput):
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)))
+
+
+class AcnBertOutput(BertOutput):
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)))
+
+
+class AcnBertEncoder(Owner, BertEncoder):
+    """The layers joined by long connections; its output is x_0 + ... + x_L."""
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                cache=None, use_cache=None, **kwargs):
+        if self.replaced_output is not None:
+            total = self.replaced_output
+        else:
+            y, x, outputs = self.long_connections.chain(
+                hidden_states, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask, cache=cache, **kwargs)
+            total = self.long_connections.sum_and_norm(y, x)[1]
+            self.recorded_outputs = outputs if self.recording else None
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=total, cache=cache if use_cache else None)
+
+    def keep_layers(self, k: int) -> None:
+        self._modules["layer"] = nn.ModuleList(list(self.layer)[:k])
+
+
+def acnify_bert(model: nn.Module, options: dict) -> nn.Module:
+    """Converts every (unconverted) BertEncoder inside `model` and gives `model` probe and truncate."""
+    for encoder in [m for m in model.modules() if type(m) is BertEncoder]:
+        for layer in encoder.layer:
+            layer.attention.output.__class__ = AcnBertSelfOutput
+            layer.output.__class__ = AcnBertOutput
+        encoder.__class__ = AcnBertEncoder
+        encoder.prepare()
+        long = LongConnections(list(encoder.layer), **options)
+        register_scalars(encoder, long)
+        attach(encoder, long)
+    bind(model)
+    return model

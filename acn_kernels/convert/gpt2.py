@@ -1,0 +1,34 @@
+"""acnify for GPT2Model and the task models around one (GPT2LMHeadModel, ...): each block's
+attention branch (after ln_1) and MLP branch (after ln_2) as two units of the long connections, the
+running sum from the embeddings after the position embeddings (and dropout), ln_f on the sum. See
+decoder.py for how the model's own forward runs them."""
+from __future__ import annotations
+
+from torch import nn
+
+from .decoder import Decoder, DecoderUnit, convert_decoder
+
+
+class GPT2Decoder(Decoder):
+    LAYERS = "h"
+
+    @staticmethod
+    def units_of(block: nn.Module) -> tuple:
+        return ((DecoderUnit(block.attn, attention=True), block.ln_1),
+                (DecoderUnit(block.mlp, attention=False), block.ln_2))
+
+    @staticmethod
+    def attention_keywords(cache=None, attention_mask=None, encoder_hidden_states=None, *, encoder_attention_mask=None,
+                           use_cache=False, **kwargs) -> dict:
+        """GPT2Model calls a block with (hidden_states, cache, mask, encoder_hidden_states, ...)."""
+        return dict(cache=cache, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
+
+
+def acnify_gpt2(model: nn.Module, options: dict) -> nn.Module:
+    from transformers import GPT2Model
+
+    base = model if isinstance(model, GPT2Model) else model.transformer
+    if base.config.add_cross_attention:
+        raise TypeError("acnify converts decoder-only GPT-2 models, got one with cross-attention "
+                        "(config.add_cross_attention=True)")
+    return convert_decoder(model, base, GPT2Decoder, options)

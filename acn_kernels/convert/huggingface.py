@@ -1,0 +1,181 @@
+"""What every Hugging Face conversion shares: `probe` and `truncate` on the model's own forward, and
+saved conversions that load back converted.
+
+The module that holds the long connections (a BertEncoder, a GPT2Model, a LlamaModel: the "owner")
+records the block outputs when `recording` and returns `replaced_output` instead of running its layers
+when that is set; so `probe` runs the whole model once, then once per shallower depth with the owner's
+output replaced by that depth's sum (no layer runs again), and any head works as it is.
+
+A conversion is recorded in the model's config: `config.acn_kernels` holds acnify's options, and the
+config's class becomes a subclass of its own whose model_type is "acn_<type>" (named like its base,
+so transformers' Auto mappings still find the model classes). `save_pretrained` writes both. When
+transformers is imported in a process that imported acn_kernels, the "acn_" types are registered with
+AutoConfig and every model whose config carries the record is converted at the end of its __init__
+(post_init): `AutoModelFor*.from_pretrained(path)` and the concrete class's `from_pretrained` return
+the converted model, whose weights (gates included) then load as saved. With transformers alone an
+Auto class refuses the unknown type "acn_<type>", and a concrete class warns that the checkpoint is
+of type "acn_<type>": never a silent residual model.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import sys
+import types
+
+import torch
+from torch import nn
+
+from ..long_connections import LongConnections, attach, registered_scalars, shallow_copy
+
+RECORD = "acn_kernels"  # the config attribute of a converted model: acnify's options
+REGISTERED_TYPES = ("bert", "gpt2", "llama", "qwen2", "mistral")
+
+
+# ----------------------------------------------------------------------------- probe and truncate
+
+def find_owner(model: nn.Module) -> tuple[str, nn.Module]:
+    """(path, module) of the module that holds the long connections."""
+    return next((name, m) for name, m in model.named_modules() if isinstance(getattr(m, "long_connections", None),
+                                                                            LongConnections))
+
+
+def model_output(output, what: str = "logits"):
+    """What a probe compares across depths: the loss, or the logits of a task model, else the hidden states."""
+    if what == "loss":
+        if getattr(output, "loss", None) is None:
+            raise ValueError("probe(..., output='loss') needs labels=, as the model's loss does")
+        return output.loss
+    for name in ("logits", "prediction_logits", "start_logits", "last_hidden_state"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name)
+    return output[0]
+
+
+def probe(model: nn.Module, *args, output: str = "logits", **kwargs) -> torch.Tensor:
+    """(L+1, ...): the model's output (its logits, or its loss with output="loss" and labels=) with
+    the first k layers, k = 0..L: the whole model once, then once per shallower depth with the long
+    connections' output replaced by that depth's sum."""
+    _, owner = find_owner(model)
+    owner.recording = True
+    try:
+        deepest = model_output(model(*args, **kwargs), output)
+        sums = owner.depth_sums()
+        shallower = []
+        for k in range(owner.long_connections.depth):
+            owner.replaced_output = sums[k]
+            shallower.append(model_output(model(*args, **kwargs), output))
+    finally:
+        owner.recording, owner.replaced_output, owner.recorded_outputs = False, None, None
+    return torch.stack([*shallower, deepest])
+
+
+def truncate(model: nn.Module, k: int) -> nn.Module:
+    """The first k layers, every parameter shared: the modules on the way to the owner are copied."""
+    path, owner = find_owner(model)
+    long = owner.long_connections.truncate(k)
+    shallow = parent = shallow_copy(model)
+    for name in filter(None, path.split(".")):
+        parent._modules[name] = parent = shallow_copy(parent._modules[name])
+    parent.keep_layers(k)
+    parent._modules.update(registered_scalars(long))
+    attach(parent, long)
+    bind(shallow)
+    return shallow
+
+
+def bind(model: nn.Module) -> None:
+    model.probe = types.MethodType(probe, model)
+    model.truncate = types.MethodType(truncate, model)
+
+
+class Owner:
+    """The mixin of every converted owner class: recording, replacing and the per-depth sums."""
+
+    def prepare(self) -> None:
+        self.recording, self.replaced_output, self.recorded_outputs, self.running = False, None, None, False
+
+    def depth_sums(self) -> torch.Tensor:
+        """(L+1, ...): the running sum after 0..L layers, from the recorded terms of the sum."""
+        terms = torch.stack(self.recorded_outputs).cumsum(0)
+        return terms[::self.long_connections.units_per_depth]
+
+
+# ----------------------------------------------------------------------------- saved conversions
+
+@functools.cache
+def acn_config_class(base: type) -> type:
+    """base's subclass with model_type "acn_<type>", named like base (transformers' Auto mappings find
+    a config's model classes by its class name)."""
+    return type(base.__name__, (base,), {"model_type": f"acn_{base.model_type}", "__module__": __name__,
+                                          "__qualname__": f"acn_{base.__qualname__}"})
+
+
+def record_conversion(model: nn.Module, options: dict) -> None:
+    """Writes acnify's options into the config, and gives the config its "acn_" type, so that
+    save_pretrained records the conversion and loading converts again (see the module docstring)."""
+    config = model.config
+    if not config.model_type.startswith("acn_"):
+        config.__class__ = acn_config_class(type(config))
+    setattr(config, RECORD, dict(options))
+    register_config(config.__class__)
+
+
+def register_config(config_class: type) -> None:
+    if "transformers" not in sys.modules:
+        return
+    from transformers import AutoConfig
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+
+
+def convert_on_init(post_init):
+    """PreTrainedModel.post_init, followed by the recorded conversion of a model built from a
+    converted config (its inner models convert first; the outer one then finds them converted)."""
+    @functools.wraps(post_init)
+    def post_init_then_convert(self, *args, **kwargs):
+        post_init(self, *args, **kwargs)
+        options = getattr(getattr(self, "config", None), RECORD, None)
+        if options:
+            from . import convert_recorded
+            convert_recorded(self, options)
+    post_init_then_convert.acn_kernels = True
+    return post_init_then_convert
+
+
+def register_with_transformers() -> None:
+    """The "acn_" config types of the supported families, and conversion at model init."""
+    from transformers import CONFIG_MAPPING
+    from transformers.modeling_utils import PreTrainedModel
+
+    for model_type in REGISTERED_TYPES:
+        register_config(acn_config_class(CONFIG_MAPPING[model_type]))
+    if not getattr(PreTrainedModel.post_init, "acn_kernels", False):
+        PreTrainedModel.post_init = convert_on_init(PreTrainedModel.post_init)
+
+
+class RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Runs register_with_transformers once transformers has been imported, so that importing
+    acn_kernels does not import transformers (seconds) where nobody uses it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            execute = spec.loader.exec_module
+
+            def exec_module(module):
+                execute(module)
+                register_with_transformers()
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    """Registration now when transformers is imported already, else when it is."""
+    if "transformers" in sys.modules:
+        register_with_transformers()
+    elif importlib.util.find_spec("transformers") is not None:
+        sys.meta_path.insert(0, RegisterAfterImport())
