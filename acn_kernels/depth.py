@@ -129,9 +129,15 @@ def median_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
 
 
 def generation_tokens_per_second(model: nn.Module, prompts: torch.Tensor, new_tokens: int, repeats: int = 3) -> float:
-    """New tokens per second of greedy generation with the KV cache (median of `repeats` runs)."""
-    ms = median_ms(lambda: model.generate(prompts, new_tokens), next(model.parameters()).device, repeats, 1)
-    return prompts.shape[0] * new_tokens / (ms / 1000)
+    """New tokens per second of greedy generation with the KV cache (median of `repeats` runs; the
+    package's GPT and Hugging Face models alike, counting the tokens generated, which a model that
+    stops at its end-of-sequence token may keep short)."""
+    generated = []
+
+    def run():
+        generated.append(model.generate(prompts, max_new_tokens=new_tokens, do_sample=False).shape[1])
+    ms = median_ms(run, next(model.parameters()).device, repeats, 1)
+    return prompts.shape[0] * (generated[-1] - prompts.shape[1]) / (ms / 1000)
 
 
 def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tolerance: float = 1.0,

@@ -328,6 +328,16 @@ def test_lora_adapters_attach_to_a_converted_model_as_to_the_original():
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
 
 
+def test_compress_an_acnified_causal_lm_by_loss_with_generation_speed():
+    from acn_kernels import compress
+
+    model = acnify(decoder("gpt2"))
+    ids = torch.randint(1, 50, (4, 12))
+    report = compress(model, ids[:, :-1], ids[:, 1:], tolerance=50.0, metric="loss", repeats=2, generate_tokens=3)
+    assert len(report.scores) == 4 and report.model.generate(ids[:, :2], max_new_tokens=2).shape == (4, 4)
+    assert all(speed > 0 for speed in report.tokens_per_second) and "tokens/s" in str(report)
+
+
 def test_decoders_whose_layers_attend_differently_are_refused():
     model = decoder("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
     with pytest.raises(TypeError, match=r"whose layers all attend alike, got layer_types"):
