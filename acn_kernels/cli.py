@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from ._extras import MissingExtra, check_extra
 from .backend import BACKENDS
+
+EXTRAS = {"demo": "demo", "paper": "paper", "bench": "bench"}  # subcommand -> the extra it needs
 
 
 def _add_demo(commands) -> None:
@@ -17,12 +21,11 @@ def _add_demo(commands) -> None:
                       help="the models' backend (auto: the reference on a CPU without TRITON_INTERPRET=1)")
 
 
-def _run_traffic() -> int:
+def _run_traffic(argv: list[str]) -> int:
     """The traffic model needs the kernels interpreted, which is decided when they are imported;
-    without TRITON_INTERPRET=1 the command runs itself again with it, and says so."""
+    without TRITON_INTERPRET=1 the command runs itself again with it (and its arguments), and says so."""
     import os
     import subprocess
-    import sys
 
     from .backend import TRITON_INTERPRETED
     if TRITON_INTERPRETED:
@@ -30,7 +33,40 @@ def _run_traffic() -> int:
         return run_traffic()
     print("(running again under TRITON_INTERPRET=1 to count the Triton kernels' loads and stores)", flush=True)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    return subprocess.run([sys.executable, "-m", "acn_kernels", "traffic"], env=env).returncode
+    return subprocess.run([sys.executable, "-m", "acn_kernels", *argv], env=env).returncode
+
+
+def _add_page_options(command, check: bool) -> None:
+    command.add_argument("--markdown", metavar="PAGE", default=None,
+                         help="also write the output into PAGE's generated block for this command (docs/)")
+    if check:
+        command.add_argument("--check", metavar="PAGE", default=None,
+                             help="exit 1 when PAGE's generated block differs from this run's output")
+
+
+def _with_page(args, argv: list[str]) -> int:
+    """run_command, its output also written into (--markdown) or compared with (--check) a docs page;
+    traffic's child process does that itself."""
+    page = getattr(args, "markdown", None) or getattr(args, "check", None)
+    if page is None or (args.command == "traffic" and not _interpreted()):
+        return run_command(args, argv)
+    from .tools.pages import block_difference, captured_stdout, write_block
+    with captured_stdout() as output:
+        code = run_command(args, argv)
+    if args.markdown:
+        write_block(args.markdown, args.command, output.getvalue())
+        return code
+    difference = block_difference(args.check, args.command, output.getvalue())
+    if difference:
+        print(f"python -m acn_kernels {args.command}: {args.check} is not this run's output; rewrite it with "
+              f"--markdown {args.check}\n{difference}", file=sys.stderr)
+        return 1
+    return code
+
+
+def _interpreted() -> bool:
+    from .backend import TRITON_INTERPRETED
+    return TRITON_INTERPRETED
 
 
 def main(argv=None) -> int:
@@ -45,26 +81,48 @@ def main(argv=None) -> int:
     paper.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
     paper.add_argument("--si-c", type=float, default=None, help="Synaptic Intelligence's penalty strength (default 1)")
     paper.add_argument("--si-xi", type=float, default=None, help="Synaptic Intelligence's damping xi (default 1)")
+    _add_page_options(paper, check=False)
     commands.add_parser("info", help="versions and available backends")
     report = commands.add_parser("compile-report", help="compile every Triton kernel for sm_80 and sm_90; "
                                  "registers, spills, shared memory")
     report.add_argument("--only", default=None, help="one kernel, by its function name")
     report.add_argument("--jobs", type=int, default=None, help="parallel compilations (default: all cores)")
-    commands.add_parser("cuda-report", help="compile csrc/*.cu for sm_80 and sm_90 with nvcc; registers, spills")
+    _add_page_options(report, check=True)
+    _add_page_options(commands.add_parser("cuda-report", help="compile csrc/*.cu for sm_80 and sm_90 with nvcc; "
+                                          "registers, spills"), check=True)
     host = commands.add_parser("cuda-host-check", help="run every CUDA kernel on the CPU through a SIMT layer and "
                                "compare each op, forward and backward, with the reference")
     host.add_argument("--only", choices=("accumulate_norm", "hybrid_accumulate_norm", "probe_norm",
                                          "linear_act_accumulate"), default=None)
     host.add_argument("--verbose", action="store_true", help="a line for every case, not only the failures")
+    host.add_argument("--fuzz", type=int, default=None, metavar="N",
+                      help="N random cases of each op instead (widths 1..20000 and every path's edges, 1..64 rows, "
+                      "1..132 SMs, sm_80 and sm_90, alignment, dtype, options)")
+    host.add_argument("--seed", type=int, default=0, help="the random inputs' (and --fuzz cases') seed")
+    _add_page_options(host, check=True)
     bench = commands.add_parser("bench", help="fused ops and training steps against eager and torch.compile")
     bench.add_argument("--quick", action="store_true", help="small shapes on the CPU: reference against torch.compile")
     bench.add_argument("--suite", choices=("ops", "models", "all"), default="all")
     bench.add_argument("--out", default="results", help="folder for bench.csv and the plots")
-    commands.add_parser("traffic", help="bytes and launches of eager PyTorch against the fused ops "
-                        "(counted under Triton's interpreter, no GPU needed)")
+    bench.add_argument("--cases", default=None, metavar="REGEX",
+                       help="only the cases whose name and dtype match, e.g. '8192x2048 bfloat16|ViT-S/16 224 acn'")
+    _add_page_options(bench, check=False)
+    _add_page_options(commands.add_parser("traffic", help="bytes and launches of eager PyTorch against the fused ops "
+                                          "(counted under Triton's interpreter, no GPU needed)"), check=True)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    try:
+        if args.command in EXTRAS:
+            check_extra(EXTRAS[args.command], args.command)
+        return _with_page(args, argv)
+    except MissingExtra as error:  # one line, not a traceback
+        print(f"python -m acn_kernels {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+def run_command(args, argv: list[str]) -> int:
     if args.command == "traffic":
-        return _run_traffic()
+        return _run_traffic(argv)
     if args.command == "cuda-report":
         from .tools.cuda_report import run_cuda_report
         return run_cuda_report()
@@ -73,11 +131,11 @@ def main(argv=None) -> int:
         return run_paper(args.quick, args.seeds, args.out, args.device, args.si_c, args.si_xi)
     if args.command == "cuda-host-check":
         from .tools.cuda_host_check import run_check
-        return run_check(only=args.only, verbose=args.verbose)
+        return run_check(only=args.only, verbose=args.verbose, seed=args.seed, fuzz=args.fuzz)
     if args.command == "bench":
         from .tools.benchmark import run_bench
         suites = ("ops", "models") if args.suite == "all" else (args.suite,)
-        return run_bench(args.quick, suites, args.out)
+        return run_bench(args.quick, suites, args.out, args.cases)
     if args.command == "compile-report":
         from .tools.compile_report import run_report
         return run_report(args.only, args.jobs)

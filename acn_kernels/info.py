@@ -7,7 +7,7 @@ import torch
 
 from . import __version__
 from .backend import (AUTO_TABLE, CUDA_EXTENSION, CUDA_EXTENSION_ERROR, OPS, TRITON_AVAILABLE, TRITON_INTERPRETED,
-                      auto_backends)
+                      auto_choices, default_backend)
 
 
 def _triton_version() -> str:
@@ -49,14 +49,16 @@ def print_info() -> int:
 
 
 def print_auto_table() -> None:
-    """What backend="auto" runs per op on CUDA tensors: AUTO_TABLE's measured choices by GPU family,
-    Triton elsewhere, and this GPU's choice."""
+    """What backend="auto" runs per op on CUDA tensors, and why: AUTO_TABLE's measured choices by GPU
+    family, the defaults elsewhere (cublas for the GEMM ops, triton for the rest), and this GPU's."""
     families = sorted(AUTO_TABLE)
-    here = auto_backends(torch.device("cuda")) if torch.cuda.is_available() else None
-    header = ["op", *families, "other GPUs", *(["this GPU"] if here else [])]
+    here = auto_choices(torch.device("cuda")) if torch.cuda.is_available() else None
+    header = ["op", *families, "unmeasured GPUs", *(["this GPU", "why"] if here else [])]
     print('\nbackend="auto" on CUDA tensors, per op (AUTO_TABLE: measured by `bench` on a GPU; '
-          f"{'empty: no GPU run yet' if not families else ', '.join(families)}):")
+          f"{'empty: no GPU run yet' if not families else ', '.join(families)}; elsewhere the default: cuBLAS "
+          "for the GEMM ops until a GPU run times the Triton GEMM against it, Triton for the norm ops):")
     print("  ".join(f"{h:<22}" for h in header))
     for op in OPS:
-        cells = [op, *(AUTO_TABLE[f].get(op, "triton") for f in families), "triton", *([here[op]] if here else [])]
+        cells = [op, *(AUTO_TABLE[f].get(op, default_backend(op)) for f in families), default_backend(op),
+                 *(here[op] if here else ())]
         print("  ".join(f"{c:<22}" for c in cells))

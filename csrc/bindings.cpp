@@ -50,7 +50,6 @@ Tensor rows_of(const Tensor& t) {
   return c.view({-1, c.size(-1)});
 }
 
-const void* ptr_or_null(const OptionalTensor& t) { return t ? t->data_ptr() : nullptr; }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
@@ -190,12 +189,15 @@ std::tuple<Tensor, Tensor, Tensor> hybrid_accumulate_norm_bwd(
   return {dx.view(x.sizes()), df.view(f.sizes()), partials.narrow(1, 0, sums).sum(0)};
 }
 
-void check_probe_width(int64_t dim, const char* op) {
-  const int64_t limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
-  TORCH_CHECK(acn::probe_norm_shared_bytes(static_cast<int>(dim)) <= limit, op, ": D must be at most ",
-              limit / acn::probe_norm_shared_bytes(1), " on this GPU (five float rows of shared memory), got ", dim,
-              "; use backend='triton' for wider rows");
+// The probe kernels' float rows in global memory (programs slices) where they do not fit this device's
+// opt-in shared memory per block (sm_80: 163 KB, sm_90: 227 KB); undefined where they do.
+Tensor probe_scratch(int64_t dim, bool backward, int programs, const Tensor& like) {
+  const int64_t bytes = acn::probe_norm_storage_bytes(static_cast<int>(dim), backward);
+  if (bytes <= device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)) return Tensor();
+  return at::empty({programs, bytes / static_cast<int64_t>(sizeof(float))}, like.options().dtype(at::kFloat));
 }
+
+float* scratch_ptr(Tensor& scratch) { return scratch.defined() ? scratch.data_ptr<float>() : nullptr; }
 
 std::tuple<Tensor, Tensor, Tensor> probe_norm_fwd(const Tensor& xs, const Tensor& weight, const OptionalTensor& bias,
                                                   double eps, bool is_layernorm) {
@@ -204,16 +206,17 @@ std::tuple<Tensor, Tensor, Tensor> probe_norm_fwd(const Tensor& xs, const Tensor
   const c10::cuda::CUDAGuard guard(xs.device());
   TORCH_CHECK(xs.dim() >= 2, op, ": xs must have shape (L+1, ..., D), got ", xs.sizes());
   const int64_t depth = xs.size(0), dim = xs.size(-1), rows = xs.numel() / std::max<int64_t>(1, depth * dim);
-  check_probe_width(dim, op);
   Tensor xs3 = xs.contiguous(), w = float_row(weight), b = bias ? float_row(*bias) : Tensor();
-  Tensor out = at::empty_like(xs3);
+  const int programs = reduction_programs(rows);
+  Tensor scratch = probe_scratch(dim, false, programs, xs), out = at::empty_like(xs3);
   const auto stats = xs.options().dtype(at::kFloat);
   Tensor mean = is_layernorm ? at::empty({depth, rows}, stats) : at::empty({0}, stats);
   Tensor rstd = at::empty({depth, rows}, stats);
   acn::probe_norm_forward(dtype_of(xs, op, "xs"), xs3.data_ptr(), w.data_ptr<float>(),
                           bias ? b.data_ptr<float>() : nullptr, out.data_ptr(),
                           is_layernorm ? mean.data_ptr<float>() : nullptr, rstd.data_ptr<float>(),
-                          static_cast<int>(depth), rows, static_cast<int>(dim), static_cast<float>(eps), stream());
+                          static_cast<int>(depth), rows, static_cast<int>(dim), static_cast<float>(eps),
+                          scratch_ptr(scratch), programs, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, mean, rstd};
 }
@@ -224,16 +227,16 @@ std::tuple<Tensor, Tensor> probe_norm_bwd(const Tensor& dout, const Tensor& xs, 
   check_cuda(dout, op, "dout"), check_cuda(xs, op, "xs");
   const c10::cuda::CUDAGuard guard(xs.device());
   const int64_t depth = xs.size(0), dim = xs.size(-1), rows = xs.numel() / std::max<int64_t>(1, depth * dim);
-  check_probe_width(dim, op);
   Tensor xs3 = xs.contiguous(), dout3 = dout.contiguous().to(xs.scalar_type()), w = float_row(weight);
   const int programs = reduction_programs(rows);
+  Tensor scratch = probe_scratch(dim, true, programs, xs);
   const int64_t width = partial_width(dim, has_bias, 0);
   Tensor dxs = at::empty_like(xs3), partials = new_partial_rows(programs, width, xs);
   float* base = partials.data_ptr<float>();
   acn::probe_norm_backward(dtype_of(xs, op, "xs"), dout3.data_ptr(), xs3.data_ptr(), w.data_ptr<float>(),
                            is_layernorm ? mean.data_ptr<float>() : nullptr, rstd.data_ptr<float>(), dxs.data_ptr(),
                            base, has_bias ? base + dim : nullptr, width, static_cast<int>(depth), rows,
-                           static_cast<int>(dim), programs, stream());
+                           static_cast<int>(dim), programs, scratch_ptr(scratch), stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dxs, partials.sum(0)};
 }

@@ -1,44 +1,56 @@
-// probe_norm: norm(x_0 + ... + x_k) for every k, one block per row, the running sum kept in shared
-// memory as a compensated float32 pair; the backward walks k = L..0 with the running gradient beside
-// it, rebuilding each y_k by subtraction exactly enough to round to the forward's, and keeps the
-// block's dweight/dbias partial sums in shared memory, written to its partial row once. Math in
-// row_math.h; see acn_kernels/ops/probe_norm.py. Each thread owns the same columns in every pass,
-// so only the reductions synchronize.
+// probe_norm: norm(x_0 + ... + x_k) for every k, a block per row (a persistent loop over rows), the
+// running sum kept as a compensated float32 pair; the backward walks k = L..0 with the running
+// gradient beside it, rebuilding each y_k by subtraction exactly enough to round to the forward's, and
+// keeps the block's dweight/dbias partial sums beside them, written to its partial row once. Math in
+// row_math.h; see acn_kernels/ops/probe_norm.py.
+//
+// These float rows (2 forward, 5 backward: probe_norm_storage_bytes) live in dynamic shared memory
+// where they fit the device's opt-in limit, else in `scratch`, a slice of global memory per block that
+// its re-reads find in L2 (the binding chooses, from the device's limit). Each thread owns the same
+// columns in every pass, so the kernels are the same either way and only the reductions synchronize.
 #include "device_utils.cuh"
 #include "row_math.h"
 
 namespace acn {
 namespace {
 
+// This block's float rows: in dynamic shared memory, or its slice of the global scratch.
+__device__ __forceinline__ float* block_storage(float* scratch, int rows_of_storage, int dim) {
+  ACN_DYNAMIC_SHARED(float, shared);
+  return scratch ? scratch + static_cast<int64_t>(blockIdx.x) * rows_of_storage * dim : shared;
+}
+
 template <typename T>
 __global__ void probe_norm_fwd_kernel(const T* __restrict__ xs, const float* __restrict__ w,
                                       const float* __restrict__ b, T* __restrict__ out, float* __restrict__ mean_out,
-                                      float* __restrict__ rstd_out, int depth, int64_t rows, int dim, float eps) {
-  ACN_DYNAMIC_SHARED(float, shared);
-  float* hi = shared;  // the running sum y_k = hi + lo (add_compensated)
-  float* lo = shared + dim;
+                                      float* __restrict__ rstd_out, int depth, int64_t rows, int dim, float eps,
+                                      float* __restrict__ scratch) {
+  float* hi = block_storage(scratch, 2, dim);  // the running sum y_k = hi + lo (add_compensated)
+  float* lo = hi + dim;
   const bool is_layernorm = mean_out != nullptr;
-  const int64_t row = blockIdx.x, layer = rows * dim;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) hi[i] = lo[i] = 0.0f;
-  for (int k = 0; k < depth; ++k) {
-    const int64_t base = k * layer + row * dim;
-    float row_sum = 0.0f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-      add_compensated(hi[i], lo[i], to_float(xs[base + i]));
-      row_sum += hi[i] + lo[i];
-    }
-    const float mean = is_layernorm ? block_sum(row_sum) / dim : 0.0f;
-    float squares = 0.0f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-      const float centered = hi[i] + lo[i] - mean;
-      squares += centered * centered;
-    }
-    const float rstd = inverse_std(block_sum(squares) / dim, eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x)
-      out[base + i] = from_float<T>(affine(normalize(hi[i] + lo[i], mean, rstd), w[i], b ? b[i] : 0.0f));
-    if (threadIdx.x == 0) {
-      if (is_layernorm) mean_out[k * rows + row] = mean;
-      rstd_out[k * rows + row] = rstd;
+  const int64_t layer = rows * dim;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) hi[i] = lo[i] = 0.0f;
+    for (int k = 0; k < depth; ++k) {
+      const int64_t base = k * layer + row * dim;
+      float row_sum = 0.0f;
+      for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        add_compensated(hi[i], lo[i], to_float(xs[base + i]));
+        row_sum += hi[i] + lo[i];
+      }
+      const float mean = is_layernorm ? block_sum(row_sum) / dim : 0.0f;
+      float squares = 0.0f;
+      for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        const float centered = hi[i] + lo[i] - mean;
+        squares += centered * centered;
+      }
+      const float rstd = inverse_std(block_sum(squares) / dim, eps);
+      for (int i = threadIdx.x; i < dim; i += blockDim.x)
+        out[base + i] = from_float<T>(affine(normalize(hi[i] + lo[i], mean, rstd), w[i], b ? b[i] : 0.0f));
+      if (threadIdx.x == 0) {
+        if (is_layernorm) mean_out[k * rows + row] = mean;
+        rstd_out[k * rows + row] = rstd;
+      }
     }
   }
 }
@@ -48,13 +60,13 @@ __global__ void probe_norm_bwd_kernel(const T* __restrict__ dout, const T* __res
                                       const float* __restrict__ w, const float* __restrict__ mean_in,
                                       const float* __restrict__ rstd_in, T* __restrict__ dxs,
                                       float* __restrict__ dw_partial, float* __restrict__ db_partial,
-                                      int64_t partial_stride, int depth, int64_t rows, int dim) {
-  ACN_DYNAMIC_SHARED(float, shared);
-  float* hi = shared;  // y_k = hi + lo, rebuilt as the forward built it, then y_{k-1} = y_k - x_k
-  float* lo = shared + dim;
-  float* grad = shared + 2 * dim;
-  float* dw = shared + 3 * dim;  // this block's dweight/dbias partial sums over every row it walks
-  float* db = shared + 4 * dim;
+                                      int64_t partial_stride, int depth, int64_t rows, int dim,
+                                      float* __restrict__ scratch) {
+  float* hi = block_storage(scratch, 5, dim);  // y_k = hi + lo, rebuilt as the forward built it, then
+  float* lo = hi + dim;                         // y_{k-1} = y_k - x_k
+  float* grad = hi + 2 * dim;
+  float* dw = hi + 3 * dim;  // this block's dweight/dbias partial sums over every row it walks
+  float* db = hi + 4 * dim;
   const bool is_layernorm = mean_in != nullptr;
   const int64_t layer = rows * dim;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) dw[i] = db[i] = 0.0f;
@@ -94,26 +106,31 @@ __global__ void probe_norm_bwd_kernel(const T* __restrict__ dout, const T* __res
 }  // namespace
 
 void probe_norm_forward(DType dtype, const void* xs, const float* w, const float* b, void* out, float* mean,
-                        float* rstd, int depth, int64_t rows, int dim, float eps, cudaStream_t stream) {
+                        float* rstd, int depth, int64_t rows, int dim, float eps, float* scratch, int programs,
+                        cudaStream_t stream) {
   if (rows == 0) return;
-  const int64_t shared = 2 * static_cast<int64_t>(dim) * sizeof(float);
+  const int64_t shared = scratch ? 0 : probe_norm_storage_bytes(dim, false);
   ACN_DISPATCH_FLOAT(dtype, T, {
-    cudaFuncSetAttribute(probe_norm_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-    ACN_LAUNCH(rows, row_threads(dim), shared, stream, probe_norm_fwd_kernel<T>)(
-        static_cast<const T*>(xs), w, b, static_cast<T*>(out), mean, rstd, depth, rows, dim, eps);
+    if (shared)
+      cudaFuncSetAttribute(probe_norm_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(shared));
+    ACN_LAUNCH(scratch ? programs : rows, row_threads(dim), shared, stream, probe_norm_fwd_kernel<T>)(
+        static_cast<const T*>(xs), w, b, static_cast<T*>(out), mean, rstd, depth, rows, dim, eps, scratch);
   });
 }
 
 void probe_norm_backward(DType dtype, const void* dout, const void* xs, const float* w, const float* mean,
                          const float* rstd, void* dxs, float* dw_partial, float* db_partial, int64_t partial_stride,
-                         int depth, int64_t rows, int dim, int programs, cudaStream_t stream) {
+                         int depth, int64_t rows, int dim, int programs, float* scratch, cudaStream_t stream) {
   if (rows == 0) return;
-  const int64_t shared = probe_norm_shared_bytes(dim);
+  const int64_t shared = scratch ? 0 : probe_norm_storage_bytes(dim, true);
   ACN_DISPATCH_FLOAT(dtype, T, {
-    cudaFuncSetAttribute(probe_norm_bwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+    if (shared)
+      cudaFuncSetAttribute(probe_norm_bwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(shared));
     ACN_LAUNCH(programs, row_threads(dim), shared, stream, probe_norm_bwd_kernel<T>)(
         static_cast<const T*>(dout), static_cast<const T*>(xs), w, mean, rstd, static_cast<T*>(dxs), dw_partial,
-        db_partial, partial_stride, depth, rows, dim);
+        db_partial, partial_stride, depth, rows, dim, scratch);
   });
 }
 

@@ -11,6 +11,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The fused backends every op test runs on; the CUDA extension's only where a GPU is.
 FUSED_BACKENDS = [pytest.param("triton", id="triton"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+# The GEMM ops' also run on "cublas" (cuBLAS and Triton's elementwise kernels; the norm ops' is "triton").
+GEMM_BACKENDS = [*FUSED_BACKENDS, pytest.param("cublas", id="cublas")]
 FP32_RTOL = 1e-5 if DEVICE == "cpu" else 1e-4  # the interpreter is exact fp32; GPUs reorder sums
 
 

@@ -21,6 +21,18 @@ __global__ void mask_without_the_caller(float* out) { out[threadIdx.x] = __shfl_
 
 __global__ void store_past_the_end(float* out) { out[threadIdx.x + 16] = 1.0f; }
 
+__global__ void uses_dynamic_shared(float* out) {
+  ACN_DYNAMIC_SHARED(float, shared);
+  shared[threadIdx.x] = 1.0f;
+  out[threadIdx.x] = shared[threadIdx.x];
+}
+
+// A launch with `bytes` of dynamic shared memory, opted in to first when `opt_in`.
+void launch_with_shared(float* out, int threads, int bytes, bool opt_in) {
+  if (opt_in) cudaFuncSetAttribute(uses_dynamic_shared, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  ACN_LAUNCH(1, threads, bytes, nullptr, uses_dynamic_shared)(out);
+}
+
 }  // namespace
 
 extern "C" void acn_test_launch(int kernel, float* out, int threads) {
@@ -29,6 +41,8 @@ extern "C" void acn_test_launch(int kernel, float* out, int threads) {
     case 1: ACN_LAUNCH(1, threads, 0, nullptr, barrier_in_a_branch)(out); break;
     case 2: ACN_LAUNCH(1, threads, 0, nullptr, mask_without_the_caller)(out); break;
     case 3: ACN_LAUNCH(1, threads, 0, nullptr, store_past_the_end)(out); break;
+    case 5: launch_with_shared(out, threads, 64 * 1024, false); break;   // past 48 KB without opting in
+    case 6: launch_with_shared(out, threads, 200 * 1024, true); break;   // within sm_90's opt-in, past sm_80's
     default: ACN_LAUNCH(1, 2048, 0, nullptr, shuffles)(out); break;  // more threads than a block may have
   }
 }

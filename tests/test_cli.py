@@ -1,6 +1,7 @@
 """The command line as a user runs it: the demo (small settings), info and compile-report, and the
 compile report's reading of PTX and occupancy."""
 import os
+import re
 import subprocess
 import sys
 
@@ -52,6 +53,7 @@ def test_info_lists_backends(capsys):
     out = capsys.readouterr().out
     for row in ("torch", "triton", "triton interpreter", "CUDA extension", "GPU"):
         assert row in out
+    assert re.search(r"^linear +cublas", out, re.M) and re.search(r"^probe_norm +triton", out, re.M)
 
 
 def run_module(*args, interpret: bool):
@@ -62,9 +64,17 @@ def run_module(*args, interpret: bool):
                           env=env, timeout=600)
 
 
-def test_compile_report_compiles_a_kernel_for_sm80_and_sm90_without_a_gpu():
-    result = run_module("compile-report", "--only", "accumulate_norm_fwd_wide_kernel", interpret=False)
+def test_compile_report_compiles_a_kernel_for_sm80_and_sm90_without_a_gpu(tmp_path):
+    page = tmp_path / "report.md"
+    page.write_text("# The compile report\n\nHand-written prose.\n")
+    result = run_module("compile-report", "--only", "accumulate_norm_fwd_wide_kernel", "--markdown", str(page),
+                        interpret=False)
     assert result.returncode == 0, result.stdout + result.stderr
+    text = page.read_text()
+    assert text.startswith("# The compile report\n\nHand-written prose.\n") and result.stdout.strip() in text
+    checked = run_module("compile-report", "--only", "accumulate_norm_fwd_wide_kernel", "--check", str(page),
+                         interpret=False)
+    assert checked.returncode == 0, checked.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("accumulate_norm_fwd_wide_kernel")]
     assert len(lines) == 24  # accumulate_norm's and the hybrid's, three dtypes, two targets, aligned and unaligned
     rows = [line for line in lines if "HYBRID=True" not in line]
@@ -148,9 +158,9 @@ def test_sm90_gemm_tiles_must_run_on_wgmma():
     assert wgmma_expected(Build(gemm.module, gemm.kernel, torch.float32, {**fp32, "INPUT_PRECISION": "tf32"}), 90)
 
 
-def test_bench_names_the_ops_whose_cuda_kernels_win():
-    """What a GPU run of bench proposes for backend="auto": the CUDA kernels where, summed over an op's
-    cases, they beat Triton forward+backward."""
+def test_bench_names_the_fastest_fused_backend_per_op():
+    """What a GPU run of bench proposes for backend="auto": per op, the fastest of triton, cublas and
+    cuda summed over its cases forward+backward, where two or more of them ran."""
     from acn_kernels.tools.benchmark import Case, Result, measured_auto_table
 
     def result(name, impl, ms, pass_="forward+backward"):
@@ -159,8 +169,13 @@ def test_bench_names_the_ops_whose_cuda_kernels_win():
                result("accumulate_norm 8192x2048", "triton", 4.0), result("accumulate_norm 8192x2048", "cuda", 4.5),
                result("probe_norm 13x4096x768", "triton", 1.0), result("probe_norm 13x4096x768", "cuda", 1.5),
                result("probe_norm 13x4096x768", "cuda", 0.1, pass_="forward"),
-               result("linear_act_accumulate 8192x2048x2048", "eager", 0.5)]
-    assert measured_auto_table(results) == {"accumulate_norm": "cuda"}
+               result("linear_act_accumulate 8192x2048x2048", "eager", 0.5),
+               result("linear_act_accumulate 8192x2048x2048", "triton", 3.0),
+               result("linear_act_accumulate 8192x2048x2048", "cublas", 2.5),
+               result("linear_act_accumulate 8192x2048x2048", "cuda", 2.6),
+               result("linear 12608x384x1152", "triton", 1.0)]  # one fused backend ran: nothing chosen
+    assert measured_auto_table(results) == {"accumulate_norm": "cuda", "probe_norm": "triton",
+                                            "linear_act_accumulate": "cublas"}
 
 
 def test_a_missing_extra_is_named(monkeypatch):
@@ -169,3 +184,46 @@ def test_a_missing_extra_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # what a plain install without the extra has
     with pytest.raises(ImportError, match=r"bench needs tqdm: pip install 'acn-kernels\[bench\]'"):
         require("tqdm", "bench", "bench")
+
+
+@pytest.mark.parametrize("command", (["demo"], ["bench", "--quick"], ["paper", "--quick"]))
+def test_a_subcommand_without_its_extra_says_so_in_one_line(command, monkeypatch, capsys):
+    import importlib.metadata
+
+    version = importlib.metadata.version
+
+    def without_matplotlib(name):
+        if name == "matplotlib":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_matplotlib)
+    assert main(command) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"python -m acn_kernels {command[0]}: {command[0]} needs matplotlib: "
+                                 f"pip install 'acn-kernels[{command[0]}]'\n")
+
+
+def test_a_module_missing_at_import_is_one_line_too(monkeypatch, capsys):
+    """A source-tree run has no installed extras to check up front: the first import names the extra."""
+    monkeypatch.setattr("acn_kernels.cli.check_extra", lambda extra, what: None)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert main(["bench", "--quick"]) == 2
+    expected = "python -m acn_kernels bench: bench needs tqdm: pip install 'acn-kernels[bench]'\n"
+    assert capsys.readouterr().err == expected
+
+
+def test_a_page_keeps_its_prose_and_its_block_follows_the_tool(tmp_path):
+    from acn_kernels.tools.pages import block_difference, write_block
+
+    page = tmp_path / "traffic.md"
+    page.write_text("# Traffic\n\nHow it is counted.\n")
+    write_block(str(page), "traffic", "op  bytes\na   1\n")
+    page.write_text(page.read_text() + "\nWhat the numbers say.\n")
+    assert block_difference(str(page), "traffic", "op  bytes\na   1\n") is None
+    write_block(str(page), "traffic", "op  bytes\na   2\n")
+    text = page.read_text()
+    assert text.startswith("# Traffic\n\nHow it is counted.\n") and text.endswith("\nWhat the numbers say.\n")
+    assert text.count("a   2") == 1 and "a   1" not in text
+    assert "+a   3" in block_difference(str(page), "traffic", "op  bytes\na   3\n")
+    assert "has no block" in block_difference(str(page), "bench", "x")

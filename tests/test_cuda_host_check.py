@@ -8,7 +8,9 @@ import shutil
 import pytest
 import torch
 
-from acn_kernels.tools.cuda_host_check import CSRC, HostKernels, all_cases, check, run_check, toolchain
+from acn_kernels.tools.cases import Case
+from acn_kernels.tools.cuda_host_check import (CSRC, SHARED_OPT_IN, HostKernels, all_cases, check, run_check,
+                                               toolchain)
 
 FOUND = toolchain()
 pytestmark = pytest.mark.skipif(isinstance(FOUND, str), reason=f"cuda-host-check cannot run here: {FOUND}")
@@ -74,8 +76,8 @@ def layer(tmp_path_factory):
     return HostKernels.load(csrc)
 
 
-def launch(layer, kernel: int, threads: int, size: int) -> tuple[torch.Tensor, list]:
-    layer.launches, layer.errors = [], []
+def launch(layer, kernel: int, threads: int, size: int, target: int = 90) -> tuple[torch.Tensor, list]:
+    layer.launches, layer.errors, layer.target = [], [], target
     with layer.call():
         out = layer.output("out", (size,), torch.float32)
         layer.library.acn_test_launch(kernel, ctypes.c_void_p(out.data_ptr()), threads)
@@ -102,3 +104,31 @@ def test_shuffles_read_the_lanes_cuda_defines(layer):
 def test_what_cuda_leaves_undefined_is_reported(layer, kernel, threads, message):
     _, errors = launch(layer, kernel, threads, 3 * 64 if kernel in (0, 4) else threads)
     assert any(message in e for e in errors), errors
+
+
+@pytest.mark.parametrize("kernel, target, message", [
+    (5, 90, "65536 bytes of dynamic shared memory, more than the 49152 the kernel may use"),
+    (6, 80, "204800 bytes of dynamic shared memory, more than the 166912 a block may opt in to"),
+    (6, 90, None),
+])
+def test_shared_memory_beyond_the_targets_limits_is_reported(layer, kernel, target, message):
+    out, errors = launch(layer, kernel, 32, 32, target)
+    if message is None:
+        assert errors == [] and torch.equal(out, torch.ones(32))
+    else:
+        assert any(message in e for e in errors), errors
+
+
+@pytest.mark.parametrize("dtype, width, target", [
+    (torch.bfloat16, 12288, 90), (torch.float32, 16384, 90), (torch.float32, 9000, 80), (torch.bfloat16, 4096, 80),
+])
+def test_probe_norm_rows_leave_shared_memory_where_the_target_has_too_little(dtype, width, target):
+    """The widths of issue 20 (NaN gradients once past 48 KB): the float rows go to global scratch
+    past the target's opt-in limit, and stay in shared memory below it."""
+    case = Case("probe_norm", dtype, width, 0, (("norm", "layernorm"), ("bias", True), ("terms", "cancel")),
+                rows=3, sm_count=1, target=target)
+    [result] = check([case])
+    assert result.problems == []
+    in_shared = {launch.kernel: launch.shared > 0 for launch in result.launches}
+    fits = 5 * 4 * width <= SHARED_OPT_IN[target]
+    assert in_shared == {"probe_norm_fwd_kernel": True, "probe_norm_bwd_kernel": fits}

@@ -105,13 +105,15 @@ def test_every_twin_runs_its_mlps_on_the_fused_op(family, monkeypatch):
 
 def test_backend_choice_is_visible_and_never_silent():
     model, _, _ = make("vit", "auto")
-    assert model.backend == "triton"  # the interpreter is on in the tests, or a GPU is there
+    # the interpreter is on in the tests, or a GPU is there: Triton norms, cuBLAS GEMMs until measured
+    assert model.backend == "mixed"
+    assert make("vit", "cublas")[0].backend == "cublas"
     residual, _, _ = make("vit", "triton", connectivity="residual")
     assert residual.backend == "triton"  # its MLPs run on the fused op
     cuda, inputs, _ = make("mlp", "cuda")
     with pytest.raises(RuntimeError, match="backend='cuda' needs the CUDA extension"):
         cuda(inputs)
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'triton', 'cuda'\)"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'triton', 'cublas', 'cuda'\)"):
         MLP(4, 8, 2, 3, backend="cudnn")
 
 

@@ -15,7 +15,7 @@ from acn_kernels.ops.probe_norm import BWD_PER_THREAD as PROBE_BWD_PER_THREAD
 from acn_kernels.ops import _gemm
 from acn_kernels.ops._common import fits_in_registers
 
-from op_harness import DEVICE, DTYPES, FUSED_BACKENDS, check_op, randn, run
+from op_harness import DEVICE, DTYPES, FUSED_BACKENDS, GEMM_BACKENDS, check_op, randn, run
 
 ODD_SHAPES = [(1, 1), (1, 17), (3, 5, 129), (70, 33)]
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
@@ -270,7 +270,7 @@ def test_probe_norm_last_depth_is_the_final_norm_of_the_whole_sum():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", [((1, 1), 1), ((3, 5, 19), 17), ((70, 33), 129)])
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
 def test_linear_act_accumulate_matches_reference(dtype, activation, shape, backend):
     x_shape, out_features = shape
     in_features = x_shape[-1]
@@ -284,7 +284,7 @@ def test_linear_act_accumulate_matches_reference(dtype, activation, shape, backe
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
 def test_linear_act_accumulate_chain_start_and_no_bias(dtype, backend):
     x, weight = randn(9, 40, dtype=dtype), randn(24, 40, dtype=dtype, scale=0.2)
     (h, y_out), _ = check_op(linear_act_accumulate, reference.linear_act_accumulate, (x, weight, None, None),
@@ -293,7 +293,7 @@ def test_linear_act_accumulate_chain_start_and_no_bias(dtype, backend):
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
 def test_linear_act_accumulate_float32_running_sum(dtype, backend):
     x, weight, bias = randn(4, 8, 32, dtype=dtype), randn(48, 32, dtype=dtype, scale=0.2), randn(48, dtype=dtype)
     y = randn(4, 8, 48, scale=5.0)
@@ -302,7 +302,7 @@ def test_linear_act_accumulate_float32_running_sum(dtype, backend):
     assert h.dtype == dtype and y_out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
 def test_linear_act_accumulate_non_contiguous_inputs(backend):
     x = randn(30, 2, 50)[:, 1, :]            # strided rows
     weight = randn(50, 40, scale=0.2).t()   # column-major
@@ -316,7 +316,7 @@ def test_linear_act_accumulate_non_contiguous_inputs(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ("gelu", "relu"))
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
 def test_linear_act_accumulate_with_y_being_x(dtype, activation, backend):
     """y is x (a residual add, the chain's start): x's two gradients are summed inside the op."""
     x, weight, bias = randn(7, 5, 24, dtype=dtype), randn(24, 24, dtype=dtype, scale=0.2), randn(24, dtype=dtype)
@@ -327,7 +327,7 @@ def test_linear_act_accumulate_with_y_being_x(dtype, activation, backend):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ("gelu", "relu", "identity"))
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
 def test_linear_act_accumulate_running_sum_only(dtype, activation, backend):
     """return_h=False: h never written (None), y_out and every gradient as the reference's."""
     x, weight, bias = randn(5, 3, 24, dtype=dtype), randn(40, 24, dtype=dtype, scale=0.2), randn(40, dtype=dtype)
@@ -346,7 +346,7 @@ def test_linear_act_accumulate_running_sum_only(dtype, activation, backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [((1, 1), 1), ((3, 5, 19), 17), ((300, 130), 70)])  # the last: three column
 @pytest.mark.parametrize("has_bias", (True, False))                                   # tiles of dweight, a K tail
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
 def test_linear_matches_reference(dtype, shape, has_bias, backend):
     x_shape, out_features = shape
     x = randn(*x_shape, dtype=dtype)
@@ -355,7 +355,7 @@ def test_linear_matches_reference(dtype, shape, has_bias, backend):
     check_op(linear, reference.linear, (x, weight, bias), dtype, backend=backend)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
 def test_linear_non_contiguous_inputs(backend):
     x = randn(30, 2, 50)[:, 1, :]            # strided rows
     weight = randn(50, 40, scale=0.2).t()   # column-major
@@ -385,7 +385,7 @@ def feed_forward_params(dim, hidden, out, dtype, bias=True, activation="gelu"):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", [((1, 1), 1, 1), ((3, 5, 19), 17, 7), ((70, 33), 129, 33)])
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
 def test_feed_forward_matches_reference(dtype, activation, shape, backend):
     x_shape, hidden, out = shape
     x = randn(*x_shape, dtype=dtype)
@@ -395,14 +395,14 @@ def test_feed_forward_matches_reference(dtype, activation, shape, backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
 def test_feed_forward_without_biases(dtype, backend):
     x = randn(9, 40, dtype=dtype)
     check_op(feed_forward, reference.feed_forward, (x, *feed_forward_params(40, 24, 40, dtype, bias=False)), dtype,
              backend=backend, activation="relu")
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
 def test_feed_forward_non_contiguous_inputs(backend):
     x = randn(30, 2, 50)[:, 1, :]             # strided rows
     w1 = randn(50, 40, scale=0.2).t()         # column-major
@@ -517,13 +517,19 @@ def test_reference_backend_is_the_reference(name):
 
 def test_auto_backend_choice(monkeypatch):
     cpu = torch.device("cpu")
-    expected = "triton" if backend_module.TRITON_INTERPRETED else "reference"
-    assert backend_module.resolve_backend("auto", cpu) == expected
+    if backend_module.TRITON_INTERPRETED:  # the interpreter takes a GPU's unmeasured defaults
+        assert backend_module.resolve_backend("auto", cpu, "accumulate_norm") == "triton"
+        assert backend_module.resolve_backend("auto", cpu, "linear_act_accumulate") == "cublas"
+        assert backend_module.resolve_backend("auto", cpu) == "mixed"
+        assert backend_module.resolve_backend("cublas", cpu, "probe_norm") == "triton"
+        assert backend_module.resolve_backend("cublas", cpu, "feed_forward") == "cublas"
     monkeypatch.setattr(backend_module, "TRITON_INTERPRETED", False)
     assert backend_module.resolve_backend("auto", cpu) == "reference"
-    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors, got tensors on cpu.*TRITON_INTERPRET"):
-        backend_module.resolve_backend("triton", cpu)
-    accepted = r"\('auto', 'reference', 'triton', 'cuda'\)"
+    for backend in ("triton", "cublas"):
+        with pytest.raises(ValueError, match=rf"backend='{backend}' needs CUDA tensors, got tensors on cpu.*"
+                                             "TRITON_INTERPRET"):
+            backend_module.resolve_backend(backend, cpu)
+    accepted = r"\('auto', 'reference', 'triton', 'cublas', 'cuda'\)"
     with pytest.raises(ValueError, match=rf"backend must be one of {accepted}, got 'cudnn'"):
         accumulate_norm(randn(2, 4), None, randn(4), backend="cudnn")
     with pytest.raises(RuntimeError, match=r"backend='cuda' needs the CUDA extension acn_kernels._C"):
@@ -531,21 +537,27 @@ def test_auto_backend_choice(monkeypatch):
 
 
 def test_auto_follows_the_measured_table_per_op(monkeypatch):
-    """On CUDA tensors "auto" runs, per op, what bench measured faster on that GPU family; Triton
-    where the table is silent, and where it names the CUDA extension but the extension is not built."""
+    """On CUDA tensors "auto" runs, per op, what bench measured fastest on that GPU family; where the
+    table is silent (or names the CUDA extension but it is not built), Triton for the norm ops and
+    cuBLAS for the GEMM ops, and says why."""
     gpu = torch.device("cuda")
     monkeypatch.setattr(backend_module, "gpu_family", lambda device: "sm_9x")
-    monkeypatch.setattr(backend_module, "AUTO_TABLE", {"sm_9x": {"accumulate_norm": "cuda"}})
+    monkeypatch.setattr(backend_module, "AUTO_TABLE", {"sm_9x": {"accumulate_norm": "cuda", "linear": "triton"}})
     monkeypatch.setattr(backend_module, "CUDA_EXTENSION", object())
     assert backend_module.resolve_backend("auto", gpu, "accumulate_norm") == "cuda"
     assert backend_module.resolve_backend("auto", gpu, "probe_norm") == "triton"
+    assert backend_module.resolve_backend("auto", gpu, "linear") == "triton"
+    assert backend_module.resolve_backend("auto", gpu, "feed_forward") == "cublas"
     assert backend_module.resolve_backend("auto", gpu) == "mixed"
+    choices = backend_module.auto_choices(gpu)
+    assert choices["accumulate_norm"] == ("cuda", "measured by bench")
+    assert choices["feed_forward"] == ("cublas", "default: not measured on this GPU family")
     monkeypatch.setattr(backend_module, "CUDA_EXTENSION", None)
-    assert backend_module.resolve_backend("auto", gpu, "accumulate_norm") == "triton"
-    assert backend_module.resolve_backend("auto", gpu) == "triton"
+    assert backend_module.auto_choices(gpu)["accumulate_norm"] == (
+        "triton", "default: measured cuda, but the extension is not built")
     monkeypatch.setattr(backend_module, "gpu_family", lambda device: "sm_8x")  # a family nobody measured
-    monkeypatch.setattr(backend_module, "CUDA_EXTENSION", object())
-    assert set(backend_module.auto_backends(gpu).values()) == {"triton"}
+    assert backend_module.auto_backends(gpu) == {op: backend_module.default_backend(op) for op in backend_module.OPS}
+    assert set(backend_module.auto_backends(gpu).values()) == {"triton", "cublas"}
 
 
 ERRORS = [

@@ -122,6 +122,7 @@ def test_the_hybrid_verdict_needs_both_the_speed_and_the_compression():
 
 @pytest.mark.slow
 def test_paper_quick_writes_its_tables_csvs_and_plots(tmp_path):
+    pytest.importorskip("mnist1d", reason="the paper's MNIST-1D data needs the [paper] extra")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
     result = subprocess.run([sys.executable, "-m", "acn_kernels", "paper", "--quick", "--out", str(tmp_path)],
                             capture_output=True, text=True, env=env, timeout=600)

@@ -1,6 +1,6 @@
 """The README's snippets, run as written: "Your own model" in order, in one namespace (they need the
-[timm] and [hf] extras, which CI installs beside the CUDA build of torch that torchvision needs), and
-"Spend compute only on the depth the ACN uses"."""
+[timm] and [hf] extras, which CI installs beside the CUDA build of torch that torchvision needs);
+"Models", "The fused ops" and "Spend compute only on the depth the ACN uses" as a user runs them."""
 import os
 import pathlib
 import re
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -23,12 +24,32 @@ def test_your_own_model_snippets_run_as_written(capsys):
     pytest.importorskip("timm", reason="needs the [timm] extra: pip install 'acn-kernels[timm]'")
     pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
     code = snippets("Your own model")
-    assert len(code) == 5
+    assert len(code) == 6
     namespace: dict = {}
     for snippet in code:
         exec(compile(snippet, str(README), "exec"), namespace)
-    assert namespace["per_depth"].shape == (5, 2, 2)  # the BERT snippet's, the last probe
+    assert namespace["per_depth"].shape == (5, 2, 2)  # the BERT snippet's
+    assert namespace["losses"].shape == (5,) and namespace["tokens"].shape == (2, 12)
+    again, lm, ids = namespace["again"], namespace["lm"], namespace["ids"]
+    assert type(again).__name__ == "LlamaForCausalLM" and again.config.model_type == "acn_llama"
+    assert any(hasattr(m, "long_connections") for m in again.modules())
+    torch.testing.assert_close(again.eval()(ids).logits, lm.eval()(ids).logits)
     assert "depth" in capsys.readouterr().out and namespace["small"].depth == namespace["report"].depth
+
+
+def run_as_a_user(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it: backend auto
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("section, checks", [
+    ("Models", "assert per_depth.shape == (13, 2, 10) and small.depth == 6 and tokens.shape == (1, 24)"),
+    ("The fused ops", "assert outs.shape == (3, 8, 64) and out.shape == (8, 64) and h.shape == (8, 64)"),
+])
+def test_overview_snippets_run_as_written(section, checks):
+    (code,) = snippets(section)
+    result = run_as_a_user(code + checks)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_depth_on_demand_snippet_runs_as_written():
@@ -38,8 +59,6 @@ def test_depth_on_demand_snippet_runs_as_written():
 assert shrink.shrinks and shrink.depth == shrink.shrinks[-1].depth < model.depth, shrink.history
 assert depth_used.max() <= shrink.depth
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it: backend auto
-    result = subprocess.run([sys.executable, "-c", code[0] + checks], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = run_as_a_user(code[0] + checks)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "active depth" in result.stdout and "'threshold': 2.0" in result.stdout

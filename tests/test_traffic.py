@@ -22,6 +22,25 @@ def test_fused_op_moves_no_more_than_its_docstring_states(case):
     assert 0 < backward.total <= backward_bound, f"{name} backward: {backward.total} > {backward_bound}"
 
 
+@pytest.mark.parametrize("activation", ("gelu", "relu", "identity", "swiglu"))
+@pytest.mark.parametrize("has_y", (True, False))
+def test_cublas_path_moves_no_more_than_its_docstring_states(activation, has_y):
+    """linear_act_accumulate on backend="cublas" (auto's default on a GPU): cuBLAS's z, then one
+    elementwise launch (none for identity without y), and its backward."""
+    from acn_kernels.ops import linear_act_accumulate
+    from acn_kernels.ops.linear_act_accumulate import traffic_bound
+
+    rows_w = 96 if activation == "swiglu" else 48
+    inputs = [torch.randn(40, 32).requires_grad_(), torch.randn(rows_w, 32).requires_grad_(),
+              torch.randn(rows_w).requires_grad_(), torch.randn(40, 48).requires_grad_() if has_y else None]
+    outputs = slice(None) if has_y else slice(0, 1)  # without y, y_out is h itself: one gradient
+    forward, backward = measure(
+        lambda *a: linear_act_accumulate(*a, activation=activation, backend="cublas")[outputs], inputs)
+    forward_bound, backward_bound = traffic_bound(*inputs, activation=activation, backend="cublas")
+    assert 0 < forward.total <= forward_bound and 0 < backward.total <= backward_bound, (forward, backward)
+    assert forward.launches == (1 if activation == "identity" and not has_y else 2)
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("normalize", ("input", "sum"))
 def test_acn_boundary_moves_at_most_0_8_of_eager_bytes(dtype, normalize):

@@ -157,12 +157,17 @@ def chunk_tile(dim: int, per_thread: int) -> tuple[int, int, int]:
     return block_d, triton.cdiv(dim, block_d), MAX_WARPS
 
 
+def sm_count(device: torch.device) -> int | None:
+    """The GPU's SM count; None under Triton's interpreter, which has no SMs to fill."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
 def reduction_programs(tiles: int, device: torch.device) -> int:
     """Programs of a kernel that also reduces dweight/dbias: each keeps one partial row, and the
-    fixed count makes the final sum deterministic for a given device and shape."""
-    if device.type == "cuda":
-        return min(tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(tiles, 8)
+    fixed count makes the final sum deterministic for a given device and shape. The interpreter
+    takes 8, so that it walks rows in the persistent loop too."""
+    sms = sm_count(device)
+    return min(tiles, 4 * sms if sms else 8)
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:

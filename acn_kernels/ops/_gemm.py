@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_in_fp32, in_dtype_of, new_buffer, rows_of
+from ._common import dot_in_fp32, in_dtype_of, new_buffer, rows_of, sm_count
 
 # act'(z) needs z itself for these; relu reads h > 0 and identity needs nothing.
 # The constants are constexpr globals; each expression keeps a tensor on the left of them, since
@@ -222,10 +222,6 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, sm_count: int | None 
     filling = [c for c in fitting if sm_count is None or programs(c, M, N) >= sm_count]
     config = filling[0] if filling else max(fitting, key=lambda c: programs(c, M, N))
     return dict(zip(TILE_KEYS, config), GROUP_M=8)
-
-
-def sm_count(device: torch.device) -> int | None:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 def do_bench(fn) -> float:

@@ -22,8 +22,8 @@ Eager PyTorch reads z back for the activation (A more, one launch) and, in backw
 reads it back with z for the activation's backward (2A more, one launch), and reads dz and dout
 once more for the bias gradients (A and the output's size, two launches): 4A plus the output's
 size, and four launches, more per MLP.
-The CUDA backend has no twin of the backward's GEMM: there the first linear is the CUDA
-`linear_act_accumulate` and the rest eager, said in `feed_forward`'s docstring.
+The "cuda" and "cublas" backends have no twin of the backward's GEMM: there the first linear is
+their `linear_act_accumulate` and the rest eager (cuBLAS), said in `feed_forward`'s docstring.
 """
 from __future__ import annotations
 
@@ -111,8 +111,9 @@ feed_forward_fwd.register_autograd(backward, setup_context=setup_context)
 
 def feed_forward(x, w1, b1, w2, b2, *, activation="gelu", backend="auto"):
     """act(x @ w1.T + b1) @ w2.T + b2; see the module docstring. Under autocast, x, weights and biases
-    are cast to the autocast dtype, as nn.Linear's are. On backend="cuda" the first linear is the CUDA
-    linear_act_accumulate and the second (and the activation's backward) eager."""
+    are cast to the autocast dtype, as nn.Linear's are. On backend="cuda" or "cublas" (auto's default on
+    a GPU) the first linear is that backend's linear_act_accumulate (cuBLAS and an elementwise kernel for
+    the activation, and one for its backward) and the second eager (cuBLAS)."""
     x, w1, b1, w2, b2 = checked_linear_input(x, w1, b1, w2, b2)
     check_choice("activation", activation, ACTIVATIONS)
     check_linear("w1", w1, "b1", b1, x, activation=activation)
@@ -120,8 +121,8 @@ def feed_forward(x, w1, b1, w2, b2, *, activation="gelu", backend="auto"):
     resolved = resolve_backend(backend, x.device, "feed_forward")
     if resolved == "reference":
         return reference.feed_forward(x, w1, b1, w2, b2, activation=activation)
-    if resolved == "cuda":
-        return F.linear(linear_act_accumulate(x, w1, b1, None, activation=activation, backend="cuda")[0], w2, b2)
+    if resolved in ("cuda", "cublas"):
+        return F.linear(linear_act_accumulate(x, w1, b1, None, activation=activation, backend=resolved)[0], w2, b2)
     return feed_forward_fwd(x, w1, b1, w2, b2, activation)[0]
 
 

@@ -11,8 +11,9 @@ Backward, dout the gradient of out:
 
 Bytes, for M rows, A = M*N elements at x's size: the GEMMs' operands, and nothing else. Eager
 PyTorch reads dout once more (A) in a launch of its own for dbias. The blocks' linears outside the
-MLPs (attention's qkv and projection, the Mixer's tail) run it on the Triton backend; the CUDA
-backend runs F.linear (cuBLAS for the GEMMs, a sum launch for dbias), said in `linear`'s docstring.
+MLPs (attention's qkv and projection, the Mixer's tail) run it on the Triton backend; the "cuda" and
+"cublas" backends run F.linear (cuBLAS for the GEMMs, a sum launch for dbias), said in `linear`'s
+docstring.
 """
 from __future__ import annotations
 
@@ -60,13 +61,14 @@ linear_fwd.register_autograd(backward, setup_context=setup_context)
 
 def linear(x, weight, bias=None, *, backend="auto"):
     """x @ weight.T + bias, as F.linear; see the module docstring. Under autocast, x, weight and bias
-    are cast to the autocast dtype, as nn.Linear's are. backend="cuda" runs F.linear itself."""
+    are cast to the autocast dtype, as nn.Linear's are. backend="cuda" or "cublas" (auto's default on a
+    GPU) runs F.linear itself."""
     x, weight, bias = checked_linear_input(x, weight, bias)
     check_linear("weight", weight, "bias", bias, x)
     resolved = resolve_backend(backend, x.device, "linear")
     if resolved == "reference":
         return reference.linear(x, weight, bias)
-    if resolved == "cuda":
+    if resolved in ("cuda", "cublas"):
         return F.linear(x, weight, bias)
     return linear_fwd(x, weight, bias)
 

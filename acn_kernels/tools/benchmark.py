@@ -2,8 +2,9 @@
 torch.compile, measured in the same run.
 
 Implementations: "eager" (the reference: eager PyTorch), "compile" (torch.compile of the
-reference), "triton" (the fused ops; GPU only, since the interpreter's timings mean nothing), "cuda" (the CUDA
-extension, when it is built).
+reference), "triton" (the fused ops, GEMMs on the Triton kernel; GPU only, since the interpreter's
+timings mean nothing), "cublas" (the GEMM ops on cuBLAS and Triton elementwise kernels, auto's default
+until measured; for a model, every GEMM so), "cuda" (the CUDA extension, when it is built).
 Figures: median time, GB/s of the op's logical bytes (its docstring count) and that as a fraction
 of the copy bandwidth measured in the same run, TFLOP/s for the GEMM op, peak memory (GPU),
 speedups against eager and against compile. A table on stdout, rows appended to a CSV with the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import csv
 import datetime
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -27,9 +29,11 @@ from .. import reference
 from .._extras import require
 from ..backend import CUDA_EXTENSION, gpu_family
 from ..models import GPT, MLP, Mixer, ViT
-from ..ops import accumulate_norm, hybrid_accumulate_norm, linear_act_accumulate, probe_norm
+from ..ops import accumulate_norm, feed_forward, hybrid_accumulate_norm, linear, linear_act_accumulate, probe_norm
 from ..ops.accumulate_norm import traffic_bound as norm_bound
+from ..ops.feed_forward import traffic_bound as feed_forward_bound
 from ..ops.hybrid_accumulate_norm import traffic_bound as hybrid_bound
+from ..ops.linear import traffic_bound as plain_linear_bound
 from ..ops.linear_act_accumulate import traffic_bound as linear_bound
 from ..ops.probe_norm import traffic_bound as probe_bound
 
@@ -45,6 +49,10 @@ class Case:
     bytes: tuple = (0, 0)  # (forward, backward) logical bytes of the fused op
     flops: tuple = (0, 0)
     impls: tuple = ("eager", "compile", "triton", "cuda")
+
+    @property
+    def op(self) -> str:
+        return self.name.split()[0]
 
 
 @dataclass
@@ -105,19 +113,26 @@ def _op_make(fused, ref, inputs, kwargs):
     compiled = torch.compile(lambda *a: ref(*a, **kwargs))
 
     def make(impl):
-        fn = {"eager": lambda: ref(*inputs, **kwargs), "compile": lambda: compiled(*inputs),
-              "triton": lambda: fused(*inputs, backend="triton", **kwargs),
-              "cuda": lambda: fused(*inputs, backend="cuda", **kwargs)}[impl]
+        runs = {"eager": lambda: ref(*inputs, **kwargs), "compile": lambda: compiled(*inputs)}
+        fn = runs.get(impl, lambda: fused(*inputs, backend=impl, **kwargs))  # a backend: triton, cublas, cuda
         return fn, [t for t in inputs if t.requires_grad]
     return make
 
 
+NORM_IMPLS = ("eager", "compile", "triton", "cuda")  # "cublas" runs the norm ops' Triton kernels
+GEMM_IMPLS = ("eager", "compile", "triton", "cublas", "cuda")
+
+
 def op_cases(device: torch.device, quick: bool) -> list[Case]:
+    """The norm ops at a transformer's widths; the GEMM ops at a square 8192 x 2048 x 2048 and at a
+    ViT-S/16 block's shapes (batch 64, 197 tokens: the MLP, 384 -> 1536 -> 384, and the qkv linear)."""
     if quick:
         norm_sizes, probe_size, gemm_size, dtypes = [(512, 256)], (5, 256, 128), (256, 128, 128), (torch.float32,)
+        mlp_size = (256, 128, 256)
     else:
         norm_sizes = [(4096, 1024), (8192, 2048), (16384, 4096)]
         probe_size, gemm_size, dtypes = (13, 4096, 768), (8192, 2048, 2048), (torch.float32, torch.bfloat16)
+        mlp_size = (64 * 197, 384, 1536)
     cases = []
     for dtype in dtypes:
         for rows, dim in norm_sizes:
@@ -139,7 +154,17 @@ def op_cases(device: torch.device, quick: bool) -> list[Case]:
         cases.append(Case("ops", f"linear_act_accumulate {m}x{k}x{n}", dtype,
                           _op_make(linear_act_accumulate, reference.linear_act_accumulate, (x, wl, bl, y),
                                    {"activation": "gelu"}),
-                          linear_bound(x, wl, bl, y), (2 * m * n * k, 4 * m * n * k)))
+                          linear_bound(x, wl, bl, y), (2 * m * n * k, 4 * m * n * k), GEMM_IMPLS))
+        rows, dim, hidden = mlp_size
+        x, w1, w2, wq = _inputs(device, dtype, (rows, dim), (hidden, dim), (dim, hidden), (3 * dim, dim))
+        b1, b2, bq = (torch.randn(n, device=device).to(dtype).requires_grad_() for n in (hidden, dim, 3 * dim))
+        cases.append(Case("ops", f"feed_forward {rows}x{dim}x{hidden}", dtype,
+                          _op_make(feed_forward, reference.feed_forward, (x, w1, b1, w2, b2), {"activation": "gelu"}),
+                          feed_forward_bound(x, w1, b1, w2, b2), (4 * rows * dim * hidden, 8 * rows * dim * hidden),
+                          GEMM_IMPLS))
+        cases.append(Case("ops", f"linear {rows}x{dim}x{3 * dim}", dtype,
+                          _op_make(linear, reference.linear, (x, wq, bq), {}), plain_linear_bound(x, wq, bq),
+                          (6 * rows * dim * dim, 12 * rows * dim * dim), GEMM_IMPLS[:-1]))  # cuda: F.linear too
     return cases
 
 
@@ -183,7 +208,7 @@ def model_cases(device: torch.device, quick: bool) -> list[Case]:
     for name, build, batch, amp in model_specs(quick):
         for connectivity in ("acn", "residual", "ffn", "hybrid"):
             def make(impl, build=build, batch=batch, amp=amp, connectivity=connectivity):
-                backend = impl if impl in ("triton", "cuda") else "reference"
+                backend = "reference" if impl in ("eager", "compile") else impl
                 torch.manual_seed(0)
                 model = build(connectivity, backend).to(device)
                 run = torch.compile(model) if impl == "compile" else model
@@ -199,8 +224,7 @@ def model_cases(device: torch.device, quick: bool) -> list[Case]:
                 return step
             # every twin: on the fused backends their MLPs run the fused ops, the connections differ (the
             # hybrid's boundaries on hybrid_accumulate_norm)
-            cases.append(Case("models", f"{name} {connectivity}", amp or torch.float32, make,
-                              impls=("eager", "compile", "triton", "cuda")))
+            cases.append(Case("models", f"{name} {connectivity}", amp or torch.float32, make, impls=GEMM_IMPLS))
     return cases
 
 
@@ -322,24 +346,28 @@ def plot(results: list[Result], path: str, title: str) -> None:
     plt.close(fig)
 
 
+FUSED_IMPLS = ("triton", "cublas", "cuda")
+
+
 def measured_auto_table(results: list[Result]) -> dict[str, str]:
-    """{op: "cuda"} for each op whose CUDA kernels beat Triton over all its cases and dtypes
-    (forward+backward time), what backend="auto" should then run on this GPU family."""
-    totals: dict[tuple, float] = {}
+    """{op: the fastest of triton, cublas and cuda over all its cases and dtypes (forward+backward
+    time)}, for each op where two or more of them ran: what backend="auto" should run on this GPU family."""
+    totals: dict[str, dict[str, float]] = {}
     for r in results:
-        if r.case.suite == "ops" and r.pass_ == "forward+backward" and r.impl in ("triton", "cuda"):
-            op = r.case.name.split()[0]
-            totals[op, r.impl] = totals.get((op, r.impl), 0.0) + r.ms
-    return {op: "cuda" for (op, impl), ms in totals.items()
-            if impl == "cuda" and ms < totals.get((op, "triton"), float("inf"))}
+        if r.case.suite == "ops" and r.pass_ == "forward+backward" and r.impl in FUSED_IMPLS:
+            by_impl = totals.setdefault(r.case.op, {})
+            by_impl[r.impl] = by_impl.get(r.impl, 0.0) + r.ms
+    return {op: min(by_impl, key=by_impl.get) for op, by_impl in totals.items() if len(by_impl) > 1}
 
 
 def print_auto_table(results: list[Result], device: torch.device) -> None:
-    print(f"\nbackend='auto' as measured here, for AUTO_TABLE in acn_kernels/backend.py (ops not named "
-          f"run Triton): {{{gpu_family(device)!r}: {measured_auto_table(results)!r}}}")
+    print(f"\nbackend='auto' as measured here, for AUTO_TABLE in acn_kernels/backend.py (ops not named keep "
+          f"the default): {{{gpu_family(device)!r}: {measured_auto_table(results)!r}}}")
 
 
-def run_bench(quick: bool = False, suites=("ops", "models"), out_dir: str = "results") -> int:
+def run_bench(quick: bool = False, suites=("ops", "models"), out_dir: str = "results", only: str | None = None) -> int:
+    """The suites' cases (those whose "name dtype" `only`, a regular expression, finds), each
+    implementation this machine runs; a table, the CSV and plots."""
     tqdm = require("tqdm", "bench", "bench").tqdm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -351,24 +379,32 @@ def run_bench(quick: bool = False, suites=("ops", "models"), out_dir: str = "res
     device_label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     usable = ("eager", "compile")
     if device.type == "cuda":
-        usable += ("triton", "cuda") if CUDA_EXTENSION is not None else ("triton",)
+        usable += ("triton", "cublas", "cuda") if CUDA_EXTENSION is not None else ("triton", "cublas")
     os.makedirs(out_dir, exist_ok=True)
     copy_gbps = copy_bandwidth(device, repeats)
-    all_results = []
+    all_results, interrupted = [], False
     for suite in suites:
         cases = op_cases(device, quick) if suite == "ops" else model_cases(device, quick)
+        cases = [c for c in cases if only is None or re.search(only, f"{c.name} {str(c.dtype).removeprefix('torch.')}")]
         results = []
-        for case in tqdm(cases, desc=f"bench {suite} ({device_label})", unit="case"):
-            impls = [i for i in case.impls if i in usable]
-            runner = run_op_case if suite == "ops" else run_model_case
-            results.extend(runner(case, impls, device, repeats))
-        derive(results, copy_gbps)
-        plot(results, os.path.join(out_dir, f"bench_{suite}.png"), f"acn-kernels {suite}, {device_label}")
-        all_results.extend(results)
+        try:
+            for case in tqdm(cases, desc=f"bench {suite} ({device_label})", unit="case"):
+                impls = [i for i in case.impls if i in usable]
+                runner = run_op_case if suite == "ops" else run_model_case
+                results.extend(runner(case, impls, device, repeats))
+        except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: keep what was measured
+            interrupted = True
+            print(f"\ninterrupted: keeping the {len(results)} results of {suite} measured so far")
+        if results:
+            derive(results, copy_gbps)
+            plot(results, os.path.join(out_dir, f"bench_{suite}.png"), f"acn-kernels {suite}, {device_label}")
+            all_results.extend(results)
+        if interrupted:
+            break
     print_table(all_results, device_label, copy_gbps)
     if device.type == "cuda":
         print_auto_table(all_results, device)
     csv_path = os.path.join(out_dir, "bench.csv")
     write_csv(all_results, csv_path, device_label)
     print(f"\nrows appended to {csv_path}; plots in {out_dir}/")
-    return 0
+    return 130 if interrupted else 0

@@ -121,10 +121,14 @@ def linear_builds():
                              "STORE_Z": False}, (), **launch, unit_strides=("a_stride_m", "b_stride_n"))
         if gated:
             continue
+        elementwise = "acn_kernels.ops.linear_act_accumulate"
         for act in ACTIVATIONS:
-            yield Build("acn_kernels.ops.linear_act_accumulate", "activation_backward_kernel", dtype,
+            yield Build(elementwise, "activation_backward_kernel", dtype,
                         dict(HAS_DH=True, HAS_DY_OUT=True, ACTIVATION=act, BLOCK=ELEMENTWISE_BLOCK),
                         ("dy_out_ptr",))
+            # the "cublas" path's forward epilogue, a float32 running sum beside z
+            yield Build(elementwise, "activation_epilogue_kernel", dtype,
+                        dict(HAS_Y=True, STORE_H=True, ACTIVATION=act, BLOCK=ELEMENTWISE_BLOCK), ("y_ptr", "y_out_ptr"))
 
 
 # What the JIT does at launch: an integer equal to 1 becomes a constexpr, and (the "aligned" case)

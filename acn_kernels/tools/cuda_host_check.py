@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import itertools
 import os
+import random
 import pathlib
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ import torch
 from ..ops._common import partial_width
 from ..ops._gemm import GATED, output_width, saves_preactivation
 from ..ops.linear_act_accumulate import ACTIVATIONS  # row_math.h's codes, in order
+from .cases import DTYPES, KERNEL_OPS, Case, case_inputs, draw_case, op_options
 
 CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # kernels.h's DType
@@ -95,7 +97,7 @@ def build_library(csrc: pathlib.Path = CSRC, cache: pathlib.Path | None = None) 
 
 # ----------------------------------------------------------------------------- the layer's runtime
 
-PARAMETER_BUFFERS = ("weight", "bias", "mean", "rstd", "partial_rows", "gate", "long_weight")
+PARAMETER_BUFFERS = ("weight", "bias", "mean", "rstd", "partial_rows", "gate", "long_weight", "scratch")
 
 
 @dataclass
@@ -128,12 +130,19 @@ class Placement:
     shift: int = 0
 
 
+# The most dynamic shared memory a block may opt in to, by target (what the binding reads from the
+# device as cudaDevAttrMaxSharedMemoryPerBlockOptin): sm_80 (A100) 163 KB, sm_90 (H100, H200) 227 KB.
+SHARED_OPT_IN = {80: 163 * 1024, 90: 227 * 1024}
+
+
 @dataclass
 class HostKernels:
-    """The compiled kernels and the layer's counters; `launches` and `errors` grow with every call."""
+    """The compiled kernels and the layer's counters; `launches` and `errors` grow with every call.
+    `target` is the GPU the layer models (its shared-memory limits), `sm_count` its SMs."""
     library: ctypes.CDLL
     placement: Placement = field(default_factory=Placement)
     sm_count: int = 132
+    target: int = 90
     on_launch: Callable[[Launch], None] | None = None  # told of every launch as it ends (traffic)
     launches: list = field(default_factory=list)
     errors: list = field(default_factory=list)
@@ -185,6 +194,7 @@ class HostKernels:
     def call(self):
         """One entry point's launches: the buffers registered inside, then their counts and errors."""
         self.library.acn_simt_reset()
+        self.library.acn_simt_set_target(self.target)
         try:
             yield
         finally:
@@ -211,6 +221,13 @@ class HostKernels:
     def reduction_programs(self, rows: int) -> int:
         """bindings.cpp: two programs per SM, at most one per row."""
         return max(1, min(rows, 2 * self.sm_count))
+
+    def probe_scratch(self, dim: int, backward: bool, programs: int) -> torch.Tensor | None:
+        """bindings.cpp: the probe kernels' float rows in global memory where they do not fit the
+        target's opt-in shared memory (NaN-filled, like every output here, so the kernels must set them)."""
+        floats = (5 if backward else 2) * dim
+        return None if 4 * floats <= SHARED_OPT_IN[self.target] else self.output("scratch", (programs, floats),
+                                                                                   torch.float32)
 
 
 def _ptr(t: torch.Tensor | None):
@@ -323,7 +340,9 @@ class HostOps:
     def probe_norm_fwd(self, xs, weight, bias, eps, is_layernorm):
         k, depth, dim = self.k, xs.shape[0], xs.shape[-1]
         rows = xs.numel() // (depth * dim)
+        programs = k.reduction_programs(rows)
         with k.call():
+            scratch = k.probe_scratch(dim, False, programs)
             xs3, w = k.place("xs", xs), k.place("weight", weight.float())
             b = k.place("bias", bias.float() if bias is not None else None)
             out = k.output("out", xs.shape, xs.dtype)
@@ -331,7 +350,7 @@ class HostOps:
             rstd = k.output("rstd", (depth, rows), torch.float32)
             k.library.acn_host_probe_norm_forward(
                 _code(xs.dtype), _ptr(xs3), _ptr(w), _ptr(b), _ptr(out), _ptr(mean if is_layernorm else None),
-                _ptr(rstd), depth, ctypes.c_longlong(rows), dim, ctypes.c_float(eps))
+                _ptr(rstd), depth, ctypes.c_longlong(rows), dim, ctypes.c_float(eps), _ptr(scratch), programs)
         return out, mean, rstd
 
     def probe_norm_bwd(self, dout, xs, weight, mean, rstd, has_bias, is_layernorm):
@@ -339,6 +358,7 @@ class HostOps:
         rows = xs.numel() // (depth * dim)
         programs = k.reduction_programs(rows)
         with k.call():
+            scratch = k.probe_scratch(dim, True, programs)
             xs3, dout3 = k.place("xs", xs), k.place("dout", dout.to(xs.dtype))
             w, mean_c, rstd_c = k.place("weight", weight.float()), k.place("mean", mean), k.place("rstd", rstd)
             dxs = k.output("dxs", xs.shape, xs.dtype)
@@ -347,7 +367,7 @@ class HostOps:
             k.library.acn_host_probe_norm_backward(
                 _code(xs.dtype), _ptr(dout3), _ptr(xs3), _ptr(w), _ptr(mean_c if is_layernorm else None),
                 _ptr(rstd_c), _ptr(dxs), *_partial_pointers(partials, dim, has_bias), ctypes.c_longlong(width),
-                depth, ctypes.c_longlong(rows), dim, programs)
+                depth, ctypes.c_longlong(rows), dim, programs, _ptr(scratch))
         return dxs, partials.sum(0)
 
     def linear_act_accumulate_fwd(self, x, weight, bias, y, activation, store_h=True):
@@ -434,83 +454,30 @@ def public_ops(host: HostOps) -> dict:
 
 # ----------------------------------------------------------------------------- the cases
 
-@dataclass(frozen=True)
-class Case:
-    op: str
-    dtype: torch.dtype
-    width: int
-    shift: int
-    options: tuple = ()
-
-    def __str__(self) -> str:
-        options = " ".join(f"{k}={v}" for k, v in self.options)
-        return f"{self.op} {str(self.dtype).replace('torch.', '')} D={self.width} " \
-               f"{'misaligned' if self.shift else 'aligned'} {options}"
-
-
 WIDTHS = (1, 17, 64, 129, 4096, 4097)  # odd widths take the scalar path; 64 and 4096 take packs when aligned
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ROWS = 5        # more rows than the two backward programs of the one-SM device below: the persistent loop
-SM_COUNT = 1
 
 
 def all_cases() -> list[Case]:
+    """Every op, dtype, width, alignment and option combination. The probe runs on both targets (its
+    float rows use opt-in shared memory, whose limit differs) and, in float32 and bfloat16, at the
+    widths where its rows move to global memory on each (the other kernels use 48 KB of static shared
+    memory at most: the target changes nothing for them, so they run on sm_90)."""
     cases = []
-    for dtype, width, shift in itertools.product(DTYPES, WIDTHS, (0, 1)):
-        running_sums = ("none", "same") + (("float32",) if dtype != torch.float32 else ())
-        for y, normalize, (norm, bias) in itertools.product(running_sums, ("input", "sum"),
-                                                            (("layernorm", True), ("rmsnorm", False))):
-            if y == "none" and normalize == "sum":
-                continue  # the same launch as normalize="input" without y
-            cases.append(Case("accumulate_norm", dtype, width, shift,
-                              (("y", y), ("normalize", normalize), ("norm", norm), ("bias", bias))))
-        for y, long_weight, (norm, bias) in itertools.product(running_sums, (False, True),
-                                                              (("layernorm", True), ("rmsnorm", False))):
-            cases.append(Case("hybrid_accumulate_norm", dtype, width, shift,
-                              (("y", y), ("long_weight", long_weight), ("norm", norm), ("bias", bias))))
-        for (norm, bias), terms in itertools.product((("layernorm", True), ("rmsnorm", False)), ("random", "cancel")):
-            cases.append(Case("probe_norm", dtype, width, shift, (("norm", norm), ("bias", bias), ("terms", terms))))
-        for activation, y in zip(ACTIVATIONS, itertools.cycle(running_sums)):
-            cases.append(Case("linear_act_accumulate", dtype, width, shift, (("activation", activation), ("y", y))))
+    for dtype, shift, op in itertools.product(DTYPES, (0, 1), KERNEL_OPS):
+        targets = tuple(SHARED_OPT_IN) if op == "probe_norm" else (90,)
+        cases += [Case(op, dtype, width, shift, options, target=target)
+                  for target, width, options in itertools.product(targets, WIDTHS, op_options(op, dtype))]
+    wide = ((80, 8346), (80, 20865), (90, 11623))  # past sm_80's backward rows and forward rows, sm_90's backward
+    cases += [Case("probe_norm", dtype, width, shift, options, target=target)
+              for (target, width), dtype, shift in itertools.product(wide, (torch.float32, torch.bfloat16), (0, 1))
+              for options in op_options("probe_norm", dtype)]
     return cases
 
 
-def _randn(*shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(shape) * scale).to(dtype)
-
-
-def case_inputs(case: Case):
-    """(reference function, arguments, keyword arguments) of a case, fresh random inputs."""
-    from .. import reference
-
-    o, d, width = dict(case.options), case.dtype, case.width
-    if case.op == "accumulate_norm":
-        y = {"none": None, "same": _randn(ROWS, width, dtype=d, scale=3),
-             "float32": _randn(ROWS, width, scale=3)}[o["y"]]
-        args = (_randn(ROWS, width, dtype=d, scale=2) + 0.5, y, _randn(width), _randn(width) if o["bias"] else None)
-        return reference.accumulate_norm, args, {"norm": o["norm"], "normalize": o["normalize"]}
-    if case.op == "hybrid_accumulate_norm":
-        y = {"none": None, "same": _randn(ROWS, width, dtype=d, scale=3),
-             "float32": _randn(ROWS, width, scale=3)}[o["y"]]
-        args = (_randn(ROWS, width, dtype=d, scale=2), _randn(ROWS, width, dtype=d) + 0.5, y, _randn(),
-                _randn(width), _randn(width) if o["bias"] else None, _randn() + 1 if o["long_weight"] else None)
-        return hybrid_reference, args, {"norm": o["norm"]}
-    if case.op == "probe_norm":
-        xs = _randn(3, ROWS, width, scale=2)
-        if o["terms"] == "cancel":  # y_1 ~ 1e-5 of its terms, rebuilt in backward as y_2 - x_2 (x_2 large)
-            xs[1], xs[2] = -xs[0] + 1e-5 * torch.randn(ROWS, width), xs[2] * 8
-        args = (xs.to(d), _randn(width), _randn(width) if o["bias"] else None)
-        return reference.probe_norm, args, {"norm": o["norm"]}
-    y = {"none": None, "same": _randn(ROWS, width, dtype=d), "float32": _randn(ROWS, width)}[o["y"]]
-    k, rows_w = 24, 2 * width if o["activation"] in GATED else width  # swiglu: (gate, up) rows
-    args = (_randn(ROWS, k, dtype=d), _randn(rows_w, k, dtype=d, scale=3 * k ** -0.5), _randn(rows_w, dtype=d), y)
-    return reference.linear_act_accumulate, args, {"activation": o["activation"]}
-
-
-def hybrid_reference(x, f, y, gate, weight, bias, long_weight, **kwargs):
-    """The reference with the long weight positional, as public_ops takes it."""
-    from .. import reference
-    return reference.hybrid_accumulate_norm(x, f, y, gate, weight, bias, long_weight=long_weight, **kwargs)
+def random_cases(count: int, seed: int, ops=KERNEL_OPS) -> list[Case]:
+    """`count` random cases of each op (draw_case), from Python's generator seeded with `seed`."""
+    rng = random.Random(seed)
+    return [draw_case(op, rng.randint, rng.choice) for op in ops for _ in range(count)]
 
 
 @dataclass
@@ -524,6 +491,7 @@ def run_case(kernels: HostKernels, ops: dict, case: Case) -> Result:
     from .agreement import compare_op
 
     kernels.placement = Placement(checked=True, shift=case.shift)
+    kernels.sm_count, kernels.target = case.sm_count, case.target
     kernels.launches, kernels.errors = [], []
     reference_fn, args, kwargs = case_inputs(case)
     try:
@@ -551,18 +519,22 @@ def print_summary(results: list[Result]) -> None:
 
 def check(cases: list[Case], csrc: pathlib.Path = CSRC) -> list[Result]:
     """Runs the cases on the kernels of `csrc`, built for the host."""
-    kernels = HostKernels.load(csrc, sm_count=SM_COUNT)
+    kernels = HostKernels.load(csrc)
     ops = public_ops(HostOps(kernels))
     return [run_case(kernels, ops, case) for case in cases]
 
 
-def run_check(only: str | None = None, verbose: bool = False, seed: int = 0) -> int:
+def run_check(only: str | None = None, verbose: bool = False, seed: int = 0, fuzz: int | None = None) -> int:
+    """Every case (all_cases), or with `fuzz` that many random cases of each op (random_cases, seeded by
+    `seed`); the last line is "N cases, M failures" and the exit code follows it."""
     found = toolchain()
     if isinstance(found, str):
         print(f"cuda-host-check cannot run here: {found}", file=sys.stderr)
         return 2
     torch.manual_seed(seed)
-    results = check([c for c in all_cases() if only is None or c.op == only])
+    ops = KERNEL_OPS if only is None else (only,)
+    cases = random_cases(fuzz, seed, ops) if fuzz else [c for c in all_cases() if c.op in ops]
+    results = check(cases)
     failures = 0
     for result in results:
         failures += bool(result.problems)

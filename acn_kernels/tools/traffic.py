@@ -261,15 +261,20 @@ def cuda_host_ops() -> dict | None:
 
 
 def op_rows(cases):
+    """Per case: (forward, backward) Traffic of eager, triton, cublas (the GEMM ops; the norm ops' is
+    triton's) and cuda (the host-executed kernels; feed_forward and linear have no CUDA twin), None
+    where a backend has no row of its own."""
+    from ..backend import GEMM_OPS
+
     cuda = cuda_host_ops()
     rows = []
     for name, fused, ref, inputs, kwargs, bound in cases:
-        eager_f, eager_b = measure(lambda *a: ref(*a, **kwargs), inputs)
-        fused_f, fused_b = measure(lambda *a: fused(*a, backend="triton", **kwargs), inputs)
-        cuda_op = cuda.get(fused.__name__) if cuda else None  # feed_forward and linear have no CUDA twin
-        cuda_f, cuda_b = measure(lambda *a: cuda_op(*a, **kwargs), inputs) if cuda_op else (None, None)
-        rows.append(dict(name=name, eager_forward=eager_f, eager_backward=eager_b, fused_forward=fused_f,
-                         fused_backward=fused_b, cuda_forward=cuda_f, cuda_backward=cuda_b, bound=bound))
+        cuda_op = cuda.get(fused.__name__) if cuda else None
+        runs = {"eager": lambda *a: ref(*a, **kwargs), "triton": lambda *a: fused(*a, backend="triton", **kwargs),
+                "cublas": (lambda *a: fused(*a, backend="cublas", **kwargs)) if fused.__name__ in GEMM_OPS else None,
+                "cuda": (lambda *a: cuda_op(*a, **kwargs)) if cuda_op else None}
+        rows.append(dict(name=name, bound=bound, **{impl: measure(run, inputs) if run else None
+                                                     for impl, run in runs.items()}))
     return rows
 
 
@@ -302,7 +307,8 @@ STEP_DTYPES = (torch.float32, torch.bfloat16)
 
 def model_rows(dtypes=STEP_DTYPES, names=None, connectivities=None):
     """One training step of every model, dtype and connectivity (or those named), eager
-    (backend="reference") and fused (backend="triton"), from the same initialization and batch."""
+    (backend="reference"), fused (backend="triton") and fused with cuBLAS GEMMs (backend="cublas",
+    auto's default on a GPU), from the same initialization and batch."""
     from ..models import CONNECTIVITIES
 
     rows = []
@@ -315,9 +321,9 @@ def model_rows(dtypes=STEP_DTYPES, names=None, connectivities=None):
                 batch = inputs()
                 batch = batch.to(dtype) if batch.is_floating_point() else batch
                 steps = {backend: step_traffic(make(backend, connectivity).to(dtype), batch)
-                         for backend in ("reference", "triton")}
+                         for backend in ("reference", "triton", "cublas")}
                 rows.append(dict(name=name, dtype=dtype, connectivity=connectivity, eager=steps["reference"],
-                                 fused=steps["triton"]))
+                                 fused=steps["triton"], cublas=steps["cublas"]))
     return rows
 
 
@@ -336,37 +342,40 @@ def print_swiglu_anchor(ops, cases) -> None:
     for row, case in zip(ops, cases):
         if row["name"].startswith("feed_forward swiglu"):
             forward, backward = liger_swiglu_bytes(*case[3])
-            fused = row["fused_forward"].total + row["fused_backward"].total
+            fused = sum(t.total for t in row["triton"])
             print(f"{row['name']}: fused {_mb(fused).strip()} MiB against {_mb(forward + backward).strip()} MiB as "
                   f"Liger-Kernel runs it (cuBLAS, one elementwise SwiGLU kernel each way, cuBLAS): "
                   f"{fused / (forward + backward):.2f}")
 
 
+OP_IMPLS = ("eager", "triton", "cublas", "cuda")
+
+
 def print_report(ops, models) -> None:
     print("Per op, one call forward and backward (MiB; launches in brackets). triton: the Triton kernels under "
-          "the interpreter; cuda: the CUDA kernels executed on the CPU (cuda-host-check); both with 8 programs' "
-          "partial rows:")
-    print(f"{'op':<34} {'eager fwd':>14} {'triton fwd':>14} {'cuda fwd':>14} {'eager bwd':>14} {'triton bwd':>14} "
-          f"{'cuda bwd':>14} {'triton/eager':>12} {'cuda/eager':>10} {'docstring bound':>16}")
+          "the interpreter; cublas: the GEMM ops' cuBLAS path (auto's default on a GPU); cuda: the CUDA kernels "
+          "executed on the CPU (cuda-host-check); 8 programs' partial rows:")
+    print(f"{'op':<34} " + " ".join(f"{impl + ' ' + way:>14}" for way in ("fwd", "bwd") for impl in OP_IMPLS)
+          + " " + " ".join(f"{impl + '/eager':>12}" for impl in OP_IMPLS[1:]) + f" {'docstring bound':>16}")
     for r in ops:
-        eager_total = r["eager_forward"].total + r["eager_backward"].total
-        cells = [f"{_mb(t.total)} [{t.launches:>2}]" if t else "n/a" for t in
-                 (r["eager_forward"], r["fused_forward"], r["cuda_forward"], r["eager_backward"], r["fused_backward"],
-                  r["cuda_backward"])]
-        ratios = [f"{(f.total + b.total) / eager_total:.2f}" if f else "n/a" for f, b in
-                  ((r["fused_forward"], r["fused_backward"]), (r["cuda_forward"], r["cuda_backward"]))]
-        print(f"{r['name']:<34} " + " ".join(f"{c:>14}" for c in cells)
-              + f" {ratios[0]:>12} {ratios[1]:>10} {_mb(r['bound'][0]) + ' +' + _mb(r['bound'][1]):>16}")
+        eager_total = sum(t.total for t in r["eager"])
+        cells = [f"{_mb(r[impl][way].total)} [{r[impl][way].launches:>2}]" if r[impl] else "n/a"
+                 for way in (0, 1) for impl in OP_IMPLS]
+        ratios = [f"{sum(t.total for t in r[impl]) / eager_total:.2f}" if r[impl] else "n/a" for impl in OP_IMPLS[1:]]
+        print(f"{r['name']:<34} " + " ".join(f"{c:>14}" for c in cells) + " " + " ".join(f"{c:>12}" for c in ratios)
+              + f" {_mb(r['bound'][0]) + ' +' + _mb(r['bound'][1]):>16}")
     print("\nOne training step (forward and backward, every parameter's gradient) of small models, eager against "
-          "fused (MiB [launches]); /ffn twin: the acn (or hybrid) step's fused bytes over its ffn twin's:")
-    print(f"{'model':<8} {'dtype':<9} {'twin':<9} {'eager':>16} {'fused':>16} {'bytes':>6} {'launches':>9} "
-          f"{'/ffn twin':>9}")
+          "fused (triton) and fused with cuBLAS GEMMs (cublas; MiB [launches]); /ffn twin: the acn (or hybrid) "
+          "step's triton bytes over its ffn twin's:")
+    print(f"{'model':<10} {'dtype':<9} {'twin':<9} {'eager':>16} {'triton':>16} {'cublas':>16} {'bytes':>6} "
+          f"{'launches':>9} {'cublas bytes':>12} {'launches':>9} {'/ffn twin':>9}")
     for r in models:
-        e, f = r["eager"], r["fused"]
+        e, f, c = r["eager"], r["fused"], r["cublas"]
         cost = f"{twin_cost(models, r):.2f}" if r["connectivity"] in ("acn", "hybrid") else ""
-        print(f"{r['name']:<8} {str(r['dtype']).removeprefix('torch.'):<9} {r['connectivity']:<9} "
-              f"{_mb(e.total) + f' [{e.launches}]':>16} {_mb(f.total) + f' [{f.launches}]':>16} "
-              f"{f.total / e.total:>6.2f} {f.launches / e.launches:>9.2f} {cost:>9}")
+        print(f"{r['name']:<10} {str(r['dtype']).removeprefix('torch.'):<9} {r['connectivity']:<9} "
+              + " ".join(f"{_mb(t.total) + f' [{t.launches}]':>16}" for t in (e, f, c))
+              + f" {f.total / e.total:>6.2f} {f.launches / e.launches:>9.2f} {c.total / e.total:>12.2f} "
+              f"{c.launches / e.launches:>9.2f} {cost:>9}")
 
 
 def run_traffic() -> int:

@@ -41,15 +41,17 @@ void acn_host_hybrid_accumulate_norm_backward(int x_dtype, int y_dtype, const vo
 }
 
 void acn_host_probe_norm_forward(int dtype, const void* xs, const float* w, const float* b, void* out, float* mean,
-                                 float* rstd, int depth, long long rows, int dim, float eps) {
-  acn::probe_norm_forward(DType(dtype), xs, w, b, out, mean, rstd, depth, rows, dim, eps, nullptr);
+                                 float* rstd, int depth, long long rows, int dim, float eps, float* scratch,
+                                 int programs) {
+  acn::probe_norm_forward(DType(dtype), xs, w, b, out, mean, rstd, depth, rows, dim, eps, scratch, programs, nullptr);
 }
 
 void acn_host_probe_norm_backward(int dtype, const void* dout, const void* xs, const float* w, const float* mean,
                                   const float* rstd, void* dxs, float* dw_partial, float* db_partial,
-                                  long long partial_stride, int depth, long long rows, int dim, int programs) {
+                                  long long partial_stride, int depth, long long rows, int dim, int programs,
+                                  float* scratch) {
   acn::probe_norm_backward(DType(dtype), dout, xs, w, mean, rstd, dxs, dw_partial, db_partial, partial_stride, depth,
-                           rows, dim, programs, nullptr);
+                           rows, dim, programs, scratch, nullptr);
 }
 
 void acn_host_activation_epilogue(int dtype, int y_dtype, const void* z, const void* y, void* h, void* y_out,

@@ -26,7 +26,6 @@ constexpr std::size_t kStackBytes = 64 * 1024;
 constexpr unsigned kMaxThreads = 1024;
 constexpr long long kMaxGridX = 2147483647LL;
 constexpr std::size_t kDefaultSharedLimit = 48 * 1024;  // without cudaFuncSetAttribute
-constexpr int kOptInSharedLimit = 227 * 1024;           // sm_90: the most one block may opt in to
 constexpr std::size_t kMaxErrors = 20;
 
 enum class State { kReady, kAtBarrier, kAtShuffle, kDone };
@@ -75,6 +74,7 @@ struct Runtime {
   Fiber* current = nullptr;
   ucontext_t scheduler;
   // What the caller set up and reads back.
+  int opt_in_limit = 227 * 1024;  // the most dynamic shared memory one block may opt in to (acn_simt_set_target)
   std::map<const void*, int> shared_opt_in;
   std::vector<Buffer> buffers;
   std::vector<LaunchRecord> launches;
@@ -276,7 +276,11 @@ std::uint32_t exchange(unsigned mask, std::uint32_t bits, unsigned source, const
 }
 
 cudaError_t set_max_dynamic_shared(const void* kernel, int bytes) {
-  if (bytes < 0 || bytes > kOptInSharedLimit) return cudaErrorInvalidValue;
+  if (bytes < 0 || bytes > rt.opt_in_limit) {
+    record_error("cudaFuncSetAttribute: %d bytes of dynamic shared memory, more than the %d a block may opt in to "
+                 "on this target", bytes, rt.opt_in_limit);
+    return cudaErrorInvalidValue;
+  }
   rt.shared_opt_in[kernel] = bytes;
   return cudaSuccess;
 }
@@ -331,6 +335,14 @@ void acn_simt_register(const char* name, void* data, unsigned long bytes, unsign
   const auto begin = reinterpret_cast<std::uintptr_t>(data);
   rt.buffers.push_back({name, begin, begin + bytes, guard, writable != 0, std::vector<unsigned char>(bytes),
                         std::vector<unsigned char>(bytes)});
+}
+// The target's limits: sm_80 (A100) lets a block opt in to 163 KB of shared memory, sm_90 (H100, H200)
+// to 227 KB; both allow 48 KB without opting in.
+int acn_simt_set_target(int capability) {
+  if (capability == 80) rt.opt_in_limit = 163 * 1024;
+  else if (capability == 90) rt.opt_in_limit = 227 * 1024;
+  else return -1;
+  return rt.opt_in_limit;
 }
 void acn_simt_reset() {
   rt.buffers.clear(), rt.launches.clear(), rt.errors.clear(), rt.shared_opt_in.clear();

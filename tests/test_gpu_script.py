@@ -1,0 +1,46 @@
+"""scripts/gpu_check.sh, checked as far as a CPU allows: it parses, its dry run names every phase
+without running or writing anything, and it makes no venv and downloads nothing (the lent machine has
+no registry)."""
+import pathlib
+import re
+import subprocess
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+
+
+def dry_run(*args, tmp_path):
+    return subprocess.run(["bash", str(SCRIPT), "--dry-run", *args], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})
+
+
+def test_the_script_parses():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+
+
+def test_the_dry_run_names_every_phase_and_writes_nothing(tmp_path):
+    result = dry_run(tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    phases = [line.split()[0] for line in result.stdout.splitlines()]
+    assert phases == ["build", "info", "gpu-tests", "memcheck", "bench-ops", "bench-vit-acn", "bench-vit-residual",
+                      "bench-vit-ffn"]
+    assert "--no-build-isolation --no-deps -e ." in result.stdout and "pytest -m gpu -x" in result.stdout
+    assert "compute-sanitizer --tool memcheck" in result.stdout
+    limits = [int(s) for s in re.findall(r"at most +(\d+)s", result.stdout)]
+    assert sum(limits) <= 8 * 60  # leaves a second try inside the 15-minute lease
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_quick_run_is_a_shorter_second_try(tmp_path):
+    phases = [line.split()[0] for line in dry_run("--quick", tmp_path=tmp_path).stdout.splitlines()]
+    assert phases == ["build", "info", "gpu-tests", "memcheck", "bench-vit-acn"]
+
+
+def test_no_venv_and_no_downloads():
+    text = SCRIPT.read_text()
+    assert "venv" not in text.replace("no venv", "")
+    assert not re.search(r"pip install (?!--no-build-isolation --no-deps -e \.)", text)
+
+
+def test_an_unknown_option_is_one_line(tmp_path):
+    result = dry_run("--bogus", tmp_path=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--bogus" in result.stderr
