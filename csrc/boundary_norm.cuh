@@ -214,6 +214,19 @@ __device__ __forceinline__ float2 boundary_input_grads(float (&g)[VEC], int64_t 
   return terms;
 }
 
+// boundary_input_grads, then the pack's dx (and dy, where the op writes it) stored and its dgate and
+// dlong_weight terms added to the thread's sums.
+template <typename T, typename TY, int VEC, bool kHybrid>
+__device__ __forceinline__ void store_input_grads(float (&g)[VEC], int64_t at, const TY* dy_out,
+                                                  const ShortGrads<T>& short_grads, float gate, float long_weight,
+                                                  T* dx, TY* dy, float& dgate, float& dlong_weight) {
+  const float2 terms = boundary_input_grads<T, TY, VEC, kHybrid>(g, at, dy_out, short_grads, gate, long_weight);
+  dgate += terms.x;
+  dlong_weight += terms.y;
+  store_floats<T, VEC>(dx + at, g);
+  if (dy != nullptr) store_floats<TY, VEC>(dy + at, g);
+}
+
 // The hybrid's dgate and dlong_weight sums of this block, after its dweight and dbias partial sums.
 template <typename T>
 __device__ __forceinline__ void store_scalar_partials(const ShortGrads<T>& short_grads, float dgate,
@@ -270,12 +283,8 @@ __global__ void __launch_bounds__(kMaxRowThreads, 1) boundary_bwd_kernel(
         dw[p][j] += d[p][j] * v_hat[p][j];
         db[p][j] += d[p][j];
       }
-      const float2 terms = boundary_input_grads<T, TY, VEC, kHybrid>(g, base + i, dy_out, short_grads, gate,
-                                                                     long_weight);
-      dgate += terms.x;
-      dlong_weight += terms.y;
-      store_floats<T, VEC>(dx + base + i, g);
-      if (dy != nullptr) store_floats<TY, VEC>(dy + base + i, g);
+      store_input_grads<T, TY, VEC, kHybrid>(g, base + i, dy_out, short_grads, gate, long_weight, dx, dy, dgate,
+                                             dlong_weight);
     }
   }
   const int64_t partial = static_cast<int64_t>(blockIdx.x) * partial_stride;
@@ -336,12 +345,8 @@ __global__ void boundary_bwd_wide_kernel(const T* __restrict__ dout, const TY* _
         dw_row[i + j] += d[j] * v_hat;  // this thread owns column i + j of the block's partial row
         if (db_row != nullptr) db_row[i + j] += d[j];
       }
-      const float2 terms = boundary_input_grads<T, TY, VEC, kHybrid>(g, base + i, dy_out, short_grads, gate,
-                                                                     long_weight);
-      dgate += terms.x;
-      dlong_weight += terms.y;
-      store_floats<T, VEC>(dx + base + i, g);
-      if (dy != nullptr) store_floats<TY, VEC>(dy + base + i, g);
+      store_input_grads<T, TY, VEC, kHybrid>(g, base + i, dy_out, short_grads, gate, long_weight, dx, dy, dgate,
+                                             dlong_weight);
     }
   }
   if constexpr (kHybrid) store_scalar_partials(short_grads, dgate, dlong_weight, partial_stride);

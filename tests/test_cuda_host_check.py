@@ -50,6 +50,8 @@ BREAKAGES = {
     "the hybrid backward leaves the gate out of dx": ("boundary_norm.cuh", "t[j] = gate * g[j];", "t[j] = g[j];"),
     "the hybrid forward adds x to the sum without its long weight": (
         "boundary_norm.cuh", "s[j] += long_weight * v[j];", "s[j] += v[j];"),
+    "the hybrid's dgate is one thread's terms, not its block's": (
+        "boundary_norm.cuh", "dgate = block_sum(dgate);", ""),
     "the probe backward rebuilds y_L uncompensated": (
         "probe_norm.cu", "for (int k = 0; k < depth; ++k) add_compensated(hi[i], lo[i], to_float(xs[k * layer + row",
         "for (int k = 0; k < depth; ++k) hi[i] += (to_float(xs[k * layer + row"),

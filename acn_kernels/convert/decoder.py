@@ -76,10 +76,18 @@ class LongConnectionLayers(nn.ModuleList):
 
 class Decoder(Owner):
     """The mixin of a converted decoder model (its class becomes a subclass with this first). A family
-    module sets LAYERS (the layer list's attribute name) and defines `units_of(layer)` and
+    module sets LAYERS (the layer list's attribute name) and BRANCHES (a layer's attention branch and
+    its input norm, then its MLP branch and its input norm, by attribute name) and defines
     `attention_keywords`."""
 
     LAYERS = "layers"
+    BRANCHES: tuple = ()
+
+    def units_of(self, layer: nn.Module) -> tuple:
+        """(unit, its input norm) of the layer's attention branch, then of its MLP branch."""
+        (attention, attention_norm), (mlp, mlp_norm) = self.BRANCHES
+        return ((DecoderUnit(getattr(layer, attention), attention=True), getattr(layer, attention_norm)),
+                (DecoderUnit(getattr(layer, mlp), attention=False), getattr(layer, mlp_norm)))
 
     def layer_list(self) -> list:
         return list(self._modules[self.LAYERS]._modules.values())

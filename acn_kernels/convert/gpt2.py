@@ -6,16 +6,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .decoder import Decoder, DecoderUnit, convert_decoder
+from .decoder import Decoder, convert_decoder
 
 
 class GPT2Decoder(Decoder):
     LAYERS = "h"
-
-    @staticmethod
-    def units_of(block: nn.Module) -> tuple:
-        return ((DecoderUnit(block.attn, attention=True), block.ln_1),
-                (DecoderUnit(block.mlp, attention=False), block.ln_2))
+    BRANCHES = (("attn", "ln_1"), ("mlp", "ln_2"))
 
     @staticmethod
     def attention_keywords(cache=None, attention_mask=None, encoder_hidden_states=None, *, encoder_attention_mask=None,

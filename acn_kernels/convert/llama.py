@@ -7,18 +7,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from .decoder import Decoder, DecoderUnit, convert_decoder
-
-LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-
+from .decoder import Decoder, convert_decoder
 
 class LlamaShapedDecoder(Decoder):
     LAYERS = "layers"
-
-    @staticmethod
-    def units_of(layer: nn.Module) -> tuple:
-        return ((DecoderUnit(layer.self_attn, attention=True), layer.input_layernorm),
-                (DecoderUnit(layer.mlp, attention=False), layer.post_attention_layernorm))
+    BRANCHES = (("self_attn", "input_layernorm"), ("mlp", "post_attention_layernorm"))
 
     @staticmethod
     def attention_keywords(**kwargs) -> dict:
@@ -30,8 +23,9 @@ def llama_shaped_base(model: nn.Module) -> nn.Module | None:
     """The Llama-shaped base model of `model` (itself or its `model`), or None."""
     for base in (model, getattr(model, "model", None)):
         layers = getattr(base, "layers", None)
+        parts = [part for branch in LlamaShapedDecoder.BRANCHES for part in branch]
         if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(base, "embed_tokens") \
-                and hasattr(base, "norm") and all(hasattr(layers[0], part) for part in LAYER_PARTS):
+                and hasattr(base, "norm") and all(hasattr(layers[0], part) for part in parts):
             return base
     return None
 
