@@ -4,6 +4,9 @@
 #
 #   bash scripts/gpu_check.sh             every phase (about 8 minutes)
 #   bash scripts/gpu_check.sh --quick     a second try: build, info, GPU tests, memcheck, the ViT-S acn step
+#   bash scripts/gpu_check.sh --fuzz N    build, then N randomized cases per op and backend on the
+#                                         Triton kernels compiled for real (seed 0; what the CPU's
+#                                         interpreter, at about 5 s a case, cannot run at N = 1000)
 #   bash scripts/gpu_check.sh --dry-run   print each phase's command instead of running it
 #
 # Phases, each with its own time limit so that the run ends within the 10 minutes one command may
@@ -19,12 +22,17 @@ cd "$(dirname "$0")/.."
 
 QUICK=0
 DRY_RUN=0
-for arg in "$@"; do
-  case "$arg" in
+FUZZ=""
+while [ $# -gt 0 ]; do
+  case "$1" in
     --quick) QUICK=1 ;;
     --dry-run) DRY_RUN=1 ;;
-    *) echo "gpu_check.sh: unknown option '$arg' (expected --quick or --dry-run)" >&2; exit 2 ;;
+    --fuzz)
+      FUZZ="${2:-}"; shift
+      [[ "$FUZZ" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check.sh: --fuzz needs a positive count, got '$FUZZ'" >&2; exit 2; } ;;
+    *) echo "gpu_check.sh: unknown option '$1' (expected --quick, --fuzz N or --dry-run)" >&2; exit 2 ;;
   esac
+  shift
 done
 
 OUT="${OUT:-$PWD/gpu_out}"
@@ -57,6 +65,14 @@ phase() {
 
 phase build 110 bash -c "$PYTHON -m pip install --no-build-isolation --no-deps -e . || \
   { echo 'pip failed: building the extension in place instead'; $PYTHON setup.py build_ext --inplace; }"
+if [ -n "$FUZZ" ]; then
+  phase fuzz 420 env HYPOTHESIS_PROFILE=fuzz ACN_KERNELS_FUZZ_EXAMPLES="$FUZZ" "$PYTHON" -m pytest -q \
+    -p no:cacheprovider tests/test_randomized.py -k "triton or cublas" --hypothesis-seed=0
+  [ "$DRY_RUN" = 1 ] && exit 0
+  cat "$PHASES"
+  ! grep -qv ' exit   0 ' "$PHASES"
+  exit $?
+fi
 phase info 20 "$PYTHON" -m acn_kernels info
 phase gpu-tests 90 "$PYTHON" -m pytest -m gpu -x -q -p no:cacheprovider tests/
 phase memcheck 40 compute-sanitizer --tool memcheck --error-exitcode 1 "$PYTHON" scripts/cuda_smoke.py

@@ -5,6 +5,8 @@ import pathlib
 import re
 import subprocess
 
+import pytest
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 
 
@@ -35,12 +37,20 @@ def test_the_quick_run_is_a_shorter_second_try(tmp_path):
     assert phases == ["build", "info", "gpu-tests", "memcheck", "bench-vit-acn"]
 
 
+def test_the_fuzz_run_builds_then_fuzzes_the_triton_kernels_at_a_fixed_seed(tmp_path):
+    result = dry_run("--fuzz", "1000", tmp_path=tmp_path)
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["build", "fuzz"]
+    assert "ACN_KERNELS_FUZZ_EXAMPLES=1000" in result.stdout and "--hypothesis-seed=0" in result.stdout
+    assert sum(int(s) for s in re.findall(r"at most +(\d+)s", result.stdout)) <= 9 * 60
+
+
 def test_no_venv_and_no_downloads():
     text = SCRIPT.read_text()
     assert "venv" not in text.replace("no venv", "")
     assert not re.search(r"pip install (?!--no-build-isolation --no-deps -e \.)", text)
 
 
-def test_an_unknown_option_is_one_line(tmp_path):
-    result = dry_run("--bogus", tmp_path=tmp_path)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--bogus" in result.stderr
+@pytest.mark.parametrize("args", (("--bogus",), ("--fuzz",), ("--fuzz", "many")))
+def test_a_bad_option_is_one_line(args, tmp_path):
+    result = dry_run(*args, tmp_path=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and args[-1] in result.stderr

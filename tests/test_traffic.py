@@ -77,6 +77,23 @@ def test_counter_sees_views_as_free_and_copies_as_traffic():
     assert (counter.traffic.read, counter.traffic.written, counter.traffic.launches) == (x.nbytes, x.nbytes, 1)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_eager_rms_norm_counts_as_one_kernel_each_way_with_torchs_gradients(dtype):
+    """As CUDA's torch runs it (_fused_rms_norm), not as the CPU's decomposition."""
+    x, weight = torch.randn(48, 40).to(dtype).requires_grad_(), torch.randn(40).to(dtype).requires_grad_()
+    forward, backward = measure(lambda x, w: torch.nn.functional.rms_norm(x, (40,), w, 1e-6), (x, weight))
+    rows = 4 * 48  # a float per row
+    assert (forward.read, forward.written, forward.launches) == (x.nbytes + weight.nbytes, x.nbytes + rows, 1)
+    assert (backward.read, backward.written, backward.launches) == (
+        2 * x.nbytes + weight.nbytes + rows, x.nbytes + weight.nbytes, 1)
+    dout = torch.randn(48, 40).to(dtype)
+    with TrafficCounter():
+        counted = torch.autograd.grad(torch.nn.functional.rms_norm(x, (40,), weight, 1e-6), (x, weight), dout)
+    expected = torch.autograd.grad(torch.nn.functional.rms_norm(x, (40,), weight, 1e-6), (x, weight), dout)
+    assert all(torch.equal(a, b) for a, b in zip(counted, expected))
+    assert "counted" not in torch.nn.functional.rms_norm.__name__  # torch's own again, outside the counter
+
+
 BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.skipif(
     isinstance(toolchain(), str), reason="the CUDA kernels' counts come from cuda-host-check"))]
 

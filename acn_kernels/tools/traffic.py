@@ -9,6 +9,12 @@ Measured on the CPU, no GPU needed:
   re-read by every program counts once), plus the aten ops the launchers and autograd run.
 
 Each launch of a kernel or an aten op counts as one launch.
+
+One exception models the GPU rather than the CPU: `F.rms_norm` (nn.RMSNorm, the reference's RMSNorm)
+counts as one kernel each way, as CUDA builds of torch run it (`_fused_rms_norm`: forward reads x
+and the weight, writes the output and a float per row; backward reads the output's gradient, x, the
+weight and the per-row floats, writes dx and dweight), where torch's CPU build runs it as a dozen
+elementwise ops and reductions that would inflate eager's side and the twins that keep nn.RMSNorm.
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 from torch.utils._pytree import tree_leaves
 
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh"}
@@ -60,6 +67,8 @@ class TrafficCounter(TorchDispatchMode):
         self.traffic = Traffic()
         self.trace: list | None = None  # set to a list to record the name of every counted aten op
         self._launch: _Launch | None = None
+        self._uncounted = False
+        self._stacks: list[contextlib.ExitStack] = []
 
     # -- aten ops
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -70,7 +79,8 @@ class TrafficCounter(TorchDispatchMode):
             with self:
                 return implementation(*args, **kwargs)
         out = func(*args, **kwargs)
-        if self._launch is None and not func.is_view and func.__name__.split(".")[0] not in ALLOCATIONS:
+        counted = self._launch is None and not self._uncounted
+        if counted and not func.is_view and func.__name__.split(".")[0] not in ALLOCATIONS:
             read, written = _unique_bytes(tree_leaves((args, kwargs))), _unique_bytes(tree_leaves(out))
             if read or written:
                 if self.trace is not None:
@@ -140,16 +150,78 @@ class TrafficCounter(TorchDispatchMode):
         self.traffic.written += written
         self.traffic.launches += 1
 
+    @contextlib.contextmanager
+    def uncounted(self):
+        """Runs aten ops without counting them (the work of a kernel counted as a whole)."""
+        before, self._uncounted = self._uncounted, True
+        try:
+            yield
+        finally:
+            self._uncounted = before
+
     def __enter__(self):
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(self._patched_interpreter())
+        stack = contextlib.ExitStack()
+        if not self._stacks:  # re-entered to count inside one of this package's ops: patched already
+            stack.enter_context(self._patched_interpreter())
+            stack.enter_context(_rms_norm_as_one_kernel())
+        self._stacks.append(stack)
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            self._stack.close()
+            self._stacks.pop().close()
+
+
+def _bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class _FusedRMSNorm(torch.autograd.Function):
+    """F.rms_norm as one counted kernel each way (CUDA's _fused_rms_norm), computed by torch's own."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, eps):
+        counter = _get_current_dispatch_mode()
+        ctx.leaves = [x.detach().requires_grad_(), None if weight is None else weight.detach().requires_grad_()]
+        with counter.uncounted(), torch.enable_grad():
+            ctx.out = _TORCH_RMS_NORM(ctx.leaves[0], normalized_shape, ctx.leaves[1], eps)
+        ctx.rows = _rows(x, normalized_shape)
+        counter.count_launch(_bytes(x, weight), _bytes(ctx.out) + 4 * ctx.rows)
+        return ctx.out.detach()
+
+    @staticmethod
+    def backward(ctx, dout):
+        counter = _get_current_dispatch_mode()
+        wrt = [leaf for leaf in ctx.leaves if leaf is not None]
+        with counter.uncounted():
+            grads = torch.autograd.grad(ctx.out, wrt, dout)
+        counter.count_launch(_bytes(dout, *wrt) + 4 * ctx.rows, _bytes(*grads))
+        return grads[0], None, grads[1] if len(grads) > 1 else None, None
+
+
+def _rows(x: torch.Tensor, normalized_shape) -> int:
+    normalized = 1
+    for size in normalized_shape:
+        normalized *= size
+    return x.numel() // max(normalized, 1)
+
+
+_TORCH_RMS_NORM = F.rms_norm
+
+
+def _counted_rms_norm(x, normalized_shape, weight=None, eps=None):
+    return _FusedRMSNorm.apply(x, tuple(normalized_shape), weight, eps)
+
+
+@contextlib.contextmanager
+def _rms_norm_as_one_kernel():
+    before, F.rms_norm = F.rms_norm, _counted_rms_norm
+    try:
+        yield
+    finally:
+        F.rms_norm = before
 
 
 def measure(fn, inputs) -> tuple[Traffic, Traffic]:
