@@ -19,6 +19,7 @@ elementwise ops and reductions that would inflate eager's side and the twins tha
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -174,10 +175,6 @@ class TrafficCounter(TorchDispatchMode):
             self._stacks.pop().close()
 
 
-def _bytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 class _FusedRMSNorm(torch.autograd.Function):
     """F.rms_norm as one counted kernel each way (CUDA's _fused_rms_norm), computed by torch's own."""
 
@@ -187,8 +184,8 @@ class _FusedRMSNorm(torch.autograd.Function):
         ctx.leaves = [x.detach().requires_grad_(), None if weight is None else weight.detach().requires_grad_()]
         with counter.uncounted(), torch.enable_grad():
             ctx.out = _TORCH_RMS_NORM(ctx.leaves[0], normalized_shape, ctx.leaves[1], eps)
-        ctx.rows = _rows(x, normalized_shape)
-        counter.count_launch(_bytes(x, weight), _bytes(ctx.out) + 4 * ctx.rows)
+        ctx.rows = x.numel() // max(math.prod(normalized_shape), 1)
+        counter.count_launch(_unique_bytes((x, weight)), _unique_bytes((ctx.out,)) + 4 * ctx.rows)
         return ctx.out.detach()
 
     @staticmethod
@@ -197,15 +194,8 @@ class _FusedRMSNorm(torch.autograd.Function):
         wrt = [leaf for leaf in ctx.leaves if leaf is not None]
         with counter.uncounted():
             grads = torch.autograd.grad(ctx.out, wrt, dout)
-        counter.count_launch(_bytes(dout, *wrt) + 4 * ctx.rows, _bytes(*grads))
+        counter.count_launch(_unique_bytes((dout, *wrt)) + 4 * ctx.rows, _unique_bytes(grads))
         return grads[0], None, grads[1] if len(grads) > 1 else None, None
-
-
-def _rows(x: torch.Tensor, normalized_shape) -> int:
-    normalized = 1
-    for size in normalized_shape:
-        normalized *= size
-    return x.numel() // max(normalized, 1)
 
 
 _TORCH_RMS_NORM = F.rms_norm
@@ -321,8 +311,6 @@ def cuda_host_ops() -> dict | None:
     """The public ops on the CUDA kernels executed on the CPU (tools/cuda_host_check.py), each kernel
     launch counting into the active TrafficCounter with the bytes the host execution counted; None
     where no host compiler or CUDA headers are found."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     from .cuda_host_check import HostKernels, HostOps, Placement, public_ops, toolchain
     if isinstance(toolchain(), str):
         return None
