@@ -1,6 +1,11 @@
 """Fused Triton and CUDA kernels for Auto-Compressing Networks."""
 __version__ = "0.1.0"
 
+from .versions import unsupported as _unsupported  # noqa: E402
+
+if (_why := _unsupported()) is not None:
+    raise ImportError(_why)
+
 from .convert import acnify  # noqa: E402
 from .depth import Compression, ShrinkOnCompression, compress, early_exit_sweep  # noqa: E402
 from .long_connections import LongConnections  # noqa: E402

@@ -281,8 +281,10 @@ def compile_one(job: tuple[Build, str, int]) -> dict:
     try:
         types = signature(kernel, build)
         constexprs, attrs = specialization(kernel, build, alignment)
-        # FMA contraction as the JIT decides it (said explicitly, which spares a warning per compilation)
-        fusion = triton.knobs.language.default_fp_fusion and not triton.knobs.language.force_disable_fp_fusion
+        # FMA contraction as the JIT decides it (said explicitly, which spares a warning per compilation);
+        # the force-disable knob came after Triton 3.6
+        language = triton.knobs.language
+        fusion = language.default_fp_fusion and not getattr(language, "force_disable_fp_fusion", False)
         compiled = triton.compile(ASTSource(fn=kernel, signature=types, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", capability, 32),
                                   options={**build.options(), "enable_fp_fusion": fusion})
