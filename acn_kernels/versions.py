@@ -83,12 +83,13 @@ def unsupported(versions: dict[str, str | None] | None = None, interpreted: bool
 
 
 def report() -> str:
-    """The found versions, then one line for each that differs from the tested ones."""
+    """The found versions, then one line for each that differs from the tested ones; every line starts
+    with "versions"."""
     versions = found()
     lines = ["versions found: " + ", ".join(f"{name} {version or '-'}" for name, version in versions.items())]
-    lines += [f"untested: {line}" for line in differences(versions)] or ["every version found is a tested one"]
+    lines += [f"versions untested: {line}" for line in differences(versions)] or ["versions: every one found is tested"]
     problem = unsupported(versions)
-    return "\n".join(lines + ([f"unsupported: {problem}"] if problem else []))
+    return "\n".join(lines + ([f"versions unsupported: {problem}"] if problem else []))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,13 @@ phase() {
   printf '%-16s exit %3s  %4ss\n' "$name" "$code" "$((SECONDS - start))" | tee -a "$PHASES"
 }
 
+# The stack found beside the tested ones (one line for each that differs), then on: a GPU run is too
+# rare to refuse over a version.
+if [ "$DRY_RUN" = 1 ]; then
+  "$PYTHON" acn_kernels/versions.py
+else
+  "$PYTHON" acn_kernels/versions.py 2>&1 | tee -a "$LOG"
+fi
 phase build 110 bash -c "$PYTHON -m pip install --no-build-isolation --no-deps -e . || \
   { echo 'pip failed: building the extension in place instead'; $PYTHON setup.py build_ext --inplace; }"
 if [ -n "$FUZZ" ]; then

@@ -15,6 +15,11 @@ def dry_run(*args, tmp_path):
                           env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})
 
 
+def phases(result) -> list[str]:
+    """The phase names of a dry run (the version lines come first)."""
+    return [line.split()[0] for line in result.stdout.splitlines() if not line.startswith("versions")]
+
+
 def test_the_script_parses():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
 
@@ -22,8 +27,7 @@ def test_the_script_parses():
 def test_the_dry_run_names_every_phase_and_writes_nothing(tmp_path):
     result = dry_run(tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
-    phases = [line.split()[0] for line in result.stdout.splitlines()]
-    assert phases == ["build", "info", "gpu-tests", "memcheck", "bench-ops", "bench-vit-acn", "bench-vit-residual",
+    assert phases(result) == ["build", "info", "gpu-tests", "memcheck", "bench-ops", "bench-vit-acn", "bench-vit-residual",
                       "bench-vit-ffn"]
     assert "--no-build-isolation --no-deps -e ." in result.stdout and "pytest -m gpu -x" in result.stdout
     assert "compute-sanitizer --tool memcheck" in result.stdout
@@ -33,13 +37,12 @@ def test_the_dry_run_names_every_phase_and_writes_nothing(tmp_path):
 
 
 def test_the_quick_run_is_a_shorter_second_try(tmp_path):
-    phases = [line.split()[0] for line in dry_run("--quick", tmp_path=tmp_path).stdout.splitlines()]
-    assert phases == ["build", "info", "gpu-tests", "memcheck", "bench-vit-acn"]
+    assert phases(dry_run("--quick", tmp_path=tmp_path)) == ["build", "info", "gpu-tests", "memcheck", "bench-vit-acn"]
 
 
 def test_the_fuzz_run_builds_then_fuzzes_the_triton_kernels_at_a_fixed_seed(tmp_path):
     result = dry_run("--fuzz", "1000", tmp_path=tmp_path)
-    assert [line.split()[0] for line in result.stdout.splitlines()] == ["build", "fuzz"]
+    assert phases(result) == ["build", "fuzz"]
     assert "ACN_KERNELS_FUZZ_EXAMPLES=1000" in result.stdout and "--hypothesis-seed=0" in result.stdout
     assert sum(int(s) for s in re.findall(r"at most +(\d+)s", result.stdout)) <= 9 * 60
 
@@ -54,3 +57,11 @@ def test_no_venv_and_no_downloads():
 def test_a_bad_option_is_one_line(args, tmp_path):
     result = dry_run(*args, tmp_path=tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and args[-1] in result.stderr
+
+
+def test_every_run_prints_the_versions_found_beside_the_tested_ones(tmp_path):
+    result = dry_run(tmp_path=tmp_path)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("versions found: python ")
+    assert any("tested with" in line or "every one found is tested" in line for line in lines[1:4])
+    assert 'acn_kernels/versions.py 2>&1 | tee -a "$LOG"' in SCRIPT.read_text()  # the real run logs them too

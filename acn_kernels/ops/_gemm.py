@@ -195,30 +195,43 @@ GATED_CONFIGS = {
     4: ((128, 32, 16, 8, 3), (64, 64, 16, 8, 3), (64, 32, 16, 4, 3), (32, 32, 16, 4, 2), (16, 16, 16, 4, 2)),
 }
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+# Tiles that spill on one Triton release only, {(major, minor): {epilogue: {(element size, tile)}}}:
+# Triton 3.6 spills these in unaligned builds (compile-report: weight_grad 128x64x64 on sm_80 and
+# 32x32x32 on sm_90, 16-bit; times_activation_grad 128x64x16 TF32 on sm_80), 3.8 and 3.9 do not.
+# There the launcher and compile-report pass them over.
+SPILLING_TILES = {
+    (3, 6): {"weight_grad": {(2, (128, 64, 64, 8, 3)), (2, (32, 32, 32, 4, 2))},
+             "times_activation_grad": {(4, (128, 64, 16, 8, 3))}},
+}
+TRITON_RELEASE = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
-def tile_configs(dtype: torch.dtype, gated: bool = False) -> tuple:
-    """The configurations the launcher picks from, largest first."""
-    return (GATED_CONFIGS if gated else GEMM_CONFIGS)[min(dtype.itemsize, 4)]
+def tile_configs(dtype: torch.dtype, gated: bool = False, epilogue: str = "forward") -> tuple:
+    """The configurations the launcher picks from for this epilogue on this Triton, largest first."""
+    size = min(dtype.itemsize, 4)
+    spilling = SPILLING_TILES.get(TRITON_RELEASE, {}).get(epilogue, set())
+    return tuple(c for c in (GATED_CONFIGS if gated else GEMM_CONFIGS)[size] if (size, c) not in spilling)
 
 
-def fitting_configs(M: int, N: int, K: int, dtype: torch.dtype, gated: bool = False) -> list[tuple]:
+def fitting_configs(M: int, N: int, K: int, dtype: torch.dtype, gated: bool = False,
+                    epilogue: str = "forward") -> list[tuple]:
     """The configurations whose tiles do not overhang the problem by more than a power of two (the
     16x16x16 one, tl.dot's smallest, always fits)."""
     def fits(block: int, size: int) -> bool:
         return block <= max(16, triton.next_power_of_2(size))
-    return [c for c in tile_configs(dtype, gated) if fits(c[0], M) and fits(c[1], N) and fits(c[2], K)]
+    return [c for c in tile_configs(dtype, gated, epilogue) if fits(c[0], M) and fits(c[1], N) and fits(c[2], K)]
 
 
 def programs(config: tuple, M: int, N: int) -> int:
     return triton.cdiv(M, config[0]) * triton.cdiv(N, config[1])
 
 
-def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, sm_count: int | None = None, gated: bool = False) -> dict:
+def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, sm_count: int | None = None, gated: bool = False,
+               epilogue: str = "forward") -> dict:
     """The launch's tiles, a pure function of the shape, dtype and SM count, so a GPU always runs a
     given GEMM the same way: the largest fitting tiles that give every SM a program, else the ones
     that give the most programs. sm_count None (Triton's interpreter): the largest fitting tiles."""
-    fitting = fitting_configs(M, N, K, dtype, gated)
+    fitting = fitting_configs(M, N, K, dtype, gated, epilogue)
     filling = [c for c in fitting if sm_count is None or programs(c, M, N) >= sm_count]
     config = filling[0] if filling else max(fitting, key=lambda c: programs(c, M, N))
     return dict(zip(TILE_KEYS, config), GROUP_M=8)
@@ -268,12 +281,12 @@ TUNER = TileTuner(os.environ.get("ACN_KERNELS_TUNING_CACHE") or os.path.join(
 
 
 def choose_tiles(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, what: str, launch,
-                 gated: bool = False) -> dict:
+                 gated: bool = False, epilogue: str = "forward") -> dict:
     """gemm_tiles, or under ACN_KERNELS_AUTOTUNE=1 on a GPU the tuned tiles for this GEMM."""
     if os.environ.get("ACN_KERNELS_AUTOTUNE") == "1" and device.type == "cuda":
         key = f"{torch.cuda.get_device_name(device)}|{what}|{dtype}|{M}x{N}x{K}"
-        return TUNER.tiles(key, fitting_configs(M, N, K, dtype, gated), launch)
-    return gemm_tiles(M, N, K, dtype, sm_count(device), gated)
+        return TUNER.tiles(key, fitting_configs(M, N, K, dtype, gated, epilogue), launch)
+    return gemm_tiles(M, N, K, dtype, sm_count(device), gated, epilogue)
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -297,7 +310,7 @@ def launch_gemm(a, a_strides, b, b_strides, out, M, N, K, epilogue: str, activat
             z if z is not None else stand_in, y_out if y_out is not None else stand_in,
             M, N, K, *a_strides, *b_strides, **flags, **tiles)
     gated = activation in GATED and epilogue != "weight_grad"
-    launch(choose_tiles(M, N, K, a.dtype, a.device, "|".join(map(str, flags.values())), launch, gated))
+    launch(choose_tiles(M, N, K, a.dtype, a.device, "|".join(map(str, flags.values())), launch, gated, epilogue))
 
 
 def saves_preactivation(activation: str, store_h: bool = True) -> bool:

@@ -107,18 +107,20 @@ def linear_builds():
                                   INPUT_PRECISION=precision, **tiles)
                 yield Build(gemm, "gemm_kernel", dtype, constexprs, ("y_ptr", "y_out_ptr"), **launch)
                 # feed_forward's backward GEMM: dz = (dout @ w2) * act'(z), w2 read with its unit stride along N
-                yield Build(gemm, "gemm_kernel", dtype,
-                            {**constexprs, "EPILOGUE": "times_activation_grad", "HAS_BIAS": False, "HAS_Y": False,
-                             "STORE_Z": False}, (), **launch, unit_strides=("a_stride_k", "b_stride_n"))
+                if config in tile_configs(dtype, gated, "times_activation_grad"):
+                    yield Build(gemm, "gemm_kernel", dtype,
+                                {**constexprs, "EPILOGUE": "times_activation_grad", "HAS_BIAS": False, "HAS_Y": False,
+                                 "STORE_Z": False}, (), **launch, unit_strides=("a_stride_k", "b_stride_n"))
                 if gated:
                     continue
                 # the last block of a chain: y_out only
                 yield Build(gemm, "gemm_kernel", dtype, {**constexprs, "STORE_H": False}, ("y_ptr", "y_out_ptr"),
                             **launch)
                 # every weight gradient: dout.T @ x and dout's column sums, both operands read transposed
-                yield Build(gemm, "gemm_kernel", dtype,
-                            {**constexprs, "EPILOGUE": "weight_grad", "ACTIVATION": "identity", "HAS_Y": False,
-                             "STORE_Z": False}, (), **launch, unit_strides=("a_stride_m", "b_stride_n"))
+                if config in tile_configs(dtype, gated, "weight_grad"):
+                    yield Build(gemm, "gemm_kernel", dtype,
+                                {**constexprs, "EPILOGUE": "weight_grad", "ACTIVATION": "identity", "HAS_Y": False,
+                                 "STORE_Z": False}, (), **launch, unit_strides=("a_stride_m", "b_stride_n"))
         if gated:
             continue
         elementwise = "acn_kernels.ops.linear_act_accumulate"
