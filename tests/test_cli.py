@@ -141,8 +141,8 @@ def test_compile_report_covers_every_gemm_tile_the_launcher_can_pick():
                                          product(sizes, repeat=3)):
         for gated, epilogues in ((False, ("forward", "times_activation_grad", "weight_grad")),
                                  (True, ("forward", "times_activation_grad"))):
-            tiles = gemm_tiles(m, n, k, dtype, sms, gated)
             for epilogue in epilogues:
+                tiles = gemm_tiles(m, n, k, dtype, sms, gated, epilogue)
                 assert (dtype, epilogue, gated, tuple(tiles[key] for key in TILE_KEYS)) in built, (dtype, m, n, k)
 
 

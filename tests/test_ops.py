@@ -640,3 +640,24 @@ def test_accumulate_norm_rows_past_2_to_the_31_elements():
     ref_y, ref_out = reference.accumulate_norm(x[tail], x[tail], weight)
     torch.testing.assert_close(y_out[tail], ref_y)
     torch.testing.assert_close(out[tail], ref_out, rtol=2e-2, atol=2e-2)
+
+
+def test_a_tile_that_spills_on_one_triton_release_is_passed_over_there_only(monkeypatch):
+    from acn_kernels.ops import _gemm
+    spilling = (128, 64, 64, 8, 3)
+    assert spilling in _gemm.tile_configs(torch.float16, epilogue="weight_grad") or _gemm.TRITON_RELEASE == (3, 6)
+    monkeypatch.setattr(_gemm, "TRITON_RELEASE", (3, 6))
+    assert spilling not in _gemm.tile_configs(torch.float16, epilogue="weight_grad")
+    assert spilling in _gemm.tile_configs(torch.float16, epilogue="forward")
+    tiles = _gemm.gemm_tiles(4096, 4096, 4096, torch.float16, epilogue="weight_grad")
+    assert tuple(tiles[key] for key in _gemm.TILE_KEYS) == (64, 64, 64, 8, 3)  # the next largest
+    monkeypatch.setattr(_gemm, "TRITON_RELEASE", (3, 9))
+    assert spilling in _gemm.tile_configs(torch.float16, epilogue="weight_grad")
+
+
+def test_the_chunked_kernels_halve_their_warps_on_triton_3_8_only(monkeypatch):
+    from acn_kernels.ops import _common
+    monkeypatch.setattr(_common, "TRITON_RELEASE", (3, 8))
+    assert _common.chunk_tile(20000, 8) == (4096, 5, _common.MAX_WARPS // 2)
+    monkeypatch.setattr(_common, "TRITON_RELEASE", (3, 9))
+    assert _common.chunk_tile(20000, 8) == (4096, 5, _common.MAX_WARPS)

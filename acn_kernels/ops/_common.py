@@ -151,10 +151,16 @@ def launch_options(num_warps: int) -> dict:
     return {"num_warps": num_warps, "maxnreg": min(255, 65536 // (32 * num_warps))}
 
 
+TRITON_RELEASE = tuple(int(part) for part in triton.__version__.split(".")[:2])
+# Triton 3.8 spills 8 bytes of the hybrid's chunked backward at 16 warps (its 128-register budget,
+# sm_90, unaligned; compile-report); there the chunk's threads halve and each keeps twice the elements.
+CHUNK_WARPS = {(3, 8): MAX_WARPS // 2}
+
+
 def chunk_tile(dim: int, per_thread: int) -> tuple[int, int, int]:
     """(BLOCK_D, num_chunks, num_warps) for a row too wide for registers, walked in chunks."""
     block_d = MAX_WARPS * 32 * per_thread
-    return block_d, triton.cdiv(dim, block_d), MAX_WARPS
+    return block_d, triton.cdiv(dim, block_d), CHUNK_WARPS.get(TRITON_RELEASE, MAX_WARPS)
 
 
 def sm_count(device: torch.device) -> int | None:
