@@ -386,3 +386,27 @@ def test_saved_acns_load_back_as_acns_and_never_silently_residual(family, auto, 
     alone = runs["without"].stdout + runs["without"].stderr
     assert f"AutoModelFor{auto} refused" in alone and f"model type `acn_{family}`" in alone
     assert f"of type `acn_{family}`" in runs["without"].stderr  # the concrete class warns, naming the ACN
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("connectivity", ["acn", "hybrid"])
+def test_a_truncated_conversion_saves_its_depth_and_reloads_to_the_same_outputs(family, connectivity, tmp_path):
+    import transformers
+
+    from acn_kernels.convert.huggingface import find_owner
+
+    model = acnify(small_bert() if family == "bert" else decoder(family), connectivity=connectivity,
+                   backend="reference").double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gates." in name:
+                p.uniform_(0.2, 0.8)
+    shallow = model.truncate(2)
+    shallow.save_pretrained(tmp_path)
+    assert model.config.num_hidden_layers == 3 and shallow.config.num_hidden_layers == 2
+    auto = transformers.AutoModelForSequenceClassification if family == "bert" else transformers.AutoModelForCausalLM
+    loaded = auto.from_pretrained(tmp_path, attn_implementation="eager").double().eval()
+    assert loaded.config.num_hidden_layers == 2
+    find_owner(loaded)[1].long_connections.backend = "reference"  # loads as "auto": Triton, under the interpreter
+    ids = torch.arange(1, 9)[None]
+    torch.testing.assert_close(loaded(ids)[0], shallow(ids)[0], rtol=1e-12, atol=1e-12)

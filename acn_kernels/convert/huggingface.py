@@ -18,6 +18,7 @@ of type "acn_<type>": never a silent residual model.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.abc
 import importlib.util
@@ -72,17 +73,34 @@ def probe(model: nn.Module, *args, output: str = "logits", **kwargs) -> torch.Te
 
 
 def truncate(model: nn.Module, k: int) -> nn.Module:
-    """The first k layers, every parameter shared: the modules on the way to the owner are copied."""
+    """The first k layers, every parameter shared: the modules on the way to the owner are copied,
+    and so is their config, with the kept depth, so that what save_pretrained writes reloads as it is."""
     path, owner = find_owner(model)
     long = owner.long_connections.truncate(k)
     shallow = parent = shallow_copy(model)
+    copies = [shallow]
     for name in filter(None, path.split(".")):
         parent._modules[name] = parent = shallow_copy(parent._modules[name])
+        copies.append(parent)
+    config = truncated_config(model.config, k)
+    for module in copies:  # the copies only: the layers they share keep the model's config
+        if getattr(module, "config", None) is model.config:
+            module.config = config
     parent.keep_layers(k)
     parent._modules.update(registered_scalars(long))
     attach(parent, long)
     bind(shallow)
     return shallow
+
+
+def truncated_config(config, k: int):
+    """A copy of the config at depth k (GPT-2's n_layer through its num_hidden_layers alias); a
+    per-layer list (layer_types) keeps its first k entries."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = k
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:k]
+    return config
 
 
 def bind(model: nn.Module) -> None:
