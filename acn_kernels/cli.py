@@ -10,11 +10,49 @@ from .backend import BACKENDS
 EXTRAS = {"demo": "demo", "paper": "paper", "bench": "bench"}  # subcommand -> the extra it needs
 
 
+class UsageError(Exception):
+    """An argument the command cannot run with: one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line naming the command and what is wrong, with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def check_cpu_backend(backend: str) -> None:
+    """The demo trains on the CPU: a backend that cannot run there is refused before any work."""
+    import torch
+
+    from .backend import resolve_backend
+    try:
+        resolve_backend(backend, torch.device("cpu"))
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(str(error)) from error
+
+
+def positive_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def regex(text: str) -> str:
+    import re
+    try:
+        re.compile(text)
+    except re.error as error:
+        raise argparse.ArgumentTypeError(f"expected a regular expression, got {text!r} ({error})")
+    return text
+
+
 def _add_demo(commands) -> None:
     demo = commands.add_parser("demo", help="train acn/residual/ffn twins on digits and probe every depth")
     demo.add_argument("--model", choices=("mlp", "mixer"), default="mlp")
-    demo.add_argument("--depth", type=int, default=None, help="blocks (default: 12 for mlp, 8 for mixer)")
-    demo.add_argument("--epochs", type=int, default=None, help="default: 40 for mlp, 15 for mixer")
+    demo.add_argument("--depth", type=positive_int, default=None, help="blocks (default: 12 for mlp, 8 for mixer)")
+    demo.add_argument("--epochs", type=positive_int, default=None, help="default: 40 for mlp, 15 for mixer")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--plot", default=None, help="PNG path (default: acn_demo_<model>.png)")
     demo.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -70,13 +108,13 @@ def _interpreted() -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m acn_kernels", description=__doc__)
+    parser = OneLineParser(prog="python -m acn_kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_demo(commands)
     paper = commands.add_parser("paper", help="the poster's claims measured here: compression, noise robustness, "
                                 "continual learning, training speed (needs the [paper] extra)")
     paper.add_argument("--quick", action="store_true", help="fewer models, epochs and seeds (under 3 minutes)")
-    paper.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3, 2 with --quick)")
+    paper.add_argument("--seeds", type=positive_int, default=None, help="seeds per configuration (default 3, 2 with --quick)")
     paper.add_argument("--out", default="paper_results", help="folder for the CSVs and PNGs")
     paper.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
     paper.add_argument("--si-c", type=float, default=None, help="Synaptic Intelligence's penalty strength (default 1)")
@@ -86,7 +124,7 @@ def main(argv=None) -> int:
     report = commands.add_parser("compile-report", help="compile every Triton kernel for sm_80 and sm_90; "
                                  "registers, spills, shared memory")
     report.add_argument("--only", default=None, help="one kernel, by its function name")
-    report.add_argument("--jobs", type=int, default=None, help="parallel compilations (default: all cores)")
+    report.add_argument("--jobs", type=positive_int, default=None, help="parallel compilations (default: all cores)")
     _add_page_options(report, check=True)
     _add_page_options(commands.add_parser("cuda-report", help="compile csrc/*.cu for sm_80 and sm_90 with nvcc; "
                                           "registers, spills"), check=True)
@@ -95,7 +133,7 @@ def main(argv=None) -> int:
     host.add_argument("--only", choices=("accumulate_norm", "hybrid_accumulate_norm", "probe_norm",
                                          "linear_act_accumulate"), default=None)
     host.add_argument("--verbose", action="store_true", help="a line for every case, not only the failures")
-    host.add_argument("--fuzz", type=int, default=None, metavar="N",
+    host.add_argument("--fuzz", type=positive_int, default=None, metavar="N",
                       help="N random cases of each op instead (widths 1..20000 and every path's edges, 1..64 rows, "
                       "1..132 SMs, sm_80 and sm_90, alignment, dtype, options)")
     host.add_argument("--seed", type=int, default=0, help="the random inputs' (and --fuzz cases') seed")
@@ -104,7 +142,7 @@ def main(argv=None) -> int:
     bench.add_argument("--quick", action="store_true", help="small shapes on the CPU: reference against torch.compile")
     bench.add_argument("--suite", choices=("ops", "models", "all"), default="all")
     bench.add_argument("--out", default="results", help="folder for bench.csv and the plots")
-    bench.add_argument("--cases", default=None, metavar="REGEX",
+    bench.add_argument("--cases", type=regex, default=None, metavar="REGEX",
                        help="only the cases whose name and dtype match, e.g. '8192x2048 bfloat16|ViT-S/16 224 acn'")
     _add_page_options(bench, check=False)
     _add_page_options(commands.add_parser("traffic", help="bytes and launches of eager PyTorch against the fused ops "
@@ -114,8 +152,10 @@ def main(argv=None) -> int:
     try:
         if args.command in EXTRAS:
             check_extra(EXTRAS[args.command], args.command)
+        if args.command == "demo":
+            check_cpu_backend(args.backend)
         return _with_page(args, argv)
-    except MissingExtra as error:  # one line, not a traceback
+    except (MissingExtra, UsageError) as error:  # one line, not a traceback
         print(f"python -m acn_kernels {args.command}: {error}", file=sys.stderr)
         return 2
 

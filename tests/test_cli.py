@@ -227,3 +227,15 @@ def test_a_page_keeps_its_prose_and_its_block_follows_the_tool(tmp_path):
     assert text.count("a   2") == 1 and "a   1" not in text
     assert "+a   3" in block_difference(str(page), "traffic", "op  bytes\na   3\n")
     assert "has no block" in block_difference(str(page), "bench", "x")
+
+
+@pytest.mark.parametrize("argv, named", [
+    (("demo", "--epochs", "0"), "--epochs"), (("demo", "--epochs", "-1"), "--epochs"), (("demo", "--depth", "0"), "--depth"),
+    (("demo", "--backend", "triton"), "backend='triton'"), (("demo", "--backend", "cuda"), "backend='cuda'"),
+    (("bench", "--cases", "["), "--cases"), (("paper", "--seeds", "0"), "--seeds"),
+    (("cuda-host-check", "--fuzz", "0"), "--fuzz"), (("compile-report", "--jobs", "0"), "--jobs"),
+])
+def test_a_bad_argument_is_one_line_naming_it_with_exit_2(argv, named):
+    result = run_module(*argv, interpret=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert named in result.stderr and f"python -m acn_kernels {argv[0]}: " in result.stderr

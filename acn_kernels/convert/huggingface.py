@@ -95,11 +95,12 @@ def truncate(model: nn.Module, k: int) -> nn.Module:
 
 def truncated_config(config, k: int):
     """A copy of the config at depth k (GPT-2's n_layer through its num_hidden_layers alias); a
-    per-layer list (layer_types) keeps its first k entries."""
+    per-layer list (layer_types) keeps its first k entries, and at depth 0 its first one, which the
+    model's layer loop reads for the runner that stands at its index 0."""
     config = copy.deepcopy(config)
     config.num_hidden_layers = k
     if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:k]
+        config.layer_types = config.layer_types[:max(k, 1)]
     return config
 
 
