@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import distributed_worker
-from acn_kernels import MLP, Encoder, Mixer, ViT, linear_act_accumulate
+from acn_kernels import GPT, MLP, Encoder, Mixer, ViT, linear_act_accumulate
 from acn_kernels.ops import feed_forward
 from acn_kernels.backend import TRITON_INTERPRETED
 from op_harness import DEVICE, FUSED_BACKENDS, randn
@@ -280,3 +280,39 @@ def test_readme_one_acn_layer_in_your_own_model():
         xs.append(block(norm(xs[-1])))
     torch.testing.assert_close(out, final_norm(sum(xs)), rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("connectivity", ("acn", "hybrid"))
+def test_compiled_gpt_matches_eager_with_no_graph_break(connectivity):
+    """Forward, backward and cached generation steps under fullgraph; the token range is checked on
+    the device there (a host-side check would break the graph)."""
+    from acn_kernels.models.gpt import KVCache
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(vocab_size=40, max_len=16, dim=32, depth=2, heads=2, connectivity=connectivity,
+                backend="reference").to(DEVICE)
+    tokens = torch.randint(0, 40, (2, 9), device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    eager_loss, eager_grads = lm_loss_and_grads(model, tokens)
+    loss, grads = lm_loss_and_grads(compiled, tokens, model)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for name in eager_grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        cache, eager_cache = KVCache(), KVCache()
+        torch.testing.assert_close(compiled(tokens, cache), model(tokens, eager_cache))
+        for _ in range(2):
+            new = model(tokens[:, -1:], None).argmax(-1)
+            torch.testing.assert_close(compiled(new, cache), model(new, eager_cache))
+        with pytest.raises(RuntimeError, match=r"tokens must be in \[0, 40\)"):
+            compiled(torch.full((2, 3), 45, device=DEVICE))
+
+
+def lm_loss_and_grads(run, tokens, model=None):
+    model = model if model is not None else run
+    model.zero_grad()
+    logits = run(tokens[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

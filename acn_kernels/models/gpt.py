@@ -98,8 +98,12 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rotary(q, start), self.rotary(k, start)
         if cache is not None:
             k, v = cache.extend(self.layer, k, v)
-        if start == 0 or positions == 1:  # the whole prefix is new, or one new position sees them all
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=positions > 1)
+        # branches, not is_causal=positions > 1: under torch.compile that is a symbolic bool, which
+        # is_causal does not take
+        if positions == 1:  # one new position sees every key
+            attended = F.scaled_dot_product_attention(q, k, v)
+        elif start == 0:  # the whole prefix is new
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # new positions after cached ones: position start + i sees keys 0..start + i
             keys, queries = torch.arange(k.shape[2], device=x.device), torch.arange(positions, device=x.device)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=keys <= start + queries[:, None])
@@ -186,7 +190,10 @@ class GPT(DepthModel):
         if start + tokens.shape[1] > self.max_len:
             raise ValueError(f"tokens must fit max_len={self.max_len} positions, got {tokens.shape[1]}"
                              + (f" after {start} cached ones" if start else ""))
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+        if torch.compiler.is_compiling():  # a value check would break the graph: checked on the device instead
+            torch._assert_async(((tokens >= 0) & (tokens < self.vocab_size)).all(),
+                                f"tokens must be in [0, {self.vocab_size}) (vocab_size)")
+        elif tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise ValueError(f"tokens must be in [0, {self.vocab_size}) (vocab_size), got values in "
                              f"[{tokens.min().item()}, {tokens.max().item()}]")
 
