@@ -78,6 +78,8 @@ def scalar_parameters(name: str, given, count: int, init: float, trainable: bool
     sequence given (shared with its owner: a truncated view, a model that registers them itself)."""
     if given in ("learned", True):
         return nn.ParameterList(nn.Parameter(torch.tensor(float(init)), requires_grad=trainable) for _ in range(count))
+    if isinstance(given, str):
+        raise ValueError(f"{name} must be 'learned' or {count} 0-dim tensors, got {given!r}")
     given = list(given)
     if len(given) != count or any(not isinstance(p, torch.Tensor) or p.dim() != 0 for p in given):
         raise ValueError(f"{name} must be 'learned' or {count} 0-dim tensors, got {len(given)} of shapes "

@@ -410,3 +410,9 @@ def test_a_truncated_conversion_saves_its_depth_and_reloads_to_the_same_outputs(
     find_owner(loaded)[1].long_connections.backend = "reference"  # loads as "auto": Triton, under the interpreter
     ids = torch.arange(1, 9)[None]
     torch.testing.assert_close(loaded(ids)[0], shallow(ids)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_hf_probe_refuses_an_unknown_output():
+    model = acnify(small_bert(), backend="reference")
+    with pytest.raises(ValueError, match=r"output must be one of \('logits', 'loss'\), got 'logitz'"):
+        model.probe(input_ids=torch.randint(0, 50, (1, 5)), output="logitz")

@@ -171,3 +171,8 @@ def test_unsupported_norms_and_mismatched_lengths_are_named():
         LongConnections([nn.Linear(4, 4)] * 2, [nn.LayerNorm(4)])
     with pytest.raises(ValueError, match="backend"):
         LongConnections([nn.Linear(4, 4)], backend="fast")
+
+
+def test_gates_given_as_a_misspelt_string_are_refused_naming_it():
+    with pytest.raises(ValueError, match=r"gates must be 'learned' or 2 0-dim tensors, got 'learnt'"):
+        LongConnections([nn.Linear(4, 4) for _ in range(3)], gates="learnt")

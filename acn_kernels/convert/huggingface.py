@@ -28,6 +28,7 @@ import types
 import torch
 from torch import nn
 
+from .._validation import check_choice
 from ..long_connections import LongConnections, attach, registered_scalars, shallow_copy
 
 RECORD = "acn_kernels"  # the config attribute of a converted model: acnify's options
@@ -58,6 +59,7 @@ def probe(model: nn.Module, *args, output: str = "logits", **kwargs) -> torch.Te
     """(L+1, ...): the model's output (its logits, or its loss with output="loss" and labels=) with
     the first k layers, k = 0..L: the whole model once, then once per shallower depth with the long
     connections' output replaced by that depth's sum."""
+    check_choice("output", output, ("logits", "loss"))
     _, owner = find_owner(model)
     owner.recording = True
     try:
