@@ -67,6 +67,20 @@ def check_probe_data(inputs: torch.Tensor, targets: torch.Tensor, names: str = "
         raise ValueError(f"{names} must be non-empty and of one length, got {len(inputs)} and {len(targets)}")
 
 
+def check_class_targets(targets: torch.Tensor) -> None:
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex() \
+            or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor of class indices, got "
+                        f"{getattr(targets, 'dtype', type(targets).__name__)}")
+
+
+def check_targets_in_range(targets: torch.Tensor, classes: int) -> None:
+    valid = targets[targets != IGNORE_INDEX]
+    if valid.numel() and (valid.min() < 0 or valid.max() >= classes):
+        raise ValueError(f"targets must be class indices in [0, {classes}) (the model's outputs) or {IGNORE_INDEX}, "
+                         f"got values in [{valid.min().item()}, {valid.max().item()}]")
+
+
 def depth_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, metric: str = "accuracy",
                  batch_size: int = 512) -> list:
     """Every depth's score (model.probe's logits, (L+1, batch, ..., classes)) on `targets` (batch, ...):
@@ -78,6 +92,7 @@ def depth_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
         for start in range(0, len(targets), batch_size):
             logits = model.probe(inputs[start:start + batch_size])
             chunk = targets[start:start + batch_size].to(logits.device)
+            check_targets_in_range(chunk, logits.shape[-1])
             valid = chunk != IGNORE_INDEX
             if metric == "accuracy":
                 per_depth = ((logits.argmax(-1) == chunk) & valid).flatten(1).sum(-1).double()
@@ -156,6 +171,9 @@ def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tole
                             f"acnify'd ones), got {type(model).__name__}")
     check_tolerance(tolerance)
     check_probe_data(inputs, targets)
+    check_class_targets(targets)
+    check_positive_int("repeats", repeats)
+    check_positive_int("timing_batch", timing_batch)
     if generate_tokens is not None:
         check_positive_int("generate_tokens", generate_tokens)
         if not callable(getattr(model, "generate", None)):

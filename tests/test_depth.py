@@ -70,3 +70,20 @@ def test_ignored_targets_count_in_no_score():
     for metric in ("accuracy", "loss"):
         torch.testing.assert_close(torch.tensor(depth_scores(model, inputs, padded, metric)),
                                    torch.tensor(depth_scores(model, inputs[:, :5], targets[:, :5], metric)))
+
+
+@pytest.mark.parametrize("targets, error, match", [
+    (lambda: torch.full((16,), 7), ValueError, r"targets must be class indices in \[0, 4\).*got values in \[7, 7\]"),
+    (lambda: torch.rand(16), TypeError, "targets must be an integer tensor of class indices, got torch.float32"),
+])
+def test_compress_refuses_targets_that_are_not_the_models_classes(targets, error, match):
+    from acn_kernels import MLP, compress
+    model = MLP(6, 16, 3, 4, backend="reference")
+    with pytest.raises(error, match=match):
+        compress(model, torch.randn(16, 6), targets())
+
+
+def test_compress_refuses_zero_repeats():
+    from acn_kernels import MLP, compress
+    with pytest.raises(ValueError, match="repeats"):
+        compress(MLP(6, 16, 3, 4, backend="reference"), torch.randn(16, 6), torch.randint(0, 4, (16,)), repeats=0)
