@@ -416,3 +416,10 @@ def test_hf_probe_refuses_an_unknown_output():
     model = acnify(small_bert(), backend="reference")
     with pytest.raises(ValueError, match=r"output must be one of \('logits', 'loss'\), got 'logitz'"):
         model.probe(input_ids=torch.randint(0, 50, (1, 5)), output="logitz")
+
+
+@pytest.mark.parametrize("method", ("forward_intermediates", "get_intermediate_layers"))
+def test_timm_entry_points_that_would_skip_the_sum_refuse(method):
+    model = acnify(small_vit(), backend="reference")
+    with pytest.raises(NotImplementedError, match="without the long connections; use probe"):
+        getattr(model, method)(torch.randn(1, 3, 32, 32))

@@ -38,6 +38,15 @@ class AcnVisionTransformer(VisionTransformer):
         sums = self.long_connections.probe(self.embed_tokens(x), attn_mask=attn_mask, is_causal=is_causal)
         return torch.stack([self.forward_head(s) for s in sums])
 
+    def forward_intermediates(self, *args, **kwargs):
+        """Refused: timm's walk over the blocks would skip the running sum (and return wrong features)."""
+        raise NotImplementedError(
+            f"{type(self).__name__}: timm's forward_intermediates and get_intermediate_layers run the blocks "
+            "without the long connections; use probe(x) for every depth's logits, or "
+            "long_connections.probe(embed_tokens(x)) for every depth's normalized sum")
+
+    get_intermediate_layers = forward_intermediates
+
     def truncate(self, k: int) -> "AcnVisionTransformer":
         long = self.long_connections.truncate(k)
         shallow = shallow_copy(self, blocks=nn.Sequential(*long.blocks), **registered_scalars(long))
