@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_in_fp32, in_dtype_of, new_buffer, rows_of, sm_count
+from ._common import TRITON_RELEASE, dot_in_fp32, in_dtype_of, new_buffer, rows_of, sm_count
 
 # act'(z) needs z itself for these; relu reads h > 0 and identity needs nothing.
 # The constants are constexpr globals; each expression keeps a tensor on the left of them, since
@@ -203,7 +203,6 @@ SPILLING_TILES = {
     (3, 6): {"weight_grad": {(2, (128, 64, 64, 8, 3)), (2, (32, 32, 32, 4, 2))},
              "times_activation_grad": {(4, (128, 64, 16, 8, 3))}},
 }
-TRITON_RELEASE = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
 def tile_configs(dtype: torch.dtype, gated: bool = False, epilogue: str = "forward") -> tuple:
