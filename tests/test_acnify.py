@@ -391,7 +391,7 @@ def test_saved_acns_load_back_as_acns_and_never_silently_residual(family, auto, 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize("connectivity", ["acn", "hybrid"])
 def test_a_truncated_conversion_saves_its_depth_and_reloads_to_the_same_outputs(family, connectivity, tmp_path):
-    import transformers
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
 
     from acn_kernels.convert.huggingface import find_owner
 
