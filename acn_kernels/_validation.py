@@ -2,7 +2,9 @@
 values and what was given, so a user never meets a bare assert or a crash inside a kernel."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
+
+import torch
 
 
 def check_choice(name: str, value, choices: Iterable) -> None:
@@ -29,3 +31,11 @@ def check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> N
         raise ValueError(
             f"{name} must be divisible by {divisor_name}={divisor}, got {name}={value}"
         )
+
+
+def check_float_tensor(name: str, value, shape_text: str, shape_ok: Callable[[torch.Size], bool]) -> None:
+    """A floating-point tensor whose shape passes `shape_ok` (`shape_text` describes it, in the message)."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or not shape_ok(value.shape):
+        got = (f"dtype {value.dtype} and shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+               else type(value).__name__)
+        raise ValueError(f"{name} must be a floating-point tensor of shape {shape_text}, got {got}")

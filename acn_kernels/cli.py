@@ -102,6 +102,13 @@ def _with_page(args, argv: list[str]) -> int:
     return code
 
 
+def check_page(path: str | None, command: str) -> None:
+    from .tools.pages import missing_block
+    problem = None if path is None else missing_block(path, command)
+    if problem:
+        raise UsageError(problem)
+
+
 def _interpreted() -> bool:
     from .backend import TRITON_INTERPRETED
     return TRITON_INTERPRETED
@@ -154,6 +161,7 @@ def main(argv=None) -> int:
             check_extra(EXTRAS[args.command], args.command)
         if args.command == "demo":
             check_cpu_backend(args.backend)
+        check_page(getattr(args, "check", None), args.command)
         return _with_page(args, argv)
     except (MissingExtra, UsageError) as error:  # one line, not a traceback
         print(f"python -m acn_kernels {args.command}: {error}", file=sys.stderr)

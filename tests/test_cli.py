@@ -234,6 +234,8 @@ def test_a_page_keeps_its_prose_and_its_block_follows_the_tool(tmp_path):
     (("demo", "--backend", "triton"), "backend='triton'"), (("demo", "--backend", "cuda"), "backend='cuda'"),
     (("bench", "--cases", "["), "--cases"), (("paper", "--seeds", "0"), "--seeds"),
     (("cuda-host-check", "--fuzz", "0"), "--fuzz"), (("compile-report", "--jobs", "0"), "--jobs"),
+    (("traffic", "--check", "missing.md"), "--check: missing.md is not a file"),
+    (("cuda-host-check", "--check", "README.md"), "README.md has no block of `cuda-host-check` output"),
 ])
 def test_a_bad_argument_is_one_line_naming_it_with_exit_2(argv, named):
     result = run_module(*argv, interpret=False)

@@ -135,3 +135,15 @@ def test_bad_input_names_the_argument():
         GPT(VOCAB, MAX_LEN, 32, 2, 4, mlp="relu")
     with pytest.raises(ValueError, match=r"positions must be one of \('learned', 'rotary'\), got 'alibi'"):
         GPT(VOCAB, MAX_LEN, 32, 2, 4, positions="alibi")
+
+
+@pytest.mark.parametrize("connectivity", CONNECTIVITIES)
+def test_a_truncated_state_dict_loads_strictly_into_a_gpt_built_at_that_depth(connectivity):
+    model = make(connectivity, depth=4, norm="rmsnorm", mlp="swiglu", positions="rotary").eval()
+    with torch.no_grad():
+        for p in [*(model.gates or ()), *(model.long_weights or ())]:
+            p.uniform_(-0.1, 1.1)
+    built = make(connectivity, depth=2, norm="rmsnorm", mlp="swiglu", positions="rotary").eval()
+    built.load_state_dict(model.truncate(2).state_dict())
+    t = tokens()
+    torch.testing.assert_close(built(t), model.probe(t)[2], rtol=1e-5, atol=1e-5)

@@ -265,11 +265,31 @@ def test_bad_arguments_raise_value_errors_naming_them():
     model, inputs = make("mlp", "acn")
     with pytest.raises(ValueError, match=r"k must be an integer in \[0, 3\], got 4"):
         model.truncate(4)
-    with pytest.raises(ValueError, match=r"inputs must have shape \(batch, 7\), got \(3, 6\)"):
+    with pytest.raises(ValueError, match=r"inputs must be a floating-point tensor of shape \(batch, 7\), got "
+                                         r"dtype torch.float32 and shape \(3, 6\)"):
         model(inputs[:, :6])
+    with pytest.raises(ValueError, match=r"inputs must be a floating-point .*, got dtype torch.int64 and shape \(3, 7\)"):
+        model(inputs.long())
     vit, images = make("vit", "acn")
-    with pytest.raises(ValueError, match=r"images must have shape \(batch, 2, 6, 6\), got \(3, 2, 6, 5\)"):
+    with pytest.raises(ValueError, match=r"images must be a floating-point tensor of shape \(batch, 2, 6, 6\), got "
+                                         r"dtype torch.float32 and shape \(3, 2, 6, 5\)"):
         vit(images[..., :5])
+    with pytest.raises(ValueError, match=r"images must be a floating-point .*, got list"):
+        vit(images.tolist())
     encoder, tokens = make("encoder", "acn")
     with pytest.raises(ValueError, match=r"length <= 9"):
         encoder(torch.randint(0, 11, (2, 10)))
+
+
+@every_model
+@pytest.mark.parametrize("connectivity, hybrid", [("acn", {}), ("residual", {}), ("ffn", {}),
+                                                  ("hybrid", {"long_weights": True})])
+def test_a_truncated_state_dict_loads_strictly_into_a_model_built_at_that_depth(family, connectivity, hybrid):
+    model, inputs = make(family, connectivity, depth=4, **hybrid)
+    if connectivity == "hybrid":
+        randomize_scalars(model)
+    model.eval()
+    short = model.truncate(2)
+    built, _ = make(family, connectivity, depth=2, **hybrid)
+    built.load_state_dict(short.state_dict())  # strict: no key missing or left over
+    torch.testing.assert_close(built.eval()(inputs), model.probe(inputs)[2], rtol=1e-5, atol=1e-5)

@@ -55,8 +55,9 @@ def test_acn_boundary_moves_at_most_0_8_of_eager_bytes(dtype, normalize):
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_hybrid_vit_training_step_moves_at_most_0_85_of_eager_bytes(dtype):
+def test_hybrid_vit_training_step_moves_at_most_0_85_of_eager_bytes(dtype, capsys):
     (row,) = model_rows(dtypes=(dtype,), names=("ViT",), connectivities=("hybrid",))
+    assert capsys.readouterr().err == f"traffic: training steps 1/1: ViT {str(dtype)[6:]} hybrid\n"  # progress
     assert row["fused"].total <= 0.85 * row["eager"].total, (row["fused"], row["eager"])
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_choice, check_divisible, check_positive_int
+from .._validation import check_choice, check_divisible, check_float_tensor, check_positive_int
 from ..backend import resolve_backend
 from ..ops import feed_forward, linear
 
@@ -110,7 +110,6 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         expected = (self.proj.in_channels, *self.image_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must have shape (batch, {', '.join(map(str, expected))}), "
-                             f"got {tuple(images.shape)}")
+        check_float_tensor("images", images, f"(batch, {', '.join(map(str, expected))})",
+                           lambda shape: len(shape) == 4 and tuple(shape[1:]) == expected)
         return self.proj(images).flatten(2).transpose(1, 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validation import check_positive_int
+from .._validation import check_float_tensor, check_positive_int
 from ..backend import resolve_backend
 from ..ops import linear_act_accumulate
 from .base import DepthModel
@@ -52,9 +52,8 @@ class MLP(DepthModel):
         self.connect()
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
-        if inputs.dim() != 2 or inputs.shape[1] != self.input_proj.in_features:
-            raise ValueError(f"inputs must have shape (batch, {self.input_proj.in_features}), "
-                             f"got {tuple(inputs.shape)}")
+        width = self.input_proj.in_features
+        check_float_tensor("inputs", inputs, f"(batch, {width})", lambda shape: len(shape) == 2 and shape[1] == width)
         return self.input_proj(inputs)
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -297,10 +297,16 @@ def check_linear(weight_name: str, weight, bias_name: str, bias, x: torch.Tensor
                  activation: str = "identity"):
     """weight (out_features, in_features: x's last dimension by default) and bias (out_features,) or
     None, of x's dtype and on x's device; a gated activation's out_features are (gate, up) pairs."""
-    in_features = x.shape[-1] if in_features is None else in_features
+    from_x = in_features is None
+    in_features = x.shape[-1] if from_x else in_features
     check_tensor(weight_name, weight, dtypes=(x.dtype,))
-    if weight.dim() != 2 or weight.shape[1] != in_features:
-        raise ValueError(f"{weight_name} must have shape (out_features, {in_features}), got {tuple(weight.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{weight_name} must have shape (out_features, in_features), got {tuple(weight.shape)}")
+    if weight.shape[1] != in_features:
+        # a mismatch of two arguments: name both, since either may be the wrong one
+        source = f" (the last dimension of x, whose shape is {tuple(x.shape)})" if from_x else ""
+        raise ValueError(f"{weight_name} must have shape (out_features, {in_features}){source}, got "
+                         f"{tuple(weight.shape)}")
     if activation in GATED and weight.shape[0] % 2:
         raise ValueError(f"{weight_name} must have an even number of rows for activation={activation!r} (the gate "
                          f"projection's, then the up projection's), got {tuple(weight.shape)}")

@@ -258,8 +258,9 @@ FORWARD_OPS = {"triton": probe_norm_fwd,
 def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm", backend="auto"):
     """norm(x_0 + ... + x_k) for every k, shape of xs = (L+1, ..., D). See the module docstring."""
     check_tensor("xs", xs)
-    if xs.dim() < 2:
-        raise ValueError(f"xs must have shape (L+1, ..., D) with at least 2 dims, got {tuple(xs.shape)}")
+    if xs.dim() < 2 or xs.shape[0] == 0:
+        raise ValueError(f"xs must have shape (L+1, ..., D) with at least 2 dims and L+1 >= 1 (x_0 at least), "
+                         f"got {tuple(xs.shape)}")
     check_norm_params(weight, bias, xs.shape[-1], xs.device)
     check_eps(eps)
     check_norm_kind(norm)

@@ -44,6 +44,17 @@ def write_block(path: str, command: str, output: str) -> None:
     page.write_text(text)
 
 
+def missing_block(path: str, command: str) -> str | None:
+    """Why `path` cannot be compared with `command`'s output (no such file, no block of it), or None:
+    asked before the command runs, since some take minutes."""
+    page = pathlib.Path(path)
+    if not page.is_file():
+        return f"--check: {path} is not a file"
+    if _split(page.read_text(), command) is None:
+        return f"--check: {path} has no block of `{command}` output (write one with --markdown {path})"
+    return None
+
+
 def block_difference(path: str, command: str, output: str) -> str | None:
     """Why the page's block is not this output (its first differing lines), or None when it is."""
     page = pathlib.Path(path)

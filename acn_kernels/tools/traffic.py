@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -328,7 +329,8 @@ def op_rows(cases):
 
     cuda = cuda_host_ops()
     rows = []
-    for name, fused, ref, inputs, kwargs, bound in cases:
+    for i, (name, fused, ref, inputs, kwargs, bound) in enumerate(cases):
+        progress("ops", i, len(cases), name)
         cuda_op = cuda.get(fused.__name__) if cuda else None
         runs = {"eager": lambda *a: ref(*a, **kwargs), "triton": lambda *a: fused(*a, backend="triton", **kwargs),
                 "cublas": (lambda *a: fused(*a, backend="cublas", **kwargs)) if fused.__name__ in GEMM_OPS else None,
@@ -354,6 +356,11 @@ def model_cases():
     ]
 
 
+def progress(table: str, done: int, total: int, name: str) -> None:
+    """One line per row on stderr (the tables go to stdout, and into docs pages): a run takes minutes."""
+    print(f"traffic: {table} {done + 1}/{total}: {name}", file=sys.stderr, flush=True)
+
+
 def step_traffic(model, inputs) -> Traffic:
     """Forward and backward of one training step's loss, for every parameter."""
     forward, backward = measure(lambda *params: model(inputs).float().logsumexp(-1).mean(),
@@ -371,12 +378,14 @@ def model_rows(dtypes=STEP_DTYPES, names=None, connectivities=None):
     auto's default on a GPU), from the same initialization and batch."""
     from ..models import CONNECTIVITIES
 
+    cases = [case for case in model_cases() if names is None or case[0] in names]
+    steps_total = len(cases) * len(dtypes) * len(connectivities or CONNECTIVITIES)
     rows = []
-    for name, make, inputs in model_cases():
-        if names is not None and name not in names:
-            continue
+    for name, make, inputs in cases:
         for dtype in dtypes:
             for connectivity in connectivities or CONNECTIVITIES:
+                progress("training steps", len(rows), steps_total,
+                         f"{name} {str(dtype).removeprefix('torch.')} {connectivity}")
                 torch.manual_seed(0)
                 batch = inputs()
                 batch = batch.to(dtype) if batch.is_floating_point() else batch
