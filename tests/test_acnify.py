@@ -383,9 +383,27 @@ def test_saved_acns_load_back_as_acns_and_never_silently_residual(family, auto, 
     assert runs["with"].returncode == 0, runs["with"].stderr[-2000:]
     assert f"AutoModelFor{auto} converted True" in runs["with"].stdout
     assert f"{concrete} converted True" in runs["with"].stdout
+    assert "You are using a model of type" not in runs["with"].stderr  # loaded right: no warning says otherwise
     alone = runs["without"].stdout + runs["without"].stderr
-    assert f"AutoModelFor{auto} refused" in alone and f"model type `acn_{family}`" in alone
-    assert f"of type `acn_{family}`" in runs["without"].stderr  # the concrete class warns, naming the ACN
+    hint = f"`acn_{family} (import acn_kernels to load it as an ACN)`"
+    assert f"AutoModelFor{auto} refused: The checkpoint you are trying to load has model type {hint}" in alone
+    assert f"model of type {hint}" in runs["without"].stderr  # the concrete class warns, naming the fix
+
+
+def test_a_checkpoint_of_the_earlier_acn_model_type_still_loads_as_an_acn(tmp_path):
+    import json
+
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
+    model = acnify(small_bert(), backend="reference").double().eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_type"] = "acn_bert"  # what acn_kernels wrote before the type named the fix
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).double().eval()
+    from acn_kernels.convert.huggingface import find_owner
+    find_owner(loaded)[1].long_connections.backend = "reference"
+    ids = torch.randint(1, 50, (2, 8))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen2"])

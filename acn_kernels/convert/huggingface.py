@@ -7,14 +7,16 @@ when that is set; so `probe` runs the whole model once, then once per shallower 
 output replaced by that depth's sum (no layer runs again), and any head works as it is.
 
 A conversion is recorded in the model's config: `config.acn_kernels` holds acnify's options, and the
-config's class becomes a subclass of its own whose model_type is "acn_<type>" (named like its base,
-so transformers' Auto mappings still find the model classes). `save_pretrained` writes both. When
-transformers is imported in a process that imported acn_kernels, the "acn_" types are registered with
-AutoConfig and every model whose config carries the record is converted at the end of its __init__
-(post_init): `AutoModelFor*.from_pretrained(path)` and the concrete class's `from_pretrained` return
-the converted model, whose weights (gates included) then load as saved. With transformers alone an
-Auto class refuses the unknown type "acn_<type>", and a concrete class warns that the checkpoint is
-of type "acn_<type>": never a silent residual model.
+config's class becomes a subclass of its own whose model_type is "acn_<type> (import acn_kernels to
+load it as an ACN)" (named like its base, so transformers' Auto mappings still find the model classes).
+`save_pretrained` writes both. When transformers is imported in a process that imported acn_kernels,
+these types are registered with AutoConfig (and "acn_<type>", which earlier versions saved), every
+model whose config carries the record is converted at the end of its __init__ (post_init), and
+transformers' warning that a concrete class loads a checkpoint of another model type is dropped for
+them: `AutoModelFor*.from_pretrained(path)` and the concrete class's `from_pretrained` return the
+converted model, whose weights (gates included) then load as saved. With transformers alone no code
+of this package runs, so the model type is the message: an Auto class refuses the unknown type, and a
+concrete class warns that it loads a checkpoint of that type, both naming `import acn_kernels`.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import copy
 import functools
 import importlib.abc
 import importlib.util
+import logging
 import sys
 import types
 
@@ -33,6 +36,7 @@ from ..long_connections import LongConnections, attach, registered_scalars, shal
 
 RECORD = "acn_kernels"  # the config attribute of a converted model: acnify's options
 REGISTERED_TYPES = ("bert", "gpt2", "llama", "qwen2", "mistral")
+LOAD_HINT = " (import acn_kernels to load it as an ACN)"  # what transformers alone shows, in the model type
 
 
 # ----------------------------------------------------------------------------- probe and truncate
@@ -126,18 +130,30 @@ class Owner:
 # ----------------------------------------------------------------------------- saved conversions
 
 @functools.cache
-def acn_config_class(base: type) -> type:
-    """base's subclass with model_type "acn_<type>", named like base (transformers' Auto mappings find
-    a config's model classes by its class name)."""
-    return type(base.__name__, (base,), {"model_type": f"acn_{base.model_type}", "__module__": __name__,
+def acn_config_class(base: type, hint: str = LOAD_HINT) -> type:
+    """base's subclass with model_type "acn_<type><hint>", named like base (transformers' Auto mappings
+    find a config's model classes by its class name); hint="" gives the type earlier versions saved."""
+    return type(base.__name__, (base,), {"model_type": f"acn_{base.model_type}{hint}", "__module__": __name__,
                                           "__qualname__": f"acn_{base.__qualname__}"})
+
+
+def is_acn_type(model_type: str) -> bool:
+    return model_type.startswith("acn_")
+
+
+class DropAcnTypeWarning(logging.Filter):
+    """Drops transformers' "You are using a model of type `acn_...` to instantiate a model of type ..."
+    (a concrete class loading a converted checkpoint): post_init converts that model, so it is right."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "You are using a model of type `acn_" not in record.getMessage()
 
 
 def record_conversion(model: nn.Module, options: dict) -> None:
     """Writes acnify's options into the config, and gives the config its "acn_" type, so that
     save_pretrained records the conversion and loading converts again (see the module docstring)."""
     config = model.config
-    if not config.model_type.startswith("acn_"):
+    if not is_acn_type(config.model_type):
         config.__class__ = acn_config_class(type(config))
     setattr(config, RECORD, dict(options))
     register_config(config.__class__)
@@ -170,7 +186,11 @@ def register_with_transformers() -> None:
     from transformers.modeling_utils import PreTrainedModel
 
     for model_type in REGISTERED_TYPES:
-        register_config(acn_config_class(CONFIG_MAPPING[model_type]))
+        for hint in (LOAD_HINT, ""):
+            register_config(acn_config_class(CONFIG_MAPPING[model_type], hint))
+    type_warnings = logging.getLogger("transformers.configuration_utils")
+    if not any(isinstance(f, DropAcnTypeWarning) for f in type_warnings.filters):
+        type_warnings.addFilter(DropAcnTypeWarning())
     if not getattr(PreTrainedModel.post_init, "acn_kernels", False):
         PreTrainedModel.post_init = convert_on_init(PreTrainedModel.post_init)
 
