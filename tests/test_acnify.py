@@ -46,14 +46,19 @@ def small_vit():
                              depth=3, num_heads=3, num_classes=5, init_values=0.5, drop_path_rate=0.1)
 
 
-def vit_by_hand(m, images):
-    """The ACN of the definition over timm's own submodules (eval mode: no drop path)."""
+def vit_features_by_hand(m, images):
+    """The ACN of the definition over timm's own submodules (eval mode: no drop path): the final norm
+    on the running sum."""
     x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
     total = x
     for b in m.blocks:
         x = b.ls2(b.mlp(b.norm2(b.ls1(b.attn(b.norm1(x))))))
         total = total + x
-    return m.forward_head(m.norm(total))
+    return m.norm(total)
+
+
+def vit_by_hand(m, images):
+    return m.forward_head(vit_features_by_hand(m, images))
 
 
 def test_timm_vit_is_the_acn_of_its_own_blocks():
@@ -143,21 +148,27 @@ def small_bert(cls_name="BertForSequenceClassification"):
     transformers = pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+                                     intermediate_size=64, max_position_embeddings=16,
+                                     num_labels=2 if cls_name == "BertForQuestionAnswering" else 3)
     return getattr(transformers, cls_name)(config)
 
 
-def bert_by_hand(m, ids):
-    """AC-BERT over the model's own submodules: post-LN layers without their two adds, the running
-    sum from the embedding output, no final norm, the pooler and classifier on the sum."""
-    x = m.bert.embeddings(input_ids=ids)
-    total = x
-    for layer in m.bert.encoder.layer:
+def bert_sums_by_hand(bert, ids) -> list:
+    """AC-BERT's running sums y_0..y_L over a BertModel's own submodules: post-LN layers without their
+    two adds, the sum from the embedding output, no final norm."""
+    x = bert.embeddings(input_ids=ids)
+    sums = [x]
+    for layer in bert.encoder.layer:
         attention = layer.attention.self(x)[0]
         attention = layer.attention.output.LayerNorm(layer.attention.output.dense(attention))
         x = layer.output.LayerNorm(layer.output.dense(layer.intermediate(attention)))
-        total = total + x
-    return m.classifier(m.bert.pooler(total))
+        sums.append(sums[-1] + x)
+    return sums
+
+
+def bert_by_hand(m, ids):
+    """The pooler and classifier on AC-BERT's sum."""
+    return m.classifier(m.bert.pooler(bert_sums_by_hand(m.bert, ids)[-1]))
 
 
 def test_hf_bert_is_the_acn_of_its_own_layers():
@@ -185,21 +196,23 @@ def test_hf_bert_model_with_a_mask_trains():
 
 # ----------------------------------------------------------------------------- Hugging Face decoders
 
-def decoder(family: str, **config):
-    """A small decoder (a task model, or its base model for the "-base" families), eager attention so
-    that float64 comparisons are exact."""
+def decoder(family: str, class_name: str | None = None, **config):
+    """A small decoder (a task model, or its base model for the "-base" families, or the class named),
+    eager attention so that float64 comparisons are exact."""
     transformers = pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
     torch.manual_seed(0)
     config = {"attn_implementation": "eager", **config}
     if family.startswith("gpt2"):
         cfg = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=3, n_head=4, pad_token_id=0,
                                       **config)
-        return (transformers.GPT2Model if family.endswith("-base") else transformers.GPT2LMHeadModel)(cfg)
+        class_name = class_name or ("GPT2Model" if family.endswith("-base") else "GPT2LMHeadModel")
+        return getattr(transformers, class_name)(cfg)
     name = {"llama": "Llama", "llama-base": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[family]
     cfg = getattr(transformers, f"{name}Config")(
         vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, **config)
-    return getattr(transformers, f"{name}Model" if family.endswith("-base") else f"{name}ForCausalLM")(cfg)
+    class_name = class_name or (f"{name}Model" if family.endswith("-base") else f"{name}ForCausalLM")
+    return getattr(transformers, class_name)(cfg)
 
 
 DECODERS = ("gpt2", "gpt2-base", "llama", "llama-base", "qwen2", "mistral")
@@ -211,10 +224,11 @@ def base_of(model):
                 if m is not None and hasattr(m, "get_input_embeddings") and (hasattr(m, "h") or hasattr(m, "layers")))
 
 
-def decoder_by_hand(model, ids, residual: bool):
+def decoder_by_hand(model, ids, residual: bool, every_layer: bool = False):
     """The model's base by hand over its own submodules: the ACN of the definition (each layer's
     attention branch, then its MLP branch on the attention output, both added to the sum from the
-    embeddings, the final norm on the sum), or with the residual adds put back, the model as it was."""
+    embeddings, the final norm on the sum), or with the residual adds put back, the model as it was.
+    every_layer: the states after 0..L-1 layers and the final norm's output, as output_hidden_states."""
     from transformers.masking_utils import create_causal_mask
 
     base = base_of(model)
@@ -229,7 +243,7 @@ def decoder_by_hand(model, ids, residual: bool):
         keywords = {"position_embeddings": base.rotary_emb(x, positions)}
     keywords["attention_mask"] = create_causal_mask(config=base.config, inputs_embeds=x, attention_mask=None,
                                                     cache=None, position_ids=positions)
-    total = x
+    states = [x]  # the state after each layer: x for the residual model, the running sum for the ACN
     for norm1, attention, norm2, mlp in layers:
         a = attention(norm1(x), **keywords)[0]
         if residual:
@@ -237,8 +251,9 @@ def decoder_by_hand(model, ids, residual: bool):
             x = x + mlp(norm2(x))
         else:
             m = mlp(norm2(a))
-            total, x = total + a + m, m
-    return final(x if residual else total)
+            x = m
+        states.append(x if residual else states[-1] + a + m)
+    return states[:-1] + [final(states[-1])] if every_layer else final(states[-1])
 
 
 def last_hidden(model, ids, **kwargs):
@@ -441,3 +456,58 @@ def test_timm_entry_points_that_would_skip_the_sum_refuse(method):
     model = acnify(small_vit(), backend="reference")
     with pytest.raises(NotImplementedError, match="without the long connections; use probe"):
         getattr(model, method)(torch.randn(1, 3, 32, 32))
+
+
+TASK_CLASSES = {"bert": ["BertModel", "BertForMaskedLM", "BertForMultipleChoice", "BertForNextSentencePrediction",
+                         "BertForPreTraining", "BertForQuestionAnswering", "BertForSequenceClassification",
+                         "BertForTokenClassification"],
+                "gpt2": ["GPT2Model", "GPT2LMHeadModel", "GPT2DoubleHeadsModel", "GPT2ForQuestionAnswering",
+                         "GPT2ForSequenceClassification", "GPT2ForTokenClassification"],
+                "llama": ["LlamaModel", "LlamaForCausalLM", "LlamaForQuestionAnswering",
+                          "LlamaForSequenceClassification", "LlamaForTokenClassification"]}
+
+
+@pytest.mark.parametrize("family, cls_name", [(f, c) for f, names in TASK_CLASSES.items() for c in names])
+def test_every_task_head_and_hidden_state_of_a_converted_model_is_the_acns(family, cls_name):
+    """Each task class runs the ACN: output_hidden_states are the running sums by hand (a decoder's
+    last one after the final norm), its first output the last depth of probe."""
+    pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
+    built = small_bert(cls_name) if family == "bert" else decoder(family, class_name=cls_name)
+    model = acnify(built, backend="reference").double().eval()
+    choices = cls_name == "BertForMultipleChoice"
+    ids = torch.randint(1, 50, (2, 2, 7) if choices else (2, 7))
+    outputs = model(input_ids=ids, output_hidden_states=True)
+    flat = ids.flatten(0, 1) if choices else ids
+    expected = (bert_sums_by_hand(model if cls_name == "BertModel" else model.bert, flat) if family == "bert"
+                else decoder_by_hand(model, flat, residual=False, every_layer=True))
+    assert len(outputs.hidden_states) == len(expected) == 4
+    for got, want in zip(outputs.hidden_states, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if cls_name not in ("BertModel", "GPT2Model", "LlamaModel") and not choices:
+        torch.testing.assert_close(model.probe(input_ids=ids)[-1], outputs[0], rtol=1e-12, atol=1e-12)
+
+
+TIMM_METHODS = {  # every public method timm's VisionTransformer adds to nn.Module, and what it does on an ACN
+    "computes": ("forward_features", "forward_head", "pool"),
+    "refuses": ("forward_intermediates", "get_intermediate_layers", "prune_intermediate_layers"),
+    "touches no block output": ("fix_init_weight", "get_classifier", "group_matcher", "init_weights",
+                                "load_pretrained", "no_weight_decay", "reset_classifier", "set_grad_checkpointing",
+                                "set_input_size"),
+}
+
+
+def test_every_public_method_of_an_acnified_timm_vit_computes_the_acn_or_refuses():
+    timm = pytest.importorskip("timm", reason="needs the [timm] extra: pip install 'acn-kernels[timm]'")
+    vit = timm.models.vision_transformer.VisionTransformer
+    public = {n for n in dir(vit) if not n.startswith("_") and callable(getattr(vit, n)) and not hasattr(nn.Module, n)}
+    known = {n for names in TIMM_METHODS.values() for n in names}
+    assert public - known == set(), "a timm method this test does not know: does it walk the blocks?"
+    model = acnify(small_vit(), backend="reference").double().eval()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    features = model.forward_features(images)
+    torch.testing.assert_close(features, vit_features_by_hand(model, images), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.forward_head(features), model(images), rtol=0, atol=0)
+    torch.testing.assert_close(model.head(model.fc_norm(model.pool(features))), model(images), rtol=0, atol=0)
+    for method in TIMM_METHODS["refuses"]:
+        with pytest.raises(NotImplementedError, match="without the long connections"):
+            getattr(model, method)(images if method != "prune_intermediate_layers" else 1)

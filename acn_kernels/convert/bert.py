@@ -1,18 +1,18 @@
 """acnify for Hugging Face's BertModel and the task models around one: the AC-BERT of the paper.
 Both `+ input` adds of every layer removed (post-LN: LayerNorm(dropout(dense(h))) alone), a running
-sum from the embedding output, no final norm, and the pooler and heads on the sum. Classes are
-swapped for subclasses, so parameter names and state_dict keys stay as they are; `probe` and
-`truncate` are huggingface.py's.
+sum from the embedding output, no final norm, and the pooler and heads on the sum; the BertModel's
+`output_hidden_states` are the running sums. Classes are swapped for subclasses, so parameter names
+and state_dict keys stay as they are; `probe` and `truncate` are huggingface.py's.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
-from transformers.models.bert.modeling_bert import BertEncoder, BertOutput, BertSelfOutput
+from transformers.models.bert.modeling_bert import BertEncoder, BertModel, BertOutput, BertSelfOutput
 
 from ..long_connections import LongConnections, attach, register_scalars
-from .huggingface import Owner, bind
+from .huggingface import Owner, SumsAsHiddenStates, bind, converted_class, register_recording
 
 
 class AcnBertSelfOutput(BertSelfOutput):
@@ -44,8 +44,19 @@ class AcnBertEncoder(Owner, BertEncoder):
         self._modules["layer"] = nn.ModuleList(list(self.layer)[:k])
 
 
+class BertSums(SumsAsHiddenStates):
+    """The mixin of a converted BertModel: its hidden states are its encoder's running sums."""
+
+    def sums_owner(self) -> AcnBertEncoder:
+        return self.encoder
+
+
 def acnify_bert(model: nn.Module, options: dict) -> nn.Module:
-    """Converts every (unconverted) BertEncoder inside `model` and gives `model` probe and truncate."""
+    """Converts every (unconverted) BertEncoder inside `model`, and the BertModel around it, and gives
+    `model` probe and truncate."""
+    for bert in [m for m in model.modules() if type(m) is BertModel and type(m.encoder) is BertEncoder]:
+        bert.__class__ = converted_class(BertSums, BertModel)
+        register_recording(bert)
     for encoder in [m for m in model.modules() if type(m) is BertEncoder]:
         for layer in encoder.layer:
             layer.attention.output.__class__ = AcnBertSelfOutput

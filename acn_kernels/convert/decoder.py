@@ -15,13 +15,11 @@ last one through the final norm, as the model's last hidden state).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from ..long_connections import LongConnections, attach, register_scalars
-from .huggingface import Owner, bind
+from .huggingface import Owner, SumsAsHiddenStates, bind, converted_class, register_recording
 
 
 class DecoderUnit(nn.Module):
@@ -74,7 +72,7 @@ class LongConnectionLayers(nn.ModuleList):
         return super().__getitem__(index)
 
 
-class Decoder(Owner):
+class Decoder(SumsAsHiddenStates, Owner):
     """The mixin of a converted decoder model (its class becomes a subclass with this first). A family
     module sets LAYERS (the layer list's attribute name) and BRANCHES (a layer's attention branch and
     its input norm, then its MLP branch and its input norm, by attribute name) and defines
@@ -96,26 +94,6 @@ class Decoder(Owner):
         """The layer list of a truncated copy: its first k layers, run by a runner of the copy."""
         self._modules[self.LAYERS] = LongConnectionLayers(self.layer_list()[:k], Runner(self))
 
-    def forward(self, *args, output_hidden_states=None, **kwargs):
-        """The model's forward; its hidden states, when asked for, are the running sums."""
-        wanted = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = kwargs.pop("return_dict", None)
-        recording, self.recording, self.running = self.recording, self.recording or bool(wanted), True
-        try:
-            outputs = super().forward(*args, output_hidden_states=False, return_dict=True, **kwargs)
-            if wanted:
-                outputs.hidden_states = (*self.depth_sums()[:-1], outputs.last_hidden_state)
-        finally:
-            self.recording, self.running = recording, False
-            if not recording:
-                self.recorded_outputs = None
-        return outputs if return_dict is not False else outputs.to_tuple()
-
-
-@functools.cache
-def converted_class(mixin: type, base: type) -> type:
-    return type(f"Acn{base.__name__}", (mixin, base), {"__module__": base.__module__})
-
 
 def convert_decoder(model: nn.Module, base_model: nn.Module, mixin: type, options: dict) -> nn.Module:
     """Converts the decoder `base_model` (inside `model`, or `model` itself) in place, unless done."""
@@ -131,13 +109,3 @@ def convert_decoder(model: nn.Module, base_model: nn.Module, mixin: type, option
         attach(base_model, long)
     bind(model)
     return model
-
-
-def register_recording(model: nn.Module) -> None:
-    """What transformers does in PreTrainedModel.__init__ for the model's (now converted) class, so that
-    output_attentions still records the attention modules (they run as they are)."""
-    try:
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-    except ImportError:  # a transformers without the registry records by its class attribute alone
-        return
-    _CAN_RECORD_REGISTRY[model] = model._can_record_outputs

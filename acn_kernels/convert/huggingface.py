@@ -127,6 +127,47 @@ class Owner:
         return terms[::self.long_connections.units_per_depth]
 
 
+class SumsAsHiddenStates:
+    """The mixin of the converted model that takes `output_hidden_states` (the owner itself, or the
+    BertModel around an owner): its hidden states, when asked for, are the running sums after 0..L
+    layers, the last one the model's last hidden state (through the final norm where it has one),
+    rather than what transformers records, each layer's own output."""
+
+    def sums_owner(self) -> Owner:
+        return self
+
+    def forward(self, *args, output_hidden_states=None, **kwargs):
+        owner = self.sums_owner()
+        wanted = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = kwargs.pop("return_dict", None)
+        recording, owner.recording, owner.running = owner.recording, owner.recording or bool(wanted), True
+        try:
+            outputs = super().forward(*args, output_hidden_states=False, return_dict=True, **kwargs)
+            if wanted:
+                outputs.hidden_states = (*owner.depth_sums()[:-1], outputs.last_hidden_state)
+        finally:
+            owner.recording, owner.running = recording, False
+            if not recording:
+                owner.recorded_outputs = None
+        return outputs if return_dict is not False else outputs.to_tuple()
+
+
+@functools.cache
+def converted_class(mixin: type, base: type) -> type:
+    """base's subclass with `mixin` first, named Acn<base>."""
+    return type(f"Acn{base.__name__}", (mixin, base), {"__module__": base.__module__})
+
+
+def register_recording(model: nn.Module) -> None:
+    """What transformers does in PreTrainedModel.__init__ for the model's (now converted) class, so that
+    output_attentions still records the attention modules (they run as they are)."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a transformers without the registry records by its class attribute alone
+        return
+    _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
+
+
 # ----------------------------------------------------------------------------- saved conversions
 
 @functools.cache

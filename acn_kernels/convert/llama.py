@@ -20,8 +20,9 @@ class LlamaShapedDecoder(Decoder):
 
 
 def llama_shaped_base(model: nn.Module) -> nn.Module | None:
-    """The Llama-shaped base model of `model` (itself or its `model`), or None."""
-    for base in (model, getattr(model, "model", None)):
+    """The Llama-shaped base model of `model` (itself or its base model: `model`, or `transformer` in
+    the question-answering head), or None."""
+    for base in (model, getattr(model, "base_model", None)):
         layers = getattr(base, "layers", None)
         parts = [part for branch in LlamaShapedDecoder.BRANCHES for part in branch]
         if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(base, "embed_tokens") \

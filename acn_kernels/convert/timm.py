@@ -41,11 +41,13 @@ class AcnVisionTransformer(VisionTransformer):
     def forward_intermediates(self, *args, **kwargs):
         """Refused: timm's walk over the blocks would skip the running sum (and return wrong features)."""
         raise NotImplementedError(
-            f"{type(self).__name__}: timm's forward_intermediates and get_intermediate_layers run the blocks "
-            "without the long connections; use probe(x) for every depth's logits, or "
-            "long_connections.probe(embed_tokens(x)) for every depth's normalized sum")
+            f"{type(self).__name__}: timm's forward_intermediates, get_intermediate_layers and "
+            "prune_intermediate_layers walk the blocks without the long connections; use probe(x) for every "
+            "depth's logits, long_connections.probe(embed_tokens(x)) for every depth's normalized sum, and "
+            "truncate(k) to keep the first k blocks")
 
-    get_intermediate_layers = forward_intermediates
+    get_intermediate_layers = prune_intermediate_layers = forward_intermediates  # the last: the blocks it
+    # cut would still run in the long connections
 
     def truncate(self, k: int) -> "AcnVisionTransformer":
         long = self.long_connections.truncate(k)
