@@ -18,6 +18,11 @@ def check_positive_int(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_real(name: str, value, meaning: str, minimum: float | None = None) -> None:
     """A real number (an int or float, not a bool, not NaN), at least `minimum` when one is given;
     `meaning` says what is expected, in the message."""

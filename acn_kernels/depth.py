@@ -324,10 +324,7 @@ class ShrinkOnCompression:
         dropped = [p for block in list(long.blocks)[start:end] for p in block.parameters()]
         if long.input_norms is not None:
             dropped += [p for norm in list(long.input_norms)[start:end] for p in norm.parameters()]
-        if long.gates is not None:  # gate i joins block i's output into block i + 1's input
-            dropped += list(long.gates)[max(start - 1, 0):end - 1]
-        if long.long_weights is not None:
-            dropped += list(long.long_weights)[start:end]
+        dropped += long.scalars_past(start)
         for parameter in dropped:
             parameter.requires_grad_(False)
             parameter.grad = None

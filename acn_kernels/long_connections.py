@@ -8,11 +8,18 @@ gates="learned" makes it the hybrid (H-ACN): a gated short path beside the long 
 
     s_0   = x_0,   s_i = g_i * s_{i-1} + x_i        i = 1..L-1, the short path, g_i = gates[i-1]
     x_i   = blocks[i](input_norms[i](s_{i-1}))      each block reads the short state
-    y_k   = x_0 + b_1 x_1 + ... + b_k x_k           b_i = long_weights[i-1] (1 unless long_weights=True)
+    y_k   = b_0 x_0 + b_1 x_1 + ... + b_k x_k       b_i = long_weights[i-1] (1 unless long_weights=True),
+                                                    b_0 = x0_weight (1 unless x0_weight=True)
 
 with L-1 learnable scalar gates (the last block's output feeds only the sum): every gate 0 is the
 ACN exactly, every gate 1 a residual chain whose outputs also feed the sum. The sums y_k are the same
 nested sub-networks, so probe, truncate, compress, early exit and ShrinkOnCompression work unchanged.
+gate_scope="depth" gives each depth one gate and one long weight, which all its units share (the
+authors' H-ACN language model: one alpha per block, gate 1 - alpha on both of its short paths);
+gates_from_long_weights=True ties the gates to the long weights (their Long_Short model: depth d's
+gate is 1 - the long weight of depth d-1's output, 1 - b_0 for the first depth), so it registers no
+gates of its own. clamp_range=(low, high) bounds every gate and weight: `clamp_scalars()`, which
+`clamp_after(optimizer)` runs after each optimizer step (the authors clamp their alphas to [0, 1]).
 
 units_per_depth=n groups n consecutive blocks into one depth (the AC-GPT's attention and MLP branches,
 both added to the sum, are two units of one block): probe, truncate, set_active_depth and early_exit
@@ -40,7 +47,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._validation import check_choice, check_positive_int, check_real
+from ._validation import check_bool, check_choice, check_positive_int, check_real
 from .backend import BACKENDS, resolve_backend
 from .ops import accumulate_norm, hybrid_accumulate_norm, probe_norm
 
@@ -87,15 +94,35 @@ def scalar_parameters(name: str, given, count: int, init: float, trainable: bool
     return nn.ParameterList(given)
 
 
+SCOPES = ("unit", "depth")
+
+
+def scalar_counts(units: int, per: int) -> dict:
+    """{name: count} of the gates and long weights that `units` units use, one per `per` units (1: a
+    gate and a long weight per unit; units_per_depth: per depth): unit i's gate, on the short path
+    after it, is gates[i // per] (the last unit has none), its long weight long_weights[i // per]."""
+    return {"gates": -(-(units - 1) // per) if units > 1 else 0, "long_weights": -(-units // per)}
+
+
+def check_clamp_range(clamp_range) -> None:
+    ok = clamp_range is None or (isinstance(clamp_range, (tuple, list)) and len(clamp_range) == 2 and all(
+        not isinstance(v, bool) and isinstance(v, (int, float)) and v == v for v in clamp_range)
+        and clamp_range[0] <= clamp_range[1])
+    if not ok:
+        raise ValueError(f"clamp_range must be None or (low, high) with low <= high, got {clamp_range!r}")
+
+
 class LongConnections(nn.Module):
     """forward(x0, **block_kwargs) = final_norm(x_0 + ... + x_L); see the module docstring.
-    gates: None (the ACN), "learned" (the hybrid: L-1 scalar gates at gate_init, trained unless
-    learn_gates=False) or L-1 0-dim parameters to share; long_weights: False, True (L scalars at 1,
-    trained) or L 0-dim parameters to share."""
+    gates: None (the ACN), "learned" (the hybrid: L-1 scalar gates at gate_init, or one per depth with
+    gate_scope="depth", trained unless learn_gates=False) or that many 0-dim parameters to share;
+    long_weights: False, True (one scalar per unit, or per depth, at long_weight_init, trained) or
+    that many 0-dim parameters to share; x0_weight: False, True or one 0-dim parameter, likewise."""
 
     def __init__(self, blocks, input_norms=None, final_norm: nn.Module | None = None, backend: str = "auto",
                  gates=None, gate_init: float = 0.5, learn_gates: bool = True, long_weights=False,
-                 units_per_depth: int = 1):
+                 units_per_depth: int = 1, gate_scope: str = "unit", x0_weight=False,
+                 gates_from_long_weights: bool = False, long_weight_init: float = 1.0, clamp_range=None):
         super().__init__()
         check_choice("backend", backend, BACKENDS)
         self.blocks = blocks if isinstance(blocks, nn.ModuleList) else nn.ModuleList(blocks)
@@ -104,14 +131,19 @@ class LongConnections(nn.Module):
             raise ValueError(f"blocks must be a whole number of depths of units_per_depth={units_per_depth} blocks, "
                              f"got {len(self.blocks)}")
         self.units_per_depth = units_per_depth
-        if gates is None and long_weights is not False:
-            raise ValueError("long_weights needs the hybrid's gates (gates='learned'): the ACN's long path has unit "
-                             "weights")
-        check_real("gate_init", gate_init, "a real number (the short path's starting weight)")
-        self.gates = None if gates is None else scalar_parameters("gates", gates, max(len(self.blocks) - 1, 0),
-                                                                  gate_init, learn_gates)
-        self.long_weights = None if long_weights is False else scalar_parameters("long_weights", long_weights,
-                                                                                 len(self.blocks), 1.0, True)
+        check_hybrid_options(gates is not None, gate_scope=gate_scope, gate_init=gate_init, learn_gates=learn_gates,
+                             long_weights=long_weights is not False, x0_weight=x0_weight is not False,
+                             gates_from_long_weights=gates_from_long_weights, long_weight_init=long_weight_init,
+                             clamp_range=clamp_range)
+        self._hybrid, self.gate_scope, self.gates_from_long_weights = gates is not None, gate_scope, gates_from_long_weights
+        self.clamp_range = clamp_range
+        counts = scalar_counts(len(self.blocks), self.units_per_scalar)
+        self.gates = None if gates is None or gates_from_long_weights else scalar_parameters(
+            "gates", gates, counts["gates"], gate_init, learn_gates)
+        self.long_weights = None if long_weights is False else scalar_parameters(
+            "long_weights", long_weights, counts["long_weights"], long_weight_init, True)
+        self.x0_weight = None if x0_weight is False else scalar_parameters("x0_weight", x0_weight, 1,
+                                                                         long_weight_init, True)
         if input_norms is not None:
             input_norms = input_norms if isinstance(input_norms, nn.ModuleList) else nn.ModuleList(input_norms)
             if len(input_norms) != len(self.blocks):
@@ -150,16 +182,60 @@ class LongConnections(nn.Module):
 
     @property
     def hybrid(self) -> bool:
-        return self.gates is not None
+        return self._hybrid
+
+    @property
+    def units_per_scalar(self) -> int:
+        """Units per gate and per long weight."""
+        return self.units_per_depth if self.gate_scope == "depth" else 1
+
+    @property
+    def _weights_sum(self) -> bool:
+        """Whether any term of the sum has a weight (then no block adds its output to y itself)."""
+        return self.long_weights is not None or self.x0_weight is not None
+
+    def _gate(self, i: int) -> torch.Tensor:
+        """The gate on the short path after block i."""
+        owner = i // self.units_per_scalar
+        if not self.gates_from_long_weights:
+            return self.gates[owner]
+        return 1 - (self.x0_weight[0] if owner == 0 else self.long_weights[owner - 1])
+
+    def _long_weight(self, i: int) -> torch.Tensor | None:
+        return None if self.long_weights is None else self.long_weights[i // self.units_per_scalar]
 
     def _term(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Block i's output as the sum takes it: times its long weight, where there are long weights."""
-        return x if self.long_weights is None else self.long_weights[i] * x
+        return x if self.long_weights is None else self._long_weight(i) * x
+
+    def _x0_term(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0 if self.x0_weight is None else self.x0_weight[0] * x0
 
     def _short_state(self, i: int, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The input of block i + 1 (before its norm) from block i's input s and output x: x itself for
-        the ACN, gates[i] * s + x for the hybrid."""
-        return x if not self.hybrid else torch.addcmul(x, self.gates[i], s)
+        the ACN, gate * s + x for the hybrid."""
+        return x if not self.hybrid else torch.addcmul(x, self._gate(i), s)
+
+    def scalars(self) -> list:
+        """The hybrid's registered scalars: its gates, long weights and x_0 weight."""
+        return [p for parameters in registered_scalars(self).values() for p in parameters]
+
+    def scalars_past(self, units: int) -> list:
+        """The scalars that only the units from `units` on use (what truncating to them drops)."""
+        counts = scalar_counts(units, self.units_per_scalar)
+        return [p for name, count in counts.items() if getattr(self, name) is not None
+                for p in list(getattr(self, name))[count:]]
+
+    @torch.no_grad()
+    def clamp_scalars(self) -> None:
+        """Every gate, long weight and x_0 weight into clamp_range (nothing without one)."""
+        if self.clamp_range is not None:
+            for p in self.scalars():
+                p.clamp_(*self.clamp_range)
+
+    def clamp_after(self, optimizer: torch.optim.Optimizer):
+        """Runs clamp_scalars after each of optimizer's steps; returns the hook's handle (remove() ends it)."""
+        return optimizer.register_step_post_hook(lambda *_: self.clamp_scalars())
 
     def _step(self, i: int, s: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor | None, x_in_y: bool,
               fused: bool, block_kwargs: dict, keep_last_output: bool = True):
@@ -169,7 +245,7 @@ class LongConnections(nn.Module):
         the last block's x_{i+1} may come back None, added into y."""
         block, last = self.blocks[i], i == self.units - 1
         joins_short_path = self.hybrid and s is not None
-        run_accumulate = getattr(block, "run_accumulate", None) if fused and self.long_weights is None else None
+        run_accumulate = getattr(block, "run_accumulate", None) if fused and not self._weights_sum else None
         if run_accumulate is not None:  # the block adds its output to y itself, but where x_L is
             state = self._short_state(i - 1, s, x) if joins_short_path else x  # wanted, the last one's goes
             y = y if x_in_y else self._add(y, x)                                # to the final boundary
@@ -178,18 +254,20 @@ class LongConnections(nn.Module):
             x_next, y = run_accumulate(state, y, self.backend, keep_output=not last)
             return state, y, x_next, True
         norm = None if self.input_norms is None else self.input_norms[i]
+        weighted_x0 = i == 0 and self.x0_weight is not None  # b_0 x_0 into the sum, x_0 itself onward
         if fused and norm is not None and joins_short_path:
             weight, bias, eps = norm_parameters(norm, x)
-            long_weight = None if self.long_weights is None else self.long_weights[i - 1]
-            state, y, h = hybrid_accumulate_norm(s, x, y, self.gates[i - 1], weight, bias, long_weight=long_weight,
-                                                 eps=eps, norm=self.norm_kinds[i], backend=self.backend)
-        elif fused and norm is not None and not x_in_y:
+            state, y, h = hybrid_accumulate_norm(s, x, y, self._gate(i - 1), weight, bias,
+                                                 long_weight=self._long_weight(i - 1), eps=eps,
+                                                 norm=self.norm_kinds[i], backend=self.backend)
+        elif fused and norm is not None and not x_in_y and not weighted_x0:
             weight, bias, eps = norm_parameters(norm, x)
             state, (y, h) = x, accumulate_norm(x, y, weight, bias, eps=eps, norm=self.norm_kinds[i],
                                                backend=self.backend)
         else:
             state = self._short_state(i - 1, s, x) if joins_short_path else x
-            y = y if x_in_y else self._add(y, self._term(i - 1, x) if joins_short_path else x)
+            term = self._term(i - 1, x) if joins_short_path else self._x0_term(x) if i == 0 else x
+            y = y if x_in_y else self._add(y, term)
             h = state if norm is None else norm(state)
         x_next = block(h, **block_kwargs) if norm is None else self._run_normed(i, state, h, block_kwargs)
         return state, y, x_next, False
@@ -225,8 +303,10 @@ class LongConnections(nn.Module):
             else:
                 s, y, x, x_in_y = self._step(i, s, x, y, x_in_y, fused, block_kwargs, keep_last_output)
             outputs.append(x)
-        terms = [outputs[0], *(self._term(i, x) for i, x in enumerate(outputs[1:]))] if keep_last_output else outputs
-        return (y, None, terms) if x_in_y else (y, self._term(self.units - 1, x) if self.units else x, terms)
+        terms = [self._x0_term(outputs[0]), *(self._term(i, x) for i, x in enumerate(outputs[1:]))] \
+            if keep_last_output else outputs
+        return (y, None, terms) if x_in_y else (y, self._term(self.units - 1, x) if self.units else self._x0_term(x),
+                                                terms)
 
     def sum_and_norm(self, y: torch.Tensor | None, x: torch.Tensor | None) -> tuple:
         """(y + x, final_norm(y + x)), the last boundary (y + x twice without a final norm); x None:
@@ -284,15 +364,15 @@ class LongConnections(nn.Module):
                     y = self._add(y, term)
             return (s, *self.sum_and_norm(y, term))
 
-        return exit_early((x0, *self.sum_and_norm(None, x0)), advance, lambda state: head(state[2]), self.depth,
-                          threshold)
+        return exit_early((x0, *self.sum_and_norm(None, self._x0_term(x0))), advance, lambda state: head(state[2]),
+                          self.depth, threshold)
 
     def truncate(self, k: int) -> "LongConnections":
         """The first k depths (their blocks, norms, gates and long weights), sharing every parameter."""
         check_depth(k, self.depth)
         units = k * self.units_per_depth
         parts = {"blocks": nn.ModuleList(list(self.blocks)[:units])}
-        for name, count in (("input_norms", units), ("gates", max(units - 1, 0)), ("long_weights", units)):
+        for name, count in (("input_norms", units), *scalar_counts(units, self.units_per_scalar).items()):
             if getattr(self, name) is not None:
                 parts[name] = type(getattr(self, name))(list(getattr(self, name))[:count])
         shallow = shallow_copy(self, **parts)
@@ -326,6 +406,28 @@ def exit_early(state: tuple, advance, logits_of, depth: int, threshold: float) -
     return logits, used
 
 
+def check_hybrid_options(hybrid: bool, *, gate_scope: str, gate_init, learn_gates, long_weights: bool,
+                         x0_weight: bool, gates_from_long_weights, long_weight_init, clamp_range,
+                         not_hybrid: str = "gates=None") -> None:
+    """The hybrid's options, each checked, and those that need the hybrid refused without it
+    (`not_hybrid` says what made it not one, in the message)."""
+    check_choice("gate_scope", gate_scope, SCOPES)
+    check_real("gate_init", gate_init, "a real number (the short path's starting weight)")
+    check_real("long_weight_init", long_weight_init, "a real number (the long weights' starting value)")
+    check_bool("learn_gates", learn_gates)
+    check_bool("gates_from_long_weights", gates_from_long_weights)
+    check_clamp_range(clamp_range)
+    given = {"long_weights": long_weights, "x0_weight": x0_weight, "gates_from_long_weights": gates_from_long_weights,
+             "clamp_range": clamp_range is not None}
+    for name, used in given.items():
+        if used and not hybrid:
+            raise ValueError(f"{name} needs the hybrid (the ACN's long path has unit weights and no short path), "
+                             f"got {not_hybrid}")
+    if gates_from_long_weights and not (long_weights and x0_weight):
+        raise ValueError("gates_from_long_weights=True needs long_weights=True and x0_weight=True (each gate is 1 - "
+                         f"the weight before it), got long_weights={long_weights}, x0_weight={x0_weight}")
+
+
 def check_threshold(threshold) -> None:
     check_real("threshold", threshold, "a real number (a softmax probability; 0 exits at depth 0, above 1 never "
                                        "early)")
@@ -345,13 +447,14 @@ def shallow_copy(module: nn.Module, **replaced: nn.Module) -> nn.Module:
 
 
 def registered_scalars(long_connections: LongConnections) -> dict:
-    """{name: ParameterList} of the hybrid's gates and long weights, for an owner to register."""
-    return {name: getattr(long_connections, name) for name in ("gates", "long_weights")
+    """{name: ParameterList} of the hybrid's gates, long weights and x_0 weight, for an owner to register."""
+    return {name: getattr(long_connections, name) for name in ("gates", "long_weights", "x0_weight")
             if getattr(long_connections, name) is not None}
 
 
 def register_scalars(owner: nn.Module, long_connections: LongConnections) -> None:
-    """Registers the hybrid's gates and long weights on `owner` (`gates.i`, `long_weights.i`), which
+    """Registers the hybrid's gates, long weights and x_0 weight on `owner` (`gates.i`, `long_weights.i`,
+    `x0_weight.0`), which
     attaches the long connections without registering them."""
     for name, parameters in registered_scalars(long_connections).items():
         owner.add_module(name, parameters)

@@ -147,3 +147,125 @@ def test_a_truncated_state_dict_loads_strictly_into_a_gpt_built_at_that_depth(co
     built.load_state_dict(model.truncate(2).state_dict())
     t = tokens()
     torch.testing.assert_close(built(t), model.probe(t)[2], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the authors' language models
+
+AUTHORS = dict(bias=False, scaled_output_init=True, positions="rotary", norm="layernorm", mlp="gelu")
+FORMS = {  # the authors' three language models (ACN-NOTES section 2b) as the package's options
+    "ac-gpt": dict(connectivity="acn"),
+    "h-acn": dict(connectivity="hybrid", gate_scope="block", gate_init=0.0, clamp_range=(0.0, 1.0)),
+    "long-short": dict(connectivity="hybrid", gate_scope="block", long_weights=True, x0_weight=True,
+                       gates_from_long_weights=True, long_weight_init=0.8),
+}
+
+
+def authors_forward(model: GPT, t: torch.Tensor, form: str, alphas: list) -> torch.Tensor:
+    """Their forward, transcribed from the equations over the model's own submodules: per block i,
+    g = 1 - alpha; x = g x + attn(ln_1(x)); x = g x + mlp(ln_2(x)); the sum takes attn + mlp (times
+    alpha_{i+1} in Long_Short, which also weights x_0 by alpha_0 and gates block i with alpha_i)."""
+    x = model.embed(t)
+    current = alphas[0] * x if form == "long-short" else x
+    for i, block in enumerate(model.blocks):
+        g = 0.0 if form == "ac-gpt" else 1 - alphas[i]
+        attn = block.attn(block.norm1(x))
+        x = g * x + attn
+        mlp = block.mlp(block.norm2(x))
+        x = g * x + mlp
+        current = current + (alphas[i + 1] * (attn + mlp) if form == "long-short" else attn + mlp)
+    return model.lm_head(model.final_norm(current))
+
+
+def authors_model(form: str, depth: int = 4) -> tuple:
+    """(model in float64, its alphas): gates and weights drawn away from their starting values."""
+    torch.manual_seed(0)
+    model = GPT(VOCAB, MAX_LEN, 32, depth, 4, backend="reference", **AUTHORS, **FORMS[form]).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 0:
+                p.uniform_(0.1, 0.9)
+    if form == "h-acn":  # one gate per block, 1 - alpha
+        alphas = [1 - g for g in model.gates]
+    elif form == "long-short":
+        alphas = [model.x0_weight[0], *model.long_weights]
+    else:
+        alphas = []
+    return model, alphas
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_package_gpt_with_the_authors_options_is_their_forward_and_gradients(form):
+    model, alphas = authors_model(form)
+    t = tokens(batch=2, positions=9)
+    ours, theirs = model(t), authors_forward(model, t, form, alphas)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    parameters = list(model.parameters())
+    ours_grads = torch.autograd.grad(F.cross_entropy(ours.flatten(0, 1), t.flatten()), parameters)
+    theirs_grads = torch.autograd.grad(F.cross_entropy(theirs.flatten(0, 1), t.flatten()), parameters)
+    for name, a, b in zip([n for n, _ in model.named_parameters()], ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    assert not any(n.endswith("bias") for n, _ in model.named_parameters())  # no bias anywhere
+    scalars = {"ac-gpt": [], "h-acn": ["gates.0", "gates.1", "gates.2", "gates.3"],
+               "long-short": ["long_weights.0", "long_weights.1", "long_weights.2", "long_weights.3", "x0_weight.0"]}
+    assert sorted(n for n, p in model.named_parameters() if p.dim() == 0) == scalars[form]
+
+
+def test_the_scaled_output_projections_and_the_h_acn_start_as_the_authors_do():
+    torch.manual_seed(0)
+    model = GPT(VOCAB, MAX_LEN, 64, 8, 4, mlp_dim=512, backend="reference", **AUTHORS, **FORMS["h-acn"])
+    for block in model.blocks:
+        for weight in block.output_projections():
+            assert abs(weight.std().item() - 0.02 / 4) < 0.0005  # 0.02 / sqrt(2 * 8)
+        assert abs(block.attn.qkv.weight.std().item() - 0.02) < 0.001
+    assert all(g.item() == 0.0 for g in model.gates)  # every alpha 1: the pure ACN
+    acn = GPT(VOCAB, MAX_LEN, 64, 8, 4, mlp_dim=512, backend="reference", **AUTHORS)
+    acn.load_state_dict(model.state_dict(), strict=False)  # the same weights, no gates
+    torch.testing.assert_close(model.probe(tokens()), acn.probe(tokens()), rtol=0, atol=0)
+
+
+def test_clamp_after_keeps_every_gate_and_weight_in_range_after_each_step():
+    for form in ("h-acn", "long-short"):
+        model, _ = authors_model(form)
+        model.long_connections.clamp_range = (0.0, 1.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=100.0)  # steps far outside [0, 1]
+        handle = model.clamp_after(optimizer)
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(tokens()).flatten(0, 1), tokens().flatten()).backward()
+            optimizer.step()
+            scalars = model.long_connections.scalars()
+            assert scalars and all(0.0 <= p.item() <= 1.0 for p in scalars)
+            assert any(p.item() in (0.0, 1.0) for p in scalars)  # the clamp did act
+        handle.remove()
+
+
+@pytest.mark.parametrize("form", ["h-acn", "long-short"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_the_authors_forms_on_a_fused_backend_match_the_reference(form, backend):
+    t = tokens(batch=3, positions=9)
+    losses, grads = [], []
+    for chosen in (backend, "reference"):
+        torch.manual_seed(0)
+        model = GPT(VOCAB, MAX_LEN, 32, 3, 4, backend=chosen, **AUTHORS, **FORMS[form]).to(DEVICE)
+        with torch.no_grad():
+            for p in model.long_connections.scalars():
+                p.fill_(0.3)
+        loss = F.cross_entropy(model(t[:, :-1]).flatten(0, 1), t[:, 1:].flatten())
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    for fused, reference in zip(*grads):
+        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["h-acn", "long-short"])
+def test_the_authors_forms_probe_truncate_and_reload_at_a_depth(form):
+    model, _ = authors_model(form)
+    t = tokens()
+    probed = model.probe(t)
+    torch.testing.assert_close(probed[-1], model(t), rtol=1e-12, atol=1e-12)
+    for k in range(model.depth + 1):
+        torch.testing.assert_close(model.truncate(k)(t), probed[k], rtol=1e-12, atol=1e-12)
+    built = GPT(VOCAB, MAX_LEN, 32, 2, 4, backend="reference", **AUTHORS, **FORMS[form]).double()
+    built.load_state_dict(model.truncate(2).state_dict())
+    torch.testing.assert_close(built(t), probed[2], rtol=1e-12, atol=1e-12)

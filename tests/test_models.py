@@ -256,7 +256,7 @@ def test_bad_arguments_raise_value_errors_naming_them():
         Encoder(10, 8, 8, 2, 3, 16, 2)
     with pytest.raises(ValueError, match=r"activation must be one of .*, got 'tanh'"):
         MLP(4, 8, 2, 3, activation="tanh")
-    with pytest.raises(ValueError, match=r"long_weights=True needs connectivity='hybrid', got connectivity='acn'"):
+    with pytest.raises(ValueError, match=r"long_weights needs the hybrid .*, got connectivity='acn'"):
         MLP(4, 8, 2, 3, long_weights=True)
     with pytest.raises(ValueError, match=r"gate_init must be a real number .*, got 'half'"):
         MLP(4, 8, 2, 3, connectivity="hybrid", gate_init="half")

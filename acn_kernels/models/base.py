@@ -29,9 +29,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .._validation import check_choice, check_positive_int, check_real
+from .._validation import check_bool, check_choice, check_positive_int
 from ..backend import BACKENDS, resolve_backend
-from ..long_connections import LongConnections, attach, check_depth, exit_early, scalar_parameters, shallow_copy
+from ..long_connections import (LongConnections, attach, check_depth, check_hybrid_options, exit_early, scalar_counts,
+                                scalar_parameters, shallow_copy)
 
 CONNECTIVITIES = ("acn", "residual", "ffn", "hybrid")
 LONG = ("acn", "hybrid")  # the connectivities with long connections: their depths are nested sub-networks
@@ -43,27 +44,40 @@ class DepthModel(nn.Module):
     family whose blocks hold several units of the long connections (GPT: attention, then MLP) sets
     UNITS_PER_BLOCK and defines `units()`.
     A "hybrid" model registers its gates (`gates.0` ... `gates.{L-2}`, starting at gate_init, trained
-    unless learn_gates=False) and, with long_weights=True, its long weights (`long_weights.0` ...);
+    unless learn_gates=False) and, with long_weights=True, its long weights (`long_weights.0` ...),
+    with x0_weight=True the weight of x_0 in the sum (`x0_weight.0`); gate_scope="depth" gives a
+    family of several units per block (GPT) one gate and one long weight per block, and
+    gates_from_long_weights=True derives the gates from the long weights (LongConnections' docstring);
     every other parameter is the acn twin's, so checkpoints load between them (strict=False)."""
 
     UNITS_PER_BLOCK = 1
 
     def __init__(self, depth: int, connectivity: str, backend: str = "auto", gate_init: float = 0.5,
-                 learn_gates: bool = True, long_weights: bool = False):
+                 learn_gates: bool = True, long_weights: bool = False, gate_scope: str = "unit",
+                 x0_weight: bool = False, gates_from_long_weights: bool = False, long_weight_init: float = 1.0,
+                 clamp_range=None):
         super().__init__()
         check_positive_int("depth", depth)
         check_choice("connectivity", connectivity, CONNECTIVITIES)
         check_choice("backend", backend, BACKENDS)
-        if long_weights and connectivity != "hybrid":
-            raise ValueError(f"long_weights=True needs connectivity='hybrid', got connectivity={connectivity!r}")
+        check_bool("long_weights", long_weights)
+        check_bool("x0_weight", x0_weight)
+        hybrid = connectivity == "hybrid"
+        check_hybrid_options(hybrid, gate_scope=gate_scope, gate_init=gate_init, learn_gates=learn_gates,
+                             long_weights=long_weights, x0_weight=x0_weight,
+                             gates_from_long_weights=gates_from_long_weights, long_weight_init=long_weight_init,
+                             clamp_range=clamp_range, not_hybrid=f"connectivity={connectivity!r}")
         self.connectivity = connectivity
         self.requested_backend = backend
         self._checkpointing = False
-        check_real("gate_init", gate_init, "a real number (the short path's starting weight)")
-        hybrid = connectivity == "hybrid"
-        units = depth * self.UNITS_PER_BLOCK
-        self.gates = scalar_parameters("gates", "learned", units - 1, gate_init, learn_gates) if hybrid else None
-        self.long_weights = scalar_parameters("long_weights", "learned", units, 1.0, True) if long_weights else None
+        self.hybrid_form = dict(gate_scope=gate_scope, gates_from_long_weights=gates_from_long_weights,
+                                clamp_range=clamp_range)
+        counts = scalar_counts(depth * self.UNITS_PER_BLOCK, self.UNITS_PER_BLOCK if gate_scope == "depth" else 1)
+        self.gates = scalar_parameters("gates", "learned", counts["gates"], gate_init, learn_gates) \
+            if hybrid and not gates_from_long_weights else None
+        self.long_weights = scalar_parameters("long_weights", "learned", counts["long_weights"], long_weight_init,
+                                              True) if long_weights else None
+        self.x0_weight = scalar_parameters("x0_weight", "learned", 1, long_weight_init, True) if x0_weight else None
 
     def units(self) -> list:
         """(module, input norm or None) of every unit of the long connections, in order: the blocks."""
@@ -77,10 +91,13 @@ class DepthModel(nn.Module):
                 module.backend = self.requested_backend
         modules, norms = zip(*self.units()) if self.blocks else ((), ())
         final = None if isinstance(self.final_norm, nn.Identity) else self.final_norm
-        long_connections = LongConnections(list(modules), None if None in norms else list(norms), final,
-                                           self.requested_backend, gates=self.gates,
-                                           long_weights=False if self.long_weights is None else self.long_weights,
-                                           units_per_depth=self.UNITS_PER_BLOCK)
+        hybrid = self.connectivity == "hybrid"
+        long_connections = LongConnections(
+            list(modules), None if None in norms else list(norms), final, self.requested_backend,
+            gates=("learned" if self.gates is None else self.gates) if hybrid else None,
+            long_weights=False if self.long_weights is None else self.long_weights,
+            x0_weight=False if self.x0_weight is None else self.x0_weight,
+            units_per_depth=self.UNITS_PER_BLOCK, **(self.hybrid_form if hybrid else {}))
         long_connections.gradient_checkpointing = self._checkpointing
         attach(self, long_connections)
 
@@ -158,12 +175,20 @@ class DepthModel(nn.Module):
         return exit_early((self.embed(inputs),), lambda i, state: (self.run_block(self.blocks[i], state[0]),),
                           lambda state: self.head(state[0]), self.depth, threshold)
 
+    def clamp_scalars(self) -> None:
+        """The hybrid's gates and weights into its clamp_range (LongConnections.clamp_scalars)."""
+        self.long_connections.clamp_scalars()
+
+    def clamp_after(self, optimizer: torch.optim.Optimizer):
+        """clamp_scalars after each of optimizer's steps (the authors' H-ACN: clamp_range=(0, 1)); returns
+        the hook's handle."""
+        return self.long_connections.clamp_after(optimizer)
+
     def truncate(self, k: int) -> "DepthModel":
         """A model that runs only the first k blocks; it shares every parameter with this one."""
         check_depth(k, self.depth)
         parts = {"blocks": nn.ModuleList(list(self.blocks)[:k])}
-        units = k * self.UNITS_PER_BLOCK
-        for name, count in (("gates", max(units - 1, 0)), ("long_weights", units)):
+        for name, count in scalar_counts(k * self.UNITS_PER_BLOCK, self.long_connections.units_per_scalar).items():
             if getattr(self, name) is not None:
                 parts[name] = nn.ParameterList(list(getattr(self, name))[:count])
         shallow = shallow_copy(self, **parts)

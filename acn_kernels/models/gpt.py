@@ -5,14 +5,19 @@
               (the authors' AC-GPT: both branches of a block add to the running sum, the attention
               output feeds the MLP branch; y starts at x_0)
     hybrid:   the acn's branches with a gated short path between them (LongConnections' gates: one
-              per branch boundary, 2L - 1 in all)
+              per branch boundary, 2L - 1 in all; gate_scope="block": one per block, on both of its
+              short paths, the authors' H-ACN; long_weights, x0_weight and gates_from_long_weights
+              give their Long_Short, y = b_0 x_0 + sum_i b_{i+1} (a_i + m_i), block i's gate 1 - b_i)
     residual: h = x + Attn(norm1(x)),  x_i = h + MLP(norm2(h))       (a pre-norm GPT)
     ffn:      x_i = MLP(norm2(Attn(norm1(x_{i-1}))))                 (the chain alone)
     logits    = lm_head(final_norm(y))                               (x_L for residual and ffn)
 
 The branches are the units of the long connections (two per block: LongConnections' units_per_depth),
 so `probe` gives the logits after 0..L blocks, a block's two branches both added, and `truncate(k)`
-keeps k blocks. Attention is causal `F.scaled_dot_product_attention`; `generate` keeps a KV cache
+keeps k blocks. The authors' language models (ACN-NOTES section 2b): bias=False (no bias in any
+linear or norm), scaled_output_init=True (both output projections of a block, attention's and the
+MLP's, at normal(0, 0.02 / sqrt(2L))), positions="rotary", and for the hybrid gate_scope="block",
+gate_init=0.0 and clamp_range=(0, 1) (`clamp_after(optimizer)`). Attention is causal `F.scaled_dot_product_attention`; `generate` keeps a KV cache
 (greedy tokens identical without it). On fused backends every boundary is one `accumulate_norm`
 (`hybrid_accumulate_norm`; RMSNorm where asked), the MLPs `feed_forward` (gelu, or swiglu with its
 (gate, up) rows), the other linears `linear`; the LM head and cross-entropy stay eager.
@@ -23,17 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_choice, check_divisible, check_positive_int, check_real
+from .._validation import check_bool, check_choice, check_divisible, check_positive_int, check_real
 from .base import LONG, DepthModel
 from .layers import FeedForward, FusedLinear
 
 NORMS = ("layernorm", "rmsnorm")
+GATE_SCOPES = ("unit", "block")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rotary")
 
 
-def make_norm(kind: str, dim: int) -> nn.Module:
-    return nn.LayerNorm(dim) if kind == "layernorm" else nn.RMSNorm(dim, eps=1e-6)
+def make_norm(kind: str, dim: int, bias: bool = True) -> nn.Module:
+    return nn.LayerNorm(dim, bias=bias) if kind == "layernorm" else nn.RMSNorm(dim, eps=1e-6)
 
 
 def default_mlp_dim(dim: int, mlp: str) -> int:
@@ -82,13 +88,13 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention over (batch, positions, dim); with a KVCache, the new positions
     attend to every cached one and causally among themselves."""
 
-    def __init__(self, dim: int, heads: int, layer: int, rotary: Rotary | None):
+    def __init__(self, dim: int, heads: int, layer: int, rotary: Rotary | None, bias: bool = True):
         super().__init__()
         check_positive_int("heads", heads)
         check_divisible("dim", dim, "heads", heads)
         self.heads, self.layer = heads, layer
-        self.qkv = FusedLinear(dim, 3 * dim)
-        self.proj = FusedLinear(dim, dim)
+        self.qkv = FusedLinear(dim, 3 * dim, bias=bias)
+        self.proj = FusedLinear(dim, dim, bias=bias)
         object.__setattr__(self, "rotary", rotary)  # shared by every layer, registered once by the model
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
@@ -124,13 +130,17 @@ class Branch(nn.Module):
 
 class GPTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_dim: int, norm: str, mlp: str, layer: int, rotary: Rotary | None,
-                 residual: bool):
+                 residual: bool, bias: bool = True):
         super().__init__()
-        self.norm1 = make_norm(norm, dim)
-        self.attn = CausalSelfAttention(dim, heads, layer, rotary)
-        self.norm2 = make_norm(norm, dim)
-        self.mlp = FeedForward(dim, mlp_dim, "gelu" if mlp == "gelu" else "swiglu")
+        self.norm1 = make_norm(norm, dim, bias)
+        self.attn = CausalSelfAttention(dim, heads, layer, rotary, bias)
+        self.norm2 = make_norm(norm, dim, bias)
+        self.mlp = FeedForward(dim, mlp_dim, "gelu" if mlp == "gelu" else "swiglu", bias)
         self.residual = residual
+
+    def output_projections(self) -> tuple:
+        """The weights that write into the residual stream (or the sum): attention's and the MLP's outputs."""
+        return self.attn.proj.weight, self.mlp[2].weight
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """The residual block (pre-norm, two skips) or the ffn chain's; the long connections run the
@@ -144,17 +154,26 @@ class GPTBlock(nn.Module):
 
 class GPT(DepthModel):
     """A causal language model; see the module docstring. mlp_dim defaults to 4 dim (gelu) or about
-    8/3 dim (swiglu)."""
+    8/3 dim (swiglu). gate_scope: "unit" (a gate per branch boundary) or "block"."""
 
     UNITS_PER_BLOCK = 2
 
     def __init__(self, vocab_size: int, max_len: int, dim: int, depth: int, heads: int, mlp_dim: int | None = None,
                  connectivity: str = "acn", norm: str = "layernorm", mlp: str = "gelu", positions: str = "learned",
                  tie_embeddings: bool = True, backend: str = "auto", gate_init: float = 0.5,
-                 learn_gates: bool = True, long_weights: bool = False):
-        super().__init__(depth, connectivity, backend, gate_init, learn_gates, long_weights)
-        for name, value in (("vocab_size", vocab_size), ("max_len", max_len), ("dim", dim)):
+                 learn_gates: bool = True, long_weights: bool = False, bias: bool = True,
+                 scaled_output_init: bool = False, gate_scope: str = "unit", x0_weight: bool = False,
+                 gates_from_long_weights: bool = False, long_weight_init: float = 1.0, clamp_range=None):
+        check_choice("gate_scope", gate_scope, GATE_SCOPES)
+        super().__init__(depth, connectivity, backend, gate_init, learn_gates, long_weights,
+                         gate_scope="depth" if gate_scope == "block" else "unit", x0_weight=x0_weight,
+                         gates_from_long_weights=gates_from_long_weights, long_weight_init=long_weight_init,
+                         clamp_range=clamp_range)
+        check_bool("bias", bias)
+        check_bool("scaled_output_init", scaled_output_init)
+        for name, value in (("vocab_size", vocab_size), ("max_len", max_len), ("dim", dim), ("heads", heads)):
             check_positive_int(name, value)
+        check_bool("tie_embeddings", tie_embeddings)
         check_choice("norm", norm, NORMS)
         check_choice("mlp", mlp, MLPS)
         check_choice("positions", positions, POSITIONS)
@@ -166,10 +185,14 @@ class GPT(DepthModel):
         self.pos_embed = nn.Embedding(max_len, dim) if positions == "learned" else None
         self.rotary = Rotary(dim // heads, max_len) if positions == "rotary" else None
         self.blocks = nn.ModuleList(GPTBlock(dim, heads, mlp_dim, norm, mlp, i, self.rotary,
-                                             residual=connectivity == "residual") for i in range(depth))
-        self.final_norm = make_norm(norm, dim)
+                                             residual=connectivity == "residual", bias=bias) for i in range(depth))
+        self.final_norm = make_norm(norm, dim, bias)
         self.lm_head = FusedLinear(dim, vocab_size, bias=False)
         self.apply(init_weights)
+        if scaled_output_init:  # GPT-2's: each block's two writes into the sum at 0.02 / sqrt(2L)
+            for block in self.blocks:
+                for weight in block.output_projections():
+                    nn.init.normal_(weight, std=0.02 / (2 * depth) ** 0.5)
         if tie_embeddings:
             self.lm_head.weight = self.token_embed.weight
         self.connect()

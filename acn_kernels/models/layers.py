@@ -51,9 +51,10 @@ class FeedForward(nn.Sequential):
     `feed_forward`: the first linear's bias and activation in its GEMM's epilogue, the activation's
     backward in the epilogue of the GEMM that produces the hidden gradient."""
 
-    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu"):
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu", bias: bool = True):
         gated = 2 if activation == "swiglu" else 1  # swiglu's first linear: the gate's rows, then the up's
-        super().__init__(nn.Linear(dim, gated * hidden_dim), make_activation(activation), nn.Linear(hidden_dim, dim))
+        super().__init__(nn.Linear(dim, gated * hidden_dim, bias=bias), make_activation(activation),
+                         nn.Linear(hidden_dim, dim, bias=bias))
         self.activation = activation
         self.backend = "reference"
 
@@ -85,8 +86,8 @@ class SelfAttention(nn.Module):
 
 def pair(name: str, value) -> tuple[int, int]:
     """(height, width) from an int (square) or a pair of ints."""
-    sizes = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
-    if len(sizes) != 2:
+    sizes = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(sizes, (tuple, list)) or len(sizes) != 2:
         raise ValueError(f"{name} must be an int or (height, width), got {value!r}")
     for size in sizes:
         check_positive_int(name, size)

@@ -17,40 +17,44 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ----------------------------------------------------------------------------- argument checks
 
-def check_tensor(name: str, value, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+def check_tensor(name: str, value, dtypes=FLOAT_DTYPES, like: str | None = None) -> torch.Tensor:
+    """A tensor of one of `dtypes`; `like` names the argument they come from, in the message."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype in {tuple(dtypes)}, got {value.dtype}")
+        raise TypeError(f"{name} must have dtype in {tuple(dtypes)}{f' like {like}' if like else ''}, "
+                        f"got {value.dtype}")
     return value
 
 
-def check_shape(name: str, value: torch.Tensor, expected: tuple) -> None:
+def check_shape(name: str, value: torch.Tensor, expected: tuple, source: str | None = None) -> None:
+    """`source` says which argument the expected shape comes from, in the message."""
     if tuple(value.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
+        raise ValueError(f"{name} must have shape {tuple(expected)}{f' ({source})' if source else ''}, "
+                         f"got {tuple(value.shape)}")
 
 
-def check_device(name: str, value: torch.Tensor, device: torch.device) -> None:
+def check_device(name: str, value: torch.Tensor, device: torch.device, like: str = "x") -> None:
     if value.device != device:
-        raise ValueError(f"{name} must be on {device} like x, got {value.device}")
+        raise ValueError(f"{name} must be on {device} like {like}, got {value.device}")
 
 
-def check_running_sum(y, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+def check_running_sum(y, shape: tuple, dtype: torch.dtype, device: torch.device, source: str = "x's shape") -> None:
     """y is None (the chain's start) or a tensor of the block output's shape, in its dtype or float32."""
     if y is None:
         return
-    check_tensor("y", y, dtypes=tuple(dict.fromkeys((dtype, torch.float32))))
-    check_shape("y", y, shape)
+    check_tensor("y", y, dtypes=tuple(dict.fromkeys((dtype, torch.float32))), like="x (or float32)")
+    check_shape("y", y, shape, source)
     check_device("y", y, device)
 
 
-def check_norm_params(weight, bias, dim: int, device: torch.device) -> None:
+def check_norm_params(weight, bias, dim: int, device: torch.device, like: str = "x") -> None:
     for name, param in (("weight", weight), ("bias", bias)):
         if param is None and name == "bias":
             continue
         check_tensor(name, param)
-        check_shape(name, param, (dim,))
-        check_device(name, param, device)
+        check_shape(name, param, (dim,), f"the last dimension of {like}")
+        check_device(name, param, device, like)
 
 
 def check_eps(eps) -> None:

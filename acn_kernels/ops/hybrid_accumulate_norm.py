@@ -158,8 +158,8 @@ def hybrid_accumulate_norm(x, f, y, gate, weight, bias=None, *, long_weight=None
     check_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (..., D), got a 0-d tensor")
-    check_tensor("f", f, dtypes=(x.dtype,))
-    check_shape("f", f, x.shape)
+    check_tensor("f", f, dtypes=(x.dtype,), like="x")
+    check_shape("f", f, x.shape, "x's shape")
     check_device("f", f, x.device)
     check_running_sum(y, x.shape, x.dtype, x.device)
     check_scalar_parameter("gate", gate, x.device)

@@ -286,7 +286,7 @@ def checked_linear_input(x, *params) -> tuple:
     """(x, *params) as a linear op's GEMM takes them: x a float tensor of at least one dimension, and
     under autocast all of them cast to the autocast dtype, as nn.Linear's are."""
     check_tensor("x", x)
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         x, *params = cast_for_autocast(x.device.type, x, *params)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (..., in_features), got a 0-d tensor")
@@ -294,26 +294,26 @@ def checked_linear_input(x, *params) -> tuple:
 
 
 def check_linear(weight_name: str, weight, bias_name: str, bias, x: torch.Tensor, in_features: int | None = None,
-                 activation: str = "identity"):
-    """weight (out_features, in_features: x's last dimension by default) and bias (out_features,) or
-    None, of x's dtype and on x's device; a gated activation's out_features are (gate, up) pairs."""
-    from_x = in_features is None
-    in_features = x.shape[-1] if from_x else in_features
-    check_tensor(weight_name, weight, dtypes=(x.dtype,))
+                 activation: str = "identity", in_features_source: str | None = None):
+    """weight (out_features, in_features: x's last dimension unless given, `in_features_source`
+    saying where it comes from) and bias (out_features,) or None, of x's dtype and on x's device; a
+    gated activation's out_features are (gate, up) pairs."""
+    if in_features is None:
+        in_features, in_features_source = x.shape[-1], f"the last dimension of x, whose shape is {tuple(x.shape)}"
+    check_tensor(weight_name, weight, dtypes=(x.dtype,), like="x")
     if weight.dim() != 2:
         raise ValueError(f"{weight_name} must have shape (out_features, in_features), got {tuple(weight.shape)}")
     if weight.shape[1] != in_features:
         # a mismatch of two arguments: name both, since either may be the wrong one
-        source = f" (the last dimension of x, whose shape is {tuple(x.shape)})" if from_x else ""
-        raise ValueError(f"{weight_name} must have shape (out_features, {in_features}){source}, got "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(f"{weight_name} must have shape (out_features, {in_features}) ({in_features_source}), "
+                         f"got {tuple(weight.shape)}")
     if activation in GATED and weight.shape[0] % 2:
         raise ValueError(f"{weight_name} must have an even number of rows for activation={activation!r} (the gate "
                          f"projection's, then the up projection's), got {tuple(weight.shape)}")
     check_device(weight_name, weight, x.device)
     if bias is not None:
-        check_tensor(bias_name, bias, dtypes=(x.dtype,))
-        check_shape(bias_name, bias, (weight.shape[0],))
+        check_tensor(bias_name, bias, dtypes=(x.dtype,), like="x")
+        check_shape(bias_name, bias, (weight.shape[0],), f"{weight_name}'s rows")
         check_device(bias_name, bias, x.device)
 
 
@@ -325,7 +325,8 @@ def linear_act_accumulate(x, weight, bias, y, *, activation="gelu", backend="aut
     x, weight, bias = checked_linear_input(x, weight, bias)
     check_choice("activation", activation, ACTIVATIONS)
     check_linear("weight", weight, "bias", bias, x, activation=activation)
-    check_running_sum(y, (*x.shape[:-1], output_width(weight, activation)), x.dtype, x.device)
+    check_running_sum(y, (*x.shape[:-1], output_width(weight, activation)), x.dtype, x.device,
+                      "the output's: x's rows, weight's out_features")
     resolved = resolve_backend(backend, x.device, "linear_act_accumulate")
     if not return_h and y is None:
         raise ValueError("return_h=False needs y: without a running sum there is nothing else to return")

@@ -261,7 +261,7 @@ def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm", backend="au
     if xs.dim() < 2 or xs.shape[0] == 0:
         raise ValueError(f"xs must have shape (L+1, ..., D) with at least 2 dims and L+1 >= 1 (x_0 at least), "
                          f"got {tuple(xs.shape)}")
-    check_norm_params(weight, bias, xs.shape[-1], xs.device)
+    check_norm_params(weight, bias, xs.shape[-1], xs.device, like="xs")
     check_eps(eps)
     check_norm_kind(norm)
     resolved = resolve_backend(backend, xs.device, "probe_norm")
