@@ -224,11 +224,13 @@ def base_of(model):
                 if m is not None and hasattr(m, "get_input_embeddings") and (hasattr(m, "h") or hasattr(m, "layers")))
 
 
-def decoder_by_hand(model, ids, residual: bool, every_layer: bool = False):
+def decoder_by_hand(model, ids, residual: bool, every_layer: bool = False, alphas=None, long_short=False):
     """The model's base by hand over its own submodules: the ACN of the definition (each layer's
     attention branch, then its MLP branch on the attention output, both added to the sum from the
     embeddings, the final norm on the sum), or with the residual adds put back, the model as it was.
-    every_layer: the states after 0..L-1 layers and the final norm's output, as output_hidden_states."""
+    every_layer: the states after 0..L-1 layers and the final norm's output, as output_hidden_states.
+    alphas: the authors' H-ACN (layer i's two short paths gated by 1 - alphas[i]); with long_short,
+    their Long_Short (x_0 weighted by alphas[0], layer i's branches by alphas[i + 1])."""
     from transformers.masking_utils import create_causal_mask
 
     base = base_of(model)
@@ -243,16 +245,14 @@ def decoder_by_hand(model, ids, residual: bool, every_layer: bool = False):
         keywords = {"position_embeddings": base.rotary_emb(x, positions)}
     keywords["attention_mask"] = create_causal_mask(config=base.config, inputs_embeds=x, attention_mask=None,
                                                     cache=None, position_ids=positions)
-    states = [x]  # the state after each layer: x for the residual model, the running sum for the ACN
-    for norm1, attention, norm2, mlp in layers:
+    states = [alphas[0] * x if long_short else x]  # after each layer: x (residual), the running sum (ACN)
+    for i, (norm1, attention, norm2, mlp) in enumerate(layers):
+        g = 1.0 if residual else 0.0 if alphas is None else 1 - alphas[i]
         a = attention(norm1(x), **keywords)[0]
-        if residual:
-            x = x + a
-            x = x + mlp(norm2(x))
-        else:
-            m = mlp(norm2(a))
-            x = m
-        states.append(x if residual else states[-1] + a + m)
+        x = g * x + a
+        m = mlp(norm2(x))
+        x = g * x + m
+        states.append(x if residual else states[-1] + (alphas[i + 1] if long_short else 1) * (a + m))
     return states[:-1] + [final(states[-1])] if every_layer else final(states[-1])
 
 
@@ -511,3 +511,38 @@ def test_every_public_method_of_an_acnified_timm_vit_computes_the_acn_or_refuses
     for method in TIMM_METHODS["refuses"]:
         with pytest.raises(NotImplementedError, match="without the long connections"):
             getattr(model, method)(images if method != "prune_intermediate_layers" else 1)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("form", ["h-acn", "long-short"])
+def test_an_acnified_lm_takes_the_authors_hybrid_forms_and_saves_them(family, form, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
+    options = dict(connectivity="hybrid", gate_scope="block", gate_init=0.0, clamp_range=(0.0, 1.0))
+    if form == "long-short":
+        options.update(long_weights=True, x0_weight=True, gates_from_long_weights=True, long_weight_init=0.8)
+    model = acnify(decoder(family), backend="reference", **options).double().eval()
+    scalars = sorted(n for n, p in model.named_parameters() if p.dim() == 0)
+    prefix = "transformer." if family == "gpt2" else "model."
+    expected = ([f"long_weights.{i}" for i in range(3)] + ["x0_weight.0"] if form == "long-short"
+                else [f"gates.{i}" for i in range(3)])
+    assert scalars == [prefix + n for n in expected]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 0:
+                p.uniform_(0.1, 0.9)
+    long = base_of(model).long_connections
+    alphas = [long.x0_weight[0], *long.long_weights] if form == "long-short" else [1 - g for g in long.gates]
+    ids = torch.randint(1, 50, (2, 9))
+    torch.testing.assert_close(last_hidden(model, ids), decoder_by_hand(model, ids, residual=False, alphas=alphas,
+                                                                        long_short=form == "long-short"),
+                               rtol=1e-12, atol=1e-12)
+    optimizer = torch.optim.SGD(model.parameters(), lr=100.0)
+    model.clamp_after(optimizer)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert all(0.0 <= p.item() <= 1.0 for p in long.scalars())
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").double().eval()
+    base_of(loaded).long_connections.backend = "reference"
+    assert base_of(loaded).long_connections.clamp_range == (0.0, 1.0)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-12, atol=1e-12)

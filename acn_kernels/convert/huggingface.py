@@ -110,9 +110,16 @@ def truncated_config(config, k: int):
     return config
 
 
+def clamp_after(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """The hybrid's gates and weights clamped into its clamp_range after each of optimizer's steps
+    (LongConnections.clamp_after); returns the hook's handle."""
+    return find_owner(model)[1].long_connections.clamp_after(optimizer)
+
+
 def bind(model: nn.Module) -> None:
     model.probe = types.MethodType(probe, model)
     model.truncate = types.MethodType(truncate, model)
+    model.clamp_after = types.MethodType(clamp_after, model)
 
 
 class Owner:

@@ -49,6 +49,10 @@ class AcnVisionTransformer(VisionTransformer):
     get_intermediate_layers = prune_intermediate_layers = forward_intermediates  # the last: the blocks it
     # cut would still run in the long connections
 
+    def clamp_after(self, optimizer: torch.optim.Optimizer):
+        """The hybrid's gates and weights clamped into its clamp_range after each optimizer step."""
+        return self.long_connections.clamp_after(optimizer)
+
     def truncate(self, k: int) -> "AcnVisionTransformer":
         long = self.long_connections.truncate(k)
         shallow = shallow_copy(self, blocks=nn.Sequential(*long.blocks), **registered_scalars(long))
