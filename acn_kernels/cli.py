@@ -126,6 +126,12 @@ def main(argv=None) -> int:
     paper.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
     paper.add_argument("--si-c", type=float, default=None, help="Synaptic Intelligence's penalty strength (default 1)")
     paper.add_argument("--si-xi", type=float, default=None, help="Synaptic Intelligence's damping xi (default 1)")
+    paper.add_argument("--tables", choices=("all", "classification", "language"), default="all",
+                       help="classification: tables 1-5 alone; language: table 6 alone")
+    paper.add_argument("--lm-recipe", choices=("authors", "package"), default="authors",
+                       help="table 6's training recipe: the authors' (default) or the package's earlier one")
+    paper.add_argument("--lm-workers", type=positive_int, default=1,
+                       help="table 6's runs in this many processes (one thread each: the same numbers, sooner)")
     _add_page_options(paper, check=False)
     commands.add_parser("info", help="versions and available backends")
     report = commands.add_parser("compile-report", help="compile every Triton kernel for sm_80 and sm_90; "
@@ -176,7 +182,8 @@ def run_command(args, argv: list[str]) -> int:
         return run_cuda_report()
     if args.command == "paper":
         from .experiments.paper import run_paper
-        return run_paper(args.quick, args.seeds, args.out, args.device, args.si_c, args.si_xi)
+        return run_paper(args.quick, args.seeds, args.out, args.device, args.si_c, args.si_xi, tables=args.tables,
+                         lm_recipe=args.lm_recipe, lm_workers=args.lm_workers)
     if args.command == "cuda-host-check":
         from .tools.cuda_host_check import run_check
         return run_check(only=args.only, verbose=args.verbose, seed=args.seed, fuzz=args.fuzz)

@@ -130,8 +130,62 @@ def test_paper_quick_writes_its_tables_csvs_and_plots(tmp_path):
     for title in ("1. Compression", "2. Noise robustness", "3. Continual learning", "4. Training speed",
                   "4b. The hybrid", "5a. Shrinking while training", "5b. Early exit per sample", "6. Language models"):
         assert title in result.stdout
-    assert result.stdout.count("verdict: ") == 8 and result.stdout.count("target: ") == 3
+    assert result.stdout.count("verdict: ") == 12 and result.stdout.count("target: ") == 3
     for name in ("compression", "noise", "continual", "training_speed", "hybrid", "shrinking", "early_exit",
                  "language"):
         assert (tmp_path / f"{name}.csv").read_text().startswith("dataset,model,twin,seed,metric,value")
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- table 6: the language models
+
+TIMINGS = ("tokens/s", "us/token", "speedup")
+
+
+def test_the_authors_recipe_decays_the_linear_weights_alone_and_runs_one_cycle():
+    from acn_kernels.experiments import language
+
+    settings = language.QUICK
+    model = language.build(settings, "hybrid", language.task_of(settings, "addition"))
+    recipe = language.RECIPES["authors"]
+    decayed, rest = language.parameter_groups(model, recipe)
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert {id(p) for p in decayed["params"]} == linear - {id(model.token_embed.weight)}  # the tied head: not decayed
+    assert rest["weight_decay"] == 0.0 and any(p.dim() == 0 for p in rest["params"])  # gates, norms, embedding
+    assert not any(n.endswith("bias") for n, _ in model.named_parameters())
+    optimizer = torch.optim.AdamW(language.parameter_groups(model, recipe), lr=recipe.lr)
+    schedule = language.schedule(optimizer, recipe, 100)
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(1e-5) and max(rates) == pytest.approx(1e-3) and rates.index(max(rates)) == 4
+    assert rates[-1] == pytest.approx(1e-4, rel=0.05)  # cosine down towards lr / 10
+
+
+def test_a_language_run_is_the_same_twice_and_its_hybrid_gates_stay_clamped():
+    from acn_kernels.experiments import language
+
+    runs = [language.run_one(language.QUICK, "addition", "hybrid", 0) for _ in range(2)]
+    measured = [{k: v for k, v in run.items() if not any(t in k for t in TIMINGS)} for run in runs]
+    assert measured[0] == measured[1] and "plateau exit" in measured[0] and "loss at step 40" in measured[0]
+    model = language.build(language.QUICK, "hybrid", language.task_of(language.QUICK, "addition"))
+    with language.deterministic():
+        language.train(model, language.task_of(language.QUICK, "addition"), language.QUICK, 0)
+    assert torch.get_num_threads() >= 1 and not torch.are_deterministic_algorithms_enabled()  # restored
+    assert all(0.0 <= g.item() <= 1.0 for g in model.gates) and any(g.item() > 0 for g in model.gates)
+
+
+def test_the_unigram_loss_and_the_plateau_exit_by_hand():
+    from acn_kernels.experiments import language
+
+    train = torch.tensor([[1, 1, 2, -100]])
+    held_out = torch.tensor([[1, 2]])
+    counts = torch.ones(256)
+    counts[1], counts[2] = 3.0, 2.0
+    p = counts / counts.sum()
+    assert language.unigram_loss(train, held_out) == pytest.approx(-(p[1].log() + p[2].log()).item() / 2)
+    task = language.Task("t", 4, None, None, None, unigram_loss=3.0)
+    assert language.plateau_exit([(50, 3.0), (100, 2.71), (150, 2.69)], task, 150) == 150
+    assert language.plateau_exit([(50, 3.0)], task, 50) == 51

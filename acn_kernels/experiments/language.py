@@ -1,36 +1,83 @@
 """The language-model table of `python -m acn_kernels paper`: AC-GPT and its twins on offline data.
 
 For each data set (the byte-level grammar corpus, n-digit addition with the answer reversed; text.py)
-and each twin (acn, residual, ffn, hybrid), a GPT trained with AdamW (warmup and cosine decay), then
-on held-out data:
+and each twin (acn; the authors' H-ACN hybrid; the package's own hybrid; residual), a GPT trained
+with one recipe for every twin, then on held-out data:
 - the next-token loss and accuracy at every depth (`probe`: the logits after 0..L blocks); for
   addition the targets are the answer's tokens, and the exact match of the whole answer is scored too;
 - the effective depth: the smallest depth within 1% of the best loss (`compress`, metric="loss");
-- the training steps until the validation loss first reaches a target;
+- the training steps until the validation loss first reaches a target, and the step at which it
+  first leaves the unigram plateau (10% below the loss of the training targets' unigram
+  distribution: what a model that ignores the context reaches, where an ACN can sit for long);
 - greedy generation tokens/s (KV cache on) of the model truncated to its effective depth k against the
   full one: the target is at least 0.5 x L/k, and the depth-0 model's own time per token (embedding,
   final norm, head, sampling and the Python loop: what no truncation removes) says what keeps it from L/k.
+
+The recipe, by default the authors' (ACN-NOTES section 2b, read from their language_modeling/
+configs): AdamW lr 1e-3, betas (0.9, 0.95), weight decay 0.01 on the linear weights only, OneCycle
+(5% warmup from lr/100, cosine down to lr/10), gradient clipping at 1.0, no biases, the scaled output
+projections, rotary positions; their H-ACN's gates start at 0 (alpha 1), one per block, clamped to
+[0, 1] after every step. What differs from theirs: float32 (they train bf16 on GPUs), no dropout (the
+package's GPT has none), and the scale. `recipe="package"` (`paper --lm-recipe package`) is the one
+this table used before: lr 3e-3, betas (0.9, 0.999), weight decay 0.1 on every parameter, warmup
+then cosine to 0, no clipping, biases, learned positions.
+
+Each run is deterministic on a machine: its seed fixes the initialization and the batches, and it runs
+on one thread with torch.use_deterministic_algorithms, so two runs of the same command give the same
+table. Across machines the float rounding of the CPU's kernels (their vector width, the BLAS build)
+can differ, and an ACN on a plateau amplifies it: the step at which it leaves may move.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import math
+import multiprocessing
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..depth import IGNORE_INDEX, compress, depth_scores, generation_tokens_per_second
 from ..models import GPT
 from . import text
 from .report import per_seed, plot_lines, print_table, verdict, write_csv
 
-TWINS = ("acn", "residual", "ffn", "hybrid")
+TWINS = {  # row -> the GPT's connectivity options
+    "acn": dict(connectivity="acn"),
+    "hybrid": dict(connectivity="hybrid", gate_scope="block", gate_init=0.0, clamp_range=(0.0, 1.0)),  # the H-ACN
+    "hybrid-unit": dict(connectivity="hybrid"),  # the package's: a gate per branch boundary, at 0.5, unclamped
+    "residual": dict(connectivity="residual"),
+}
 PROMPT = 8  # tokens of each held-out sequence that the generation timing starts from
-LEARNING_RATE, WARMUP_FRACTION, WEIGHT_DECAY = 3e-3, 0.05, 0.1
 # validation loss (nats per target token) the steps-to-target column waits for
 TARGET_LOSS = {"corpus": 2.5, "addition": 0.5}
+PLATEAU = 0.9  # leaving the unigram plateau: a validation loss 10% below the unigram loss
+THREADS = 1  # per run: the same reductions, in the same order, on every run
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    lr: float
+    betas: tuple
+    weight_decay: float
+    decay_linear_only: bool   # weight decay on nn.Linear weights alone (not norms, embeddings, gates)
+    one_cycle: bool           # OneCycle from lr/100 to lr/10; else warmup then cosine to 0
+    clip: float | None        # gradient-norm clipping
+    model: dict = field(default_factory=dict)  # GPT options
+
+
+RECIPES = {
+    "authors": Recipe("authors", 1e-3, (0.9, 0.95), 0.01, True, True, 1.0,
+                      dict(bias=False, scaled_output_init=True, positions="rotary")),
+    "package": Recipe("package", 3e-3, (0.9, 0.999), 0.1, False, False, None, dict(positions="learned")),
+}
+RECIPE_NAMES = {"authors": "the authors' recipe", "package": "the package's earlier recipe"}
+WARMUP_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -45,12 +92,12 @@ class LanguageSettings:
     digits: int           # addition operands: 1 to `digits` digits
     eval_every: int
     new_tokens: int       # generated per prompt when timing
+    recipe: str = "authors"
 
 
-# Sized for this project's 2-core CPU machine (about 15 minutes in all): 2-digit addition needs about
-# 1000 steps of 32 before its answers come right, the corpus a few hundred before a model gets past
-# the unigram level.
-FULL = LanguageSettings(seeds=2, depth=8, dim=64, heads=4, steps={"corpus": 600, "addition": 1500}, batch=32,
+# Sized for this project's 2-core CPU machine: 2-digit addition needs about 1000 steps of 32 before its
+# answers come right, the corpus a few hundred before a model gets past the unigram level.
+FULL = LanguageSettings(seeds=4, depth=8, dim=64, heads=4, steps={"corpus": 600, "addition": 1500}, batch=32,
                         context=64, digits=2, eval_every=50, new_tokens=32)
 QUICK = LanguageSettings(seeds=1, depth=4, dim=64, heads=4, steps={"corpus": 40, "addition": 40}, batch=16,
                          context=32, digits=2, eval_every=10, new_tokens=8)
@@ -64,6 +111,16 @@ class Task:
     batches: object                 # generator -> (inputs, targets)
     validation: tuple               # (inputs, targets)
     answers: torch.Tensor | None    # addition: the answer mask of the validation targets
+    unigram_loss: float = 0.0       # the validation loss of the training targets' unigram distribution
+
+
+def unigram_loss(train_targets: torch.Tensor, validation_targets: torch.Tensor) -> float:
+    """Cross-entropy of the held-out targets under the training targets' token frequencies (add-one
+    smoothed): the loss of a model that ignores its context."""
+    counts = torch.bincount(train_targets[train_targets != IGNORE_INDEX].flatten(), minlength=text.VOCAB) + 1.0
+    log_p = (counts / counts.sum()).log()
+    held_out = validation_targets[validation_targets != IGNORE_INDEX]
+    return -log_p[held_out].mean().item()
 
 
 def corpus_task(settings: LanguageSettings) -> Task:
@@ -73,7 +130,8 @@ def corpus_task(settings: LanguageSettings) -> Task:
     def batches(generator):
         rows = text.windows(split.train, settings.context, settings.batch, generator)
         return rows[:, :-1], rows[:, 1:]
-    return Task("corpus", settings.context, batches, (held_out[:, :-1], held_out[:, 1:]), None)
+    return Task("corpus", settings.context, batches, (held_out[:, :-1], held_out[:, 1:]), None,
+                unigram_loss(split.train, held_out[:, 1:]))
 
 
 def addition_task(settings: LanguageSettings) -> Task:
@@ -91,13 +149,16 @@ def addition_task(settings: LanguageSettings) -> Task:
     def batches(generator):
         rows = torch.randint(0, len(inputs), (settings.batch,), generator=generator)
         return inputs[rows], targets[rows]
-    return Task("addition", length, batches, answer_targets(held_out), held_out.answer)
+    validation = answer_targets(held_out)
+    return Task("addition", length, batches, validation, held_out.answer, unigram_loss(targets, validation[1]))
 
 
 def build(settings: LanguageSettings, twin: str, task: Task) -> GPT:
-    """The task's GPT, with positions for the generation timing's prompt and new tokens too."""
+    """The task's GPT as the recipe builds it, with positions for the generation timing's prompt and
+    new tokens too."""
     max_len = max(task.max_len, PROMPT + settings.new_tokens)
-    return GPT(text.VOCAB, max_len, settings.dim, settings.depth, settings.heads, connectivity=twin)
+    return GPT(text.VOCAB, max_len, settings.dim, settings.depth, settings.heads,
+               **RECIPES[settings.recipe].model, **TWINS[twin])
 
 
 def validation_loss(model: GPT, validation: tuple) -> float:
@@ -109,13 +170,50 @@ def validation_loss(model: GPT, validation: tuple) -> float:
     return loss.item()
 
 
-def train(model: GPT, task: Task, settings: LanguageSettings, seed: int) -> list:
-    """AdamW with warmup and cosine decay; returns [(step, validation loss)] every eval_every steps."""
-    steps = settings.steps[task.name]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+def parameter_groups(model: nn.Module, recipe: Recipe) -> list:
+    """AdamW's groups: with decay_linear_only, weight decay on the nn.Linear weights alone (the LM head
+    tied to the token embedding counts as the embedding, as in the authors' code); else on everything."""
+    if not recipe.decay_linear_only:
+        return [{"params": list(model.parameters())}]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
+    decayed = [p for p in model.parameters() if id(p) in linear]
+    return [{"params": decayed}, {"params": [p for p in model.parameters() if id(p) not in linear],
+                                  "weight_decay": 0.0}]
+
+
+def schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, steps: int):
+    if recipe.one_cycle:  # warmup from lr/100 (div_factor), then cosine down to lr/10 (lr/100 / final_div_factor)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=steps,
+                                                   pct_start=WARMUP_FRACTION, anneal_strategy="cos",
+                                                   cycle_momentum=False, div_factor=100.0, final_div_factor=0.1)
     warmup = max(1, int(WARMUP_FRACTION * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, step / steps))))
+
+
+@contextlib.contextmanager
+def deterministic(threads: int = THREADS):
+    """One run's numerics fixed: `threads` threads and torch's deterministic algorithms, restored after."""
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+
+
+def train(model: GPT, task: Task, settings: LanguageSettings, seed: int) -> list:
+    """The recipe's AdamW, schedule and clipping (the hybrid's gates clamped after each step where it
+    has a clamp range); returns [(step, validation loss)] every eval_every steps."""
+    recipe, steps = RECIPES[settings.recipe], settings.steps[task.name]
+    optimizer = torch.optim.AdamW(parameter_groups(model, recipe), lr=recipe.lr, betas=recipe.betas,
+                                  weight_decay=recipe.weight_decay)
+    lr_schedule = schedule(optimizer, recipe, steps)
+    if model.connectivity == "hybrid":
+        model.clamp_after(optimizer)
     generator, curve = torch.Generator().manual_seed(seed), []
     model.train()
     for step in range(1, steps + 1):
@@ -123,8 +221,10 @@ def train(model: GPT, task: Task, settings: LanguageSettings, seed: int) -> list
         loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if recipe.clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
         optimizer.step()
-        schedule.step()
+        lr_schedule.step()
         if step % settings.eval_every == 0 or step == steps:
             curve.append((step, validation_loss(model, task.validation)))
     return curve
@@ -156,6 +256,12 @@ def steps_to_target(curve: list, target: float, steps: int) -> int:
     return next((step for step, loss in curve if loss <= target), steps + 1)
 
 
+def plateau_exit(curve: list, task: Task, steps: int) -> int:
+    """The first evaluated step whose validation loss is 10% below the unigram loss (one past the budget
+    if it never left)."""
+    return steps_to_target(curve, PLATEAU * task.unigram_loss, steps)
+
+
 def generation_row(result: dict, depth: int) -> dict:
     """Tokens/s of the full and the truncated model, the ratio against L/k, and the per-token time that
     no truncation removes (the depth-0 model's)."""
@@ -166,66 +272,119 @@ def generation_row(result: dict, depth: int) -> dict:
             "overhead us/token": 1e6 / speeds[0], "full us/token": 1e6 / full}
 
 
-def run_language(settings: LanguageSettings, out: str, tqdm) -> None:
-    """Trains every twin on both data sets and prints table 6, its target line and its verdict."""
-    tasks = [corpus_task(settings), addition_task(settings)]
-    jobs = [(task, seed, twin) for task in tasks for seed in range(settings.seeds) for twin in TWINS]
-    rows, depth_rows, records = defaultdict(lambda: defaultdict(list)), defaultdict(lambda: defaultdict(list)), []
-    generation, exact_rows = defaultdict(lambda: defaultdict(list)), defaultdict(lambda: defaultdict(list))
-    with tqdm(jobs, desc="language models", unit="run") as progress:
-        for task, seed, twin in progress:
-            progress.set_postfix_str(f"{task.name} {twin} seed {seed}")
-            torch.manual_seed(seed)
-            model = build(settings, twin, task)
-            curve = train(model, task, settings, seed)
-            result = evaluate(model, task, settings)
-            key = f"{task.name} gpt {twin}"
-            values = {"best loss": min(result["losses"]), "full-depth loss": result["losses"][-1],
-                      "eff. depth": result["depth"], "eff./L": result["depth"] / settings.depth,
-                      "steps to target": steps_to_target(curve, TARGET_LOSS[task.name], settings.steps[task.name]),
-                      "accuracy %": result["accuracies"][-1]}
-            if result["exact"] is not None:
-                values["exact match %"] = result["exact"][-1]
-                for k, exact in enumerate(result["exact"]):
-                    exact_rows[key][f"depth {k} %"].append(exact)
-                    values[f"depth {k} exact %"] = exact
-            for k, loss in enumerate(result["losses"]):
-                depth_rows[key][f"depth {k} loss"].append(loss)
-                values[f"depth {k} loss"] = loss
-            if twin in ("acn", "hybrid"):
-                for metric, value in generation_row(result, settings.depth).items():
-                    generation[key][metric].append(value)
-                    values[metric] = value
-            for metric, value in values.items():
-                rows[key][metric].append(value)
-                records.append(dict(dataset=task.name, model="gpt", twin=twin, seed=seed, metric=metric, value=value))
+TASKS: dict = {}  # (settings, name) -> Task: each data set built once per process
+
+
+def task_of(settings: LanguageSettings, name: str) -> Task:
+    key = (repr(settings), name)
+    if key not in TASKS:
+        TASKS[key] = {"corpus": corpus_task, "addition": addition_task}[name](settings)
+    return TASKS[key]
+
+
+def run_one(settings: LanguageSettings, task_name: str, twin: str, seed: int) -> dict:
+    """One twin trained and evaluated: {metric: value}, deterministic (see the module docstring)."""
+    task = task_of(settings, task_name)
+    with deterministic():
+        torch.manual_seed(seed)
+        model = build(settings, twin, task)
+        curve = train(model, task, settings, seed)
+        result = evaluate(model, task, settings)
+    steps = settings.steps[task.name]
+    values = {"best loss": min(result["losses"]), "full-depth loss": result["losses"][-1],
+              "eff. depth": result["depth"], "eff./L": result["depth"] / settings.depth,
+              "steps to target": steps_to_target(curve, TARGET_LOSS[task.name], steps),
+              "plateau exit": plateau_exit(curve, task, steps), "accuracy %": result["accuracies"][-1]}
+    if result["exact"] is not None:
+        values["exact match %"] = result["exact"][-1]
+        values.update({f"depth {k} exact %": exact for k, exact in enumerate(result["exact"])})
+    values.update({f"depth {k} loss": loss for k, loss in enumerate(result["losses"])})
+    if twin != "residual":
+        values.update(generation_row(result, settings.depth))
+    values.update({f"loss at step {step}": loss for step, loss in curve})
+    return values
+
+
+def run_jobs(settings: LanguageSettings, jobs: list, workers: int, tqdm) -> list:
+    """run_one of every (task, seed, twin), in order; with workers > 1 in that many processes (each run
+    is one thread, so the results do not change; the timing columns see the other runs)."""
+    if workers == 1:
+        results = []
+        with tqdm(jobs, desc="language models", unit="run") as progress:
+            for task_name, seed, twin in progress:
+                progress.set_postfix_str(f"{task_name} {twin} seed {seed}")
+                results.append(run_one(settings, task_name, twin, seed))
+        return results
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads inherited mid-flight
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(run_one, settings, task_name, twin, seed) for task_name, seed, twin in jobs]
+        for _ in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="language models",
+                      unit="run"):
+            pass
+        return [future.result() for future in futures]
+
+
+def run_language(settings: LanguageSettings, out: str, tqdm, workers: int = 1) -> None:
+    """Trains every twin on both data sets and prints table 6, its target line and its verdicts."""
+    jobs = [(name, seed, twin) for name in ("corpus", "addition") for seed in range(settings.seeds) for twin in TWINS]
+    rows, records = defaultdict(lambda: defaultdict(list)), []
+    for (task_name, seed, twin), result in zip(jobs, run_jobs(settings, jobs, workers, tqdm)):
+        for metric, value in result.items():
+            rows[f"{task_name} gpt {twin}"][metric].append(value)
+            records.append(dict(dataset=task_name, model="gpt", twin=twin, seed=seed, metric=metric, value=value))
+    print_language_tables(settings, rows)
+    write_csv(f"{out}/language.csv", records)
+    plot_lines(f"{out}/language.png", rows, lambda values: [
+        (k, statistics.fmean(values[f"depth {k} loss"])) for k in range(settings.depth + 1)],
+        "depth k (blocks used)", "held-out loss (nats)")
+
+
+def subset(rows: dict, columns: list) -> dict:
+    """The rows that have all of `columns`."""
+    return {key: values for key, values in rows.items() if all(c in values for c in columns)}
+
+
+def print_language_tables(settings: LanguageSettings, rows: dict) -> None:
+    recipe = RECIPES[settings.recipe]
     targets = ", ".join(f"{name} {loss:g}" for name, loss in TARGET_LOSS.items())
     steps = ", ".join(f"{name} {count}" for name, count in settings.steps.items())
     print_table(f"6. Language models: GPT, {settings.depth} blocks of dim {settings.dim}, steps of {settings.batch} "
-                f"({steps}); held-out next-token loss (nats; addition: the answer's tokens), effective depth "
-                f"(within 1% of the best loss), steps to a validation loss of {targets}, mean ± std over seeds",
-                ["best loss", "full-depth loss", "eff. depth", "steps to target", "accuracy %", "exact match %"], rows,
-                digits=2)
+                f"({steps}), {RECIPE_NAMES[recipe.name]} for every twin (hybrid: the authors' H-ACN, hybrid-unit: the "
+                f"package's); held-out next-token loss (nats; addition: the answer's tokens), effective depth "
+                f"(within 1% of the best loss), steps to a validation loss of {targets}, the step at which the loss "
+                f"left the unigram plateau, mean ± std over {settings.seeds} seeds",
+                ["best loss", "full-depth loss", "eff. depth", "steps to target", "plateau exit", "accuracy %",
+                 "exact match %"], rows, digits=2)
     print_table("    the loss at every depth (the logits after k blocks, both branches of each added)",
-                [f"depth {k} loss" for k in range(settings.depth + 1)], depth_rows, digits=2)
-    print_table("    addition: the exact match of the whole answer at every depth (%)",
-                [f"depth {k} %" for k in range(settings.depth + 1)], exact_rows)
+                [f"depth {k} loss" for k in range(settings.depth + 1)], rows, digits=2)
+    exact = [f"depth {k} exact %" for k in range(settings.depth + 1)]
+    print_table("    addition: the exact match of the whole answer at every depth (%)", exact, subset(rows, exact))
+    print_plateau_exits(rows)
+    generation = subset(rows, list(GENERATION_COLUMNS))
     print_table("    greedy generation (KV cache on, 8 prompts, CPU) of the model truncated to its effective depth k "
                 "against the full one; us/token: per generated token of the 8; overhead: the depth-0 model's",
-                list(GENERATION_COLUMNS),
-                generation, digits=2)
+                list(GENERATION_COLUMNS), generation, digits=2)
     ratios = [statistics.fmean(values["speedup / (L/k)"]) for values in generation.values()]
     print(f"target: the truncated model generates >= 0.5 x L/k times the full one's tokens/s: worst "
           f"{min(ratios):.2f} x L/k ({'met' if min(ratios) >= 0.5 else 'not met'}); what keeps it from L/k is the "
           "per-token time that no block count changes (the overhead column)")
     print(verdict(per_seed(rows, " residual", ["eff./L"]), per_seed(rows, " acn", ["eff./L"]), True,
                   "Auto-compression in language models (the authors' AC-GPT): the ACN reaches its loss with fewer "
-                  "blocks",
-                  "effective depth / L, residual against acn:"))
-    write_csv(f"{out}/language.csv", records)
-    plot_lines(f"{out}/language.png", depth_rows, lambda values: [
-        (k, statistics.fmean(values[f"depth {k} loss"])) for k in range(settings.depth + 1)],
-        "depth k (blocks used)", "held-out loss (nats)")
+                  "blocks", "effective depth / L, residual against acn:"))
+    for twin in ("acn", "hybrid"):
+        print(verdict(per_seed(rows, f" {twin}", ["steps to target"]), per_seed(rows, " residual", ["steps to target"]),
+                      True, f"The poster's limitation: the {twin} trains slower than the residual twin",
+                      f"steps to the target loss, {twin} against residual:"))
+        print(verdict(per_seed(rows, f" {twin}", ["full-depth loss"]), per_seed(rows, " residual", ["full-depth loss"]),
+                      True, f"... and ends worse: the {twin}'s held-out loss after the same steps is higher",
+                      f"held-out loss at the end, {twin} against residual:"))
+
+
+def print_plateau_exits(rows: dict) -> None:
+    """The step at which each seed's loss left the unigram plateau (one past the budget: never)."""
+    print("\n    the step at which the validation loss left the unigram plateau (10% below the unigram loss), per seed")
+    for key, values in rows.items():
+        print(f"{key:<28}  " + "  ".join(f"{int(step):>5}" for step in values["plateau exit"]))
 
 
 GENERATION_COLUMNS = ("tokens/s full", "tokens/s truncated", "speedup", "L/k", "speedup / (L/k)", "overhead us/token",

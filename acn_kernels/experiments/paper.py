@@ -23,6 +23,7 @@ more than their standard deviation over the seeds, "inconclusive" otherwise.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
@@ -395,7 +396,8 @@ def early_exit(runs: list, out: str) -> None:
 # ----------------------------------------------------------------------------- output
 
 def run_paper(quick: bool = False, seeds: int | None = None, out: str = "paper_results",
-              device: str | None = None, si_c: float | None = None, si_xi: float | None = None) -> int:
+              device: str | None = None, si_c: float | None = None, si_xi: float | None = None,
+              tables: str = "all", lm_recipe: str = "authors", lm_workers: int = 1) -> int:
     tqdm = require("tqdm", "paper", "paper").tqdm
     require("mnist1d.data", "paper", "paper (MNIST-1D)")
     settings = QUICK if quick else FULL
@@ -403,17 +405,21 @@ def run_paper(quick: bool = False, seeds: int | None = None, out: str = "paper_r
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     given = {"seeds": seeds, "si_c": si_c, "si_xi": si_xi}
     settings = Settings(**{**settings.__dict__, **{k: v for k, v in given.items() if v is not None}})
+    settings = Settings(**{**settings.__dict__, "language": dataclasses.replace(
+        settings.language, recipe=lm_recipe, **({"seeds": seeds} if seeds is not None else {}))})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(out, exist_ok=True)
     print(f"paper{' --quick' if quick else ''}: {settings.seeds} seeds on {device}, SI c={settings.si_c:g} "
           f"xi={settings.si_xi:g}; CSVs and PNGs in {out}/")
-    runs = train_twins(settings, device, tqdm)
-    compression(runs, out)
-    noise_robustness(runs, out, device)
-    continual_learning(settings, out, device, tqdm)
-    training_speed(runs, out)
-    hybrid_twin(runs, out)
-    shrinking(settings, runs, out, device, tqdm)
-    early_exit(runs, out)
-    language.run_language(settings.language, out, tqdm)
+    if tables in ("all", "classification"):
+        runs = train_twins(settings, device, tqdm)
+        compression(runs, out)
+        noise_robustness(runs, out, device)
+        continual_learning(settings, out, device, tqdm)
+        training_speed(runs, out)
+        hybrid_twin(runs, out)
+        shrinking(settings, runs, out, device, tqdm)
+        early_exit(runs, out)
+    if tables in ("all", "language"):
+        language.run_language(settings.language, out, tqdm, lm_workers)
     return 0
