@@ -132,6 +132,8 @@ def main(argv=None) -> int:
                        help="table 6's training recipe: the authors' (default) or the package's earlier one")
     paper.add_argument("--lm-workers", type=positive_int, default=1,
                        help="table 6's runs in this many processes (one thread each: the same numbers, sooner)")
+    paper.add_argument("--lm-models", metavar="DIR", default=None,
+                       help="also save table 6's trained models' state_dicts in DIR (<task>-<twin>-seed<n>.pt)")
     _add_page_options(paper, check=False)
     commands.add_parser("info", help="versions and available backends")
     report = commands.add_parser("compile-report", help="compile every Triton kernel for sm_80 and sm_90; "
@@ -183,7 +185,7 @@ def run_command(args, argv: list[str]) -> int:
     if args.command == "paper":
         from .experiments.paper import run_paper
         return run_paper(args.quick, args.seeds, args.out, args.device, args.si_c, args.si_xi, tables=args.tables,
-                         lm_recipe=args.lm_recipe, lm_workers=args.lm_workers)
+                         lm_recipe=args.lm_recipe, lm_workers=args.lm_workers, lm_models=args.lm_models)
     if args.command == "cuda-host-check":
         from .tools.cuda_host_check import run_check
         return run_check(only=args.only, verbose=args.verbose, seed=args.seed, fuzz=args.fuzz)

@@ -33,6 +33,7 @@ import concurrent.futures
 import contextlib
 import math
 import multiprocessing
+import os
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class LanguageSettings:
     eval_every: int
     new_tokens: int       # generated per prompt when timing
     recipe: str = "authors"
+    backend: str = "auto"  # the GPTs' (auto: the fused kernels on a GPU, the reference on a CPU)
 
 
 # Sized for this project's 2-core CPU machine: 2-digit addition needs about 1000 steps of 32 before its
@@ -157,7 +159,7 @@ def build(settings: LanguageSettings, twin: str, task: Task) -> GPT:
     """The task's GPT as the recipe builds it, with positions for the generation timing's prompt and
     new tokens too."""
     max_len = max(task.max_len, PROMPT + settings.new_tokens)
-    return GPT(text.VOCAB, max_len, settings.dim, settings.depth, settings.heads,
+    return GPT(text.VOCAB, max_len, settings.dim, settings.depth, settings.heads, backend=settings.backend,
                **RECIPES[settings.recipe].model, **TWINS[twin])
 
 
@@ -282,13 +284,23 @@ def task_of(settings: LanguageSettings, name: str) -> Task:
     return TASKS[key]
 
 
-def run_one(settings: LanguageSettings, task_name: str, twin: str, seed: int) -> dict:
-    """One twin trained and evaluated: {metric: value}, deterministic (see the module docstring)."""
+def trained(settings: LanguageSettings, task_name: str, twin: str, seed: int) -> tuple:
+    """(model, validation curve) of one twin, trained deterministically (see the module docstring)."""
     task = task_of(settings, task_name)
     with deterministic():
         torch.manual_seed(seed)
         model = build(settings, twin, task)
-        curve = train(model, task, settings, seed)
+        return model, train(model, task, settings, seed)
+
+
+def run_one(settings: LanguageSettings, task_name: str, twin: str, seed: int, save_dir: str | None = None) -> dict:
+    """One twin trained and evaluated: {metric: value}; its state_dict saved in save_dir, if given, as
+    <task>-<twin>-seed<seed>.pt."""
+    task = task_of(settings, task_name)
+    model, curve = trained(settings, task_name, twin, seed)
+    if save_dir is not None:
+        torch.save(model.state_dict(), os.path.join(save_dir, f"{task_name}-{twin}-seed{seed}.pt"))
+    with deterministic():
         result = evaluate(model, task, settings)
     steps = settings.steps[task.name]
     values = {"best loss": min(result["losses"]), "full-depth loss": result["losses"][-1],
@@ -305,7 +317,7 @@ def run_one(settings: LanguageSettings, task_name: str, twin: str, seed: int) ->
     return values
 
 
-def run_jobs(settings: LanguageSettings, jobs: list, workers: int, tqdm) -> list:
+def run_jobs(settings: LanguageSettings, jobs: list, workers: int, tqdm, save_dir: str | None = None) -> list:
     """run_one of every (task, seed, twin), in order; with workers > 1 in that many processes (each run
     is one thread, so the results do not change; the timing columns see the other runs)."""
     if workers == 1:
@@ -313,22 +325,24 @@ def run_jobs(settings: LanguageSettings, jobs: list, workers: int, tqdm) -> list
         with tqdm(jobs, desc="language models", unit="run") as progress:
             for task_name, seed, twin in progress:
                 progress.set_postfix_str(f"{task_name} {twin} seed {seed}")
-                results.append(run_one(settings, task_name, twin, seed))
+                results.append(run_one(settings, task_name, twin, seed, save_dir))
         return results
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads inherited mid-flight
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = [pool.submit(run_one, settings, task_name, twin, seed) for task_name, seed, twin in jobs]
+        futures = [pool.submit(run_one, settings, task_name, twin, seed, save_dir) for task_name, seed, twin in jobs]
         for _ in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="language models",
                       unit="run"):
             pass
         return [future.result() for future in futures]
 
 
-def run_language(settings: LanguageSettings, out: str, tqdm, workers: int = 1) -> None:
+def run_language(settings: LanguageSettings, out: str, tqdm, workers: int = 1, save_dir: str | None = None) -> None:
     """Trains every twin on both data sets and prints table 6, its target line and its verdicts."""
+    if save_dir is not None:
+        os.makedirs(save_dir, exist_ok=True)
     jobs = [(name, seed, twin) for name in ("corpus", "addition") for seed in range(settings.seeds) for twin in TWINS]
     rows, records = defaultdict(lambda: defaultdict(list)), []
-    for (task_name, seed, twin), result in zip(jobs, run_jobs(settings, jobs, workers, tqdm)):
+    for (task_name, seed, twin), result in zip(jobs, run_jobs(settings, jobs, workers, tqdm, save_dir)):
         for metric, value in result.items():
             rows[f"{task_name} gpt {twin}"][metric].append(value)
             records.append(dict(dataset=task_name, model="gpt", twin=twin, seed=seed, metric=metric, value=value))

@@ -397,7 +397,8 @@ def early_exit(runs: list, out: str) -> None:
 
 def run_paper(quick: bool = False, seeds: int | None = None, out: str = "paper_results",
               device: str | None = None, si_c: float | None = None, si_xi: float | None = None,
-              tables: str = "all", lm_recipe: str = "authors", lm_workers: int = 1) -> int:
+              tables: str = "all", lm_recipe: str = "authors", lm_workers: int = 1,
+              lm_models: str | None = None) -> int:
     tqdm = require("tqdm", "paper", "paper").tqdm
     require("mnist1d.data", "paper", "paper (MNIST-1D)")
     settings = QUICK if quick else FULL
@@ -421,5 +422,5 @@ def run_paper(quick: bool = False, seeds: int | None = None, out: str = "paper_r
         shrinking(settings, runs, out, device, tqdm)
         early_exit(runs, out)
     if tables in ("all", "language"):
-        language.run_language(settings.language, out, tqdm, lm_workers)
+        language.run_language(settings.language, out, tqdm, lm_workers, lm_models)
     return 0
