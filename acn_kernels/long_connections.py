@@ -328,6 +328,26 @@ class LongConnections(nn.Module):
         y, x, _ = self._walk(x0, block_kwargs, keep_last_output=False)
         return self.sum_and_norm(y, x)[1]
 
+    # ------------------------------------------------------------------ stepping by units
+
+    def start_state(self, x0: torch.Tensor) -> tuple:
+        """(s, y) before the first unit: its input x_0 and the sum b_0 x_0."""
+        return x0, self._x0_term(x0)
+
+    def run_units(self, first: int, stop: int, state: tuple, **block_kwargs) -> tuple:
+        """(s, y) after units first..stop-1, from (s, y) after the units before: s is the next unit's
+        input before its norm, y the sum so far. Eager, each norm as its module: what a caller that runs
+        the first units apart from the rest (speculative decoding's draft, then its verify pass) needs."""
+        s, y = state
+        for i in range(first, stop):
+            x = self._next_output(i, s, block_kwargs)
+            s, y = self._short_state(i, s, x) if i + 1 < len(self.blocks) else x, y + self._term(i, x)
+        return s, y
+
+    def readout_norm(self, y: torch.Tensor) -> torch.Tensor:
+        """The final norm of a sum (the sum itself without a final norm)."""
+        return y if self.final_norm is None else self.final_norm(y)
+
     def probe_outputs(self, outputs: list) -> torch.Tensor:
         """(L+1, ...): final_norm(y_k) for every depth, from the terms of the sum [x_0..x_L] (every
         unit's: the depths are every units_per_depth-th partial sum)."""

@@ -31,6 +31,7 @@ from torch import nn
 from .._validation import check_bool, check_choice, check_divisible, check_positive_int, check_real
 from .base import LONG, DepthModel
 from .layers import FeedForward, FusedLinear
+from .speculative import check_sampling, choose, speculative_generate
 
 NORMS = ("layernorm", "rmsnorm")
 GATE_SCOPES = ("unit", "block")
@@ -63,6 +64,13 @@ class KVCache:
             k, v = torch.cat([self.keys[layer], k], 2), torch.cat([self.values[layer], v], 2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
+
+    def crop(self, length: int) -> None:
+        """Every layer's first `length` positions kept (speculative decoding's rejected drafts dropped)."""
+        for store in (self.keys, self.values):
+            for layer in store:
+                store[layer] = store[layer][:, :, :length]
+        self.length = length
 
 
 class Rotary(nn.Module):
@@ -273,43 +281,93 @@ class GPT(DepthModel):
         used = confident.int().argmax(0)
         return logits.gather(0, used[None, ..., None].expand(1, *logits.shape[1:])).squeeze(0), used
 
-    @torch.no_grad()
-    def generate(self, tokens: torch.Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, use_cache: bool = True, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
-        """tokens (batch, positions) followed by max_new_tokens generated ones: greedy, or sampled from
-        softmax(logits / temperature) restricted to the top_k tokens. With use_cache the prompt runs
-        once and each new token alone, its keys and values cached; the greedy tokens are the same."""
+    def check_generation(self, tokens: torch.Tensor, max_new_tokens: int) -> None:
         check_positive_int("max_new_tokens", max_new_tokens)
-        check_real("temperature", temperature, "a positive number", minimum=0)
-        if temperature == 0:
-            raise ValueError("temperature must be a positive number, got 0 (use do_sample=False for greedy)")
-        if top_k is not None:
-            check_positive_int("top_k", top_k)
         self.check_tokens(tokens)
         if tokens.shape[1] + max_new_tokens > self.max_len:
             raise ValueError(f"max_new_tokens must leave the sequence within max_len={self.max_len}, got "
                              f"{max_new_tokens} after {tokens.shape[1]} prompt positions")
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
+                 draft_depth: int | None = None, draft_tokens: int = 4) -> torch.Tensor:
+        """tokens (batch, positions) followed by max_new_tokens generated ones: greedy, or sampled from
+        softmax(logits / temperature) restricted to the top_k tokens. With use_cache the prompt runs
+        once and each new token alone, its keys and values cached; the greedy tokens are the same.
+        draft_depth=k: self-speculative decoding, the first k blocks drafting draft_tokens at a time
+        (speculative_generate, whose statistics it leaves out)."""
+        if draft_depth is not None:
+            return speculative_generate(self, tokens, max_new_tokens, draft_depth=draft_depth,
+                                        draft_tokens=draft_tokens, do_sample=do_sample, temperature=temperature,
+                                        top_k=top_k, generator=generator)[0]
+        check_sampling(temperature, top_k)
+        self.check_generation(tokens, max_new_tokens)
         cache = KVCache() if use_cache else None
         logits = self(tokens, cache)[:, -1]
         for step in range(max_new_tokens):
-            new = sample(logits, do_sample, temperature, top_k, generator)
+            new = choose(logits, do_sample, temperature, top_k, generator)
             tokens = torch.cat([tokens, new], 1)
             if step + 1 < max_new_tokens:
                 logits = (self(new, cache) if use_cache else self(tokens))[:, -1]
         return tokens
 
+    def run_blocks(self, first: int, stop: int, x: torch.Tensor, **block_kwargs) -> torch.Tensor:
+        """The residual or ffn chain's state after blocks first..stop-1, from the state before them."""
+        for block in list(self.blocks)[first:stop]:
+            x = block(x, **block_kwargs)
+        return x
 
-def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """(batch, 1) next tokens from (batch, vocab) logits."""
-    if not do_sample:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+    def speculator(self, draft_depth: int, tokens: torch.Tensor, max_new_tokens: int,
+                   attention_mask: torch.Tensor | None = None) -> "GPTSpeculator":
+        """What speculative_generate drafts and verifies with (speculative.py), for this prompt."""
+        self.check_generation(tokens, max_new_tokens)
+        if attention_mask is not None and not bool((attention_mask == 1).all()):
+            raise ValueError("attention_mask must be None or all ones for the package's GPT, which has no padding "
+                             "(every sequence of a batch has the prompt's length), got zeros in it")
+        return GPTSpeculator(self, draft_depth)
+
+
+class GPTSpeculator:
+    """A GPT's first k blocks as the draft and blocks k+1..L as the verify pass, one KV cache for all:
+    the draft's positions enter the first k layers' cache as it runs, the verify pass the others'."""
+
+    def __init__(self, model: GPT, draft_depth: int):
+        self.model, self.k, self.cache = model, draft_depth, KVCache()
+        self.long = model.connectivity in LONG
+        units = GPT.UNITS_PER_BLOCK
+        self.draft_units, self.all_units = draft_depth * units, model.depth * units
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The next-token logits after the prompt, every layer's cache filled with it."""
+        return self.model(tokens, self.cache)[:, -1]
+
+    def draft(self, token: torch.Tensor, position: int) -> tuple:
+        """(the first k blocks' next-token logits, their state at depth k) for one position."""
+        model, kwargs = self.model, dict(cache=self.cache, start=position)
+        x0 = model.embed(token, position)
+        if self.long:
+            long = model.long_connections
+            state = long.run_units(0, self.draft_units, long.start_state(x0), **kwargs)
+            hidden = long.readout_norm(state[1])
+        else:
+            state = model.run_blocks(0, self.k, x0, **kwargs)
+            hidden = model.final_norm(state)
+        return model.readout(hidden)[:, -1], state
+
+    def verify(self, states: list, position: int) -> torch.Tensor:
+        """(batch, positions, vocab): the full model's logits at the drafted positions, from their states."""
+        model, kwargs = self.model, dict(cache=self.cache, start=position)
+        if self.long:
+            long = model.long_connections
+            state = tuple(torch.cat(parts, 1) for parts in zip(*states))
+            hidden = long.readout_norm(long.run_units(self.draft_units, self.all_units, state, **kwargs)[1])
+        else:
+            hidden = model.final_norm(model.run_blocks(self.k, model.depth, torch.cat(states, 1), **kwargs))
+        return model.readout(hidden)
+
+    def crop(self, length: int) -> None:
+        self.cache.crop(length)
 
 
 def init_weights(module: nn.Module) -> None:

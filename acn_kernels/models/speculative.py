@@ -1,0 +1,173 @@
+"""Self-speculative decoding: an ACN language model's first k blocks draft, the whole model verifies.
+
+An ACN's running sum after k blocks is read by the same final norm and head as the whole sum, and
+its first k blocks compute the same activations whether the rest runs or not (each block reads only
+the chain below it; the hybrid's short path too). So the first k depths are a draft model that costs
+k/L of a forward and whose keys and values the full model reuses. Each round:
+
+    draft   the first k depths, one position at a time, `draft_tokens` times: a token from their
+            readout, its keys and values in the first k layers' cache, its state at depth k kept
+    verify  depths k+1..L over the drafted positions at once, from those states: the full model's
+            logits at every drafted position (one pass of the full depth)
+    accept  greedy: the drafts up to the first one the full model would not have chosen, then the
+            full model's own token there; sampling: the speculative sampling rule (a draft d accepted
+            with probability min(1, p(d) / q(d)), the first rejected one replaced by a sample of
+            max(0, p - q), normalized), so the tokens are distributed as the full model's
+    cut     every layer's cache back to the accepted positions
+
+A batch commits, each round, as many tokens as its least accepting sequence (each sequence's tokens
+are its own). Greedy tokens are the plain cached `generate`'s, up to the rounding of running the
+verified positions as one batch. A model offers `speculator(draft_depth)`: an object with prefill,
+draft, verify and crop (the package's GPT: `GPTSpeculator`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .._validation import check_positive_int, check_real
+
+
+@dataclass
+class SpeculativeStats:
+    """What a speculative generation did: tokens per sequence, drafts made and accepted (over the
+    batch), passes of the full depth (the prompt's included) and the seconds it took."""
+    batch: int
+    new_tokens: int
+    drafted: int
+    accepted: int
+    full_passes: int
+    seconds: float
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.batch * self.new_tokens / self.seconds
+
+    def __str__(self) -> str:
+        return (f"{self.new_tokens} tokens x {self.batch}: {self.accepted} of {self.drafted} drafts accepted "
+                f"({100 * self.acceptance_rate:.1f}%), {self.full_passes} passes of the full depth, "
+                f"{self.tokens_per_second:.1f} tokens/s")
+
+
+def distribution(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """softmax(logits / temperature) over the top_k tokens (all of them without top_k), in float32."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits, -1)
+
+
+def choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """(batch, 1) tokens from (batch, vocab) logits: the most likely, or a sample."""
+    if not do_sample:
+        return logits.argmax(-1, keepdim=True)
+    return torch.multinomial(distribution(logits, temperature, top_k), 1, generator=generator)
+
+
+def check_sampling(temperature, top_k) -> None:
+    check_real("temperature", temperature, "a positive number", minimum=0)
+    if temperature == 0:
+        raise ValueError("temperature must be a positive number, got 0 (use do_sample=False for greedy)")
+    if top_k is not None:
+        check_positive_int("top_k", top_k)
+
+
+def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, draft_depth: int,
+                         draft_tokens: int = 4, do_sample: bool = False, temperature: float = 1.0,
+                         top_k: int | None = None, attention_mask: torch.Tensor | None = None,
+                         generator: torch.Generator | None = None) -> tuple:
+    """(tokens, SpeculativeStats): input_ids (batch, positions) followed by max_new_tokens tokens,
+    drafted by the model's first `draft_depth` blocks, `draft_tokens` at a time, and verified by the
+    whole model (see the module docstring). A model without a speculator is refused."""
+    speculator = getattr(model, "speculator", None)
+    if not callable(speculator):
+        raise TypeError(f"model must be a language model with speculator() (the package's GPT, every "
+                        f"connectivity), got {type(model).__name__}")
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_positive_int("draft_tokens", draft_tokens)
+    check_sampling(temperature, top_k)
+    depth = model.depth
+    if isinstance(draft_depth, bool) or not isinstance(draft_depth, int) or not 1 <= draft_depth < depth:
+        raise ValueError(f"draft_depth must be an integer in [1, {depth - 1}] (fewer blocks than the model's "
+                         f"{depth}), got {draft_depth!r}")
+    drafter = speculator(draft_depth, input_ids, max_new_tokens, attention_mask)
+    with torch.no_grad():
+        return speculate(drafter, input_ids, max_new_tokens, draft_tokens, do_sample, temperature, top_k, generator)
+
+
+def speculate(drafter, prompt: torch.Tensor, max_new_tokens: int, draft_tokens: int, do_sample: bool,
+              temperature: float, top_k: int | None, generator: torch.Generator | None) -> tuple:
+    synchronize(prompt.device)
+    began = time.perf_counter()
+    tokens = torch.cat([prompt, choose(drafter.prefill(prompt), do_sample, temperature, top_k, generator)], 1)
+    stats = SpeculativeStats(prompt.shape[0], 1, 0, 0, 1, 0.0)
+    while stats.new_tokens < max_new_tokens:
+        count = min(draft_tokens, max_new_tokens - stats.new_tokens)
+        position = tokens.shape[1] - 1  # the last token: chosen, not yet run by any layer
+        current, states, drafts, draft_logits = tokens[:, -1:], [], [], []
+        for i in range(count):
+            logits, state = drafter.draft(current, position + i)
+            current = choose(logits, do_sample, temperature, top_k, generator)
+            states.append(state)
+            drafts.append(current)
+            draft_logits.append(logits)
+        full = drafter.verify(states, position)  # (batch, count, vocab): the logits at every drafted position
+        drafts = torch.cat(drafts, 1)
+        if do_sample:
+            committed, accepted = accept_sampled(full, torch.stack(draft_logits, 1), drafts, temperature, top_k,
+                                                 generator)
+        else:
+            committed, accepted = accept_greedy(full, drafts)
+        tokens = torch.cat([tokens, committed], 1)
+        drafter.crop(position + committed.shape[1])
+        stats.new_tokens += committed.shape[1]
+        stats.drafted += drafts.numel()
+        stats.accepted += accepted
+        stats.full_passes += 1
+    synchronize(prompt.device)
+    stats.seconds = time.perf_counter() - began
+    return tokens, stats
+
+
+def committed_length(accepted: torch.Tensor, count: int) -> int:
+    """Tokens the batch commits this round: its least accepting sequence's drafts and correction."""
+    return min(int(accepted.min()) + 1, count)
+
+
+def accept_greedy(full: torch.Tensor, drafts: torch.Tensor) -> tuple:
+    """(committed tokens (batch, m), accepted drafts among them over the batch): the full model's own
+    choices, which equal the drafts up to the first that differs."""
+    chosen = full.argmax(-1)
+    accepted = (chosen == drafts).int().cumprod(1).sum(1)
+    m = committed_length(accepted, drafts.shape[1])
+    return chosen[:, :m], int(accepted.clamp(max=m).sum())
+
+
+def accept_sampled(full: torch.Tensor, draft_logits: torch.Tensor, drafts: torch.Tensor, temperature: float,
+                   top_k: int | None, generator: torch.Generator | None) -> tuple:
+    """The speculative sampling rule per sequence: the drafts each kept with probability
+    min(1, p(d) / q(d)), up to the first rejected one, which is resampled from max(0, p - q)."""
+    p, q = distribution(full, temperature, top_k), distribution(draft_logits, temperature, top_k)
+    p_draft, q_draft = p.gather(-1, drafts[..., None])[..., 0], q.gather(-1, drafts[..., None])[..., 0]
+    uniform = torch.rand(drafts.shape, device=drafts.device, generator=generator)
+    accepted = (uniform * q_draft < p_draft).int().cumprod(1).sum(1)
+    m = committed_length(accepted, drafts.shape[1])
+    committed = drafts[:, :m].clone()
+    for b in torch.nonzero(accepted < m).flatten().tolist():  # rejected at position m - 1: resample it
+        residual = (p[b, m - 1] - q[b, m - 1]).clamp(min=0)
+        residual = residual if residual.sum() > 0 else p[b, m - 1]
+        committed[b, m - 1] = torch.multinomial(residual / residual.sum(), 1, generator=generator)[0]
+    return committed, int(accepted.clamp(max=m).sum())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,106 @@
+"""Self-speculative decoding (models/speculative.py): greedy tokens equal the plain cached generate's
+for every connectivity, draft depth and length, batch and dtype, with and without rejections; the
+sampled tokens follow the full model's distribution within a statistical bound; the statistics add
+up; bad arguments are named."""
+import itertools
+
+import pytest
+import torch
+
+from acn_kernels import GPT, MLP, speculative_generate
+
+VOCAB, MAX_LEN = 37, 48
+FORMS = {"acn": dict(connectivity="acn"), "hybrid": dict(connectivity="hybrid", gate_init=0.3),
+         "h-acn": dict(connectivity="hybrid", gate_scope="block", gate_init=0.2, bias=False),
+         "long-short": dict(connectivity="hybrid", gate_scope="block", long_weights=True, x0_weight=True,
+                            gates_from_long_weights=True, long_weight_init=0.8),
+         "residual": dict(connectivity="residual"), "ffn": dict(connectivity="ffn")}
+
+
+def model_of(form: str, dtype=torch.float64, depth: int = 4, vocab: int = VOCAB, sharpen: float = 1.0, **options):
+    """A small GPT; sharpen > 1 scales its blocks' output projections, so that its shallow readouts
+    disagree with the full model more often (rejected drafts)."""
+    torch.manual_seed(0)
+    model = GPT(vocab, MAX_LEN, 32, depth, 4, backend="reference", **FORMS[form], **options).to(dtype).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            for weight in block.output_projections():
+                weight.mul_(sharpen)
+    return model
+
+
+def prompts(batch: int = 3, positions: int = 5, vocab: int = VOCAB):
+    return torch.randint(0, vocab, (batch, positions), generator=torch.Generator().manual_seed(batch))
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_greedy_speculative_tokens_are_the_plain_generates_at_every_draft_depth_and_length(form, dtype):
+    options = dict(positions="rotary", norm="rmsnorm", mlp="swiglu") if form in ("acn", "residual") else {}
+    model = model_of(form, dtype, sharpen=8.0, **options)
+    for batch in (1, 3):
+        prompt = prompts(batch)
+        plain = model.generate(prompt, 17)
+        for depth, length in itertools.product((1, 2, 3), (1, 3, 6)):
+            tokens, stats = speculative_generate(model, prompt, 17, draft_depth=depth, draft_tokens=length)
+            assert torch.equal(tokens, plain), (batch, depth, length)
+            assert stats.new_tokens == 17 and stats.batch == batch and 0 <= stats.accepted <= stats.drafted
+            assert stats.full_passes >= 1 + -(-16 // length)  # a pass per round, and the prompt's
+        assert torch.equal(model.generate(prompt, 17, draft_depth=2, draft_tokens=3), plain)
+
+
+def test_rejected_drafts_are_cut_from_every_cache():
+    model = model_of("acn", sharpen=8.0)
+    prompt = prompts(3)
+    tokens, stats = speculative_generate(model, prompt, 30, draft_depth=1, draft_tokens=5)
+    assert stats.accepted < stats.drafted  # rejections happened, and the tokens still agree
+    assert torch.equal(tokens, model.generate(prompt, 30))
+    assert stats.full_passes - 1 < 29  # and fewer passes of the full depth than tokens after the first
+
+
+def exact_pairs(model: GPT, prompt: torch.Tensor, temperature: float, top_k) -> torch.Tensor:
+    """(vocab, vocab): the full model's probability of each first and second new token."""
+    from acn_kernels.models.speculative import distribution
+
+    with torch.no_grad():
+        first = distribution(model(prompt)[0, -1], temperature, top_k)
+        grown = torch.cat([prompt.expand(len(first), -1), torch.arange(len(first))[:, None]], 1)
+        second = distribution(model(grown)[:, -1], temperature, top_k)
+    return first[:, None] * second
+
+
+@pytest.mark.parametrize("form", ["acn", "hybrid"])
+@pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.7, 3)])
+def test_sampled_tokens_follow_the_full_models_distribution(form, temperature, top_k):
+    model = model_of(form, vocab=5, depth=3, sharpen=4.0)
+    prompt = prompts(1, 4, vocab=5)
+    samples = 6000
+    tokens, stats = speculative_generate(model, prompt.expand(samples, -1), 2, draft_depth=1, draft_tokens=2,
+                                         do_sample=True, temperature=temperature, top_k=top_k,
+                                         generator=torch.Generator().manual_seed(0))
+    assert 0 < stats.accepted < stats.drafted  # both branches of the rule ran
+    counts = torch.zeros(5, 5)
+    counts.index_put_((tokens[:, -2], tokens[:, -1]), torch.ones(samples), accumulate=True)
+    expected = exact_pairs(model, prompt, temperature, top_k)
+    bound = 4.5 * (expected * (1 - expected) / samples).sqrt() + 1e-3  # 4.5 standard deviations per cell
+    assert ((counts / samples - expected).abs() <= bound).all(), (counts / samples - expected)
+
+
+def test_bad_arguments_are_named():
+    model = model_of("acn")
+    prompt = prompts(2)
+    for depth in (0, 4, True, 2.5):
+        with pytest.raises(ValueError, match=rf"draft_depth must be an integer in \[1, 3\] .*, got {depth!r}"):
+            speculative_generate(model, prompt, 3, draft_depth=depth)
+    with pytest.raises(ValueError, match=r"draft_tokens must be an integer >= 1, got 0"):
+        speculative_generate(model, prompt, 3, draft_depth=1, draft_tokens=0)
+    with pytest.raises(ValueError, match=r"max_new_tokens must be an integer >= 1, got 0"):
+        speculative_generate(model, prompt, 0, draft_depth=1)
+    with pytest.raises(ValueError, match=r"max_new_tokens must leave the sequence within max_len=48"):
+        speculative_generate(model, prompt, 44, draft_depth=1)
+    with pytest.raises(ValueError, match=r"attention_mask must be None or all ones .*, got zeros"):
+        speculative_generate(model, prompt, 3, draft_depth=1, attention_mask=torch.tensor([[0, 1, 1, 1, 1]] * 2))
+    with pytest.raises(TypeError, match=r"model must be a language model with speculator\(\) .*, got MLP"):
+        speculative_generate(MLP(4, 8, 2, 3), prompt, 3, draft_depth=1)
+    with pytest.raises(ValueError, match=r"temperature must be a positive number, got 0"):
+        speculative_generate(model, prompt, 3, draft_depth=1, do_sample=True, temperature=0)
