@@ -38,6 +38,7 @@ class Compression:
     latency_ms: tuple         # (full, truncated): median of repeated forwards of one batch, model's device
     metric: str = "accuracy"
     tokens_per_second: tuple | None = None  # (full, truncated): greedy generation with the KV cache
+    speculation: "Speculation | None" = None  # the fastest self-speculative decoding of the full model
 
     @property
     def accuracies(self) -> list:
@@ -59,7 +60,45 @@ class Compression:
         if self.tokens_per_second is not None:
             full, truncated = self.tokens_per_second
             text += f"; generation {full:,.0f} -> {truncated:,.0f} tokens/s ({truncated / full:.2f}x)"
+        if self.speculation is not None:
+            text += f"; lossless: {self.speculation} ({self.speculation.tokens_per_second / full:.2f}x)"
         return text
+
+
+@dataclass
+class Speculation:
+    """Self-speculative decoding at one draft depth and length: greedy tokens/s and acceptance rate."""
+    draft_depth: int
+    draft_tokens: int
+    tokens_per_second: float
+    acceptance_rate: float
+
+    def __str__(self) -> str:
+        return (f"speculative decoding, draft depth {self.draft_depth}, {self.draft_tokens} drafts a round: "
+                f"{self.tokens_per_second:,.0f} tokens/s, {100 * self.acceptance_rate:.0f}% accepted")
+
+
+DRAFT_LENGTHS = (2, 4, 8)
+
+
+def speculations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, repeats: int = 3) -> list:
+    """Greedy self-speculative decoding of `model` at every draft depth 1..L-1 and each of DRAFT_LENGTHS:
+    its tokens/s (median of `repeats` runs) and acceptance rate, checked token for token against the
+    plain cached generate."""
+    from .models.speculative import speculative_generate
+
+    plain = model.generate(prompts, max_new_tokens=new_tokens, do_sample=False)
+    found = []
+    for depth in range(1, model.depth):
+        for length in DRAFT_LENGTHS:
+            runs = [speculative_generate(model, prompts, new_tokens, draft_depth=depth, draft_tokens=length)
+                    for _ in range(repeats)]
+            if not all(torch.equal(tokens, plain) for tokens, _ in runs):
+                raise AssertionError(f"speculative tokens differ from generate's at draft depth {depth}, length "
+                                     f"{length}")
+            found.append(Speculation(depth, length, statistics.median(s.tokens_per_second for _, s in runs),
+                                     runs[0][1].acceptance_rate))
+    return found
 
 
 def check_probe_data(inputs: torch.Tensor, targets: torch.Tensor, names: str = "inputs and targets") -> None:
@@ -164,7 +203,8 @@ def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tole
     first `timing_batch` inputs). The model must offer probe and truncate. A language model's inputs
     are token sequences and its targets the next tokens; with generate_tokens (and a model that has
     generate), the generation speed of both, with the KV cache, from the first 8 tokens of each of
-    the timing batch's sequences."""
+    the timing batch's sequences, and for a model that drafts for itself (the package's GPT) the
+    draft depth and length of the fastest self-speculative decoding, which keeps every token."""
     for method in ("probe", "truncate"):
         if not callable(getattr(model, method, None)):
             raise TypeError(f"model must have {method}() (the package's models, LongConnections-based or "
@@ -186,11 +226,15 @@ def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tole
         truncated = model.truncate(depth)
         parameters = tuple(sum(p.numel() for p in m.parameters()) for m in (model, truncated))
         latency = tuple(latency_ms(m, inputs[:timing_batch], repeats) for m in (model, truncated))
+        prompts = inputs[:timing_batch, :8]
         speeds = None if generate_tokens is None else tuple(
-            generation_tokens_per_second(m, inputs[:timing_batch, :8], generate_tokens) for m in (model, truncated))
+            generation_tokens_per_second(m, prompts, generate_tokens) for m in (model, truncated))
+        speculation = None
+        if generate_tokens is not None and callable(getattr(model, "speculator", None)) and model.depth > 1:
+            speculation = max(speculations(model, prompts, generate_tokens), key=lambda s: s.tokens_per_second)
     finally:
         model.train(was_training)
-    return Compression(scores, depth, tolerance, truncated, parameters, latency, metric, speeds)
+    return Compression(scores, depth, tolerance, truncated, parameters, latency, metric, speeds, speculation)
 
 
 # ----------------------------------------------------------------------------- shrinking while training
