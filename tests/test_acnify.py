@@ -546,3 +546,23 @@ def test_an_acnified_lm_takes_the_authors_hybrid_forms_and_saves_them(family, fo
     base_of(loaded).long_connections.backend = "reference"
     assert base_of(loaded).long_connections.clamp_range == (0.0, 1.0)
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_hf_probe_runs_the_layers_once_and_the_model_twice(family):
+    model = acnify(small_bert() if family == "bert" else decoder(family), backend="reference").double().eval()
+    attentions = [m for m in model.modules() if type(m).__name__ in ("BertSelfAttention", "GPT2Attention",
+                                                                      "LlamaAttention")]
+    calls = {"attention": 0, "model": 0}
+
+    def count(name):
+        return lambda *_: calls.__setitem__(name, calls[name] + 1)
+    hooks = [m.register_forward_hook(count("attention")) for m in attentions] + [model.register_forward_hook(
+        count("model"))]
+    ids = torch.randint(1, 50, (2, 9))
+    probed = model.probe(input_ids=ids, attention_mask=torch.ones_like(ids))
+    for hook in hooks:
+        hook.remove()
+    assert len(attentions) == 3 and calls == {"attention": 3, "model": 2}  # each layer once; the model twice
+    for k in range(4):  # and still every depth's output
+        torch.testing.assert_close(probed[k], model.truncate(k)(input_ids=ids)[0], rtol=1e-12, atol=1e-12)

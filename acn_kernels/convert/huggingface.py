@@ -3,8 +3,9 @@ saved conversions that load back converted.
 
 The module that holds the long connections (a BertEncoder, a GPT2Model, a LlamaModel: the "owner")
 records the block outputs when `recording` and returns `replaced_output` instead of running its layers
-when that is set; so `probe` runs the whole model once, then once per shallower depth with the owner's
-output replaced by that depth's sum (no layer runs again), and any head works as it is.
+when that is set; so `probe` runs the whole model once, then once more on the inputs repeated for the
+shallower depths with the owner's output replaced by their sums (no layer runs again), and any head
+works as it is.
 
 A conversion is recorded in the model's config: `config.acn_kernels` holds acnify's options, and the
 config's class becomes a subclass of its own whose model_type is "acn_<type> (import acn_kernels to
@@ -61,21 +62,42 @@ def model_output(output, what: str = "logits"):
 
 def probe(model: nn.Module, *args, output: str = "logits", **kwargs) -> torch.Tensor:
     """(L+1, ...): the model's output (its logits, or its loss with output="loss" and labels=) with
-    the first k layers, k = 0..L: the whole model once, then once per shallower depth with the long
-    connections' output replaced by that depth's sum."""
+    the first k layers, k = 0..L. The layers run once, recording every depth's sum; then the model's
+    own forward runs once more on the inputs repeated for the L shallower depths, the long
+    connections' output replaced by those depths' sums (no layer runs again), so that its head, masks
+    and pooling apply to every depth at once. A loss is one number per batch: output="loss" runs that
+    second forward once per depth instead."""
     check_choice("output", output, ("logits", "loss"))
     _, owner = find_owner(model)
     owner.recording = True
     try:
         deepest = model_output(model(*args, **kwargs), output)
-        sums = owner.depth_sums()
-        shallower = []
-        for k in range(owner.long_connections.depth):
-            owner.replaced_output = sums[k]
-            shallower.append(model_output(model(*args, **kwargs), output))
+        sums = owner.depth_sums()[:-1]
+        if output == "loss":
+            shallower = []
+            for k in range(len(sums)):
+                owner.replaced_output = sums[k]
+                shallower.append(model_output(model(*args, **kwargs), output))
+            return torch.stack([*shallower, deepest])
+        batch, depths = sums.shape[1], len(sums)
+        owner.replaced_output = sums.flatten(0, 1)
+        repeated = model_output(model(*repeat_batch(args, batch, depths), **repeat_batch(kwargs, batch, depths)),
+                                output)
     finally:
         owner.recording, owner.replaced_output, owner.recorded_outputs = False, None, None
-    return torch.stack([*shallower, deepest])
+    return torch.cat([repeated.unflatten(0, (depths, batch)), deepest[None]])
+
+
+def repeat_batch(inputs, batch: int, times: int):
+    """Every tensor of `inputs` (a tuple or a dict) whose first dimension is the batch, repeated `times`
+    times along it (depth-major, as the stacked sums are); the rest as they are."""
+    def repeated(value):
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+            return value.repeat(times, *([1] * (value.dim() - 1)))
+        return value
+    if isinstance(inputs, dict):
+        return {name: repeated(value) for name, value in inputs.items()}
+    return tuple(repeated(value) for value in inputs)
 
 
 def truncate(model: nn.Module, k: int) -> nn.Module:
