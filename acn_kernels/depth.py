@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -101,9 +102,35 @@ def speculations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, repea
     return found
 
 
-def check_probe_data(inputs: torch.Tensor, targets: torch.Tensor, names: str = "inputs and targets") -> None:
-    if len(inputs) != len(targets) or len(targets) == 0:
-        raise ValueError(f"{names} must be non-empty and of one length, got {len(inputs)} and {len(targets)}")
+def batch_of(inputs) -> int:
+    """The batch size of a model's inputs: a tensor, or a dict of keyword inputs (a Hugging Face model's
+    input_ids, attention_mask, ...) whose tensors all have it first."""
+    if isinstance(inputs, Mapping):
+        sizes = {name: len(value) for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+        if not sizes or len(set(sizes.values())) != 1:
+            raise ValueError(f"inputs must be a tensor or a dict of tensors of one batch size, got sizes {sizes}")
+        return next(iter(sizes.values()))
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a tensor or a dict of tensors (keyword inputs), got {type(inputs).__name__}")
+    return len(inputs)
+
+
+def batch_rows(inputs, rows: slice):
+    """The rows of a tensor, or of each tensor of a dict of keyword inputs."""
+    if isinstance(inputs, Mapping):
+        return {name: value[rows] if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+    return inputs[rows]
+
+
+def call_with(fn, inputs):
+    """fn(inputs), or fn(**inputs) for keyword inputs."""
+    return fn(**inputs) if isinstance(inputs, Mapping) else fn(inputs)
+
+
+def check_probe_data(inputs, targets: torch.Tensor, names: str = "inputs and targets") -> None:
+    batch = batch_of(inputs)
+    if batch != len(targets) or len(targets) == 0:
+        raise ValueError(f"{names} must be non-empty and of one length, got {batch} and {len(targets)}")
 
 
 def check_class_targets(targets: torch.Tensor) -> None:
@@ -129,7 +156,7 @@ def depth_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     total, count = None, 0
     with torch.inference_mode():
         for start in range(0, len(targets), batch_size):
-            logits = model.probe(inputs[start:start + batch_size])
+            logits = call_with(model.probe, batch_rows(inputs, slice(start, start + batch_size)))
             chunk = targets[start:start + batch_size].to(logits.device)
             check_targets_in_range(chunk, logits.shape[-1])
             valid = chunk != IGNORE_INDEX
@@ -163,9 +190,9 @@ def smallest_depth_within(scores: list, tolerance: float, metric: str = "accurac
     return next(k for k, score in enumerate(scores) if score <= best * (1 + tolerance / 100))
 
 
-def latency_ms(model: nn.Module, inputs: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+def latency_ms(model: nn.Module, inputs, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time of one forward, in milliseconds (synchronized on a GPU)."""
-    return median_ms(lambda: model(inputs), next(model.parameters()).device, repeats, warmup)
+    return median_ms(lambda: call_with(model, inputs), next(model.parameters()).device, repeats, warmup)
 
 
 def median_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
@@ -200,8 +227,9 @@ def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tole
     """Scores every depth of `model` on held-out (inputs, targets), keeps the smallest depth within
     `tolerance` of the best (points of accuracy, or percent of the lowest loss with metric="loss"),
     and measures parameters and latency of both models (the median of `repeats` forwards of the
-    first `timing_batch` inputs). The model must offer probe and truncate. A language model's inputs
-    are token sequences and its targets the next tokens; with generate_tokens (and a model that has
+    first `timing_batch` inputs). The model must offer probe and truncate. `inputs` is a tensor, or a
+    dict of the model's keyword inputs (a Hugging Face model's input_ids and attention_mask). A
+    language model's inputs are token sequences and its targets the next tokens; with generate_tokens (and a model that has
     generate), the generation speed of both, with the KV cache, from the first 8 tokens of each of
     the timing batch's sequences, and for a model that drafts for itself (the package's GPT) the
     draft depth and length of the fastest self-speculative decoding, which keeps every token."""
@@ -225,8 +253,9 @@ def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tole
         depth = smallest_depth_within(scores, tolerance, metric)
         truncated = model.truncate(depth)
         parameters = tuple(sum(p.numel() for p in m.parameters()) for m in (model, truncated))
-        latency = tuple(latency_ms(m, inputs[:timing_batch], repeats) for m in (model, truncated))
-        prompts = inputs[:timing_batch, :8]
+        latency = tuple(latency_ms(m, batch_rows(inputs, slice(timing_batch)), repeats) for m in (model, truncated))
+        tokens = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
+        prompts = tokens[:timing_batch, :8]
         speeds = None if generate_tokens is None else tuple(
             generation_tokens_per_second(m, prompts, generate_tokens) for m in (model, truncated))
         speculation = None

@@ -566,3 +566,23 @@ def test_hf_probe_runs_the_layers_once_and_the_model_twice(family):
     assert len(attentions) == 3 and calls == {"attention": 3, "model": 2}  # each layer once; the model twice
     for k in range(4):  # and still every depth's output
         torch.testing.assert_close(probed[k], model.truncate(k)(input_ids=ids)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_compress_takes_a_dict_of_keyword_inputs_with_an_attention_mask():
+    from acn_kernels import compress
+    from acn_kernels.depth import depth_scores
+
+    model = acnify(small_bert(), backend="reference").double()
+    ids = torch.randint(1, 50, (12, 9))
+    mask = torch.ones_like(ids)
+    mask[:5, 6:] = 0  # padded rows: the mask changes the logits
+    labels = torch.randint(0, 3, (12,))
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    report = compress(model, inputs, labels, metric="loss", repeats=1, timing_batch=4)
+    logits = model.eval().probe(**inputs)
+    expected = [torch.nn.functional.cross_entropy(depth, labels).item() for depth in logits]
+    assert report.scores == pytest.approx(expected, rel=1e-9)
+    assert report.scores != pytest.approx(depth_scores(model, ids, labels, "loss"), rel=1e-9)  # the mask was used
+    with pytest.raises(ValueError, match=r"inputs must be a tensor or a dict of tensors of one batch size, got "
+                                         r"sizes \{'input_ids': 12, 'attention_mask': 3\}"):
+        compress(model, {"input_ids": ids, "attention_mask": mask[:3]}, labels)
