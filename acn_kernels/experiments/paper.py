@@ -410,7 +410,8 @@ def run_paper(quick: bool = False, seeds: int | None = None, out: str = "paper_r
         settings.language, recipe=lm_recipe, **({"seeds": seeds} if seeds is not None else {}))})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(out, exist_ok=True)
-    print(f"paper{' --quick' if quick else ''}: {settings.seeds} seeds on {device}, SI c={settings.si_c:g} "
+    print(f"paper{' --quick' if quick else ''}: tables {tables}, {settings.seeds} seeds on {device} (table 6: "
+          f"{settings.language.seeds}, {language.RECIPE_NAMES[lm_recipe]}), SI c={settings.si_c:g} "
           f"xi={settings.si_xi:g}; CSVs and PNGs in {out}/")
     if tables in ("all", "classification"):
         runs = train_twins(settings, device, tqdm)
