@@ -130,7 +130,7 @@ def test_paper_quick_writes_its_tables_csvs_and_plots(tmp_path):
     for title in ("1. Compression", "2. Noise robustness", "3. Continual learning", "4. Training speed",
                   "4b. The hybrid", "5a. Shrinking while training", "5b. Early exit per sample", "6. Language models"):
         assert title in result.stdout
-    assert result.stdout.count("verdict: ") == 12 and result.stdout.count("target: ") == 3
+    assert result.stdout.count("verdict: ") == 13 and result.stdout.count("target: ") == 4
     for name in ("compression", "noise", "continual", "training_speed", "hybrid", "shrinking", "early_exit",
                  "language"):
         assert (tmp_path / f"{name}.csv").read_text().startswith("dataset,model,twin,seed,metric,value")
