@@ -10,7 +10,7 @@ from .convert import acnify  # noqa: E402
 from .depth import Compression, ShrinkOnCompression, compress, early_exit_sweep  # noqa: E402
 from .long_connections import LongConnections  # noqa: E402
 from .models import CONNECTIVITIES, GPT, Encoder, MLP, Mixer, ViT  # noqa: E402
-from .models.speculative import SpeculativeStats, speculative_generate  # noqa: E402
+from .speculative import SpeculativeStats, speculative_generate  # noqa: E402
 from .ops import (accumulate_norm, feed_forward, hybrid_accumulate_norm, linear, linear_act_accumulate,  # noqa: E402
                   probe_norm)
 

@@ -40,7 +40,18 @@ def check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> N
 
 def check_float_tensor(name: str, value, shape_text: str, shape_ok: Callable[[torch.Size], bool]) -> None:
     """A floating-point tensor whose shape passes `shape_ok` (`shape_text` describes it, in the message)."""
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or not shape_ok(value.shape):
+    check_tensor(name, value, "a floating-point", torch.Tensor.is_floating_point, shape_text, shape_ok)
+
+
+def check_int_tensor(name: str, value, shape_text: str, shape_ok: Callable[[torch.Size], bool]) -> None:
+    """An integer (or bool) tensor whose shape passes `shape_ok`."""
+    check_tensor(name, value, "an integer", lambda t: not (t.is_floating_point() or t.is_complex()), shape_text,
+                 shape_ok)
+
+
+def check_tensor(name: str, value, kind: str, kind_ok: Callable[[torch.Tensor], bool], shape_text: str,
+                 shape_ok: Callable[[torch.Size], bool]) -> None:
+    if not isinstance(value, torch.Tensor) or not kind_ok(value) or not shape_ok(value.shape):
         got = (f"dtype {value.dtype} and shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
                else type(value).__name__)
-        raise ValueError(f"{name} must be a floating-point tensor of shape {shape_text}, got {got}")
+        raise ValueError(f"{name} must be {kind} tensor of shape {shape_text}, got {got}")

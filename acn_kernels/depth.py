@@ -86,11 +86,11 @@ def speculations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, repea
     """Greedy self-speculative decoding of `model` at every draft depth 1..L-1 and each of DRAFT_LENGTHS:
     its tokens/s (median of `repeats` runs) and acceptance rate, checked token for token against the
     plain cached generate."""
-    from .models.speculative import speculative_generate
+    from .speculative import speculative_generate
 
-    plain = model.generate(prompts, max_new_tokens=new_tokens, do_sample=False)
+    plain = greedy(model, prompts, new_tokens)
     found = []
-    for depth in range(1, model.depth):
+    for depth in range(1, model_depth(model)):
         for length in DRAFT_LENGTHS:
             runs = [speculative_generate(model, prompts, new_tokens, draft_depth=depth, draft_tokens=length)
                     for _ in range(repeats)]
@@ -209,16 +209,29 @@ def median_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def generation_tokens_per_second(model: nn.Module, prompts: torch.Tensor, new_tokens: int, repeats: int = 3) -> float:
-    """New tokens per second of greedy generation with the KV cache (median of `repeats` runs; the
-    package's GPT and Hugging Face models alike, counting the tokens generated, which a model that
-    stops at its end-of-sequence token may keep short)."""
-    generated = []
+def greedy(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The prompts and `new_tokens` greedy tokens of the model's cached `generate` (the package's GPT,
+    or a Hugging Face model, which its end-of-sequence token does not stop here, as it does not stop
+    speculative_generate)."""
+    if getattr(model, "generation_config", None) is None:
+        return model.generate(prompts, max_new_tokens=new_tokens, do_sample=False)
+    return model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                          do_sample=False, eos_token_id=None)
 
-    def run():
-        generated.append(model.generate(prompts, max_new_tokens=new_tokens, do_sample=False).shape[1])
-    ms = median_ms(run, next(model.parameters()).device, repeats, 1)
-    return prompts.shape[0] * (generated[-1] - prompts.shape[1]) / (ms / 1000)
+
+def model_depth(model: nn.Module) -> int:
+    """The depths a model runs: the package's models' `depth`, or its long connections' (acnify'd ones)."""
+    depth = getattr(model, "depth", None)
+    if isinstance(depth, int):
+        return depth
+    return next(m.long_connections.depth for m in model.modules()
+                if isinstance(getattr(m, "long_connections", None), LongConnections))
+
+
+def generation_tokens_per_second(model: nn.Module, prompts: torch.Tensor, new_tokens: int, repeats: int = 3) -> float:
+    """New tokens per second of greedy generation with the KV cache (`greedy`; median of `repeats` runs)."""
+    ms = median_ms(lambda: greedy(model, prompts, new_tokens), next(model.parameters()).device, repeats, 1)
+    return prompts.shape[0] * new_tokens / (ms / 1000)
 
 
 def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tolerance: float = 1.0,
@@ -231,8 +244,9 @@ def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tole
     dict of the model's keyword inputs (a Hugging Face model's input_ids and attention_mask). A
     language model's inputs are token sequences and its targets the next tokens; with generate_tokens (and a model that has
     generate), the generation speed of both, with the KV cache, from the first 8 tokens of each of
-    the timing batch's sequences, and for a model that drafts for itself (the package's GPT) the
-    draft depth and length of the fastest self-speculative decoding, which keeps every token."""
+    the timing batch's sequences, and for a model that drafts for itself (the package's GPT, an
+    acnify'd causal LM) the draft depth and length of the fastest self-speculative decoding, which keeps
+    every token."""
     for method in ("probe", "truncate"):
         if not callable(getattr(model, method, None)):
             raise TypeError(f"model must have {method}() (the package's models, LongConnections-based or "
@@ -259,7 +273,7 @@ def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tole
         speeds = None if generate_tokens is None else tuple(
             generation_tokens_per_second(m, prompts, generate_tokens) for m in (model, truncated))
         speculation = None
-        if generate_tokens is not None and callable(getattr(model, "speculator", None)) and model.depth > 1:
+        if generate_tokens is not None and callable(getattr(model, "speculator", None)) and len(scores) > 2:
             speculation = max(speculations(model, prompts, generate_tokens), key=lambda s: s.tokens_per_second)
     finally:
         model.train(was_training)

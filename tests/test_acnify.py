@@ -196,21 +196,20 @@ def test_hf_bert_model_with_a_mask_trains():
 
 # ----------------------------------------------------------------------------- Hugging Face decoders
 
-def decoder(family: str, class_name: str | None = None, **config):
+def decoder(family: str, class_name: str | None = None, layers: int = 3, **config):
     """A small decoder (a task model, or its base model for the "-base" families, or the class named),
     eager attention so that float64 comparisons are exact."""
     transformers = pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
     torch.manual_seed(0)
-    config = {"attn_implementation": "eager", **config}
+    config = {"attn_implementation": "eager", "vocab_size": 50, "pad_token_id": 0, **config}
     if family.startswith("gpt2"):
-        cfg = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=3, n_head=4, pad_token_id=0,
-                                      **config)
+        cfg = transformers.GPT2Config(n_positions=32, n_embd=32, n_layer=layers, n_head=4, **config)
         class_name = class_name or ("GPT2Model" if family.endswith("-base") else "GPT2LMHeadModel")
         return getattr(transformers, class_name)(cfg)
     name = {"llama": "Llama", "llama-base": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[family]
     cfg = getattr(transformers, f"{name}Config")(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, **config)
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, **config)
     class_name = class_name or (f"{name}Model" if family.endswith("-base") else f"{name}ForCausalLM")
     return getattr(transformers, class_name)(cfg)
 
@@ -351,6 +350,7 @@ def test_compress_an_acnified_causal_lm_by_loss_with_generation_speed():
     report = compress(model, ids[:, :-1], ids[:, 1:], tolerance=50.0, metric="loss", repeats=2, generate_tokens=3)
     assert len(report.scores) == 4 and report.model.generate(ids[:, :2], max_new_tokens=2).shape == (4, 4)
     assert all(speed > 0 for speed in report.tokens_per_second) and "tokens/s" in str(report)
+    assert 1 <= report.speculation.draft_depth < 3 and "lossless: speculative decoding" in str(report)
 
 
 def test_decoders_whose_layers_attend_differently_are_refused():
@@ -586,3 +586,93 @@ def test_compress_takes_a_dict_of_keyword_inputs_with_an_attention_mask():
     with pytest.raises(ValueError, match=r"inputs must be a tensor or a dict of tensors of one batch size, got "
                                          r"sizes \{'input_ids': 12, 'attention_mask': 3\}"):
         compress(model, {"input_ids": ids, "attention_mask": mask[:3]}, labels)
+
+
+SPECULATIVE_FORMS = {"acn": {}, "hybrid": dict(connectivity="hybrid", gate_init=0.3),
+                     "long-short": dict(connectivity="hybrid", gate_scope="block", long_weights=True, x0_weight=True,
+                                        gates_from_long_weights=True, long_weight_init=0.8)}
+
+
+def speculative_lm(family: str, form: str = "acn", dtype=torch.float64, sharpen: float = 8.0, **config):
+    """An acnify'd causal LM whose layers' output projections are scaled by `sharpen`, so that its
+    shallow readouts disagree with the full model often (rejected drafts)."""
+    model = acnify(decoder(family, eos_token_id=None, bos_token_id=None, **config), backend="reference",
+                   **SPECULATIVE_FORMS[form]).to(dtype).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
+                parameter.mul_(sharpen)
+    return model
+
+
+def left_padded(batch: int, positions: int = 6, vocab: int = 50) -> tuple:
+    """(input_ids, attention_mask): row r padded on the left by 2r positions (the pad token 0)."""
+    ids = torch.randint(1, vocab, (batch, positions), generator=torch.Generator().manual_seed(batch))
+    mask = (torch.arange(positions) >= 2 * torch.arange(batch)[:, None]).long()
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("family", CAUSAL_LMS)
+@pytest.mark.parametrize("form", SPECULATIVE_FORMS)
+def test_hf_greedy_speculative_tokens_are_generates_with_left_padding(family, form):
+    from acn_kernels import speculative_generate
+
+    rejected = False
+    for dtype, attention in ((torch.float64, "eager"), (torch.float32, "sdpa")):
+        model = speculative_lm(family, form, dtype, attn_implementation=attention)
+        for batch in (1, 3):
+            ids, mask = left_padded(batch)
+            plain = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+            for depth, length in ((1, 1), (1, 3), (2, 2), (2, 5)):
+                tokens, stats = speculative_generate(model, ids, 10, draft_depth=depth, draft_tokens=length,
+                                                     attention_mask=mask)
+                assert torch.equal(tokens, plain), (dtype, batch, depth, length)
+                assert stats.new_tokens == 10 and stats.batch == batch and 0 <= stats.accepted <= stats.drafted
+                rejected |= stats.accepted < stats.drafted
+    assert rejected  # drafts were cut from the caches, and the tokens still agree
+
+
+def test_a_truncated_hf_lm_drafts_with_its_own_depth():
+    from acn_kernels import speculative_generate
+
+    shallow = speculative_lm("llama", layers=4).truncate(3)
+    ids, mask = left_padded(2)
+    tokens, _ = speculative_generate(shallow, ids, 6, draft_depth=2, attention_mask=mask)
+    assert torch.equal(tokens, shallow.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False))
+    with pytest.raises(ValueError, match=r"draft_depth must be an integer in \[1, 2\] .*, got 3"):
+        speculative_generate(shallow, ids, 6, draft_depth=3, attention_mask=mask)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hf_sampled_speculative_tokens_follow_the_full_models_distribution(family):
+    from acn_kernels import speculative_generate
+    from sampling_checks import assert_pair_frequencies, exact_pairs
+
+    model = speculative_lm(family, vocab_size=5, sharpen=4.0)
+    prompt = torch.tensor([[1, 4, 2, 3]])
+    tokens, stats = speculative_generate(model, prompt.expand(6000, -1), 2, draft_depth=1, draft_tokens=2,
+                                         do_sample=True, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    assert 0 < stats.accepted < stats.drafted  # both branches of the rule ran
+    assert_pair_frequencies(tokens, exact_pairs(lambda t: model(t).logits[:, -1], prompt, 0.8, None))
+
+
+def test_hf_speculative_decoding_names_its_bad_arguments():
+    from acn_kernels import speculative_generate
+
+    model = speculative_lm("gpt2")
+    ids, mask = left_padded(2)
+    for depth in (0, 3, True):
+        with pytest.raises(ValueError, match=rf"draft_depth must be an integer in \[1, 2\] .*, got {depth!r}"):
+            speculative_generate(model, ids, 3, draft_depth=depth)
+    with pytest.raises(ValueError, match=r"attention_mask must be an integer tensor of shape \(2, 6\) \(input_ids' "
+                                         r"shape\), got dtype torch.int64 and shape \(2, 5\)"):
+        speculative_generate(model, ids, 3, draft_depth=1, attention_mask=mask[:, 1:])
+    with pytest.raises(ValueError, match=r"attention_mask must mark left padding"):
+        speculative_generate(model, ids, 3, draft_depth=1, attention_mask=mask.flip(1))
+    with pytest.raises(ValueError, match=r"input_ids must be an integer tensor of shape \(batch, positions\), got "
+                                         r"dtype torch.float32"):
+        speculative_generate(model, ids.float(), 3, draft_depth=1)
+    for other in (decoder("gpt2"), acnify(decoder("gpt2", "GPT2ForSequenceClassification"))):
+        with pytest.raises(TypeError, match=r"model must be an ACN-style language model with speculator\(\) .*, "
+                                            rf"got {type(other).__name__}"):
+            speculative_generate(other, ids, 3, draft_depth=1)

@@ -1,4 +1,4 @@
-"""Self-speculative decoding (models/speculative.py): greedy tokens equal the plain cached generate's
+"""Self-speculative decoding (acn_kernels/speculative.py): greedy tokens equal the plain cached generate's
 for every connectivity, draft depth and length, batch and dtype, with and without rejections; the
 sampled tokens follow the full model's distribution within a statistical bound; the statistics add
 up; bad arguments are named."""
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from acn_kernels import GPT, MLP, speculative_generate
+from sampling_checks import assert_pair_frequencies, exact_pairs
 
 VOCAB, MAX_LEN = 37, 48
 FORMS = {"acn": dict(connectivity="acn"), "hybrid": dict(connectivity="hybrid", gate_init=0.3),
@@ -58,17 +59,6 @@ def test_rejected_drafts_are_cut_from_every_cache():
     assert stats.full_passes - 1 < 29  # and fewer passes of the full depth than tokens after the first
 
 
-def exact_pairs(model: GPT, prompt: torch.Tensor, temperature: float, top_k) -> torch.Tensor:
-    """(vocab, vocab): the full model's probability of each first and second new token."""
-    from acn_kernels.models.speculative import distribution
-
-    with torch.no_grad():
-        first = distribution(model(prompt)[0, -1], temperature, top_k)
-        grown = torch.cat([prompt.expand(len(first), -1), torch.arange(len(first))[:, None]], 1)
-        second = distribution(model(grown)[:, -1], temperature, top_k)
-    return first[:, None] * second
-
-
 @pytest.mark.parametrize("form", ["acn", "hybrid"])
 @pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.7, 3)])
 def test_sampled_tokens_follow_the_full_models_distribution(form, temperature, top_k):
@@ -79,11 +69,7 @@ def test_sampled_tokens_follow_the_full_models_distribution(form, temperature, t
                                          do_sample=True, temperature=temperature, top_k=top_k,
                                          generator=torch.Generator().manual_seed(0))
     assert 0 < stats.accepted < stats.drafted  # both branches of the rule ran
-    counts = torch.zeros(5, 5)
-    counts.index_put_((tokens[:, -2], tokens[:, -1]), torch.ones(samples), accumulate=True)
-    expected = exact_pairs(model, prompt, temperature, top_k)
-    bound = 4.5 * (expected * (1 - expected) / samples).sqrt() + 1e-3  # 4.5 standard deviations per cell
-    assert ((counts / samples - expected).abs() <= bound).all(), (counts / samples - expected)
+    assert_pair_frequencies(tokens, exact_pairs(lambda t: model(t)[:, -1], prompt, temperature, top_k))
 
 
 def test_bad_arguments_are_named():
@@ -100,7 +86,7 @@ def test_bad_arguments_are_named():
         speculative_generate(model, prompt, 44, draft_depth=1)
     with pytest.raises(ValueError, match=r"attention_mask must be None or all ones .*, got zeros"):
         speculative_generate(model, prompt, 3, draft_depth=1, attention_mask=torch.tensor([[0, 1, 1, 1, 1]] * 2))
-    with pytest.raises(TypeError, match=r"model must be a language model with speculator\(\) .*, got MLP"):
+    with pytest.raises(TypeError, match=r"model must be an ACN-style language model with speculator\(\) .*, got MLP"):
         speculative_generate(MLP(4, 8, 2, 3), prompt, 3, draft_depth=1)
     with pytest.raises(ValueError, match=r"temperature must be a positive number, got 0"):
         speculative_generate(model, prompt, 3, draft_depth=1, do_sample=True, temperature=0)

@@ -12,14 +12,31 @@ gets the keywords the model passes its layers and hands the attention branches t
 the running sum, so `generate`, the KV cache, attention masks, `labels=` and gradient checkpointing
 work as the model has them. `output_hidden_states` gives the running sums after 0..L layers (the
 last one through the final norm, as the model's last hidden state).
+
+Self-speculative decoding (`speculative_generate`, acn_kernels/speculative.py) runs the same forward
+with the runner told to run only some units (a `Segment`): the first 2k from the embeddings (the draft),
+or the others from the state the draft left (the verify pass); see `DecoderSpeculator`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .._validation import check_int_tensor
 from ..long_connections import LongConnections, attach, register_scalars
-from .huggingface import Owner, SumsAsHiddenStates, bind, converted_class, register_recording
+from ..speculative import check_draft_depth
+from .huggingface import Owner, SumsAsHiddenStates, bind, converted_class, find_owner, register_recording
+
+
+@dataclass
+class Segment:
+    """Units first..stop-1 of the long connections for one forward: from the embeddings (state None),
+    or from a state (s, y) that units before `first` left; the runner leaves its state after them here."""
+    first: int
+    stop: int
+    state: tuple | None = None
 
 
 class DecoderUnit(nn.Module):
@@ -49,6 +66,11 @@ class Runner(nn.Module):
         layers = owner.layer_list()
         long.gradient_checkpointing = owner.training and getattr(layers[0], "gradient_checkpointing", False)
         keywords = owner.attention_keywords(*args, **kwargs)
+        segment = owner.segment
+        if segment is not None:
+            state = long.start_state(hidden_states) if segment.state is None else segment.state
+            segment.state = long.run_units(segment.first, segment.stop, state, **keywords)
+            return segment.state[1]
         if not owner.recording:
             return long(hidden_states, **keywords)
         y, x, owner.recorded_outputs = long.chain(hidden_states, **keywords)
@@ -72,6 +94,77 @@ class LongConnectionLayers(nn.ModuleList):
         return super().__getitem__(index)
 
 
+def speculator(model: nn.Module, draft_depth: int, input_ids: torch.Tensor, max_new_tokens: int,
+               attention_mask: torch.Tensor | None = None) -> "DecoderSpeculator":
+    """What speculative_generate drafts and verifies with, for an acnify'd causal LM and this prompt
+    (bound to the model as `speculator`)."""
+    owner = find_owner(model)[1]
+    check_draft_depth(draft_depth, owner.long_connections.depth)
+    check_int_tensor("input_ids", input_ids, "(batch, positions)", lambda shape: len(shape) == 2 and shape[1] > 0)
+    if attention_mask is not None:
+        check_int_tensor("attention_mask", attention_mask, f"{tuple(input_ids.shape)} (input_ids' shape)",
+                         lambda shape: shape == input_ids.shape)
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()) or \
+                bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()) or not bool(attention_mask[:, -1].all()):
+            raise ValueError("attention_mask must mark left padding: zeros, then ones up to the last position in "
+                             "every row (as a tokenizer with padding_side='left' gives), got another pattern")
+    return DecoderSpeculator(model, owner, draft_depth, input_ids, max_new_tokens, attention_mask)
+
+
+class DecoderSpeculator:
+    """An acnify'd causal LM's first k layers as the draft and the others as the verify pass, through
+    the model's own forward (embeddings, position ids, masks, rotary tables, final norm and head) over
+    one DynamicCache: the runner runs only the pass's units (a Segment). The positions are those
+    `generate` gives a left-padded batch (the mask's running count). The model sizes its mask by the
+    cache of layer 0, which holds the drafted positions already when the verify pass runs; so that pass
+    gets its mask made by transformers for the cache of layer k, which does not hold them yet."""
+
+    def __init__(self, model: nn.Module, owner: Decoder, draft_depth: int, prompt: torch.Tensor, max_new_tokens: int,
+                 attention_mask: torch.Tensor | None):
+        from transformers import DynamicCache
+
+        self.model, self.owner, self.k = model, owner, draft_depth
+        self.cache = DynamicCache(config=model.config)
+        mask = torch.ones_like(prompt) if attention_mask is None else attention_mask.to(prompt.dtype)
+        self.mask = torch.cat([mask, mask.new_ones(len(prompt), max_new_tokens)], 1)
+        self.positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
+        long = owner.long_connections
+        self.draft_units, self.all_units = draft_depth * long.units_per_depth, long.units
+
+    def logits(self, tokens: torch.Tensor, start: int, segment: Segment | None, attention_mask=None,
+               logits_to_keep: int = 1) -> torch.Tensor:
+        """The model's logits for `tokens` at positions start.., with the runner running `segment`."""
+        stop = start + tokens.shape[1]
+        self.owner.segment = segment
+        try:
+            return self.model(input_ids=tokens, position_ids=self.positions[:, start:stop], cache=self.cache,
+                              attention_mask=self.mask[:, :stop] if attention_mask is None else attention_mask,
+                              use_cache=True, logits_to_keep=logits_to_keep).logits
+        finally:
+            self.owner.segment = None
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self.logits(prompt, 0, None)[:, -1]
+
+    def draft(self, token: torch.Tensor, position: int) -> tuple:
+        segment = Segment(0, self.draft_units)
+        return self.logits(token, position, segment)[:, -1], segment.state
+
+    def verify(self, states: list, position: int) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        state = tuple(torch.cat(parts, 1) for parts in zip(*states))
+        stop = position + state[0].shape[1]
+        mask = create_causal_mask(config=self.model.config, inputs_embeds=state[0], attention_mask=self.mask[:, :stop],
+                                  cache=self.cache, position_ids=self.positions[:, position:stop], layer_idx=self.k,
+                                  allow_is_causal_skip=False)
+        placeholders = torch.zeros_like(self.mask[:, position:stop])  # embedded, then replaced by the state
+        return self.logits(placeholders, position, Segment(self.draft_units, self.all_units, state), mask, 0)
+
+    def crop(self, length: int) -> None:
+        self.cache.crop(length - self.cache.get_seq_length())  # a negative count: the positions to drop
+
+
 class Decoder(SumsAsHiddenStates, Owner):
     """The mixin of a converted decoder model (its class becomes a subclass with this first). A family
     module sets LAYERS (the layer list's attribute name) and BRANCHES (a layer's attention branch and
@@ -80,6 +173,12 @@ class Decoder(SumsAsHiddenStates, Owner):
 
     LAYERS = "layers"
     BRANCHES: tuple = ()
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.segment = None
+
+    SPECULATOR = staticmethod(speculator)  # bound to a causal LM around the owner (huggingface.bind)
 
     def units_of(self, layer: nn.Module) -> tuple:
         """(unit, its input norm) of the layer's attention branch, then of its MLP branch."""
@@ -109,3 +208,4 @@ def convert_decoder(model: nn.Module, base_model: nn.Module, mixin: type, option
         attach(base_model, long)
     bind(model)
     return model
+

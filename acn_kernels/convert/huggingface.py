@@ -139,9 +139,13 @@ def clamp_after(model: nn.Module, optimizer: torch.optim.Optimizer):
 
 
 def bind(model: nn.Module) -> None:
+    """The conversion's methods on the model; a causal LM's speculator too (the owner's SPECULATOR)."""
     model.probe = types.MethodType(probe, model)
     model.truncate = types.MethodType(truncate, model)
     model.clamp_after = types.MethodType(clamp_after, model)
+    speculator = getattr(find_owner(model)[1], "SPECULATOR", None)
+    if speculator is not None and model.can_generate():
+        model.speculator = types.MethodType(speculator, model)
 
 
 class Owner:

@@ -31,7 +31,7 @@ from torch import nn
 from .._validation import check_bool, check_choice, check_divisible, check_positive_int, check_real
 from .base import LONG, DepthModel
 from .layers import FeedForward, FusedLinear
-from .speculative import check_sampling, choose, speculative_generate
+from ..speculative import check_draft_depth, check_sampling, choose, speculative_generate
 
 NORMS = ("layernorm", "rmsnorm")
 GATE_SCOPES = ("unit", "block")
@@ -321,6 +321,7 @@ class GPT(DepthModel):
     def speculator(self, draft_depth: int, tokens: torch.Tensor, max_new_tokens: int,
                    attention_mask: torch.Tensor | None = None) -> "GPTSpeculator":
         """What speculative_generate drafts and verifies with (speculative.py), for this prompt."""
+        check_draft_depth(draft_depth, self.depth)
         self.check_generation(tokens, max_new_tokens)
         if attention_mask is not None and not bool((attention_mask == 1).all()):
             raise ValueError("attention_mask must be None or all ones for the package's GPT, which has no padding "

@@ -17,8 +17,9 @@ k/L of a forward and whose keys and values the full model reuses. Each round:
 
 A batch commits, each round, as many tokens as its least accepting sequence (each sequence's tokens
 are its own). Greedy tokens are the plain cached `generate`'s, up to the rounding of running the
-verified positions as one batch. A model offers `speculator(draft_depth)`: an object with prefill,
-draft, verify and crop (the package's GPT: `GPTSpeculator`).
+verified positions as one batch. A model offers `speculator(draft_depth, input_ids, max_new_tokens,
+attention_mask)`: an object with prefill, draft, verify and crop (the package's GPT: `GPTSpeculator`
+in models/gpt.py; an acnify'd Hugging Face causal LM: `DecoderSpeculator` in convert/decoder.py).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._validation import check_positive_int, check_real
+from ._validation import check_positive_int, check_real
 
 
 @dataclass
@@ -89,18 +90,21 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
     whole model (see the module docstring). A model without a speculator is refused."""
     speculator = getattr(model, "speculator", None)
     if not callable(speculator):
-        raise TypeError(f"model must be a language model with speculator() (the package's GPT, every "
-                        f"connectivity), got {type(model).__name__}")
+        raise TypeError(f"model must be an ACN-style language model with speculator() (the package's GPT, every "
+                        f"connectivity, or an acnify'd Hugging Face causal LM), got {type(model).__name__}")
     check_positive_int("max_new_tokens", max_new_tokens)
     check_positive_int("draft_tokens", draft_tokens)
     check_sampling(temperature, top_k)
-    depth = model.depth
-    if isinstance(draft_depth, bool) or not isinstance(draft_depth, int) or not 1 <= draft_depth < depth:
-        raise ValueError(f"draft_depth must be an integer in [1, {depth - 1}] (fewer blocks than the model's "
-                         f"{depth}), got {draft_depth!r}")
     drafter = speculator(draft_depth, input_ids, max_new_tokens, attention_mask)
     with torch.no_grad():
         return speculate(drafter, input_ids, max_new_tokens, draft_tokens, do_sample, temperature, top_k, generator)
+
+
+def check_draft_depth(draft_depth, depth: int) -> None:
+    """What a speculator checks first: a draft of 1..L-1 depths of a model of L."""
+    if isinstance(draft_depth, bool) or not isinstance(draft_depth, int) or not 1 <= draft_depth < depth:
+        raise ValueError(f"draft_depth must be an integer in [1, {depth - 1}] (fewer depths than the model's "
+                         f"{depth}), got {draft_depth!r}")
 
 
 def speculate(drafter, prompt: torch.Tensor, max_new_tokens: int, draft_tokens: int, do_sample: bool,
