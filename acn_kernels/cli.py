@@ -155,7 +155,10 @@ def main(argv=None) -> int:
     _add_page_options(host, check=True)
     bench = commands.add_parser("bench", help="fused ops and training steps against eager and torch.compile")
     bench.add_argument("--quick", action="store_true", help="small shapes on the CPU: reference against torch.compile")
-    bench.add_argument("--suite", choices=("ops", "models", "all"), default="all")
+    bench.add_argument("--suite", choices=("ops", "models", "speculative", "all"), default="all",
+                       help="speculative: self-speculative decoding of table 6's addition GPTs (acn, hybrid, residual)")
+    bench.add_argument("--lm-models", metavar="DIR", default=None,
+                       help="the speculative suite's models from `paper --lm-models DIR` (else trained first)")
     bench.add_argument("--out", default="results", help="folder for bench.csv and the plots")
     bench.add_argument("--cases", type=regex, default=None, metavar="REGEX",
                        help="only the cases whose name and dtype match, e.g. '8192x2048 bfloat16|ViT-S/16 224 acn'")
@@ -176,6 +179,23 @@ def main(argv=None) -> int:
         return 2
 
 
+def _run_bench(args) -> int:
+    from .tools.benchmark import run_bench
+
+    suites = ("ops", "models", "speculative") if args.suite == "all" else (args.suite,)
+    code = 0
+    if "ops" in suites or "models" in suites:
+        code = run_bench(args.quick, [s for s in suites if s != "speculative"], args.out, args.cases)
+    if "speculative" in suites:
+        from tqdm.auto import tqdm
+        from .experiments.language import FULL, QUICK, ModelsDirError, speculative_bench
+        try:
+            speculative_bench(QUICK if args.quick else FULL, args.out, args.lm_models, tqdm)
+        except ModelsDirError as error:
+            raise UsageError(error) from None
+    return code
+
+
 def run_command(args, argv: list[str]) -> int:
     if args.command == "traffic":
         return _run_traffic(argv)
@@ -190,9 +210,7 @@ def run_command(args, argv: list[str]) -> int:
         from .tools.cuda_host_check import run_check
         return run_check(only=args.only, verbose=args.verbose, seed=args.seed, fuzz=args.fuzz)
     if args.command == "bench":
-        from .tools.benchmark import run_bench
-        suites = ("ops", "models") if args.suite == "all" else (args.suite,)
-        return run_bench(args.quick, suites, args.out, args.cases)
+        return _run_bench(args)
     if args.command == "compile-report":
         from .tools.compile_report import run_report
         return run_report(args.only, args.jobs)

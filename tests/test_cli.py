@@ -233,6 +233,8 @@ def test_a_page_keeps_its_prose_and_its_block_follows_the_tool(tmp_path):
     (("demo", "--epochs", "0"), "--epochs"), (("demo", "--epochs", "-1"), "--epochs"), (("demo", "--depth", "0"), "--depth"),
     (("demo", "--backend", "triton"), "backend='triton'"), (("demo", "--backend", "cuda"), "backend='cuda'"),
     (("bench", "--cases", "["), "--cases"), (("paper", "--seeds", "0"), "--seeds"),
+    (("bench", "--suite", "speculative", "--quick", "--lm-models", "missing"),
+     "--lm-models: missing/addition-acn-seed0.pt is missing"),
     (("cuda-host-check", "--fuzz", "0"), "--fuzz"), (("compile-report", "--jobs", "0"), "--jobs"),
     (("traffic", "--check", "missing.md"), "--check: missing.md is not a file"),
     (("cuda-host-check", "--check", "README.md"), "README.md has no block of `cuda-host-check` output"),

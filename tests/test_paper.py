@@ -1,6 +1,7 @@
 """The experiment code of `python -m acn_kernels paper`, not its outcomes: the noise functions, the task
 split, Synaptic Intelligence on a problem worked by hand, the continual-learning arithmetic, the
 verdict rule, and `paper --quick` end to end."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -144,8 +145,6 @@ TIMINGS = ("tokens/s", "us/token", "speedup", "length")  # measured by the clock
 
 def quick_language():
     """table 6's quick settings on the reference backend (under the interpreter auto would pick Triton's)."""
-    import dataclasses
-
     from acn_kernels.experiments import language
     return dataclasses.replace(language.QUICK, backend="reference")
 
@@ -196,3 +195,34 @@ def test_the_unigram_loss_and_the_plateau_exit_by_hand():
     task = language.Task("t", 4, None, None, None, unigram_loss=3.0)
     assert language.plateau_exit([(50, 3.0), (100, 2.71), (150, 2.69)], task, 150) == 150
     assert language.plateau_exit([(50, 3.0)], task, 50) == 51
+
+
+def test_the_speculative_bench_checks_every_row_and_reads_saved_models(tmp_path, capsys):
+    """bench --suite speculative: every twin, draft depth and length (each row's tokens checked against
+    generate's inside depth.speculations), the same acceptance from the models paper --lm-models saved,
+    and a folder of other settings' models named."""
+    import csv
+
+    from acn_kernels.experiments import language
+
+    settings = quick_language()
+    no_bar = lambda items, **_: items  # noqa: E731
+    rows = language.speculative_bench(settings, str(tmp_path / "out"), None, no_bar)
+    depths, lengths = range(1, settings.depth), (2, 4, 8)
+    assert list(rows) == [f"{twin} draft {k} x{n}" for twin in ("acn", "hybrid", "residual") for k in depths
+                          for n in lengths]
+    with open(tmp_path / "out" / "speculative.csv") as handle:
+        records = list(csv.DictReader(handle))
+    assert len(records) == len(rows) and all(r["tokens_identical"] == "True" for r in records)
+    assert all(float(r["speedup"]) == pytest.approx(float(r["tokens/s"]) / float(r["plain tokens/s"]))
+               for r in records)
+    assert "draft with a higher acceptance than the residual twin's at" in capsys.readouterr().out
+    models = tmp_path / "models"
+    models.mkdir()
+    for twin in language.SPECULATIVE_TWINS:
+        torch.save(language.trained(settings, "addition", twin, 0)[0].state_dict(), models / f"addition-{twin}-seed0.pt")
+    loaded = language.speculative_bench(settings, str(tmp_path / "again"), str(models), no_bar)
+    assert {k: v["accepted %"] for k, v in loaded.items()} == {k: v["accepted %"] for k, v in rows.items()}
+    deeper = dataclasses.replace(settings, depth=settings.depth + 1)
+    with pytest.raises(language.ModelsDirError, match=r"addition-acn-seed0.pt holds a model of other settings"):
+        language.speculative_bench(deeper, str(tmp_path / "x"), str(models), no_bar)
