@@ -30,6 +30,7 @@ def test_your_own_model_snippets_run_as_written(capsys):
         exec(compile(snippet, str(README), "exec"), namespace)
     assert namespace["per_depth"].shape == (5, 2, 2)  # the BERT snippet's
     assert namespace["losses"].shape == (5,) and namespace["tokens"].shape == (2, 12)
+    assert namespace["drafted"].shape == (2, 12) and namespace["stats"].new_tokens == 8
     again, lm, ids = namespace["again"], namespace["lm"], namespace["ids"]
     assert type(again).__name__ == "LlamaForCausalLM" and again.config.model_type.startswith("acn_llama (import acn_kernels")
     assert any(hasattr(m, "long_connections") for m in again.modules())
