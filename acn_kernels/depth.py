@@ -20,6 +20,7 @@ from torch import nn
 
 from ._validation import check_choice, check_positive_int, check_real
 from .long_connections import LongConnections
+from .speculative import speculative_generate, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,6 @@ def speculations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, repea
     """Greedy self-speculative decoding of `model` at every draft depth 1..L-1 and each of DRAFT_LENGTHS:
     its tokens/s (median of `repeats` runs) and acceptance rate, checked token for token against the
     plain cached generate."""
-    from .speculative import speculative_generate
-
     plain = greedy(model, prompts, new_tokens)
     found = []
     for depth in range(1, model_depth(model)):
@@ -196,14 +195,13 @@ def latency_ms(model: nn.Module, inputs, repeats: int = 20, warmup: int = 3) -> 
 
 
 def median_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():
         for i in range(warmup + repeats):
-            synchronize()
+            synchronize(device)
             start = time.perf_counter()
             fn()
-            synchronize()
+            synchronize(device)
             if i >= warmup:
                 times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times)

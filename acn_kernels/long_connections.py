@@ -344,10 +344,6 @@ class LongConnections(nn.Module):
             s, y = self._short_state(i, s, x) if i + 1 < len(self.blocks) else x, y + self._term(i, x)
         return s, y
 
-    def readout_norm(self, y: torch.Tensor) -> torch.Tensor:
-        """The final norm of a sum (the sum itself without a final norm)."""
-        return y if self.final_norm is None else self.final_norm(y)
-
     def probe_outputs(self, outputs: list) -> torch.Tensor:
         """(L+1, ...): final_norm(y_k) for every depth, from the terms of the sum [x_0..x_L] (every
         unit's: the depths are every units_per_depth-th partial sum)."""
@@ -376,13 +372,11 @@ class LongConnections(nn.Module):
         def advance(k, state):
             """The state after depth k + 1: its units run one after another, the last one's output added
             to the sum by the final norm's boundary."""
-            s, y = state[0], state[1]
-            for i in range(k * self.units_per_depth, (k + 1) * self.units_per_depth):
-                x = self._next_output(i, s, block_kwargs)
-                term, s = self._term(i, x), self._short_state(i, s, x) if i + 1 < self.units else x
-                if i + 1 < (k + 1) * self.units_per_depth:
-                    y = self._add(y, term)
-            return (s, *self.sum_and_norm(y, term))
+            last = (k + 1) * self.units_per_depth - 1
+            s, y = self.run_units(k * self.units_per_depth, last, state[:2], **block_kwargs)
+            x = self._next_output(last, s, block_kwargs)
+            return (self._short_state(last, s, x) if last + 1 < len(self.blocks) else x,
+                    *self.sum_and_norm(y, self._term(last, x)))
 
         return exit_early((x0, *self.sum_and_norm(None, self._x0_term(x0))), advance, lambda state: head(state[2]),
                           self.depth, threshold)

@@ -350,7 +350,7 @@ class GPTSpeculator:
         if self.long:
             long = model.long_connections
             state = long.run_units(0, self.draft_units, long.start_state(x0), **kwargs)
-            hidden = long.readout_norm(state[1])
+            hidden = long.sum_and_norm(state[1], None)[1]
         else:
             state = model.run_blocks(0, self.k, x0, **kwargs)
             hidden = model.final_norm(state)
@@ -362,7 +362,7 @@ class GPTSpeculator:
         if self.long:
             long = model.long_connections
             state = tuple(torch.cat(parts, 1) for parts in zip(*states))
-            hidden = long.readout_norm(long.run_units(self.draft_units, self.all_units, state, **kwargs)[1])
+            hidden = long.sum_and_norm(long.run_units(self.draft_units, self.all_units, state, **kwargs)[1], None)[1]
         else:
             hidden = model.final_norm(model.run_blocks(self.k, model.depth, torch.cat(states, 1), **kwargs))
         return model.readout(hidden)
