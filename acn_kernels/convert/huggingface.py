@@ -3,9 +3,9 @@ saved conversions that load back converted.
 
 The module that holds the long connections (a BertEncoder, a GPT2Model, a LlamaModel: the "owner")
 records the block outputs when `recording` and returns `replaced_output` instead of running its layers
-when that is set; so `probe` runs the whole model once, then once more on the inputs repeated for the
-shallower depths with the owner's output replaced by their sums (no layer runs again), and any head
-works as it is.
+when that is set; so `probe` runs the whole model once, then once more on the inputs repeated for
+every depth with the owner's output replaced by their sums (no layer runs again), and any head works
+as it is.
 
 A conversion is recorded in the model's config: `config.acn_kernels` holds acnify's options, and the
 config's class becomes a subclass of its own whose model_type is "acn_<type> (import acn_kernels to
@@ -63,10 +63,10 @@ def model_output(output, what: str = "logits"):
 def probe(model: nn.Module, *args, output: str = "logits", **kwargs) -> torch.Tensor:
     """(L+1, ...): the model's output (its logits, or its loss with output="loss" and labels=) with
     the first k layers, k = 0..L. The layers run once, recording every depth's sum; then the model's
-    own forward runs once more on the inputs repeated for the L shallower depths, the long
-    connections' output replaced by those depths' sums (no layer runs again), so that its head, masks
-    and pooling apply to every depth at once. A loss is one number per batch: output="loss" runs that
-    second forward once per depth instead."""
+    own forward runs once more on the inputs repeated for the L+1 depths, the long connections' output
+    replaced by those depths' sums (no layer runs again), so that its head, masks and pooling apply to
+    every depth at once and its output is the result. A loss is one number per batch: output="loss"
+    runs that second forward once per shallower depth instead."""
     check_choice("output", output, ("logits", "loss"))
     _, owner = find_owner(model)
     owner.recording = True
@@ -79,13 +79,13 @@ def probe(model: nn.Module, *args, output: str = "logits", **kwargs) -> torch.Te
                 owner.replaced_output = sums[k]
                 shallower.append(model_output(model(*args, **kwargs), output))
             return torch.stack([*shallower, deepest])
-        batch, depths = sums.shape[1], len(sums)
-        owner.replaced_output = sums.flatten(0, 1)
+        batch, depths = sums.shape[1], len(sums) + 1
+        owner.replaced_output = torch.cat([sums.flatten(0, 1), owner.depth_sums()[-1]])
         repeated = model_output(model(*repeat_batch(args, batch, depths), **repeat_batch(kwargs, batch, depths)),
                                 output)
     finally:
         owner.recording, owner.replaced_output, owner.recorded_outputs = False, None, None
-    return torch.cat([repeated.unflatten(0, (depths, batch)), deepest[None]])
+    return repeated.unflatten(0, (depths, batch))
 
 
 def repeat_batch(inputs, batch: int, times: int):
@@ -155,9 +155,17 @@ class Owner:
         self.recording, self.replaced_output, self.recorded_outputs, self.running = False, None, None, False
 
     def depth_sums(self) -> torch.Tensor:
-        """(L+1, ...): the running sum after 0..L layers, from the recorded terms of the sum."""
-        terms = torch.stack(self.recorded_outputs).cumsum(0)
-        return terms[::self.long_connections.units_per_depth]
+        """(L+1, ...): the running sum after 0..L layers, from the recorded terms of the sum, added one
+        after another as the long connections add them (a cumsum over a stack of them is several times
+        slower on a CPU, where it dominated probe's cost beside the layers)."""
+        terms, per_depth = self.recorded_outputs, self.long_connections.units_per_depth
+        sums = [terms[0]]
+        for first in range(1, len(terms), per_depth):
+            running = sums[-1]
+            for term in terms[first:first + per_depth]:
+                running = running + term
+            sums.append(running)
+        return torch.stack(sums)
 
 
 class SumsAsHiddenStates:
