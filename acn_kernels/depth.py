@@ -222,8 +222,7 @@ def model_depth(model: nn.Module) -> int:
     depth = getattr(model, "depth", None)
     if isinstance(depth, int):
         return depth
-    return next(m.long_connections.depth for m in model.modules()
-                if isinstance(getattr(m, "long_connections", None), LongConnections))
+    return long_connections_of(model).depth
 
 
 def generation_tokens_per_second(model: nn.Module, prompts: torch.Tensor, new_tokens: int, repeats: int = 3) -> float:

@@ -72,15 +72,15 @@ def probe(model: nn.Module, *args, output: str = "logits", **kwargs) -> torch.Te
     owner.recording = True
     try:
         deepest = model_output(model(*args, **kwargs), output)
-        sums = owner.depth_sums()[:-1]
+        sums = owner.depth_sums()
         if output == "loss":
             shallower = []
-            for k in range(len(sums)):
+            for k in range(len(sums) - 1):
                 owner.replaced_output = sums[k]
                 shallower.append(model_output(model(*args, **kwargs), output))
             return torch.stack([*shallower, deepest])
-        batch, depths = sums.shape[1], len(sums) + 1
-        owner.replaced_output = torch.cat([sums.flatten(0, 1), owner.depth_sums()[-1]])
+        batch, depths = sums.shape[1], len(sums)
+        owner.replaced_output = sums.flatten(0, 1)
         repeated = model_output(model(*repeat_batch(args, batch, depths), **repeat_batch(kwargs, batch, depths)),
                                 output)
     finally:
