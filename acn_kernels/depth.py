@@ -146,17 +146,55 @@ def check_targets_in_range(targets: torch.Tensor, classes: int) -> None:
                          f"got values in [{valid.min().item()}, {valid.max().item()}]")
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` predicts the next token at every position (the package's GPT, an acnify'd causal
+    LM: the models that draft for themselves), so that its targets are labels, shifted inside."""
+    return callable(getattr(model, "speculator", None))
+
+
+def check_labels(inputs, labels: torch.Tensor) -> None:
+    """A causal LM's targets are Hugging Face's labels: the input ids themselves (IGNORE_INDEX where
+    nothing counts), which the scores shift inside (position t's logits against labels[t + 1]).
+    Next tokens already shifted (labels[t] = input_ids[t + 1]) would score the model on copying its
+    input, so they are refused, never scored."""
+    ids = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
+    if labels.shape != ids.shape:
+        raise ValueError(f"targets of a causal language model must be its labels, of input_ids' shape "
+                         f"{tuple(ids.shape)} (Hugging Face's convention: the input ids, shifted inside), got shape "
+                         f"{tuple(labels.shape)}")
+    labels = labels.to(ids.device)
+    counted = labels != IGNORE_INDEX
+    if bool((labels == ids)[counted].all()) or ids.shape[1] < 2:
+        return
+    next_counted = counted[:, :-1]
+    if next_counted.any() and bool((labels[:, :-1] == ids[:, 1:])[next_counted].all()):
+        raise ValueError("targets of a causal language model must be its labels (Hugging Face's convention: the "
+                         "input ids, IGNORE_INDEX where nothing counts; the scores shift them inside), got the next "
+                         "tokens already shifted (targets[:, t] == input_ids[:, t + 1]): pass the input ids")
+
+
+def aligned(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> tuple:
+    """(logits, targets) position for position: a causal LM's logits at t against its labels at t + 1
+    (logits (..., batch, positions, vocab), labels (batch, positions)); any other model's as given."""
+    if not is_causal_lm(model):
+        return logits, targets
+    return logits[..., :-1, :], targets[:, 1:]
+
+
 def depth_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, metric: str = "accuracy",
                  batch_size: int = 512) -> list:
     """Every depth's score (model.probe's logits, (L+1, batch, ..., classes)) on `targets` (batch, ...):
-    the percent right, or the mean cross-entropy; targets equal to IGNORE_INDEX count in neither
-    (a language model's next tokens: targets (batch, positions))."""
+    the percent right, or the mean cross-entropy; targets equal to IGNORE_INDEX count in neither.
+    A causal language model's targets are its labels (batch, positions), Hugging Face's convention:
+    the input ids, shifted inside (check_labels)."""
     check_choice("metric", metric, METRICS)
+    if is_causal_lm(model):
+        check_labels(inputs, targets)
     total, count = None, 0
     with torch.inference_mode():
         for start in range(0, len(targets), batch_size):
             logits = call_with(model.probe, batch_rows(inputs, slice(start, start + batch_size)))
-            chunk = targets[start:start + batch_size].to(logits.device)
+            logits, chunk = aligned(model, logits, targets[start:start + batch_size].to(logits.device))
             check_targets_in_range(chunk, logits.shape[-1])
             valid = chunk != IGNORE_INDEX
             if metric == "accuracy":
@@ -238,9 +276,10 @@ def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tole
     `tolerance` of the best (points of accuracy, or percent of the lowest loss with metric="loss"),
     and measures parameters and latency of both models (the median of `repeats` forwards of the
     first `timing_batch` inputs). The model must offer probe and truncate. `inputs` is a tensor, or a
-    dict of the model's keyword inputs (a Hugging Face model's input_ids and attention_mask). A
-    language model's inputs are token sequences and its targets the next tokens; with generate_tokens (and a model that has
-    generate), the generation speed of both, with the KV cache, from the first 8 tokens of each of
+    dict of the model's keyword inputs (a Hugging Face model's input_ids and attention_mask). A causal
+    language model's targets are its labels, as `model(labels=)` takes them: the input ids (IGNORE_INDEX
+    where nothing counts), shifted inside; next tokens already shifted are refused. With
+    generate_tokens (and a model that has generate), the generation speed of both, with the KV cache, from the first 8 tokens of each of
     the timing batch's sequences, and for a model that drafts for itself (the package's GPT, an
     acnify'd causal LM) the draft depth and length of the fastest self-speculative decoding, which keeps
     every token."""
@@ -333,6 +372,8 @@ class ShrinkOnCompression:
                             f"got {type(model).__name__}")
         self.long_connections = long_connections_of(model)
         check_probe_data(probe_inputs, probe_targets, "probe_inputs and probe_targets")
+        if is_causal_lm(model):
+            check_labels(probe_inputs, probe_targets)
         check_positive_int("every", every)
         check_positive_int("patience", patience)
         check_tolerance(tolerance)
@@ -359,9 +400,11 @@ class ShrinkOnCompression:
                 outputs = self.model.probe(self.inputs)
         finally:
             self.model.train(was_training)
-        targets = self.targets.to(outputs.device)
+        outputs, targets = aligned(self.model, outputs, self.targets.to(outputs.device))
         if self.classification:
-            return (100.0 * (outputs.argmax(-1) == targets).double().mean(-1)).tolist()
+            counted = targets != IGNORE_INDEX
+            right = ((outputs.argmax(-1) == targets) & counted).flatten(1).sum(-1)
+            return (100.0 * right.double() / max(int(counted.sum()), 1)).tolist()
         errors = (outputs.double() - targets.double()) ** 2
         return errors.flatten(1).mean(-1).tolist()
 
@@ -424,6 +467,8 @@ def early_exit_sweep(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     check_probe_data(inputs, targets)
     if not callable(getattr(model, "early_exit", None)):
         raise TypeError(f"model must have early_exit() (the package's models), got {type(model).__name__}")
+    if is_causal_lm(model):
+        check_labels(inputs, targets)
     full = getattr(model, "long_connections", model).depth  # the active depth of a shrunk ACN
     was_training = model.training
     model.eval()
@@ -432,9 +477,11 @@ def early_exit_sweep(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
         with torch.inference_mode():
             for threshold in thresholds:
                 logits, used = model.early_exit(inputs, threshold)
-                hits = (logits.argmax(-1) == targets.to(logits.device)).double()
+                logits, labels = aligned(model, logits, targets.to(logits.device))
+                counted = labels != IGNORE_INDEX
+                hits = ((logits.argmax(-1) == labels) & counted).sum().item() / max(int(counted.sum()), 1)
                 depth = used.double().mean().item()
-                rows.append(dict(threshold=threshold, accuracy=100.0 * hits.mean().item(), depth=depth,
+                rows.append(dict(threshold=threshold, accuracy=100.0 * hits, depth=depth,
                                  saved=1.0 - depth / max(full, 1)))
     finally:
         model.train(was_training)

@@ -347,10 +347,24 @@ def test_compress_an_acnified_causal_lm_by_loss_with_generation_speed():
 
     model = acnify(decoder("gpt2"))
     ids = torch.randint(1, 50, (4, 12))
-    report = compress(model, ids[:, :-1], ids[:, 1:], tolerance=50.0, metric="loss", repeats=2, generate_tokens=3)
+    report = compress(model, ids, ids, tolerance=50.0, metric="loss", repeats=2, generate_tokens=3)
     assert len(report.scores) == 4 and report.model.generate(ids[:, :2], max_new_tokens=2).shape == (4, 4)
     assert all(speed > 0 for speed in report.tokens_per_second) and "tokens/s" in str(report)
     assert 1 <= report.speculation.draft_depth < 3 and "lossless: speculative decoding" in str(report)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_an_acnified_lms_depth_scores_take_its_labels_as_its_loss_does(family):
+    from acn_kernels import compress
+    from acn_kernels.depth import depth_scores
+
+    model = acnify(decoder(family), backend="reference").double().eval()
+    ids = torch.randint(1, 50, (4, 12))
+    scores = depth_scores(model, ids, ids, "loss")
+    assert scores[-1] == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), rel=1e-6)  # its loss: float32
+    assert scores == pytest.approx(model.probe(input_ids=ids, labels=ids, output="loss").tolist(), rel=1e-6)
+    with pytest.raises(ValueError, match=r"got the next tokens already shifted"):
+        compress(model, ids[:, :-1], ids[:, 1:], metric="loss")
 
 
 def test_decoders_whose_layers_attend_differently_are_refused():

@@ -49,9 +49,8 @@ def test_compress_explains_what_it_needs(trained):
 def test_compress_a_language_model_by_next_token_loss_and_generation_speed():
     torch.manual_seed(0)
     model = GPT(29, 16, 32, 4, 4, backend="reference")
-    tokens = torch.randint(0, 29, (6, 12))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
-    report = compress(model, inputs, targets, tolerance=5.0, metric="loss", repeats=2, generate_tokens=4)
+    inputs = torch.randint(0, 29, (6, 12))
+    report = compress(model, inputs, inputs, tolerance=5.0, metric="loss", repeats=2, generate_tokens=4)
     best = min(report.scores)
     assert len(report.scores) == 5 and report.scores[report.depth] <= best * 1.05
     assert all(loss > best * 1.05 for loss in report.scores[:report.depth])
@@ -87,3 +86,40 @@ def test_compress_refuses_zero_repeats():
     from acn_kernels import MLP, compress
     with pytest.raises(ValueError, match="repeats"):
         compress(MLP(6, 16, 3, 4, backend="reference"), torch.randn(16, 6), torch.randint(0, 4, (16,)), repeats=0)
+
+
+def test_a_language_models_targets_are_its_labels_shifted_inside():
+    """Hugging Face's convention (labels = the input ids) at every LM entry point: depth k's score is
+    its logits at t against the ids at t + 1, never the model copying its input."""
+    from acn_kernels import early_exit_sweep
+    torch.manual_seed(0)
+    model = GPT(29, 16, 32, 3, 4, backend="reference").eval()
+    ids = torch.randint(0, 29, (5, 11))
+    labels = ids.clone()
+    labels[:2, :4] = IGNORE_INDEX  # a prompt that counts in no score
+    with torch.no_grad():
+        logits = model.probe(ids)[:, :, :-1]
+    expected = [nn.functional.cross_entropy(depth.flatten(0, 1).double(), labels[:, 1:].flatten(),
+                                            ignore_index=IGNORE_INDEX).item() for depth in logits]
+    assert depth_scores(model, ids, labels, "loss") == pytest.approx(expected, rel=1e-9)
+    assert compress(model, ids, labels, metric="loss", repeats=1).scores == pytest.approx(expected, rel=1e-9)
+    counted = labels[:, 1:] != IGNORE_INDEX
+    right = [100.0 * ((depth.argmax(-1) == labels[:, 1:]) & counted).sum().item() / counted.sum().item()
+             for depth in logits]
+    assert depth_scores(model, ids, labels, "accuracy") == pytest.approx(right)
+    deepest = early_exit_sweep(model, ids, labels, [2.0])[0]
+    assert deepest["accuracy"] == pytest.approx(right[-1]) and deepest["depth"] == 3
+
+
+@pytest.mark.parametrize("entry", ["compress", "depth_scores", "early_exit_sweep", "ShrinkOnCompression"])
+def test_next_tokens_already_shifted_are_refused_not_scored(entry):
+    import acn_kernels
+    from acn_kernels import depth
+    model = GPT(29, 16, 32, 2, 4, backend="reference")
+    ids = torch.randint(0, 29, (4, 10))
+    call = getattr(acn_kernels, entry, None) or getattr(depth, entry)
+    with pytest.raises(ValueError, match=r"must be its labels .*got the next tokens already shifted "
+                                         r"\(targets\[:, t\] == input_ids\[:, t \+ 1\]\): pass the input ids"):
+        call(model, ids[:, :-1], ids[:, 1:], *([[0.5]] if entry == "early_exit_sweep" else []))
+    with pytest.raises(ValueError, match=r"must be its labels, of input_ids' shape \(4, 10\) .* got shape \(4, 9\)"):
+        call(model, ids, ids[:, 1:], *([[0.5]] if entry == "early_exit_sweep" else []))

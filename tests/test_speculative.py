@@ -98,10 +98,10 @@ def test_compress_reports_the_fastest_lossless_draft_depth_and_length():
 
     model = model_of("acn", torch.float32)
     ids = prompts(4, 12)
-    report = compress(model, ids[:, :-1], ids[:, 1:], metric="loss", tolerance=50.0, repeats=1, timing_batch=4,
+    report = compress(model, ids, ids, metric="loss", tolerance=50.0, repeats=1, timing_batch=4,
                       generate_tokens=6)
     speculation = report.speculation
     assert 1 <= speculation.draft_depth < model.depth and speculation.draft_tokens in DRAFT_LENGTHS
     assert speculation.tokens_per_second > 0 and 0.0 <= speculation.acceptance_rate <= 1.0
     assert "lossless: speculative decoding, draft depth" in str(report)
-    assert compress(model, ids[:, :-1], ids[:, 1:], metric="loss", repeats=1, timing_batch=4).speculation is None
+    assert compress(model, ids, ids, metric="loss", repeats=1, timing_batch=4).speculation is None

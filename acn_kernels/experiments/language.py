@@ -241,8 +241,16 @@ def exact_match(model: GPT, task: Task) -> list:
     return (100.0 * right.all(-1).double().mean(-1)).tolist()
 
 
+def as_labels(inputs: torch.Tensor, targets: torch.Tensor) -> tuple:
+    """(input ids, labels) in Hugging Face's convention, which compress and depth_scores take, for
+    next-token (inputs, targets): one more position (the last target; any token where it is ignored),
+    the targets as the labels one position later."""
+    last = targets[:, -1:].clamp(min=0)
+    return torch.cat([inputs, last], 1), torch.cat([torch.full_like(last, IGNORE_INDEX), targets], 1)
+
+
 def evaluate(model: GPT, task: Task, settings: LanguageSettings) -> dict:
-    inputs, targets = task.validation
+    inputs, targets = as_labels(*task.validation)
     model.eval()
     report = compress(model, inputs, targets, tolerance=1.0, metric="loss", repeats=3, timing_batch=8)
     prompts = inputs[:8, :PROMPT]
