@@ -690,3 +690,31 @@ def test_hf_speculative_decoding_names_its_bad_arguments():
         with pytest.raises(TypeError, match=r"model must be an ACN-style language model with speculator\(\) .*, "
                                             rf"got {type(other).__name__}"):
             speculative_generate(other, ids, 3, draft_depth=1)
+
+
+@pytest.mark.parametrize("family", CAUSAL_LMS)
+@pytest.mark.parametrize("form", ["acn", "long-short"])
+def test_transformers_early_exit_generate_drafts_with_the_first_layers(family, form):
+    """generate(assistant_early_exit=k), transformers' self-speculative decoding (LayerSkip's): the
+    forward honours config.num_hidden_layers = k as the model's own layer loop does (the running sum
+    after k layers through the final norm and head), greedy tokens are plain generate's, and the
+    config is the model's again afterwards."""
+    model = speculative_lm(family, form)
+    ids, mask = left_padded(2)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.transformer
+    base.config.num_hidden_layers = 1
+    try:
+        early = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        base.config.num_hidden_layers = 3
+    torch.testing.assert_close(early, model.truncate(1)(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-12,
+                               equal_nan=True)  # eager attention of a padded position: NaN in both
+    full = model(input_ids=ids, attention_mask=mask).logits
+    prompt = ids[1:, 2:]  # transformers drafts for a batch of one
+    plain = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    for k in (1, 2):
+        drafted = model.generate(prompt, max_new_tokens=12, do_sample=False, assistant_early_exit=k)
+        assert torch.equal(drafted, plain), k
+        assert model.config.num_hidden_layers == 3
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, full, rtol=0, atol=0,
+                               equal_nan=True)  # the whole model again

@@ -16,6 +16,10 @@ last one through the final norm, as the model's last hidden state).
 Self-speculative decoding (`speculative_generate`, acn_kernels/speculative.py) runs the same forward
 with the runner told to run only some units (a `Segment`): the first 2k from the embeddings (the draft),
 or the others from the state the draft left (the verify pass); see `DecoderSpeculator`.
+transformers' own early-exit drafting, `generate(..., assistant_early_exit=k)`, sets the model's
+`config.num_hidden_layers` to k while it drafts (with a cache of k layers); the runner honours it as
+the model's own layer loop does, running the first k layers and leaving their running sum y_k to the
+model's final norm and head.
 """
 from __future__ import annotations
 
@@ -67,6 +71,8 @@ class Runner(nn.Module):
         long.gradient_checkpointing = owner.training and getattr(layers[0], "gradient_checkpointing", False)
         keywords = owner.attention_keywords(*args, **kwargs)
         segment = owner.segment
+        if segment is None and owner.config.num_hidden_layers < long.depth:
+            segment = Segment(0, owner.config.num_hidden_layers * long.units_per_depth)  # an early exit's draft
         if segment is not None:
             state = long.start_state(hidden_states) if segment.state is None else segment.state
             segment.state = long.run_units(segment.first, segment.stop, state, **keywords)
