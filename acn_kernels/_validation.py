@@ -55,3 +55,10 @@ def check_tensor(name: str, value, kind: str, kind_ok: Callable[[torch.Tensor], 
         got = (f"dtype {value.dtype} and shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
                else type(value).__name__)
         raise ValueError(f"{name} must be {kind} tensor of shape {shape_text}, got {got}")
+
+
+def check_token_ids(name: str, tokens: torch.Tensor, vocab_size: int, vocabulary: str) -> None:
+    """Token ids in [0, vocab_size); `vocabulary` says where the size comes from, in the message."""
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"{name} must be in [0, {vocab_size}) ({vocabulary}), got values in "
+                         f"[{tokens.min().item()}, {tokens.max().item()}]")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._validation import check_int_tensor
+from .._validation import check_int_tensor, check_token_ids
 from ..long_connections import LongConnections, attach, register_scalars
 from ..speculative import check_draft_depth
 from .huggingface import Owner, SumsAsHiddenStates, bind, converted_class, find_owner, register_recording
@@ -100,6 +100,40 @@ class LongConnectionLayers(nn.ModuleList):
         return super().__getitem__(index)
 
 
+def check_input_ids(owner: nn.Module, input_ids: torch.Tensor, end: int, name: str = "input_ids",
+                    reach: str = "") -> None:
+    """input_ids within the model's vocabulary (its embedding's rows), and the positions they reach, up
+    to `end` (`reach` says how), within its config.max_position_embeddings (GPT-2's n_positions): what
+    the model would otherwise meet as a bare IndexError in its embeddings, or not at all (rotary
+    positions past the trained range)."""
+    check_token_ids("input_ids", input_ids, owner.get_input_embeddings().num_embeddings,
+                    "the model's vocabulary: its embedding's rows")
+    limit = owner.config.max_position_embeddings
+    if end > limit:
+        raise ValueError(f"{name} must fit the model's {limit} positions (config.max_position_embeddings), got "
+                         f"{reach or f'{input_ids.shape[-1]} positions'}, {end} in all")
+
+
+def generation_end(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, new_tokens: int) -> int:
+    """The positions a generation reaches: the longest prompt (without its left padding) and the new tokens."""
+    prompt = input_ids.shape[-1] if attention_mask is None else int(attention_mask.sum(-1).max())
+    return prompt + new_tokens
+
+
+def checked_generate(model: nn.Module, inputs=None, *args, **kwargs):
+    """The model's own generate, its input_ids and the positions the generation reaches checked first
+    (check_input_ids; bound to an acnify'd causal LM as `generate`)."""
+    ids = kwargs.get("input_ids", inputs)
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() == 2:
+        config = kwargs.get("generation_config") or model.generation_config
+        new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if new_tokens is None:
+            new_tokens = kwargs.get("max_length", config.max_length) - ids.shape[-1]
+        check_input_ids(find_owner(model)[1], ids, generation_end(ids, kwargs.get("attention_mask"), new_tokens),
+                        "input_ids and max_new_tokens", f"{ids.shape[-1]} positions and {new_tokens} new tokens")
+    return type(model).generate(model, inputs, *args, **kwargs)
+
+
 def speculator(model: nn.Module, draft_depth: int, input_ids: torch.Tensor, max_new_tokens: int,
                attention_mask: torch.Tensor | None = None) -> "DecoderSpeculator":
     """What speculative_generate drafts and verifies with, for an acnify'd causal LM and this prompt
@@ -114,6 +148,8 @@ def speculator(model: nn.Module, draft_depth: int, input_ids: torch.Tensor, max_
                 bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()) or not bool(attention_mask[:, -1].all()):
             raise ValueError("attention_mask must mark left padding: zeros, then ones up to the last position in "
                              "every row (as a tokenizer with padding_side='left' gives), got another pattern")
+    check_input_ids(owner, input_ids, generation_end(input_ids, attention_mask, max_new_tokens),
+                    "input_ids and max_new_tokens", f"{input_ids.shape[-1]} positions and {max_new_tokens} new tokens")
     return DecoderSpeculator(model, owner, draft_depth, input_ids, max_new_tokens, attention_mask)
 
 
@@ -184,7 +220,18 @@ class Decoder(SumsAsHiddenStates, Owner):
         super().prepare()
         self.segment = None
 
-    SPECULATOR = staticmethod(speculator)  # bound to a causal LM around the owner (huggingface.bind)
+    # bound to a causal LM around the owner (huggingface.bind)
+    CAUSAL_LM_METHODS = {"speculator": speculator, "generate": checked_generate}
+
+    def forward(self, input_ids=None, *args, **kwargs):
+        """The model's forward, its input_ids checked first (check_input_ids): the positions they take
+        after the cached ones, or their position_ids."""
+        if isinstance(input_ids, torch.Tensor):
+            positions, cache = kwargs.get("position_ids"), kwargs.get("cache", kwargs.get("past_key_values"))
+            past = cache.get_seq_length() if cache is not None else 0
+            end = int(positions.max()) + 1 if positions is not None else past + input_ids.shape[-1]
+            check_input_ids(self, input_ids, end, reach=f"positions up to {end - 1}")
+        return super().forward(input_ids, *args, **kwargs)
 
     def units_of(self, layer: nn.Module) -> tuple:
         """(unit, its input norm) of the layer's attention branch, then of its MLP branch."""

@@ -139,13 +139,14 @@ def clamp_after(model: nn.Module, optimizer: torch.optim.Optimizer):
 
 
 def bind(model: nn.Module) -> None:
-    """The conversion's methods on the model; a causal LM's speculator too (the owner's SPECULATOR)."""
+    """The conversion's methods on the model; a causal LM's too (the owner's CAUSAL_LM_METHODS: its
+    speculator and its checked generate)."""
     model.probe = types.MethodType(probe, model)
     model.truncate = types.MethodType(truncate, model)
     model.clamp_after = types.MethodType(clamp_after, model)
-    speculator = getattr(find_owner(model)[1], "SPECULATOR", None)
-    if speculator is not None and model.can_generate():
-        model.speculator = types.MethodType(speculator, model)
+    if model.can_generate():
+        for name, method in getattr(find_owner(model)[1], "CAUSAL_LM_METHODS", {}).items():
+            setattr(model, name, types.MethodType(method, model))
 
 
 class Owner:

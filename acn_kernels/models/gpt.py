@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_bool, check_choice, check_divisible, check_positive_int, check_real
+from .._validation import check_bool, check_choice, check_divisible, check_positive_int, check_real, check_token_ids
 from .base import LONG, DepthModel
 from .layers import FeedForward, FusedLinear
 from ..speculative import check_draft_depth, check_sampling, choose, speculative_generate
@@ -224,9 +224,8 @@ class GPT(DepthModel):
         if torch.compiler.is_compiling():  # a value check would break the graph: checked on the device instead
             torch._assert_async(((tokens >= 0) & (tokens < self.vocab_size)).all(),
                                 f"tokens must be in [0, {self.vocab_size}) (vocab_size)")
-        elif tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise ValueError(f"tokens must be in [0, {self.vocab_size}) (vocab_size), got values in "
-                             f"[{tokens.min().item()}, {tokens.max().item()}]")
+        else:
+            check_token_ids("tokens", tokens, self.vocab_size, "vocab_size")
 
     def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         self.check_tokens(tokens, start)
