@@ -62,3 +62,15 @@ def check_token_ids(name: str, tokens: torch.Tensor, vocab_size: int, vocabulary
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise ValueError(f"{name} must be in [0, {vocab_size}) ({vocabulary}), got values in "
                          f"[{tokens.min().item()}, {tokens.max().item()}]")
+
+
+def check_model_dtype(name: str, inputs: torch.Tensor, model: torch.nn.Module) -> None:
+    """inputs of the dtype of the model's parameters, as its layers take them (under autocast any
+    floating-point dtype, which autocast casts)."""
+    dtype = next(model.parameters()).dtype
+    device = inputs.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if inputs.dtype != dtype and not autocast:
+        raise ValueError(f"{name} must have the model's dtype {dtype} (its parameters'; convert the model with "
+                         f".to({inputs.dtype}) or the {name} with .to({dtype}), or run under autocast), got "
+                         f"{inputs.dtype}")

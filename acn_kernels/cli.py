@@ -156,7 +156,8 @@ def main(argv=None) -> int:
     bench = commands.add_parser("bench", help="fused ops and training steps against eager and torch.compile")
     bench.add_argument("--quick", action="store_true", help="small shapes on the CPU: reference against torch.compile")
     bench.add_argument("--suite", choices=("ops", "models", "speculative", "all"), default="all",
-                       help="speculative: self-speculative decoding of table 6's addition GPTs (acn, hybrid, residual)")
+                       help="ops: the fused ops; models: training steps; speculative: self-speculative decoding of "
+                       "table 6's addition GPTs (acn, hybrid, residual); all (the default): the three")
     bench.add_argument("--lm-models", metavar="DIR", default=None,
                        help="the speculative suite's models from `paper --lm-models DIR` (else trained first)")
     bench.add_argument("--out", default="results", help="folder for bench.csv and the plots")
@@ -190,7 +191,7 @@ def _run_bench(args) -> int:
         from tqdm.auto import tqdm
         from .experiments.language import FULL, QUICK, ModelsDirError, speculative_bench
         try:
-            speculative_bench(QUICK if args.quick else FULL, args.out, args.lm_models, tqdm)
+            speculative_bench(QUICK if args.quick else FULL, args.out, args.lm_models, tqdm, args.quick)
         except ModelsDirError as error:
             raise UsageError(error) from None
     return code

@@ -56,14 +56,21 @@ class Compression:
         score = (f"{self.scores[self.depth]:.1f}% (best {max(self.scores):.1f}%, tolerance {self.tolerance:g} pt)"
                  if self.metric == "accuracy" else
                  f"loss {self.scores[self.depth]:.4f} (best {min(self.scores):.4f}, tolerance {self.tolerance:g}%)")
-        text = (f"depth {self.depth} of {len(self.scores) - 1}: {score}; parameters {self.parameters[0]:,} -> "
-                f"{self.parameters[1]:,}; latency {self.latency_ms[0]:.3f} -> {self.latency_ms[1]:.3f} ms "
-                f"({self.speedup:.2f}x)")
-        if self.tokens_per_second is not None:
-            full, truncated = self.tokens_per_second
-            text += f"; generation {full:,.0f} -> {truncated:,.0f} tokens/s ({truncated / full:.2f}x)"
-        if self.speculation is not None:
-            text += f"; lossless: {self.speculation} ({self.speculation.tokens_per_second / full:.2f}x)"
+        if self.depth == len(self.scores) - 1:  # the model itself: a second timing of it is only noise
+            text = (f"depth {self.depth} of {self.depth}: {score}; unchanged (the model's own depth): parameters "
+                    f"{self.parameters[0]:,}, latency {self.latency_ms[0]:.3f} ms")
+            if self.tokens_per_second is not None:
+                text += f", generation {self.tokens_per_second[0]:,.0f} tokens/s"
+        else:
+            text = (f"depth {self.depth} of {len(self.scores) - 1}: {score}; parameters {self.parameters[0]:,} -> "
+                    f"{self.parameters[1]:,}; latency {self.latency_ms[0]:.3f} -> {self.latency_ms[1]:.3f} ms "
+                    f"({self.speedup:.2f}x)")
+            if self.tokens_per_second is not None:
+                full, truncated = self.tokens_per_second
+                text += f"; generation {full:,.0f} -> {truncated:,.0f} tokens/s ({truncated / full:.2f}x)"
+        if self.speculation is not None:  # measured with the generation speeds
+            plain = self.tokens_per_second[0]
+            text += f"; lossless: {self.speculation} ({self.speculation.tokens_per_second / plain:.2f}x)"
         return text
 
 

@@ -72,6 +72,15 @@ def norm_kind(module: nn.Module, name: str) -> str:
     return kind
 
 
+def norm_width(module: nn.Module) -> int | None:
+    """The features a norm normalizes (its normalized_shape, or its weight's length), None if it does not say."""
+    shape = getattr(module, "normalized_shape", None)
+    if shape is not None:
+        return tuple(shape)[-1]
+    weight = getattr(module, "weight", None)
+    return weight.shape[-1] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
+
+
 def norm_parameters(module: nn.Module, x: torch.Tensor) -> tuple:
     """(weight, bias, eps) as the fused ops take them; a norm without affine parameters gets ones."""
     weight = module.weight if module.weight is not None else torch.ones(x.shape[-1], device=x.device)
@@ -292,8 +301,22 @@ class LongConnections(nn.Module):
         block's output, that output (times its long weight), and x_0 with every block's (ditto)."""
         return self._walk(x0, block_kwargs, keep_last_output=True)
 
+    def check_x0(self, x0) -> None:
+        """x0 a tensor whose last dimension is the width the norms normalize (the first input norm's, or
+        the final norm's), named here rather than deep in a norm."""
+        if not isinstance(x0, torch.Tensor):
+            raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+        named = [("input_norms[0]", self.input_norms[0])] if self.input_norms else []
+        named += [("final_norm", self.final_norm)] if self.final_norm is not None else []
+        for name, norm in named:
+            width = norm_width(norm)
+            if width is not None and (x0.dim() == 0 or x0.shape[-1] != width):
+                raise ValueError(f"x0 must have {width} features in its last dimension ({name} normalizes {width}), "
+                                 f"got shape {tuple(x0.shape)}")
+
     def _walk(self, x0: torch.Tensor, block_kwargs: dict, keep_last_output: bool):
         """chain; without keep_last_output, (y_L, None, outputs) where the last block adds x_L itself."""
+        self.check_x0(x0)
         fused = self.fused(x0.device)
         s, x, y, x_in_y, outputs = None, x0, None, False, [x0]
         for i in range(self.units):
@@ -332,6 +355,7 @@ class LongConnections(nn.Module):
 
     def start_state(self, x0: torch.Tensor) -> tuple:
         """(s, y) before the first unit: its input x_0 and the sum b_0 x_0."""
+        self.check_x0(x0)
         return x0, self._x0_term(x0)
 
     def run_units(self, first: int, stop: int, state: tuple, **block_kwargs) -> tuple:
@@ -378,6 +402,7 @@ class LongConnections(nn.Module):
             return (self._short_state(last, s, x) if last + 1 < len(self.blocks) else x,
                     *self.sum_and_norm(y, self._term(last, x)))
 
+        self.check_x0(x0)
         return exit_early((x0, *self.sum_and_norm(None, self._x0_term(x0))), advance, lambda state: head(state[2]),
                           self.depth, threshold)
 

@@ -123,3 +123,14 @@ def test_next_tokens_already_shifted_are_refused_not_scored(entry):
         call(model, ids[:, :-1], ids[:, 1:], *([[0.5]] if entry == "early_exit_sweep" else []))
     with pytest.raises(ValueError, match=r"must be its labels, of input_ids' shape \(4, 10\) .* got shape \(4, 9\)"):
         call(model, ids, ids[:, 1:], *([[0.5]] if entry == "early_exit_sweep" else []))
+
+
+def test_a_compression_that_keeps_the_full_depth_says_unchanged_not_a_speedup():
+    torch.manual_seed(0)
+    model = GPT(29, 16, 32, 2, 4, backend="reference")
+    ids = torch.randint(0, 29, (4, 10))
+    report = compress(model, ids, ids, metric="loss", tolerance=0.0, repeats=2, generate_tokens=2)
+    report.depth, report.model = 2, model  # as if the full depth were the best
+    text = str(report)
+    assert "unchanged (the model's own depth): parameters" in text and "->" not in text.split("lossless")[0]
+    assert "x)" not in text.split("lossless")[0]

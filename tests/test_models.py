@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from acn_kernels import GPT, LongConnections
 from acn_kernels.models import CONNECTIVITIES, MLP, Encoder, Mixer, ViT
 
 BATCH = 3
@@ -279,6 +280,23 @@ def test_bad_arguments_raise_value_errors_naming_them():
     encoder, tokens = make("encoder", "acn")
     with pytest.raises(ValueError, match=r"length <= 9"):
         encoder(torch.randint(0, 11, (2, 10)))
+    with pytest.raises(ValueError, match=r"inputs must have the model's dtype torch.float32 \(its parameters'; convert "
+                                         r"the model with .to\(torch.float64\) or the inputs .*got torch.float64"):
+        model(inputs.double())
+    with pytest.raises(ValueError, match=r"images must have the model's dtype torch.float32 .*got torch.float16"):
+        vit(images.half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts what it is given
+        assert model(inputs.half()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"dim // heads must be even for rotary positions \(they rotate pairs of "
+                                         r"features\), got dim=12 // heads=4 = 3"):
+        GPT(16, 8, 12, 1, 4, positions="rotary")
+    acn = LongConnections([torch.nn.Linear(8, 8)], [torch.nn.LayerNorm(8)], torch.nn.LayerNorm(8))
+    with pytest.raises(ValueError, match=r"x0 must have 8 features in its last dimension \(input_norms\[0\] normalizes "
+                                         r"8\), got shape \(2, 6\)"):
+        acn(torch.randn(2, 6))
+    for call in (acn.probe, acn.truncate(0), lambda x: acn.early_exit(x, lambda h: h, 0.5)):
+        with pytest.raises(ValueError, match=r"x0 must have 8 features .*\(final_norm normalizes 8\)|input_norms"):
+            call(torch.randn(2, 6))
 
 
 @every_model

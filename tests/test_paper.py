@@ -221,8 +221,10 @@ def test_the_speculative_bench_checks_every_row_and_reads_saved_models(tmp_path,
     models.mkdir()
     for twin in language.SPECULATIVE_TWINS:
         torch.save(language.trained(settings, "addition", twin, 0)[0].state_dict(), models / f"addition-{twin}-seed0.pt")
-    loaded = language.speculative_bench(settings, str(tmp_path / "again"), str(models), no_bar)
+    loaded = language.speculative_bench(settings, str(tmp_path / "again"), str(models), no_bar, quick=True)
     assert {k: v["accepted %"] for k, v in loaded.items()} == {k: v["accepted %"] for k, v in rows.items()}
+    smoke = capsys.readouterr().out  # bench --quick: a smoke run of the harness, no verdict
+    assert "SMOKE RUN of the harness" in smoke and "higher acceptance" not in smoke
     deeper = dataclasses.replace(settings, depth=settings.depth + 1)
     with pytest.raises(language.ModelsDirError, match=r"addition-acn-seed0.pt holds a model of other settings"):
         language.speculative_bench(deeper, str(tmp_path / "x"), str(models), no_bar)

@@ -480,11 +480,12 @@ def saved_model_path(models_dir: str, task_name: str, twin: str, seed: int) -> s
     return path
 
 
-def speculative_bench(settings: LanguageSettings, out: str, models_dir: str | None, tqdm) -> dict:
+def speculative_bench(settings: LanguageSettings, out: str, models_dir: str | None, tqdm, quick: bool = False) -> dict:
     """bench --suite speculative: table 6's addition twins (seed 0; the authors' recipe), each draft
     depth and length of greedy self-speculative decoding against the plain cached generate measured
     in the same run (depth.speculations: every row's tokens checked against generate's), on one
-    thread. Prints the table and the acceptance comparison, writes speculative.csv; returns the rows."""
+    thread. Prints the table and the acceptance comparison, writes speculative.csv; returns the rows.
+    quick: a smoke run of the harness (models trained for seconds), which says so and draws no verdict."""
     for twin in SPECULATIVE_TWINS if models_dir is not None else ():
         saved_model_path(models_dir, "addition", twin, 0)  # all there before any of them runs
     task = task_of(settings, "addition")
@@ -501,12 +502,15 @@ def speculative_bench(settings: LanguageSettings, out: str, models_dir: str | No
             rows[f"{twin} draft {s.draft_depth} x{s.draft_tokens}"] = {c: [v] for c, v in values.items()}
             records.append(dict(model=twin, draft_depth=s.draft_depth, draft_tokens=s.draft_tokens,
                                 new_tokens=settings.new_tokens, prompts=len(prompts), tokens_identical=True, **values))
-    print_table(f"Self-speculative decoding of table 6's addition GPTs ({settings.depth} blocks of dim {settings.dim}, "
+    smoke = ("SMOKE RUN of the harness (--quick: models trained for seconds, so their acceptance and speed say "
+             "nothing about an ACN; no verdicts): " if quick else "")
+    print_table(f"{smoke}Self-speculative decoding of table 6's addition GPTs ({settings.depth} blocks of dim {settings.dim}, "
                 f"seed 0, {'loaded from ' + models_dir if models_dir else 'trained here'}): greedy, KV caches, "
                 f"{len(prompts)} prompts x {settings.new_tokens} tokens, one CPU thread; every row's tokens equal the "
                 "plain cached generate's (checked); speedup over the plain generate measured in this run",
                 list(SPECULATIVE_COLUMNS), rows, digits=2)
-    print(acceptance_comparison(rows, settings.depth))
+    if not quick:
+        print(acceptance_comparison(rows, settings.depth))
     os.makedirs(out, exist_ok=True)
     write_csv(os.path.join(out, "speculative.csv"), records)
     return rows

@@ -78,7 +78,6 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
         super().__init__()
-        check_divisible("dim // heads", head_dim, "2 (rotary positions rotate pairs)", 2)
         inverse = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inverse)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
@@ -188,6 +187,9 @@ class GPT(DepthModel):
         mlp_dim = default_mlp_dim(dim, mlp) if mlp_dim is None else mlp_dim
         check_positive_int("mlp_dim", mlp_dim)
         check_divisible("dim", dim, "heads", heads)
+        if positions == "rotary" and dim // heads % 2:
+            raise ValueError(f"dim // heads must be even for rotary positions (they rotate pairs of features), got "
+                             f"dim={dim} // heads={heads} = {dim // heads}")
         self.vocab_size, self.max_len = vocab_size, max_len
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Embedding(max_len, dim) if positions == "learned" else None

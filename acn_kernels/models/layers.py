@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_choice, check_divisible, check_float_tensor, check_positive_int
+from .._validation import check_choice, check_divisible, check_float_tensor, check_model_dtype, check_positive_int
 from ..backend import resolve_backend
 from ..ops import feed_forward, linear
 
@@ -113,4 +113,5 @@ class PatchEmbedding(nn.Module):
         expected = (self.proj.in_channels, *self.image_size)
         check_float_tensor("images", images, f"(batch, {', '.join(map(str, expected))})",
                            lambda shape: len(shape) == 4 and tuple(shape[1:]) == expected)
+        check_model_dtype("images", images, self)
         return self.proj(images).flatten(2).transpose(1, 2)

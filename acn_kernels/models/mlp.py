@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validation import check_float_tensor, check_positive_int
+from .._validation import check_float_tensor, check_model_dtype, check_positive_int
 from ..backend import resolve_backend
 from ..ops import linear_act_accumulate
 from .base import DepthModel
@@ -54,6 +54,7 @@ class MLP(DepthModel):
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         width = self.input_proj.in_features
         check_float_tensor("inputs", inputs, f"(batch, {width})", lambda shape: len(shape) == 2 and shape[1] == width)
+        check_model_dtype("inputs", inputs, self)
         return self.input_proj(inputs)
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
