@@ -648,6 +648,23 @@ def test_hf_greedy_speculative_tokens_are_generates_with_left_padding(family, fo
     assert rejected  # drafts were cut from the caches, and the tokens still agree
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hf_speculation_stops_at_the_end_of_sequence_as_generate_does(family):
+    from acn_kernels import speculative_generate
+
+    model = speculative_lm(family)
+    ids, mask = left_padded(3)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False)
+    for eos in (int(free[0, 10]), [int(t) for t in free[:, 9]]):
+        plain = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=eos,
+                               pad_token_id=0)
+        for depth, length in ((1, 3), (2, 2)):
+            tokens, _ = speculative_generate(model, ids, 14, draft_depth=depth, draft_tokens=length,
+                                             attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+            assert torch.equal(tokens, plain), (eos, depth, length)
+    assert plain.shape[1] <= 10  # every row ended by position 9
+
+
 def test_a_truncated_hf_lm_drafts_with_its_own_depth():
     from acn_kernels import speculative_generate
 

@@ -46,8 +46,47 @@ def test_greedy_speculative_tokens_are_the_plain_generates_at_every_draft_depth_
             tokens, stats = speculative_generate(model, prompt, 17, draft_depth=depth, draft_tokens=length)
             assert torch.equal(tokens, plain), (batch, depth, length)
             assert stats.new_tokens == 17 and stats.batch == batch and 0 <= stats.accepted <= stats.drafted
-            assert stats.full_passes >= 1 + -(-16 // length)  # a pass per round, and the prompt's
+            assert stats.full_passes >= 1 + -(-16 // (length + 1))  # a pass per round (its drafts and the bonus)
         assert torch.equal(model.generate(prompt, 17, draft_depth=2, draft_tokens=3), plain)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_a_round_whose_drafts_are_all_accepted_commits_the_full_models_next_token_too(do_sample):
+    """The verify pass's logits after the last draft give one more token (the "bonus"): a draft that is
+    the full model (its last block writes nothing) commits draft_tokens + 1 tokens a round."""
+    model = model_of("acn", depth=3)
+    with torch.no_grad():
+        for weight in model.blocks[-1].output_projections():
+            weight.zero_()
+        for bias in (model.blocks[-1].attn.proj.bias, model.blocks[-1].mlp[2].bias):
+            bias.zero_()
+    prompt = prompts(2)
+    options = dict(do_sample=do_sample, generator=torch.Generator().manual_seed(0))
+    tokens, stats = speculative_generate(model, prompt, 13, draft_depth=2, draft_tokens=3, **options)
+    assert stats.accepted == stats.drafted == 2 * 9  # rounds of 3 drafts + 1 bonus: 1 + 4 + 4 + 4 tokens
+    assert stats.full_passes == 1 + 3 and stats.new_tokens == 13 and tokens.shape == (2, 5 + 13)
+    if not do_sample:
+        assert torch.equal(tokens, model.generate(prompt, 13))
+
+
+@pytest.mark.parametrize("form", ["acn", "long-short"])
+def test_an_end_of_sequence_token_stops_speculation_as_it_stops_generate(form):
+    """eos_token_id: each sequence padded after its end, the generation over once all have ended (its
+    length then the last end's), token for token generate's with the same stopping."""
+    model = model_of(form, sharpen=8.0)
+    prompt = prompts(3)
+    free = model.generate(prompt, 20)
+    for eos in (int(free[0, 9]), [int(free[1, 12]), int(free[2, 7])], [int(t) for t in free[:, 8]]):
+        plain = model.generate(prompt, 20, eos_token_id=eos, pad_token_id=VOCAB - 1)
+        assert plain.shape[1] <= 25 and (isinstance(eos, list) or bool((plain[0, 10:] == VOCAB - 1).all()))
+        for depth, length in ((1, 2), (2, 4), (3, 1)):
+            tokens, stats = speculative_generate(model, prompt, 20, draft_depth=depth, draft_tokens=length,
+                                                 eos_token_id=eos, pad_token_id=VOCAB - 1)
+            assert torch.equal(tokens, plain), (eos, depth, length)
+            assert stats.new_tokens == plain.shape[1] - 5
+    ended = model.generate(prompt, 20, eos_token_id=[int(t) for t in free[:, 8]])
+    assert ended.shape[1] <= 9  # every row ended by position 8: generation stopped there
+    assert torch.equal(model.generate(prompt, 20, draft_depth=2, eos_token_id=[int(t) for t in free[:, 8]]), ended)
 
 
 def test_rejected_drafts_are_cut_from_every_cache():
@@ -90,6 +129,11 @@ def test_bad_arguments_are_named():
         speculative_generate(MLP(4, 8, 2, 3), prompt, 3, draft_depth=1)
     with pytest.raises(ValueError, match=r"temperature must be a positive number, got 0"):
         speculative_generate(model, prompt, 3, draft_depth=1, do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match=r"pad_token_id needs eos_token_id .*, got pad_token_id=3 and eos_token_id=None"):
+        speculative_generate(model, prompt, 3, draft_depth=1, pad_token_id=3)
+    for bad in (-1, [2, "x"], []):
+        with pytest.raises(ValueError, match=r"eos_token_id must be"):
+            speculative_generate(model, prompt, 3, draft_depth=1, eos_token_id=bad)
 
 
 def test_compress_reports_the_fastest_lossless_draft_depth_and_length():

@@ -173,24 +173,28 @@ class DecoderSpeculator:
         long = owner.long_connections
         self.draft_units, self.all_units = draft_depth * long.units_per_depth, long.units
 
-    def logits(self, tokens: torch.Tensor, start: int, segment: Segment | None, attention_mask=None,
-               logits_to_keep: int = 1) -> torch.Tensor:
-        """The model's logits for `tokens` at positions start.., with the runner running `segment`."""
+    def run(self, model: nn.Module, tokens: torch.Tensor, start: int, segment: Segment | None, attention_mask=None,
+            **keywords):
+        """model's output (the causal LM's, or the owner's: no head) for `tokens` at positions start..,
+        with the runner running `segment`."""
         stop = start + tokens.shape[1]
         self.owner.segment = segment
         try:
-            return self.model(input_ids=tokens, position_ids=self.positions[:, start:stop], cache=self.cache,
-                              attention_mask=self.mask[:, :stop] if attention_mask is None else attention_mask,
-                              use_cache=True, logits_to_keep=logits_to_keep).logits
+            return model(input_ids=tokens, position_ids=self.positions[:, start:stop], cache=self.cache,
+                         attention_mask=self.mask[:, :stop] if attention_mask is None else attention_mask,
+                         use_cache=True, **keywords)
         finally:
             self.owner.segment = None
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        return self.logits(prompt, 0, None)[:, -1]
+        return self.run(self.model, prompt, 0, None, logits_to_keep=1).logits[:, -1]
 
-    def draft(self, token: torch.Tensor, position: int) -> tuple:
+    def draft(self, token: torch.Tensor, position: int, readout: bool = True) -> tuple:
         segment = Segment(0, self.draft_units)
-        return self.logits(token, position, segment)[:, -1], segment.state
+        if not readout:  # the state alone: the model without its head
+            self.run(self.owner, token, position, segment)
+            return None, segment.state
+        return self.run(self.model, token, position, segment, logits_to_keep=1).logits[:, -1], segment.state
 
     def verify(self, states: list, position: int) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
@@ -201,7 +205,8 @@ class DecoderSpeculator:
                                   cache=self.cache, position_ids=self.positions[:, position:stop], layer_idx=self.k,
                                   allow_is_causal_skip=False)
         placeholders = torch.zeros_like(self.mask[:, position:stop])  # embedded, then replaced by the state
-        return self.logits(placeholders, position, Segment(self.draft_units, self.all_units, state), mask, 0)
+        return self.run(self.model, placeholders, position, Segment(self.draft_units, self.all_units, state), mask,
+                        logits_to_keep=0).logits
 
     def crop(self, length: int) -> None:
         self.cache.crop(length - self.cache.get_seq_length())  # a negative count: the positions to drop

@@ -31,7 +31,7 @@ from torch import nn
 from .._validation import check_bool, check_choice, check_divisible, check_positive_int, check_real, check_token_ids
 from .base import LONG, DepthModel
 from .layers import FeedForward, FusedLinear
-from ..speculative import check_draft_depth, check_sampling, choose, speculative_generate
+from ..speculative import Stop, check_draft_depth, check_sampling, choose, speculative_generate
 
 NORMS = ("layernorm", "rmsnorm")
 GATE_SCOPES = ("unit", "block")
@@ -292,25 +292,34 @@ class GPT(DepthModel):
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
-                 draft_depth: int | None = None, draft_tokens: int = 4) -> torch.Tensor:
-        """tokens (batch, positions) followed by max_new_tokens generated ones: greedy, or sampled from
-        softmax(logits / temperature) restricted to the top_k tokens. With use_cache the prompt runs
-        once and each new token alone, its keys and values cached; the greedy tokens are the same.
-        draft_depth=k: self-speculative decoding, the first k blocks drafting draft_tokens at a time
-        (speculative_generate, whose statistics it leaves out)."""
+                 draft_depth: int | None = None, draft_tokens: int = 4, eos_token_id=None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """tokens (batch, positions) followed by up to max_new_tokens generated ones: greedy, or sampled
+        from softmax(logits / temperature) restricted to the top_k tokens. With use_cache the prompt
+        runs once and each new token alone, its keys and values cached; the greedy tokens are the same.
+        eos_token_id (an id or a list) ends a sequence, pad_token_id (default: the first end id) after
+        it, and generation stops once every sequence has ended. draft_depth=k decodes speculatively:
+        the first k blocks draft draft_tokens at a time and the whole model verifies them
+        (speculative_generate, whose statistics it leaves out): the same greedy tokens, faster."""
         if draft_depth is not None:
             return speculative_generate(self, tokens, max_new_tokens, draft_depth=draft_depth,
                                         draft_tokens=draft_tokens, do_sample=do_sample, temperature=temperature,
-                                        top_k=top_k, generator=generator)[0]
+                                        top_k=top_k, generator=generator, eos_token_id=eos_token_id,
+                                        pad_token_id=pad_token_id)[0]
         check_sampling(temperature, top_k)
         self.check_generation(tokens, max_new_tokens)
+        stop = Stop.of(eos_token_id, pad_token_id)
+        ended = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
         cache = KVCache() if use_cache else None
         logits = self(tokens, cache)[:, -1]
         for step in range(max_new_tokens):
             new = choose(logits, do_sample, temperature, top_k, generator)
+            if stop is not None:
+                new, ended, _ = stop.apply(new, ended)
             tokens = torch.cat([tokens, new], 1)
-            if step + 1 < max_new_tokens:
-                logits = (self(new, cache) if use_cache else self(tokens))[:, -1]
+            if step + 1 == max_new_tokens or bool(ended.all()):
+                break
+            logits = (self(new, cache) if use_cache else self(tokens))[:, -1]
         return tokens
 
     def run_blocks(self, first: int, stop: int, x: torch.Tensor, **block_kwargs) -> torch.Tensor:
@@ -344,18 +353,19 @@ class GPTSpeculator:
         """The next-token logits after the prompt, every layer's cache filled with it."""
         return self.model(tokens, self.cache)[:, -1]
 
-    def draft(self, token: torch.Tensor, position: int) -> tuple:
-        """(the first k blocks' next-token logits, their state at depth k) for one position."""
+    def draft(self, token: torch.Tensor, position: int, readout: bool = True) -> tuple:
+        """(the first k blocks' next-token logits, or None without readout, their state at depth k) for
+        one position."""
         model, kwargs = self.model, dict(cache=self.cache, start=position)
         x0 = model.embed(token, position)
         if self.long:
             long = model.long_connections
             state = long.run_units(0, self.draft_units, long.start_state(x0), **kwargs)
-            hidden = long.sum_and_norm(state[1], None)[1]
+            hidden = long.sum_and_norm(state[1], None)[1] if readout else None
         else:
             state = model.run_blocks(0, self.k, x0, **kwargs)
-            hidden = model.final_norm(state)
-        return model.readout(hidden)[:, -1], state
+            hidden = model.final_norm(state) if readout else None
+        return (model.readout(hidden)[:, -1] if readout else None), state
 
     def verify(self, states: list, position: int) -> torch.Tensor:
         """(batch, positions, vocab): the full model's logits at the drafted positions, from their states."""
