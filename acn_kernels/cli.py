@@ -189,9 +189,12 @@ def _run_bench(args) -> int:
         code = run_bench(args.quick, [s for s in suites if s != "speculative"], args.out, args.cases)
     if "speculative" in suites:
         from tqdm.auto import tqdm
-        from .experiments.language import FULL, QUICK, ModelsDirError, speculative_bench
+        from .experiments.language import FULL, QUICK, ModelsDirError
+        from .experiments.speculative_bench import speculative_bench, user_settings
         try:
-            speculative_bench(QUICK if args.quick else FULL, args.out, args.lm_models, tqdm, args.quick)
+            settings = QUICK if args.quick else FULL
+            speculative_bench(settings, args.out, args.lm_models, tqdm, args.quick,
+                              None if args.quick else user_settings(settings))
         except ModelsDirError as error:
             raise UsageError(error) from None
     return code

@@ -765,3 +765,26 @@ def test_an_acnified_lms_token_ids_and_positions_are_checked_before_any_work(fam
     assert model.generate(ids, max_new_tokens=26).shape == (2, 32)  # the last position is still the model's
     padded, mask = left_padded(2, positions=8)
     assert model.generate(padded, attention_mask=mask, max_new_tokens=24).shape == (2, 32)  # 6 positions + 24 new
+
+
+def test_the_benchs_llama_copy_of_a_package_gpt_has_its_logits_and_speculates_alike():
+    """bench --suite speculative part 3: the package's Llama-style GPT as an acnify'd transformers Llama
+    (rotary pairs permuted) gives the same logits at every depth, so transformers' early-exit drafting,
+    speculative_generate and plain generate keep the same tokens."""
+    pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
+    from acn_kernels import GPT, speculative_generate
+    from acn_kernels.experiments.speculative_bench import as_hf_llama
+
+    torch.manual_seed(0)
+    gpt = GPT(40, 24, 32, 3, 4, norm="rmsnorm", mlp="swiglu", positions="rotary", bias=False,
+              backend="reference").double().eval()
+    lm = as_hf_llama(gpt)
+    ids = torch.randint(0, 40, (2, 9))
+    # within the rounding of the rotary tables, which both keep in float32
+    torch.testing.assert_close(lm(input_ids=ids).logits, gpt(ids), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lm.probe(input_ids=ids), gpt.probe(ids), rtol=1e-5, atol=1e-6)
+    prompt = ids[:1, :5]
+    plain = gpt.generate(prompt, 10)
+    assert torch.equal(lm.generate(prompt, max_new_tokens=10, do_sample=False), plain)
+    assert torch.equal(lm.generate(prompt, max_new_tokens=10, do_sample=False, assistant_early_exit=1), plain)
+    assert torch.equal(speculative_generate(lm, prompt, 10, draft_depth=2)[0], plain)

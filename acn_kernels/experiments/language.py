@@ -448,13 +448,8 @@ def print_speculative_table(settings: LanguageSettings, rows: dict) -> None:
               f"depth below L, worst {worst:.2f}x ({'met' if speedups and worst >= 1.5 else 'not met'})")
 
 
-SPECULATIVE_TWINS = ("acn", "hybrid", "residual")
-
-
 class ModelsDirError(ValueError):
     """A --lm-models folder without the model asked for, or with one of other settings."""
-
-SPECULATIVE_COLUMNS = ("accepted %", "tokens/s", "plain tokens/s", "speedup")
 
 
 def loaded_or_trained(settings: LanguageSettings, task_name: str, twin: str, seed: int,
@@ -478,53 +473,6 @@ def saved_model_path(models_dir: str, task_name: str, twin: str, seed: int) -> s
     if not os.path.exists(path):
         raise ModelsDirError(f"--lm-models: {path} is missing (paper --lm-models {models_dir} saves it)")
     return path
-
-
-def speculative_bench(settings: LanguageSettings, out: str, models_dir: str | None, tqdm, quick: bool = False) -> dict:
-    """bench --suite speculative: table 6's addition twins (seed 0; the authors' recipe), each draft
-    depth and length of greedy self-speculative decoding against the plain cached generate measured
-    in the same run (depth.speculations: every row's tokens checked against generate's), on one
-    thread. Prints the table and the acceptance comparison, writes speculative.csv; returns the rows.
-    quick: a smoke run of the harness (models trained for seconds), which says so and draws no verdict."""
-    for twin in SPECULATIVE_TWINS if models_dir is not None else ():
-        saved_model_path(models_dir, "addition", twin, 0)  # all there before any of them runs
-    task = task_of(settings, "addition")
-    prompts = task.validation[0][:8, :PROMPT]
-    rows, records = {}, []
-    for twin in tqdm(SPECULATIVE_TWINS, desc="bench speculative", unit="model"):
-        model = loaded_or_trained(settings, "addition", twin, 0, models_dir).eval()
-        with deterministic():
-            plain = generation_tokens_per_second(model, prompts, settings.new_tokens)
-            found = speculations(model, prompts, settings.new_tokens)
-        for s in found:
-            values = {"accepted %": 100 * s.acceptance_rate, "tokens/s": s.tokens_per_second, "plain tokens/s": plain,
-                      "speedup": s.tokens_per_second / plain}
-            rows[f"{twin} draft {s.draft_depth} x{s.draft_tokens}"] = {c: [v] for c, v in values.items()}
-            records.append(dict(model=twin, draft_depth=s.draft_depth, draft_tokens=s.draft_tokens,
-                                new_tokens=settings.new_tokens, prompts=len(prompts), tokens_identical=True, **values))
-    smoke = ("SMOKE RUN of the harness (--quick: models trained for seconds, so their acceptance and speed say "
-             "nothing about an ACN; no verdicts): " if quick else "")
-    print_table(f"{smoke}Self-speculative decoding of table 6's addition GPTs ({settings.depth} blocks of dim {settings.dim}, "
-                f"seed 0, {'loaded from ' + models_dir if models_dir else 'trained here'}): greedy, KV caches, "
-                f"{len(prompts)} prompts x {settings.new_tokens} tokens, one CPU thread; every row's tokens equal the "
-                "plain cached generate's (checked); speedup over the plain generate measured in this run",
-                list(SPECULATIVE_COLUMNS), rows, digits=2)
-    if not quick:
-        print(acceptance_comparison(rows, settings.depth))
-    os.makedirs(out, exist_ok=True)
-    write_csv(os.path.join(out, "speculative.csv"), records)
-    return rows
-
-
-def acceptance_comparison(rows: dict, depth: int) -> str:
-    """At how many draft depths the acn's acceptance (mean over the draft lengths) beats the residual's."""
-    def mean_accepted(twin, k):
-        return statistics.fmean(v["accepted %"][0] for key, v in rows.items() if key.startswith(f"{twin} draft {k} "))
-    higher = [k for k in range(1, depth) if mean_accepted("acn", k) > mean_accepted("residual", k)]
-    pairs = ", ".join(f"k={k} {mean_accepted('acn', k):.0f}% vs {mean_accepted('residual', k):.0f}%"
-                      for k in range(1, depth))
-    return (f"the acn's shallow depths draft with a higher acceptance than the residual twin's at {len(higher)} of "
-            f"{depth - 1} draft depths (acn vs residual, mean over the draft lengths: {pairs})")
 
 
 def print_plateau_exits(rows: dict) -> None:

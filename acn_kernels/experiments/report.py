@@ -46,8 +46,9 @@ def print_table(title: str, columns: list, rows: dict, digits: int = 1) -> None:
 
 
 def write_csv(path: str, records: list) -> None:
+    """records (dicts) as CSV rows, the columns every key of any of them in first-seen order (empty where missing)."""
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for record in records for key in record)))
         writer.writeheader()
         writer.writerows(records)
 
