@@ -86,3 +86,33 @@ def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm"):
         y = accumulate(y, x)
         outs.append(apply_norm(y, weight, bias, eps, norm).to(x.dtype))
     return torch.stack(outs)
+
+
+def depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, *, weights=None, head_bias=None,
+                        ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, norm="layernorm", eps=1e-5):
+    """(loss, per_exit): every exit's mean next-token loss through one final norm and head, every logit
+    materialized. states (E, ..., D), targets (...): for exit e, logits = head(norm(states[e])) (in
+    float32, float64 for float64 states), capped as softcap tanh(logits / softcap) where given; per
+    counted row (target != ignore_index), with lse the log-partition,
+
+        (1 - s) (lse - logit_target) + s (lse - mean(logits)) + z_loss lse^2      (s = label_smoothing)
+
+    per_exit[e] the mean over the counted rows (0 without any), detached, float32; loss = sum_e
+    weights[e] per_exit[e], weights uniform 1/E by default."""
+    exits = states.shape[0]
+    compute = torch.promote_types(states.dtype, torch.float32)
+    hidden = apply_norm(states, norm_weight, norm_bias, eps, norm).to(compute)
+    logits = F.linear(hidden, head_weight.to(compute), None if head_bias is None else head_bias.to(compute))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits.flatten(1, -2)                                   # (E, N, V)
+    rows = targets.flatten().expand(exits, -1)
+    counted = rows != ignore_index
+    lse = torch.logsumexp(logits, -1)
+    target_logit = logits.gather(-1, rows.clamp(min=0)[..., None])[..., 0]
+    losses = (1 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logits.mean(-1)) \
+        + z_loss * lse ** 2
+    per_exit = (losses * counted).sum(-1) / counted.sum(-1).clamp(min=1)
+    weights = torch.full((exits,), 1.0 / exits, dtype=compute, device=states.device) if weights is None \
+        else weights.detach().to(device=states.device, dtype=compute)  # a schedule's, not learned
+    return (weights * per_exit).sum(), per_exit.detach().float()

@@ -211,8 +211,9 @@ def test_the_speculative_bench_checks_every_row_and_reads_saved_models(tmp_path,
     rows = speculative_bench.speculative_bench(settings, str(tmp_path / "out"), None, no_bar)
     depths, lengths = range(1, settings.depth), (2, 4, 8)
     hf = [f"llama draft {k} x4" for k in depths] if importlib.util.find_spec("transformers") else []
-    assert list(rows) == [f"{twin} draft {k} x{n}" for twin in ("acn", "hybrid", "residual", "corpus acn") for k in depths
-                          for n in lengths] + hf  # table 6's twins, the byte-level ACN and, with [hf], its Llama copy
+    twins = ("acn", "hybrid", "residual", "corpus acn b8", "corpus acn b1")
+    assert list(rows) == [f"{twin} draft {k} x{n}" for twin in twins for k in depths for n in lengths] + hf
+    # table 6's twins, the byte-level ACN as a batch and a prompt at a time and, with [hf], its Llama copy
     with open(tmp_path / "out" / "speculative.csv") as handle:
         records = list(csv.DictReader(handle))
     assert len(records) == len(rows) and all(r["tokens_identical"] == "True" for r in records)

@@ -65,3 +65,11 @@ assert depth_used.max() <= shrink.depth
     result = run_as_a_user(code[0] + checks)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "active depth" in result.stdout and "'threshold': 2.0" in result.stdout
+
+
+def test_the_readme_stays_a_users_guide_under_350_lines_with_its_links_alive():
+    text = README.read_text()
+    assert len(text.splitlines()) < 350  # long tables and derivations go to docs/
+    for link in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert (README.parent / link).exists(), link
+    assert "__" not in re.sub(r"`[^`]*`", "", text)  # no placeholder left unfilled

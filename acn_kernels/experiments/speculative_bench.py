@@ -4,7 +4,8 @@
    `paper --lm-models DIR` or trained here): every draft depth and length against the plain cached
    generate, measured in the same run.
 2. A byte-level ACN of the size a user trains first (the corpus of table 6; dim 128, 8 blocks, 400
-   steps; Llama-style: RMSNorm, SwiGLU, rotary, no biases): the same sweep.
+   steps; Llama-style: RMSNorm, SwiGLU, rotary, no biases): the same sweep, over the 8 prompts as one
+   batch (each round commits what the least accepting sequence accepted) and a prompt at a time.
 3. That model as an `acnify`'d Hugging Face Llama (its weights copied, the same logits): transformers'
    own early-exit drafting, `generate(assistant_early_exit=k)` (a batch of one, as transformers runs
    it), beside `speculative_generate` at the same draft depth and length. Both draft with the first k
@@ -72,16 +73,19 @@ def speculative_bench(settings: LanguageSettings, out: str, models_dir: str | No
         print(acceptance_comparison(rows, settings.depth))
     user = user or settings
     lm, user_prompts = user_model(user)
-    user_rows: dict = {}
-    sweep("corpus acn draft", lm, user_prompts, settings.new_tokens, user_rows, records, "corpus acn")
-    print_table(f"{smoke}Self-speculative decoding of a byte-level ACN (the corpus, {user.depth} blocks of dim "
-                f"{user.dim}, {user.steps['corpus']} steps of {user.batch}, Llama-style; seed 0): greedy, "
-                f"{len(user_prompts)} prompts x {settings.new_tokens} tokens, one CPU thread, tokens checked",
-                list(COLUMNS), user_rows, digits=2)
-    best = max(user_rows.items(), key=lambda item: item[1]["speedup"][0])
-    print(f"fastest: {best[0]}: {best[1]['speedup'][0]:.2f}x the plain generate's tokens/s, "
-          f"{best[1]['accepted %'][0]:.0f}% of the drafts accepted, every token the plain generate's")
-    rows.update(user_rows)
+    for batch, one_at_a_time in ((len(user_prompts), False), (1, True)):
+        user_rows: dict = {}
+        sweep(f"corpus acn b{batch} draft", lm, user_prompts, settings.new_tokens, user_rows, records, "corpus acn",
+              one_at_a_time)
+        print_table(f"{smoke}Self-speculative decoding of a byte-level ACN (the corpus, {user.depth} blocks of dim "
+                    f"{user.dim}, {user.steps['corpus']} steps of {user.batch}, Llama-style; seed 0): greedy, "
+                    f"{len(user_prompts)} prompts x {settings.new_tokens} tokens "
+                    f"{'a prompt at a time' if one_at_a_time else 'as one batch'}, one CPU thread, tokens checked",
+                    list(COLUMNS), user_rows, digits=2)
+        best = max(user_rows.items(), key=lambda item: item[1]["speedup"][0])
+        print(f"fastest: {best[0]}: {best[1]['speedup'][0]:.2f}x the plain generate's tokens/s, "
+              f"{best[1]['accepted %'][0]:.0f}% of the drafts accepted, every token the plain generate's")
+        rows.update(user_rows)
     if importlib.util.find_spec("transformers") is None:
         print("part 3 (transformers' assistant_early_exit beside speculative_generate) needs the [hf] extra: "
               "pip install 'acn-kernels[hf]'; left out of this run")
@@ -99,18 +103,30 @@ def speculative_bench(settings: LanguageSettings, out: str, models_dir: str | No
 
 
 def sweep(prefix: str, model: GPT, prompts: torch.Tensor, new_tokens: int, rows: dict, records: list,
-          name: str) -> None:
+          name: str, one_at_a_time: bool = False) -> None:
     """Every draft depth and length of `model` (depth.speculations, tokens checked) against its plain
-    generate in the same run: a row each in rows and records (model=name)."""
+    generate in the same run, over the prompts as one batch, or one at a time (a batch commits what its
+    least accepting sequence accepts): a row each in rows and records (model=name). Tokens/s are the
+    tokens over the summed time, acceptance the mean over the batches."""
+    batches = [prompt[None] for prompt in prompts] if one_at_a_time else [prompts]
+    plain_seconds, seconds, accepted = 0.0, {}, {}
     with deterministic():
-        plain = generation_tokens_per_second(model, prompts, new_tokens)
-        found = speculations(model, prompts, new_tokens)
-    for s in found:
-        values = {"accepted %": 100 * s.acceptance_rate, "tokens/s": s.tokens_per_second, "plain tokens/s": plain,
-                  "speedup": s.tokens_per_second / plain}
-        rows[f"{prefix} {s.draft_depth} x{s.draft_tokens}"] = {c: [v] for c, v in values.items()}
-        records.append(dict(model=name, draft_depth=s.draft_depth, draft_tokens=s.draft_tokens, new_tokens=new_tokens,
-                            prompts=len(prompts), tokens_identical=True, **values))
+        for batch in batches:
+            tokens = batch.shape[0] * new_tokens
+            plain_seconds += tokens / generation_tokens_per_second(model, batch, new_tokens)
+            for s in speculations(model, batch, new_tokens):
+                key = (s.draft_depth, s.draft_tokens)
+                seconds[key] = seconds.get(key, 0.0) + tokens / s.tokens_per_second
+                accepted.setdefault(key, []).append(s.acceptance_rate)
+    total = len(prompts) * new_tokens
+    plain = total / plain_seconds
+    for (depth, length), spent in seconds.items():
+        values = {"accepted %": 100 * statistics.fmean(accepted[depth, length]), "tokens/s": total / spent,
+                  "plain tokens/s": plain, "speedup": total / spent / plain}
+        rows[f"{prefix} {depth} x{length}"] = {c: [v] for c, v in values.items()}
+        records.append(dict(model=name, batch=1 if one_at_a_time else len(prompts), draft_depth=depth,
+                            draft_tokens=length, new_tokens=new_tokens, prompts=len(prompts), tokens_identical=True,
+                            **values))
 
 
 def acceptance_comparison(rows: dict, depth: int) -> str:

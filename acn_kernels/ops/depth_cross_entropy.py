@@ -1,0 +1,291 @@
+"""depth_cross_entropy: every exit's next-token loss through one shared final norm and head, without
+the logits.
+
+Math: states is (E, ..., D), the hidden states at E exits (an ACN's running sums y_k), targets (...)
+the next tokens. For exit e and row n (N rows an exit, R = E N in all), with s the label smoothing:
+
+    h      = norm(states[e, n])                     layernorm or rmsnorm, the final norm
+    c      = W h + b, capped: softcap tanh(c / softcap) where softcap is given      (V logits)
+    lse    = log sum_j exp(c_j)
+    loss   = (1 - s)(lse - c_target) + s (lse - mean_j c_j) + z_loss lse^2       (counted rows only)
+    per_exit[e] = sum_n loss / count,   total = sum_e weights[e] per_exit[e]
+
+and the gradient of the total with respect to the logits, before the cap,
+
+    dc     = (weights[e] / count) (p (1 + 2 z_loss lse) - (1 - s) onehot(target) - s / V),  p = exp(c - lse)
+    dlogit = dc (1 - (c / softcap)^2)               (the tanh's derivative, where capped)
+
+consumed at once: dh = dlogit W, dW += dlogit^T h, db += sum dlogit, and dh through the norm's
+backward into dstates and the norm's weight and bias. The rows are one queue of all exits' rows, cut
+into chunks of `chunk_rows`: at most one chunk of logits (chunk_rows x V, float32) lives at a time,
+never the (E, N, V) logits and log-probabilities that eager PyTorch keeps for backward. Forward
+computes the gradients with the loss (they are what backward returns, scaled by the loss's gradient);
+under torch.no_grad(), or where nothing needs a gradient, it computes the loss alone.
+
+Bytes (float32 logits never leave the chunk; A = R D elements of states' size, W = V D of the head's):
+
+    forward   reads states A, the head W once per chunk (R / chunk_rows times; from cache where it fits)
+              writes dstates A, dW and db in float32 (4 V D + 4 V), the norm's gradients
+    backward  scales the saved gradients: reads and writes each once
+
+against eager PyTorch's (E N V) float32 logits written, read by the log-softmax, their gradient written
+and read again: 4 x 4 R V bytes beyond the inputs.
+
+This file holds the chunked path in plain PyTorch (its GEMMs on cuBLAS on a GPU, BLAS on a CPU), which
+`backend="auto"` runs; the row work as one Triton kernel and its CUDA twin are not written yet, so
+backend="triton", "cublas" and "cuda" raise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .._validation import check_real
+from ._common import check_device, check_eps, check_norm_kind, check_tensor, new_buffer
+
+CHUNK_ELEMENTS = 1 << 23  # logits a chunk holds: 32 MiB of float32
+BACKENDS = ("auto", "reference")
+NOT_YET = ("triton", "cublas", "cuda")
+
+
+def chunk_rows_for(vocab: int) -> int:
+    """Rows a chunk takes by default: CHUNK_ELEMENTS logits, at least one row."""
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def check_arguments(states, targets, norm_weight, norm_bias, head_weight, weights, head_bias, ignore_index,
+                    label_smoothing, z_loss, softcap, norm, eps, chunk_rows) -> None:
+    """Every argument named with the expected and the actual value (see the module docstring)."""
+    check_tensor("states", states, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    if states.dim() < 2 or states.shape[0] == 0:
+        raise ValueError(f"states must have shape (exits >= 1, ..., D), got {tuple(states.shape)}")
+    exits, dim = states.shape[0], states.shape[-1]
+    lead = tuple(states.shape[1:-1])
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex() \
+            or targets.dtype == torch.bool or tuple(targets.shape) != lead:
+        got = f"dtype {targets.dtype} and shape {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) \
+            else type(targets).__name__
+        raise ValueError(f"targets must be an integer tensor of shape {lead} (states' shape without the exits and "
+                         f"the width), got {got}")
+    check_device("targets", targets, states.device, like="states")
+    check_tensor("head_weight", head_weight, (states.dtype, torch.float32) if states.dtype != torch.float64
+                 else (torch.float64,))
+    if head_weight.dim() != 2 or head_weight.shape[1] != dim or head_weight.shape[0] == 0:
+        raise ValueError(f"head_weight must have shape (vocabulary >= 1, {dim}) (states' width), got "
+                         f"{tuple(head_weight.shape)}")
+    check_device("head_weight", head_weight, states.device, like="states")
+    vocab = head_weight.shape[0]
+    for name, value, length in (("norm_weight", norm_weight, dim), ("norm_bias", norm_bias, dim),
+                                ("head_bias", head_bias, vocab)):
+        if value is None and name != "norm_weight":
+            continue
+        check_tensor(name, value, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        if tuple(value.shape) != (length,):
+            raise ValueError(f"{name} must have shape ({length},), got {tuple(value.shape)}")
+        check_device(name, value, states.device, like="states")
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() or tuple(weights.shape) != (exits,):
+            got = f"dtype {weights.dtype} and shape {tuple(weights.shape)}" if isinstance(weights, torch.Tensor) \
+                else type(weights).__name__
+            raise ValueError(f"weights must be a floating-point tensor of shape ({exits},) (one per exit), got {got}")
+        if torch.compiler.is_compiling():  # a value check would break the graph: checked on the device instead
+            torch._assert_async((torch.isfinite(weights) & (weights >= 0)).all(), "weights must be finite and >= 0")
+        elif not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError(f"weights must be finite and >= 0, got {weights.tolist()}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
+    if torch.compiler.is_compiling():
+        torch._assert_async(((targets == ignore_index) | ((targets >= 0) & (targets < vocab))).all(),
+                            f"targets must be in [0, {vocab}) or ignore_index")
+        return check_options(label_smoothing, z_loss, softcap, norm, eps, chunk_rows)
+    counted = targets[targets != ignore_index]
+    if counted.numel() and (counted.min() < 0 or counted.max() >= vocab):
+        raise ValueError(f"targets must be in [0, {vocab}) (head_weight's rows) or ignore_index={ignore_index}, got "
+                         f"values in [{counted.min().item()}, {counted.max().item()}]")
+    check_options(label_smoothing, z_loss, softcap, norm, eps, chunk_rows)
+
+
+def check_options(label_smoothing, z_loss, softcap, norm, eps, chunk_rows) -> None:
+    check_real("label_smoothing", label_smoothing, "a real number in [0, 1)", minimum=0)
+    if label_smoothing >= 1:
+        raise ValueError(f"label_smoothing must be a real number in [0, 1), got {label_smoothing!r}")
+    check_real("z_loss", z_loss, "a real number >= 0 (the weight of lse^2)", minimum=0)
+    if softcap is not None:
+        check_real("softcap", softcap, "None or a positive real number (logits = softcap tanh(logits / softcap))",
+                   minimum=0)
+        if softcap == 0 or softcap == float("inf"):
+            raise ValueError(f"softcap must be None or a positive finite real number, got {softcap!r}")
+    check_norm_kind(norm)
+    check_eps(eps)
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be None or an integer >= 1, got {chunk_rows!r}")
+
+
+# ----------------------------------------------------------------------------- the chunked path
+
+def chunk_losses(logits: torch.Tensor, rows_targets: torch.Tensor, counted: torch.Tensor, label_smoothing: float,
+                 z_loss: float) -> tuple:
+    """(loss per row (0 where not counted), lse) of capped logits (rows, V)."""
+    lse = torch.logsumexp(logits, -1)
+    target_logit = logits.gather(-1, rows_targets.clamp(min=0)[:, None])[:, 0]
+    losses = (1 - label_smoothing) * (lse - target_logit) + z_loss * lse ** 2
+    if label_smoothing:
+        losses = losses + label_smoothing * (lse - logits.mean(-1))
+    return losses * counted, lse
+
+
+def logits_grad_(logits: torch.Tensor, lse: torch.Tensor, rows_targets: torch.Tensor, scale: torch.Tensor,
+                 label_smoothing: float, z_loss: float) -> torch.Tensor:
+    """The gradient of the rows' weighted loss with respect to the capped logits, in logits' buffer."""
+    grad = logits.sub_(lse[:, None]).exp_()
+    if z_loss:
+        grad.mul_((1 + 2 * z_loss * lse)[:, None])
+    grad.scatter_add_(-1, rows_targets.clamp(min=0)[:, None],
+                      torch.full_like(lse, -(1 - label_smoothing))[:, None])
+    if label_smoothing:
+        grad.sub_(label_smoothing / grad.shape[-1])
+    return grad.mul_(scale[:, None])
+
+
+def normalize(x: torch.Tensor, eps: float, is_layernorm: bool) -> tuple:
+    """(x normalized over its last dimension, 1 / its standard deviation (or root mean square) per row)."""
+    if is_layernorm:
+        x = x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return x * rstd, rstd
+
+
+def normalize_backward(g: torch.Tensor, normed: torch.Tensor, rstd: torch.Tensor, is_layernorm: bool) -> torch.Tensor:
+    """The input's gradient of `normalize`, from g, the gradient of its output (times the norm's weight)."""
+    g = g - normed * (g * normed).mean(-1, keepdim=True)
+    if is_layernorm:
+        g = g - g.mean(-1, keepdim=True)
+    return g * rstd
+
+
+@torch.library.custom_op("acn_kernels::depth_cross_entropy_chunked", mutates_args=())
+def depth_cross_entropy_chunked(states: torch.Tensor, targets: torch.Tensor, norm_weight: torch.Tensor,
+                                norm_bias: Optional[torch.Tensor], head_weight: torch.Tensor,
+                                head_bias: Optional[torch.Tensor], weights: torch.Tensor, ignore_index: int,
+                                label_smoothing: float, z_loss: float, softcap: float, is_layernorm: bool, eps: float,
+                                chunk_rows: int, needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                           torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                           torch.Tensor]:
+    """(loss, per_exit, dstates, dnorm_weight, dnorm_bias, dhead_weight, dhead_bias): the gradients of
+    the loss (empty without needs_grad, or for an absent bias). softcap 0: no cap."""
+    exits, dim = states.shape[0], states.shape[-1]
+    compute = torch.promote_types(states.dtype, torch.float32)
+    rows_of_states = states.reshape(-1, dim)
+    per_exit_rows = rows_of_states.shape[0] // exits
+    all_targets = targets.reshape(-1).repeat(exits)
+    count = max(int((targets != ignore_index).sum()), 1)
+    row_scale = (weights.to(compute) / count).repeat_interleave(per_exit_rows)
+    head = head_weight.to(compute)
+    bias = None if head_bias is None else head_bias.to(compute)
+    kind = "layernorm" if is_layernorm else "rmsnorm"
+    per_exit = torch.zeros(exits, dtype=compute, device=states.device)
+    exit_of_row = torch.arange(exits, device=states.device).repeat_interleave(per_exit_rows)
+    grads = [states.new_empty(0) for _ in range(5)]  # distinct tensors: a custom op's outputs must not alias
+    if needs_grad:
+        grads = [new_buffer(states.shape, states.dtype, states.device), torch.zeros(dim, dtype=compute, device=states.device),
+                 torch.zeros(dim, dtype=compute, device=states.device) if norm_bias is not None else grads[2],
+                 torch.zeros_like(head), torch.zeros_like(bias) if bias is not None else grads[4]]
+        dstates_rows = grads[0].view(-1, dim)
+    weight = norm_weight.to(compute)
+    shift = None if norm_bias is None else norm_bias.to(compute)
+    for start in range(0, rows_of_states.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        normed, rstd = normalize(rows_of_states[rows].to(compute), eps, is_layernorm)
+        hidden = normed * weight if shift is None else torch.addcmul(shift, normed, weight)
+        logits = torch.nn.functional.linear(hidden, head, bias)
+        capped = torch.tanh(logits.div_(softcap)) if softcap else None
+        logits = capped * softcap if softcap else logits
+        counted = all_targets[rows] != ignore_index
+        losses, lse = chunk_losses(logits, all_targets[rows], counted, label_smoothing, z_loss)
+        per_exit.index_add_(0, exit_of_row[rows], losses)
+        if not needs_grad:
+            continue
+        dlogits = logits_grad_(logits, lse, all_targets[rows], row_scale[rows] * counted, label_smoothing, z_loss)
+        if softcap:
+            dlogits.mul_(1 - capped.square_())
+        grads[3].addmm_(dlogits.t(), hidden)
+        if bias is not None:
+            grads[4].add_(dlogits.sum(0))
+        dhidden = dlogits @ head
+        grads[1].add_((dhidden * normed).sum(0))
+        if shift is not None:
+            grads[2].add_(dhidden.sum(0))
+        dstates_rows[rows] = normalize_backward(dhidden * weight, normed, rstd, is_layernorm)
+    per_exit /= count
+    loss = (weights.to(compute) * per_exit).sum()
+    if needs_grad:
+        grads[1:] = [g.to(p.dtype) if g.numel() else g
+                     for g, p in zip(grads[1:], (norm_weight, norm_bias, head_weight, head_bias))]
+    return (loss, per_exit.float(), *grads)
+
+
+@depth_cross_entropy_chunked.register_fake
+def depth_cross_entropy_chunked_fake(states, targets, norm_weight, norm_bias, head_weight, head_bias, weights,
+                                     ignore_index, label_smoothing, z_loss, softcap, is_layernorm, eps, chunk_rows,
+                                     needs_grad):
+    compute = torch.promote_types(states.dtype, torch.float32)
+    loss, per_exit = states.new_empty((), dtype=compute), states.new_empty(states.shape[0], dtype=torch.float32)
+    shapes = [states.shape, norm_weight.shape, None if norm_bias is None else norm_bias.shape, head_weight.shape,
+              None if head_bias is None else head_bias.shape]
+    dtypes = [states.dtype, norm_weight.dtype, None if norm_bias is None else norm_bias.dtype, head_weight.dtype,
+              None if head_bias is None else head_bias.dtype]
+    return (loss, per_exit, *(states.new_empty(shape if needs_grad and shape is not None else (0,),
+                                               dtype=dtype if needs_grad and dtype is not None else states.dtype)
+                              for shape, dtype in zip(shapes, dtypes)))
+
+
+def setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[2:])
+    ctx.has_norm_bias, ctx.has_head_bias = inputs[3] is not None, inputs[5] is not None
+    ctx.set_materialize_grads(False)
+
+
+def backward(ctx, dloss, *_unused):
+    """The gradients forward computed, scaled by the loss's (a scalar)."""
+    dstates, dnorm_weight, dnorm_bias, dhead_weight, dhead_bias = ctx.saved_tensors
+    if dloss is None or not dstates.numel():
+        return (None,) * 15
+    scaled = [g * dloss.to(g.dtype) for g in (dstates, dnorm_weight, dnorm_bias, dhead_weight, dhead_bias)]
+    return (scaled[0], None, scaled[1], scaled[2] if ctx.has_norm_bias else None, scaled[3],
+            scaled[4] if ctx.has_head_bias else None, *(None,) * 9)
+
+
+depth_cross_entropy_chunked.register_autograd(backward, setup_context=setup_context)
+
+
+def depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, *, weights=None, head_bias=None,
+                        ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, norm="layernorm", eps=1e-5,
+                        backend="auto", chunk_rows=None):
+    """(loss, per_exit): every exit's mean next-token loss through one final norm and head (see the
+    module docstring), the loss the weighted sum (weights: (E,), uniform 1/E by default), per_exit (E,)
+    float32 and detached. backend="auto" runs the chunked path (chunk_rows rows of logits at a time;
+    by default 32 MiB of them), "reference" the specification, which materializes every logit."""
+    check_arguments(states, targets, norm_weight, norm_bias, head_weight, weights, head_bias, ignore_index,
+                    label_smoothing, z_loss, softcap, norm, eps, chunk_rows)
+    if backend in NOT_YET:
+        raise ValueError(f"backend {backend!r} has no depth_cross_entropy kernel yet (its Triton row kernel and CUDA "
+                         f"twin are still to be written); use one of {BACKENDS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS + NOT_YET}, got {backend!r}")
+    if backend == "reference":
+        return reference.depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, weights=weights,
+                                             head_bias=head_bias, ignore_index=ignore_index,
+                                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                             norm=norm, eps=eps)
+    if weights is None:
+        weights = torch.full((states.shape[0],), 1.0 / states.shape[0], device=states.device)
+    differentiable = [t for t in (states, norm_weight, norm_bias, head_weight, head_bias) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    rows = chunk_rows if chunk_rows is not None else chunk_rows_for(head_weight.shape[0])
+    loss, per_exit, *_ = depth_cross_entropy_chunked(
+        states, targets, norm_weight, norm_bias, head_weight, head_bias, weights.detach(), int(ignore_index),
+        float(label_smoothing), float(z_loss), float(softcap or 0.0), norm == "layernorm", float(eps), int(rows),
+        needs_grad)
+    return loss, per_exit.detach()

@@ -1,0 +1,177 @@
+"""depth_cross_entropy (every exit's loss through one norm and head, by chunks of rows) against the
+float64 reference, which materializes every logit: forward and every gradient, odd vocabularies and
+widths, 1 to 13 exits, ignored targets, every option and their combinations, every dtype,
+non-contiguous states, chunks smaller and larger than the rows, NaN-poisoned outputs, compile, and
+bad input named."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from acn_kernels import depth_cross_entropy, reference
+from acn_kernels.ops.depth_cross_entropy import depth_cross_entropy_chunked
+from op_harness import DEVICE, FP32_RTOL, DTYPES
+from acn_kernels.tools.agreement import compare_op, run
+
+OPTIONS = [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(softcap=4.0), dict(norm="rmsnorm"),
+           dict(label_smoothing=0.2, z_loss=1e-2, softcap=2.5, norm="rmsnorm")]
+
+
+def inputs(exits=3, lead=(2, 5), dim=24, vocab=37, dtype=torch.float32, ignored=0.25, norm="layernorm",
+           head_bias=True):
+    """(states, targets, norm weight, norm bias, head weight, weights, head bias): unit-scale draws,
+    about `ignored` of the targets ignore_index."""
+    states = torch.randn(exits, *lead, dim, device=DEVICE).to(dtype)
+    targets = torch.randint(0, vocab, lead, device=DEVICE)
+    targets[torch.rand(lead, device=DEVICE) < ignored] = -100
+    norm_weight = (1 + 0.1 * torch.randn(dim, device=DEVICE)).to(dtype)
+    norm_bias = (0.1 * torch.randn(dim, device=DEVICE)).to(dtype) if norm == "layernorm" else None
+    head = (torch.randn(vocab, dim, device=DEVICE) / dim ** 0.5).to(dtype)
+    weights = torch.rand(exits, device=DEVICE) + 0.1
+    bias = (0.1 * torch.randn(vocab, device=DEVICE)).to(dtype) if head_bias else None
+    return states, targets, norm_weight, norm_bias, head, weights, bias
+
+
+def loss_of(op, **options):
+    """The loss alone as a function of the differentiable inputs, for compare_op."""
+    def loss(states, targets, norm_weight, norm_bias, head, weights, bias):
+        return op(states, targets, norm_weight, norm_bias, head, weights=weights, head_bias=bias, **options)[0]
+    return loss
+
+
+def assert_agrees(args, dtype, chunk_rows=None, **options):
+    fused = loss_of(depth_cross_entropy, chunk_rows=chunk_rows, **options)
+    problems, _, grads = compare_op(fused, loss_of(reference.depth_cross_entropy, **options), args, dtype, FP32_RTOL)
+    assert not problems, "; ".join(problems)
+    return grads
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_option_and_dtype_agrees_with_the_reference_forward_and_backward(options, dtype):
+    args = inputs(dtype=dtype, norm=options.get("norm", "layernorm"))
+    assert_agrees(args, dtype, chunk_rows=7, **options)  # 30 rows an exit, 90 in all: chunks cross exits
+
+
+@pytest.mark.parametrize("vocab, dim, exits", [(1, 8, 1), (7, 5, 2), (50257, 16, 2), (129, 33, 13)])
+def test_odd_vocabularies_widths_and_exit_counts(vocab, dim, exits):
+    args = inputs(exits=exits, lead=(3,), dim=dim, vocab=vocab)
+    assert_agrees(args, torch.float32, chunk_rows=4)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 6, 1000, None])
+def test_chunks_smaller_and_larger_than_the_rows(chunk_rows):
+    args = inputs(exits=2, lead=(3,), vocab=11)
+    assert_agrees(args, torch.float32, chunk_rows=chunk_rows)
+
+
+def test_non_contiguous_states_and_head():
+    states, targets, nw, nb, head, weights, bias = inputs(exits=2, lead=(4, 3), dim=16)
+    states = states.transpose(1, 2).contiguous().transpose(1, 2)  # lead dims strided
+    head = torch.randn(16, head.shape[0], device=DEVICE).t()       # a transposed head, as a tied one may be
+    assert not states.is_contiguous() and not head.is_contiguous()
+    assert_agrees((states, targets, nw, nb, head, weights, bias), torch.float32, chunk_rows=5)
+
+
+def test_per_exit_is_each_exits_mean_loss_detached():
+    states, targets, nw, nb, head, weights, bias = inputs(exits=4)
+    states.requires_grad_()
+    loss, per_exit = depth_cross_entropy(states, targets, nw, nb, head, weights=weights, head_bias=bias)
+    exact = reference.depth_cross_entropy(states.double(), targets, nw.double(), nb.double(), head.double(),
+                                          weights=weights.double(), head_bias=bias.double())[1]
+    assert per_exit.dtype == torch.float32 and not per_exit.requires_grad and per_exit.shape == (4,)
+    torch.testing.assert_close(per_exit.double(), exact.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), (weights.double() * exact).sum(), rtol=1e-5, atol=1e-6)
+    uniform = depth_cross_entropy(states, targets, nw, nb, head, head_bias=bias)[0]  # default: 1/E each
+    torch.testing.assert_close(uniform, per_exit.mean(), rtol=1e-6, atol=1e-6)
+
+
+def test_all_targets_ignored_give_zero_loss_and_zero_gradients_not_nan():
+    states, targets, nw, nb, head, weights, bias = inputs()
+    leaves = [t.requires_grad_() for t in (states, nw, nb, head, bias)]
+    loss, per_exit = depth_cross_entropy(states, torch.full_like(targets, -100), nw, nb, head, weights=weights,
+                                         head_bias=bias)
+    loss.backward()
+    assert loss.item() == 0 and not per_exit.any()
+    assert all(leaf.grad is not None and not leaf.grad.any() for leaf in leaves)
+
+
+def test_gradients_are_bitwise_the_same_on_a_rerun():
+    args = inputs(exits=3, vocab=101)
+    fused = loss_of(depth_cross_entropy, chunk_rows=8)
+    outputs, first, out_grads = run(fused, args)
+    again = run(fused, args, out_grads)
+    assert torch.equal(outputs[0], again[0][0]) and all(torch.equal(a, b) for a, b in zip(first, again[1]) if a is not None)
+
+
+def test_without_gradients_nothing_of_the_backward_is_computed():
+    states, targets, nw, nb, head, weights, bias = inputs()
+    outputs = depth_cross_entropy_chunked(states, targets, nw, nb, head, bias, weights, -100, 0.0, 0.0, 0.0, True,
+                                          1e-5, 16, False)
+    assert all(g.numel() == 0 for g in outputs[2:])  # no dstates, no head gradient
+    states.requires_grad_()
+    with torch.no_grad():
+        loss, _ = depth_cross_entropy(states, targets, nw, nb, head, weights=weights, head_bias=bias)
+    assert not loss.requires_grad
+
+
+def test_unwritten_gradient_rows_would_show_as_nan(monkeypatch):
+    monkeypatch.setenv("ACN_KERNELS_POISON", "1")
+    args = inputs(exits=2, lead=(7,), vocab=13)
+    assert_agrees(args, torch.float32, chunk_rows=3)  # dstates is NaN-filled before the chunks write it
+
+
+def test_compiles_without_graph_breaks():
+    states, targets, nw, nb, head, weights, bias = inputs(exits=2, lead=(3,), vocab=19)
+    states.requires_grad_()
+
+    def step(states):
+        return depth_cross_entropy(states, targets, nw, nb, head, weights=weights, head_bias=bias, softcap=3.0)[0]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager_loss, compiled_loss = step(states), compiled(states)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    eager_grad, = torch.autograd.grad(eager_loss, states)
+    compiled_grad, = torch.autograd.grad(compiled_loss, states)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+@settings(max_examples=25)
+@given(exits=st.integers(1, 13), rows=st.integers(1, 9), dim=st.integers(1, 40), vocab=st.integers(1, 300),
+       chunk_rows=st.integers(1, 64), options=st.sampled_from(OPTIONS), head_bias=st.booleans(),
+       ignored=st.sampled_from([0.0, 0.5, 1.0]))
+def test_randomized_shapes_and_options(exits, rows, dim, vocab, chunk_rows, options, head_bias, ignored):
+    args = inputs(exits=exits, lead=(rows,), dim=dim, vocab=vocab, ignored=ignored,
+                  norm=options.get("norm", "layernorm"), head_bias=head_bias)
+    assert_agrees(args, torch.float32, chunk_rows=chunk_rows, **options)
+
+
+BAD = [
+    (lambda a: {**a, "states": a["states"][0]}, r"states must have shape \(exits >= 1, \.\.\., D\), got \(5, 24\)|"
+     r"targets must be an integer tensor of shape"),
+    (lambda a: {**a, "targets": a["targets"][:, :3]}, r"targets must be an integer tensor of shape \(2, 5\) "
+     r"\(states' shape without the exits and the width\), got dtype torch.int64 and shape \(2, 3\)"),
+    (lambda a: {**a, "targets": a["targets"].float()}, r"targets must be an integer tensor .*got dtype torch.float32"),
+    (lambda a: {**a, "targets": a["targets"].clamp(min=0) + 40}, r"targets must be in \[0, 37\) \(head_weight's rows\) "
+     r"or ignore_index=-100, got values in"),
+    (lambda a: {**a, "weights": a["weights"][:2]}, r"weights must be a floating-point tensor of shape \(3,\) \(one per "
+     r"exit\), got dtype torch.float32 and shape \(2,\)"),
+    (lambda a: {**a, "weights": -a["weights"]}, r"weights must be finite and >= 0, got"),
+    (lambda a: {**a, "head_weight": a["head_weight"][:, :7]}, r"head_weight must have shape \(vocabulary >= 1, 24\) "
+     r"\(states' width\), got \(37, 7\)"),
+    (lambda a: {**a, "softcap": 0.0}, r"softcap must be None or a positive finite real number, got 0.0"),
+    (lambda a: {**a, "softcap": -1.0}, r"softcap must be None or a positive real number"),
+    (lambda a: {**a, "label_smoothing": 1.0}, r"label_smoothing must be a real number in \[0, 1\), got 1.0"),
+    (lambda a: {**a, "z_loss": -0.1}, r"z_loss must be a real number >= 0"),
+    (lambda a: {**a, "norm": "batchnorm"}, r"norm must be one of"),
+    (lambda a: {**a, "head_bias": a["head_bias"][:3]}, r"head_bias must have shape \(37,\), got \(3,\)"),
+    (lambda a: {**a, "backend": "triton"}, r"backend 'triton' has no depth_cross_entropy kernel yet"),
+    (lambda a: {**a, "chunk_rows": 0}, r"chunk_rows must be None or an integer >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("spoil, match", BAD)
+def test_bad_input_is_named_with_the_expected_and_the_actual_value(spoil, match):
+    states, targets, nw, nb, head, weights, bias = inputs()
+    arguments = dict(states=states, targets=targets, norm_weight=nw, norm_bias=nb, head_weight=head, weights=weights,
+                     head_bias=bias)
+    with pytest.raises(ValueError, match=match):
+        depth_cross_entropy(**spoil(arguments))
