@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
@@ -200,8 +201,15 @@ def depth_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     total, count = None, 0
     with torch.inference_mode():
         for start in range(0, len(targets), batch_size):
-            logits = call_with(model.probe, batch_rows(inputs, slice(start, start + batch_size)))
-            logits, chunk = aligned(model, logits, targets[start:start + batch_size].to(logits.device))
+            rows, chunk = batch_rows(inputs, slice(start, start + batch_size)), targets[start:start + batch_size]
+            if metric == "loss" and is_causal_lm(model):  # every depth's loss without its logits
+                valid = chunk[:, 1:] != IGNORE_INDEX
+                losses = call_with(functools.partial(model.probe, labels=chunk, output="loss"), rows)
+                total = losses.double() * int(valid.sum()) + (0 if total is None else total)
+                count += int(valid.sum())
+                continue
+            logits = call_with(model.probe, rows)
+            logits, chunk = aligned(model, logits, chunk.to(logits.device))
             check_targets_in_range(chunk, logits.shape[-1])
             valid = chunk != IGNORE_INDEX
             if metric == "accuracy":

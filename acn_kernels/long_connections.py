@@ -49,7 +49,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._validation import check_bool, check_choice, check_positive_int, check_real
 from .backend import BACKENDS, resolve_backend
-from .ops import accumulate_norm, hybrid_accumulate_norm, probe_norm
+from .ops import accumulate_norm, depth_cross_entropy, hybrid_accumulate_norm, probe_norm
 
 
 def norm_kind(module: nn.Module, name: str) -> str:
@@ -87,6 +87,17 @@ def norm_parameters(module: nn.Module, x: torch.Tensor) -> tuple:
     eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
     eps = eps if eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's default
     return weight, getattr(module, "bias", None), eps
+
+
+def next_token_losses(states: torch.Tensor, labels: torch.Tensor, norm: nn.Module, head_weight: torch.Tensor,
+                      head_bias: torch.Tensor | None, weights: torch.Tensor | None = None) -> tuple:
+    """(loss, per_exit) of a language model's states at E depths (E, batch, positions, D) read by its
+    final norm and head, against labels (batch, positions) in Hugging Face's convention (the input ids,
+    -100 where nothing counts; position t's state predicts label t + 1): depth_cross_entropy, so no
+    (E, tokens, vocabulary) logits exist."""
+    weight, bias, eps = norm_parameters(norm, states)
+    return depth_cross_entropy(states[:, :, :-1], labels[:, 1:].to(states.device), weight, bias, head_weight,
+                               weights=weights, head_bias=head_bias, norm=norm_kind(norm, "the final norm"), eps=eps)
 
 
 def scalar_parameters(name: str, given, count: int, init: float, trainable: bool) -> nn.ParameterList:

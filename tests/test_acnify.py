@@ -367,6 +367,16 @@ def test_an_acnified_lms_depth_scores_take_its_labels_as_its_loss_does(family):
     assert scores == pytest.approx(model.probe(input_ids=ids, labels=ids, output="loss").tolist(), rel=1e-6)
     with pytest.raises(ValueError, match=r"got the next tokens already shifted"):
         compress(model, ids[:, :-1], ids[:, 1:], metric="loss")
+    base = base_of(model)
+    attentions = [getattr(layer, "attn", None) or layer.self_attn for layer in (getattr(base, "h", None) or base.layers)]
+    calls = []
+    hooks = [a.register_forward_hook(lambda *_: calls.append(1)) for a in attentions]
+    try:
+        model.probe(input_ids=ids, labels=ids, output="loss")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) == 3  # every depth's loss from one pass of the layers (depth_cross_entropy reads them all)
 
 
 def test_decoders_whose_layers_attend_differently_are_refused():

@@ -134,6 +134,21 @@ def checked_generate(model: nn.Module, inputs=None, *args, **kwargs):
     return type(model).generate(model, inputs, *args, **kwargs)
 
 
+def exit_states(model: nn.Module, input_ids: torch.Tensor, **inputs) -> tuple:
+    """(the running sums after 0..L layers (L+1, batch, positions, D), the final norm, the head's
+    weight and bias) of an acnify'd causal LM, its layers run once by its base model (no head): what
+    early_exit_loss reads every depth through (bound to the model as `exit_states`)."""
+    owner = find_owner(model)[1]
+    recording, owner.recording = owner.recording, True
+    try:
+        owner(input_ids=input_ids, **inputs)
+        sums = owner.depth_sums()
+    finally:
+        owner.recording, owner.recorded_outputs = recording, None
+    head = model.get_output_embeddings()
+    return sums, getattr(owner, owner.FINAL_NORM), head.weight, head.bias
+
+
 def speculator(model: nn.Module, draft_depth: int, input_ids: torch.Tensor, max_new_tokens: int,
                attention_mask: torch.Tensor | None = None) -> "DecoderSpeculator":
     """What speculative_generate drafts and verifies with, for an acnify'd causal LM and this prompt
@@ -226,7 +241,8 @@ class Decoder(SumsAsHiddenStates, Owner):
         self.segment = None
 
     # bound to a causal LM around the owner (huggingface.bind)
-    CAUSAL_LM_METHODS = {"speculator": speculator, "generate": checked_generate}
+    CAUSAL_LM_METHODS = {"speculator": speculator, "generate": checked_generate, "exit_states": exit_states}
+    FINAL_NORM = "norm"  # the final norm's attribute name
 
     def forward(self, input_ids=None, *args, **kwargs):
         """The model's forward, its input_ids checked first (check_input_ids): the positions they take

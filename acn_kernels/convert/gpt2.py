@@ -12,6 +12,7 @@ from .decoder import Decoder, convert_decoder
 class GPT2Decoder(Decoder):
     LAYERS = "h"
     BRANCHES = (("attn", "ln_1"), ("mlp", "ln_2"))
+    FINAL_NORM = "ln_f"
 
     @staticmethod
     def attention_keywords(cache=None, attention_mask=None, encoder_hidden_states=None, *, encoder_attention_mask=None,

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .._validation import check_choice
-from ..long_connections import LongConnections, attach, registered_scalars, shallow_copy
+from ..long_connections import LongConnections, attach, next_token_losses, registered_scalars, shallow_copy
 
 RECORD = "acn_kernels"  # the config attribute of a converted model: acnify's options
 REGISTERED_TYPES = ("bert", "gpt2", "llama", "qwen2", "mistral")
@@ -66,8 +66,11 @@ def probe(model: nn.Module, *args, output: str = "logits", **kwargs) -> torch.Te
     own forward runs once more on the inputs repeated for the L+1 depths, the long connections' output
     replaced by those depths' sums (no layer runs again), so that its head, masks and pooling apply to
     every depth at once and its output is the result. A loss is one number per batch: output="loss"
-    runs that second forward once per shallower depth instead."""
+    runs that second forward once per shallower depth instead, except for a causal LM, whose layers
+    run once and whose depths' losses are read through depth_cross_entropy (causal_lm_depth_losses)."""
     check_choice("output", output, ("logits", "loss"))
+    if output == "loss" and callable(getattr(model, "exit_states", None)):
+        return causal_lm_depth_losses(model, args, kwargs)
     _, owner = find_owner(model)
     owner.recording = True
     try:
@@ -86,6 +89,18 @@ def probe(model: nn.Module, *args, output: str = "logits", **kwargs) -> torch.Te
     finally:
         owner.recording, owner.replaced_output, owner.recorded_outputs = False, None, None
     return repeated.unflatten(0, (depths, batch))
+
+
+def causal_lm_depth_losses(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """(L+1,) a causal LM's next-token loss at every depth, its layers run once and every depth read
+    through depth_cross_entropy (long_connections.next_token_losses: no logits kept), float32."""
+    inputs = dict(kwargs)
+    labels = inputs.pop("labels", None)
+    if labels is None:
+        raise ValueError("probe(..., output='loss') needs labels=, as the model's loss does")
+    input_ids = inputs.pop("input_ids", args[0] if args else None)
+    states, norm, head_weight, head_bias = model.exit_states(input_ids, *args[1:], **inputs)
+    return next_token_losses(states, labels, norm, head_weight, head_bias)[1]
 
 
 def repeat_batch(inputs, batch: int, times: int):
