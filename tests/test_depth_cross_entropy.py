@@ -38,30 +38,37 @@ def loss_of(op, **options):
     return loss
 
 
-def assert_agrees(args, dtype, chunk_rows=None, **options):
-    fused = loss_of(depth_cross_entropy, chunk_rows=chunk_rows, **options)
+ROW_WORK = ["chunked", "triton"]  # the row work in PyTorch, or the Triton kernel (interpreted on a CPU)
+
+
+def assert_agrees(args, dtype, chunk_rows=None, backend="triton", **options):
+    fused = loss_of(depth_cross_entropy, chunk_rows=chunk_rows, backend=backend, **options)
     problems, _, grads = compare_op(fused, loss_of(reference.depth_cross_entropy, **options), args, dtype, FP32_RTOL)
     assert not problems, "; ".join(problems)
     return grads
 
 
+@pytest.mark.parametrize("backend", ROW_WORK)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_option_and_dtype_agrees_with_the_reference_forward_and_backward(options, dtype):
+def test_every_option_and_dtype_agrees_with_the_reference_forward_and_backward(options, dtype, backend):
     args = inputs(dtype=dtype, norm=options.get("norm", "layernorm"))
-    assert_agrees(args, dtype, chunk_rows=7, **options)  # 30 rows an exit, 90 in all: chunks cross exits
+    assert_agrees(args, dtype, chunk_rows=7, backend=backend, **options)  # 30 rows an exit, 90 in all
 
 
-@pytest.mark.parametrize("vocab, dim, exits", [(1, 8, 1), (7, 5, 2), (50257, 16, 2), (129, 33, 13)])
-def test_odd_vocabularies_widths_and_exit_counts(vocab, dim, exits):
+@pytest.mark.parametrize("backend", ROW_WORK)
+@pytest.mark.parametrize("vocab, dim, exits", [(1, 8, 1), (7, 5, 2), (50257, 16, 2), (129, 33, 13), (2049, 4, 1)])
+def test_odd_vocabularies_widths_and_exit_counts(vocab, dim, exits, backend):
+    """2049: the row kernel's tiles (1024) and one more logit."""
     args = inputs(exits=exits, lead=(3,), dim=dim, vocab=vocab)
-    assert_agrees(args, torch.float32, chunk_rows=4)
+    assert_agrees(args, torch.float32, chunk_rows=4, backend=backend, softcap=30.0 if vocab > 1000 else None)
 
 
+@pytest.mark.parametrize("backend", ROW_WORK)
 @pytest.mark.parametrize("chunk_rows", [1, 5, 6, 1000, None])
-def test_chunks_smaller_and_larger_than_the_rows(chunk_rows):
+def test_chunks_smaller_and_larger_than_the_rows(chunk_rows, backend):
     args = inputs(exits=2, lead=(3,), vocab=11)
-    assert_agrees(args, torch.float32, chunk_rows=chunk_rows)
+    assert_agrees(args, torch.float32, chunk_rows=chunk_rows, backend=backend)
 
 
 def test_non_contiguous_states_and_head():
@@ -106,7 +113,7 @@ def test_gradients_are_bitwise_the_same_on_a_rerun():
 def test_without_gradients_nothing_of_the_backward_is_computed():
     states, targets, nw, nb, head, weights, bias = inputs()
     outputs = depth_cross_entropy_chunked(states, targets, nw, nb, head, bias, weights, -100, 0.0, 0.0, 0.0, True,
-                                          1e-5, 16, False)
+                                          1e-5, 16, False, True)
     assert all(g.numel() == 0 for g in outputs[2:])  # no dstates, no head gradient
     states.requires_grad_()
     with torch.no_grad():
@@ -163,7 +170,7 @@ BAD = [
     (lambda a: {**a, "z_loss": -0.1}, r"z_loss must be a real number >= 0"),
     (lambda a: {**a, "norm": "batchnorm"}, r"norm must be one of"),
     (lambda a: {**a, "head_bias": a["head_bias"][:3]}, r"head_bias must have shape \(37,\), got \(3,\)"),
-    (lambda a: {**a, "backend": "triton"}, r"backend 'triton' has no depth_cross_entropy kernel yet"),
+    (lambda a: {**a, "backend": "cuda"}, r"backend 'cuda' has no depth_cross_entropy kernel yet"),
     (lambda a: {**a, "chunk_rows": 0}, r"chunk_rows must be None or an integer >= 1, got 0"),
 ]
 

@@ -40,14 +40,18 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
 from .. import reference
 from .._validation import check_real
+from ..backend import TRITON_INTERPRETED, _check_triton
 from ._common import check_device, check_eps, check_norm_kind, check_tensor, new_buffer
 
 CHUNK_ELEMENTS = 1 << 23  # logits a chunk holds: 32 MiB of float32
-BACKENDS = ("auto", "reference")
-NOT_YET = ("triton", "cublas", "cuda")
+BACKENDS = ("auto", "reference", "chunked", "triton")
+NOT_YET = ("cublas", "cuda")
+ROW_BLOCK = 1024  # logits a program walks at a time in the row kernel
 
 
 def chunk_rows_for(vocab: int) -> int:
@@ -125,6 +129,21 @@ def check_options(label_smoothing, z_loss, softcap, norm, eps, chunk_rows) -> No
 
 # ----------------------------------------------------------------------------- the chunked path
 
+def plain_rows(logits: torch.Tensor, rows_targets: torch.Tensor, scale: torch.Tensor, ignore_index: int,
+               label_smoothing: float, z_loss: float, softcap: float, needs_grad: bool) -> tuple:
+    """triton_rows in PyTorch: (loss per row, lse) of logits (rows, V), the logits' buffer then holding
+    their gradient (scale x loss's) where needs_grad."""
+    capped = torch.tanh(logits / softcap) if softcap else None
+    rows_logits = capped * softcap if softcap else logits
+    counted = rows_targets != ignore_index
+    losses, lse = chunk_losses(rows_logits, rows_targets, counted, label_smoothing, z_loss)
+    if needs_grad:
+        grad = logits_grad_(rows_logits, lse, rows_targets, scale * counted, label_smoothing, z_loss)
+        if softcap:
+            logits.copy_(grad.mul_(1 - capped.square_()))
+    return losses, lse
+
+
 def chunk_losses(logits: torch.Tensor, rows_targets: torch.Tensor, counted: torch.Tensor, label_smoothing: float,
                  z_loss: float) -> tuple:
     """(loss per row (0 where not counted), lse) of capped logits (rows, V)."""
@@ -165,16 +184,85 @@ def normalize_backward(g: torch.Tensor, normed: torch.Tensor, rstd: torch.Tensor
     return g * rstd
 
 
+@triton.jit
+def capped_logits(raw, softcap, HAS_SOFTCAP: tl.constexpr):
+    """softcap tanh(raw / softcap) (tanh as 2 sigmoid(2x) - 1), or raw."""
+    if HAS_SOFTCAP:
+        return softcap * (2.0 * tl.sigmoid(2.0 * raw / softcap) - 1.0)
+    return raw
+
+
+@triton.jit
+def cross_entropy_rows_kernel(logits_ptr, stride, targets_ptr, scale_ptr, loss_ptr, lse_ptr, vocab, ignore_index,
+                              label_smoothing, z_loss, softcap, HAS_SOFTCAP: tl.constexpr,
+                              NEEDS_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of float32 logits a program: its capped logits' log-sum-exp (online over BLOCK-wide
+    tiles), target logit and mean, its loss; with NEEDS_GRAD a second walk writes the gradient of
+    scale x loss with respect to the raw logits in place (see the module docstring)."""
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * stride
+    target = tl.load(targets_ptr + row)
+    running_max = tl.full([], float("-inf"), tl.float32)
+    exp_sum = tl.zeros([], tl.float32)
+    total = tl.zeros([], tl.float32)
+    target_logit = tl.zeros([], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < vocab
+        c = capped_logits(tl.load(base + cols, mask=mask, other=0.0), softcap, HAS_SOFTCAP)
+        block_max = tl.max(tl.where(mask, c, float("-inf")), 0)
+        new_max = tl.maximum(running_max, block_max)
+        exp_sum = exp_sum * tl.exp(running_max - new_max) + tl.sum(tl.where(mask, tl.exp(c - new_max), 0.0), 0)
+        running_max = new_max
+        total += tl.sum(tl.where(mask, c, 0.0), 0)
+        target_logit += tl.sum(tl.where(cols == target, c, 0.0), 0)
+    lse = running_max + tl.log(exp_sum)
+    counted = target != ignore_index
+    loss = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - total / vocab) \
+        + z_loss * lse * lse
+    tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
+    tl.store(lse_ptr + row, lse)
+    if NEEDS_GRAD:
+        scale = tl.where(counted, tl.load(scale_ptr + row), 0.0)
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < vocab
+            c = capped_logits(tl.load(base + cols, mask=mask, other=0.0), softcap, HAS_SOFTCAP)
+            grad = tl.exp(c - lse) * (1.0 + 2.0 * z_loss * lse) - label_smoothing / vocab \
+                - tl.where(cols == target, 1.0 - label_smoothing, 0.0)
+            grad = grad * scale
+            if HAS_SOFTCAP:
+                capped_unit = c / softcap
+                grad = grad * (1.0 - capped_unit * capped_unit)
+            tl.store(base + cols, grad, mask=mask)
+
+
+def triton_rows(logits: torch.Tensor, rows_targets: torch.Tensor, scale: torch.Tensor, ignore_index: int,
+                label_smoothing: float, z_loss: float, softcap: float, needs_grad: bool) -> tuple:
+    """(loss per row, lse) of float32 logits (rows, V) by the Triton row kernel; with needs_grad the
+    logits become their gradient (scale x loss's), in place."""
+    rows, vocab = logits.shape
+    losses = new_buffer((rows,), torch.float32, logits.device)
+    lse = new_buffer((rows,), torch.float32, logits.device)
+    cross_entropy_rows_kernel[(rows,)](logits, logits.stride(0), rows_targets.contiguous(), scale.contiguous(),
+                                       losses, lse, vocab, ignore_index, label_smoothing, z_loss, softcap or 1.0,
+                                       HAS_SOFTCAP=bool(softcap), NEEDS_GRAD=needs_grad,
+                                       BLOCK=min(ROW_BLOCK, triton.next_power_of_2(vocab)))
+    return losses, lse
+
+
 @torch.library.custom_op("acn_kernels::depth_cross_entropy_chunked", mutates_args=())
 def depth_cross_entropy_chunked(states: torch.Tensor, targets: torch.Tensor, norm_weight: torch.Tensor,
                                 norm_bias: Optional[torch.Tensor], head_weight: torch.Tensor,
                                 head_bias: Optional[torch.Tensor], weights: torch.Tensor, ignore_index: int,
                                 label_smoothing: float, z_loss: float, softcap: float, is_layernorm: bool, eps: float,
-                                chunk_rows: int, needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                           torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                           torch.Tensor]:
+                                chunk_rows: int, needs_grad: bool, triton_rows_kernel: bool) -> tuple[
+                                    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor, torch.Tensor]:
     """(loss, per_exit, dstates, dnorm_weight, dnorm_bias, dhead_weight, dhead_bias): the gradients of
-    the loss (empty without needs_grad, or for an absent bias). softcap 0: no cap."""
+    the loss (empty without needs_grad, or for an absent bias). softcap 0: no cap. The row work by the
+    Triton kernel (triton_rows_kernel) or in PyTorch (plain_rows)."""
+    row_work = triton_rows if triton_rows_kernel else plain_rows
     exits, dim = states.shape[0], states.shape[-1]
     compute = torch.promote_types(states.dtype, torch.float32)
     rows_of_states = states.reshape(-1, dim)
@@ -200,16 +288,12 @@ def depth_cross_entropy_chunked(states: torch.Tensor, targets: torch.Tensor, nor
         normed, rstd = normalize(rows_of_states[rows].to(compute), eps, is_layernorm)
         hidden = normed * weight if shift is None else torch.addcmul(shift, normed, weight)
         logits = torch.nn.functional.linear(hidden, head, bias)
-        capped = torch.tanh(logits.div_(softcap)) if softcap else None
-        logits = capped * softcap if softcap else logits
-        counted = all_targets[rows] != ignore_index
-        losses, lse = chunk_losses(logits, all_targets[rows], counted, label_smoothing, z_loss)
-        per_exit.index_add_(0, exit_of_row[rows], losses)
+        losses, _ = row_work(logits, all_targets[rows], row_scale[rows], ignore_index, label_smoothing, z_loss,
+                             softcap, needs_grad)
+        per_exit.index_add_(0, exit_of_row[rows], losses.to(compute))
         if not needs_grad:
             continue
-        dlogits = logits_grad_(logits, lse, all_targets[rows], row_scale[rows] * counted, label_smoothing, z_loss)
-        if softcap:
-            dlogits.mul_(1 - capped.square_())
+        dlogits = logits  # the row work left the logits' gradient in their buffer
         grads[3].addmm_(dlogits.t(), hidden)
         if bias is not None:
             grads[4].add_(dlogits.sum(0))
@@ -229,7 +313,7 @@ def depth_cross_entropy_chunked(states: torch.Tensor, targets: torch.Tensor, nor
 @depth_cross_entropy_chunked.register_fake
 def depth_cross_entropy_chunked_fake(states, targets, norm_weight, norm_bias, head_weight, head_bias, weights,
                                      ignore_index, label_smoothing, z_loss, softcap, is_layernorm, eps, chunk_rows,
-                                     needs_grad):
+                                     needs_grad, triton_rows_kernel):
     compute = torch.promote_types(states.dtype, torch.float32)
     loss, per_exit = states.new_empty((), dtype=compute), states.new_empty(states.shape[0], dtype=torch.float32)
     shapes = [states.shape, norm_weight.shape, None if norm_bias is None else norm_bias.shape, head_weight.shape,
@@ -251,10 +335,10 @@ def backward(ctx, dloss, *_unused):
     """The gradients forward computed, scaled by the loss's (a scalar)."""
     dstates, dnorm_weight, dnorm_bias, dhead_weight, dhead_bias = ctx.saved_tensors
     if dloss is None or not dstates.numel():
-        return (None,) * 15
+        return (None,) * 16
     scaled = [g * dloss.to(g.dtype) for g in (dstates, dnorm_weight, dnorm_bias, dhead_weight, dhead_bias)]
     return (scaled[0], None, scaled[1], scaled[2] if ctx.has_norm_bias else None, scaled[3],
-            scaled[4] if ctx.has_head_bias else None, *(None,) * 9)
+            scaled[4] if ctx.has_head_bias else None, *(None,) * 10)
 
 
 depth_cross_entropy_chunked.register_autograd(backward, setup_context=setup_context)
@@ -270,10 +354,15 @@ def depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, *,
     check_arguments(states, targets, norm_weight, norm_bias, head_weight, weights, head_bias, ignore_index,
                     label_smoothing, z_loss, softcap, norm, eps, chunk_rows)
     if backend in NOT_YET:
-        raise ValueError(f"backend {backend!r} has no depth_cross_entropy kernel yet (its Triton row kernel and CUDA "
-                         f"twin are still to be written); use one of {BACKENDS}")
+        raise ValueError(f"backend {backend!r} has no depth_cross_entropy kernel yet (its CUDA twin is still to be "
+                         f"written); use one of {BACKENDS}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS + NOT_YET}, got {backend!r}")
+    if backend == "auto":  # the Triton row kernel where the fused ops run (a GPU, or Triton's interpreter)
+        backend = "triton" if states.device.type == "cuda" or TRITON_INTERPRETED else "chunked"
+    if backend == "triton":
+        _check_triton("triton", states.device)
+        check_tensor("states", states)
     if backend == "reference":
         return reference.depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, weights=weights,
                                              head_bias=head_bias, ignore_index=ignore_index,
@@ -287,5 +376,5 @@ def depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, *,
     loss, per_exit, *_ = depth_cross_entropy_chunked(
         states, targets, norm_weight, norm_bias, head_weight, head_bias, weights.detach(), int(ignore_index),
         float(label_smoothing), float(z_loss), float(softcap or 0.0), norm == "layernorm", float(eps), int(rows),
-        needs_grad)
+        needs_grad, backend == "triton")
     return loss, per_exit.detach()
