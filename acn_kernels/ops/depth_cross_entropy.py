@@ -237,17 +237,25 @@ def cross_entropy_rows_kernel(logits_ptr, stride, targets_ptr, scale_ptr, loss_p
             tl.store(base + cols, grad, mask=mask)
 
 
+def row_launch(block: int) -> tuple:
+    """(BLOCK, num_warps) of the row kernel for rows of `block` logits: 128 to ROW_BLOCK wide (a tiny
+    vocabulary masked), 4 to 8 logits a thread, so that every thread loads 16 bytes at a time."""
+    block = max(128, min(ROW_BLOCK, triton.next_power_of_2(block)))
+    return block, max(1, min(4, block // 256))
+
+
 def triton_rows(logits: torch.Tensor, rows_targets: torch.Tensor, scale: torch.Tensor, ignore_index: int,
                 label_smoothing: float, z_loss: float, softcap: float, needs_grad: bool) -> tuple:
     """(loss per row, lse) of float32 logits (rows, V) by the Triton row kernel; with needs_grad the
     logits become their gradient (scale x loss's), in place."""
     rows, vocab = logits.shape
+    block, num_warps = row_launch(vocab)
     losses = new_buffer((rows,), torch.float32, logits.device)
     lse = new_buffer((rows,), torch.float32, logits.device)
     cross_entropy_rows_kernel[(rows,)](logits, logits.stride(0), rows_targets.contiguous(), scale.contiguous(),
                                        losses, lse, vocab, ignore_index, label_smoothing, z_loss, softcap or 1.0,
-                                       HAS_SOFTCAP=bool(softcap), NEEDS_GRAD=needs_grad,
-                                       BLOCK=min(ROW_BLOCK, triton.next_power_of_2(vocab)))
+                                       HAS_SOFTCAP=bool(softcap), NEEDS_GRAD=needs_grad, BLOCK=block,
+                                       num_warps=num_warps)
     return losses, lse
 
 

@@ -36,6 +36,7 @@ class Build:
     num_stages: int = 3
     maxnreg: int | None = None
     unit_strides: tuple = ("a_stride_k", "b_stride_k")  # a GEMM's unit strides, which the JIT makes constants
+    other_types: dict = field(default_factory=dict, hash=False)  # argument -> Triton type, where not the default
 
     def config(self) -> str:
         shown = {k: v for k, v in self.constexprs.items() if k.startswith(("BLOCK", "ACTIVATION", "EPILOGUE"))
@@ -136,7 +137,7 @@ def linear_builds():
 # What the JIT does at launch: an integer equal to 1 becomes a constexpr, and (the "aligned" case)
 # 16-byte-aligned pointers and integers divisible by 16 carry tt.divisibility = 16. Aligned assumes the
 # usual shapes, every width, stride and count divisible by 16; layer and chunk counts are left alone.
-UNSPECIALIZED = ("depth", "num_chunks", "eps")
+UNSPECIALIZED = ("depth", "num_chunks", "eps", "ignore_index", "label_smoothing", "z_loss", "softcap")
 ALIGNMENTS = ("aligned", "unaligned")
 UNGATED = ("gemm_kernel",)  # a GEMM: its operands go through shared memory
 
@@ -146,6 +147,8 @@ def signature(kernel, build: Build) -> dict:
     for name in kernel.arg_names:
         if name in build.constexprs or name in build.unit_strides:
             types[name] = "constexpr"
+        elif name in build.other_types:
+            types[name] = build.other_types[name]
         elif name.endswith("_ptr"):
             types[name] = "*" + ("fp32" if name in build.float32_pointers else TRITON_TYPES[build.dtype])
         else:
@@ -188,7 +191,7 @@ PARAM_LOAD = re.compile(r"ld\.param\.\w+\s+(%\w+),\s*\[\w+_param_(\d+)\]")
 REGISTER = re.compile(r"%[a-z]+\d+")
 # Norm parameters, statistics and partial rows: every other pointer a kernel takes is row data.
 NOT_ROW_DATA = ("w_ptr", "b_ptr", "mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr", "gate_ptr", "long_weight_ptr",
-                "dscalars_ptr")
+                "dscalars_ptr", "targets_ptr", "scale_ptr", "loss_ptr", "lse_ptr")
 
 
 def _instruction(line: str) -> str:
@@ -320,8 +323,20 @@ def wgmma_expected(build: Build, capability: int) -> bool:
     return build.kernel in UNGATED and capability == 90 and tensor_cores and build.constexprs["BLOCK_M"] >= 64
 
 
+def loss_builds():
+    """depth_cross_entropy's row kernel on its float32 logits: every tile its launcher can pick, the
+    softcap and the gradient on."""
+    from ..ops.depth_cross_entropy import ROW_BLOCK, row_launch
+
+    scalars = {"targets_ptr": "*i64", "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32"}
+    for block in (2 ** p for p in range(7, ROW_BLOCK.bit_length())):
+        block, num_warps = row_launch(block)
+        yield Build("acn_kernels.ops.depth_cross_entropy", "cross_entropy_rows_kernel", torch.float32,
+                    dict(HAS_SOFTCAP=True, NEEDS_GRAD=True, BLOCK=block), num_warps=num_warps, other_types=scalars)
+
+
 def all_builds(only: str | None):
-    builds = [*norm_builds(), *linear_builds()]
+    builds = [*norm_builds(), *linear_builds(), *loss_builds()]
     return [b for b in builds if only is None or b.kernel == only]
 
 
