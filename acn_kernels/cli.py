@@ -155,9 +155,10 @@ def main(argv=None) -> int:
     _add_page_options(host, check=True)
     bench = commands.add_parser("bench", help="fused ops and training steps against eager and torch.compile")
     bench.add_argument("--quick", action="store_true", help="small shapes on the CPU: reference against torch.compile")
-    bench.add_argument("--suite", choices=("ops", "models", "speculative", "all"), default="all",
+    bench.add_argument("--suite", choices=("ops", "models", "speculative", "loss", "all"), default="all",
                        help="ops: the fused ops; models: training steps; speculative: self-speculative decoding of "
-                       "table 6's addition GPTs (acn, hybrid, residual); all (the default): the three")
+                       "table 6's addition GPTs (acn, hybrid, residual) and a byte-level ACN; loss: every depth's "
+                       "loss (depth_cross_entropy) at GPT-2's shapes, peak memory and time; all (the default): the four")
     bench.add_argument("--lm-models", metavar="DIR", default=None,
                        help="the speculative suite's models from `paper --lm-models DIR` (else trained first)")
     bench.add_argument("--out", default="results", help="folder for bench.csv and the plots")
@@ -183,10 +184,13 @@ def main(argv=None) -> int:
 def _run_bench(args) -> int:
     from .tools.benchmark import run_bench
 
-    suites = ("ops", "models", "speculative") if args.suite == "all" else (args.suite,)
+    suites = ("ops", "models", "speculative", "loss") if args.suite == "all" else (args.suite,)
     code = 0
     if "ops" in suites or "models" in suites:
-        code = run_bench(args.quick, [s for s in suites if s != "speculative"], args.out, args.cases)
+        code = run_bench(args.quick, [s for s in suites if s in ("ops", "models")], args.out, args.cases)
+    if "loss" in suites:
+        from .tools.loss_bench import run_loss_bench
+        run_loss_bench(args.quick, args.out)
     if "speculative" in suites:
         from tqdm.auto import tqdm
         from .experiments.language import FULL, QUICK, ModelsDirError

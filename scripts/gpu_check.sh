@@ -13,8 +13,9 @@
 # take: the CUDA extension for sm_90 (16 jobs); info; the GPU tests (Triton compiled for real and
 # backend="cuda", every op, forward and backward, every dtype); compute-sanitizer memcheck over one
 # small run of every CUDA kernel (scripts/cuda_smoke.py); the op benchmarks (norm ops at 8192 x 2048,
-# probe_norm, the GEMM ops: triton, cublas and cuda against eager and torch.compile); the ViT-S/16
-# training steps (acn, residual, ffn). The limits add up to 8 minutes.
+# probe_norm, the GEMM ops: triton, cublas and cuda against eager and torch.compile); every depth's
+# loss at GPT-2's shapes (depth_cross_entropy: peak memory and time, reference, chunked and Triton);
+# the ViT-S/16 training steps (acn, residual). The limits add up to 8 minutes.
 # Everything goes under $OUT (default ./gpu_out): gpu_check.log (all output), phases.txt (each
 # phase's exit code and seconds), bench.csv and the plots. A failing phase does not stop the next.
 set -uo pipefail
@@ -81,15 +82,17 @@ else
   phase memcheck 40 compute-sanitizer --tool memcheck --error-exitcode 1 "$PYTHON" scripts/cuda_smoke.py
   # One bench call per twin: a call cut by its limit still writes what it measured, and the acn step
   # (the one the targets name) comes first.
-  TWINS="acn residual ffn"
+  TWINS="acn residual"
   if [ "$QUICK" = 1 ]; then
     TWINS="acn"
   else
     phase bench-ops 70 "$PYTHON" -m acn_kernels bench --suite ops \
       --cases '8192x2048|probe_norm|linear_act_accumulate|feed_forward|linear ' --out "$OUT"
+    # every depth's loss at GPT-2's shapes: peak memory and time of the reference, chunked and Triton paths
+    phase bench-loss 60 "$PYTHON" -m acn_kernels bench --suite loss --out "$OUT"
   fi
   for twin in $TWINS; do
-    phase "bench-vit-$twin" 50 "$PYTHON" -m acn_kernels bench --suite models --cases "ViT-S/16 224 $twin" --out "$OUT"
+    phase "bench-vit-$twin" 45 "$PYTHON" -m acn_kernels bench --suite models --cases "ViT-S/16 224 $twin" --out "$OUT"
   done
 fi
 

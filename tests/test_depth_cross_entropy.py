@@ -182,3 +182,24 @@ def test_bad_input_is_named_with_the_expected_and_the_actual_value(spoil, match)
                      head_bias=bias)
     with pytest.raises(ValueError, match=match):
         depth_cross_entropy(**spoil(arguments))
+
+
+def test_the_loss_bench_measures_every_path_in_its_own_process(tmp_path, capsys):
+    """bench --suite loss --quick: the reference and the chunked path (each in a process of its own),
+    the same loss, a peak and a time each, and loss.csv."""
+    from acn_kernels.tools.loss_bench import run_loss_bench
+
+    rows = run_loss_bench(True, str(tmp_path))
+    assert [row["path"] for row in rows] == ["reference", "chunked"]
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5)
+    assert all(row["peak_gib"] > 0 and row["seconds"] > 0 for row in rows)
+    assert "SMOKE RUN" in capsys.readouterr().out and (tmp_path / "loss.csv").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_on_a_gpu_the_compiled_row_kernel_agrees_at_gpt2s_vocabulary(dtype):
+    """The Triton row kernel compiled for the GPU (not interpreted), GPT-2's vocabulary and width,
+    cuBLAS's GEMMs around it, against the float64 reference."""
+    args = inputs(exits=3, lead=(2, 32), dim=768, vocab=50257, dtype=dtype)
+    assert_agrees(args, dtype, backend="triton", softcap=30.0, z_loss=1e-4)

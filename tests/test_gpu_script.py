@@ -27,8 +27,8 @@ def test_the_script_parses():
 def test_the_dry_run_names_every_phase_and_writes_nothing(tmp_path):
     result = dry_run(tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert phases(result) == ["build", "info", "gpu-tests", "memcheck", "bench-ops", "bench-vit-acn", "bench-vit-residual",
-                      "bench-vit-ffn"]
+    assert phases(result) == ["build", "info", "gpu-tests", "memcheck", "bench-ops", "bench-loss", "bench-vit-acn",
+                              "bench-vit-residual"]
     assert "--no-build-isolation --no-deps -e ." in result.stdout and "pytest -m gpu -x" in result.stdout
     assert "compute-sanitizer --tool memcheck" in result.stdout
     limits = [int(s) for s in re.findall(r"at most +(\d+)s", result.stdout)]

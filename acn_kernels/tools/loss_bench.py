@@ -1,0 +1,128 @@
+"""`bench --suite loss`: depth_cross_entropy's peak memory and time, loss and backward, at GPT-2's shapes.
+
+Every exit's loss through one final norm and head (vocabulary 50257, width 768, 13 exits: 12 blocks and
+x_0) at 1024 to 8192 tokens, for each path: "reference" (every logit materialized, where it fits in this
+machine's memory), "chunked" (the chunked path in PyTorch), and on a GPU "triton" (the Triton row
+kernel). Each (path, tokens) runs in a process of its own, so that one's peak does not hide another's.
+The peak is measured beyond the inputs (and, as the issue's target says, beyond the inputs and their
+gradients, which any path must hold): on a GPU torch.cuda.max_memory_allocated, on a CPU the process's
+peak resident set (ru_maxrss) less what it held once the inputs existed. `--quick`: a smoke run at a
+small vocabulary.
+"""
+from __future__ import annotations
+
+import csv
+import multiprocessing
+import os
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+VOCAB, WIDTH, EXITS = 50257, 768, 13
+TOKENS = (1024, 8192)
+QUICK = dict(vocab=1000, width=64, exits=13, tokens=(256,))
+REFERENCE_BUDGET = 0.6  # of this machine's memory: the reference runs where its logits and their copies fit
+BYTES_PER_LOGIT_REFERENCE = 4 * 4  # float32 logits, log-probabilities, their gradient and the softmax's
+
+
+@dataclass
+class LossCase:
+    path: str
+    tokens: int
+    vocab: int
+    width: int
+    exits: int
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (Linux's /proc/self/statm)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_case(case: LossCase, device: str) -> dict:
+    """One loss and its backward in this process: seconds, peak bytes beyond the inputs, and beyond the
+    inputs and their gradients."""
+    from ..ops.depth_cross_entropy import depth_cross_entropy
+
+    torch.manual_seed(0)
+    states = torch.randn(case.exits, case.tokens, case.width, device=device, requires_grad=True)
+    targets = torch.randint(0, case.vocab, (case.tokens,), device=device)
+    norm_weight = torch.ones(case.width, device=device, requires_grad=True)
+    norm_bias = torch.zeros(case.width, device=device, requires_grad=True)
+    head = (torch.randn(case.vocab, case.width, device=device) / case.width ** 0.5).requires_grad_()
+    gradients = sum(t.numel() * t.element_size() for t in (states, norm_weight, norm_bias, head))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = resident_bytes()
+    began = time.perf_counter()
+    loss, _ = depth_cross_entropy(states, targets, norm_weight, norm_bias, head, backend=case.path)
+    loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - baseline
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    seconds = time.perf_counter() - began
+    return dict(path=case.path, tokens=case.tokens, seconds=seconds, peak_gib=peak / 2 ** 30,
+                beyond_gradients_gib=(peak - gradients) / 2 ** 30, loss=loss.item())
+
+
+def reference_fits(case: LossCase, device: str) -> bool:
+    """Whether the reference's logits and their copies fit the device's memory (the GPU's, or this machine's)."""
+    total = torch.cuda.get_device_properties(0).total_memory if device == "cuda" \
+        else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return case.exits * case.tokens * case.vocab * BYTES_PER_LOGIT_REFERENCE < REFERENCE_BUDGET * total
+
+
+def run_loss_bench(quick: bool, out: str) -> list:
+    """Every (path, tokens) in a process of its own; prints the table and writes loss.csv."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = QUICK if quick else dict(vocab=VOCAB, width=WIDTH, exits=EXITS, tokens=TOKENS)
+    paths = ("reference", "chunked") + (("triton",) if device == "cuda" else ())
+    cases = [LossCase(path, tokens, shape["vocab"], shape["width"], shape["exits"])
+             for tokens in shape["tokens"] for path in paths]
+    rows = []
+    context = multiprocessing.get_context("spawn")
+    for case in cases:
+        if case.path == "reference" and not reference_fits(case, device):
+            rows.append(dict(path=case.path, tokens=case.tokens, skipped=f"its logits do not fit the {device}'s memory"))
+            continue
+        with context.Pool(1) as pool:
+            rows.append(pool.apply(run_case, (case, device)))
+    print_loss_table(rows, shape, device, quick)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "loss.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def print_loss_table(rows: list, shape: dict, device: str, quick: bool) -> None:
+    smoke = "SMOKE RUN (--quick, a small vocabulary): " if quick else ""
+    print(f"{smoke}depth_cross_entropy, loss and backward: vocabulary {shape['vocab']}, width {shape['width']}, "
+          f"{shape['exits']} exits, on {device}; peak memory beyond the inputs (and beyond their gradients too), "
+          f"each case in its own process")
+    print(f"{'path':<10} {'tokens':>7} {'seconds':>8} {'peak GiB':>9} {'beyond grads GiB':>17}")
+    for row in rows:
+        if "skipped" in row:
+            print(f"{row['path']:<10} {row['tokens']:>7}  skipped: {row['skipped']}")
+            continue
+        print(f"{row['path']:<10} {row['tokens']:>7} {row['seconds']:>8.2f} {row['peak_gib']:>9.3f} "
+              f"{row['beyond_gradients_gib']:>17.3f}")
+    by_tokens: dict = {}
+    for row in rows:
+        if "skipped" not in row:
+            by_tokens.setdefault(row["tokens"], {})[row["path"]] = row
+    for tokens, paths in by_tokens.items():
+        if "reference" in paths and "chunked" in paths:
+            ratio = paths["chunked"]["peak_gib"] / max(paths["reference"]["peak_gib"], 1e-9)
+            speed = paths["chunked"]["seconds"] / paths["reference"]["seconds"]
+            print(f"{tokens} tokens: the chunked path's peak is {ratio:.3f} of the reference's (target <= 0.125), its "
+                  f"time {speed:.2f}x the reference's (target <= 1.2x on a CPU)")
