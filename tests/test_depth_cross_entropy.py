@@ -203,3 +203,16 @@ def test_on_a_gpu_the_compiled_row_kernel_agrees_at_gpt2s_vocabulary(dtype):
     cuBLAS's GEMMs around it, against the float64 reference."""
     args = inputs(exits=3, lead=(2, 32), dim=768, vocab=50257, dtype=dtype)
     assert_agrees(args, dtype, backend="triton", softcap=30.0, z_loss=1e-4)
+
+
+def test_under_autocast_16_bit_states_and_a_float32_head_give_float32_logits_and_their_own_gradients():
+    states, targets, nw, nb, head, weights, bias = inputs(dtype=torch.float32)
+    states = states.to(torch.bfloat16).requires_grad_()
+    head.requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss, _ = depth_cross_entropy(states, targets, nw, nb, head, weights=weights, head_bias=bias)
+    loss.backward()
+    exact = reference.depth_cross_entropy(states.double(), targets, nw.double(), nb.double(), head.double(),
+                                          weights=weights.double(), head_bias=bias.double())[0]
+    assert loss.dtype == torch.float32 and states.grad.dtype == torch.bfloat16 and head.grad.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=1e-4)

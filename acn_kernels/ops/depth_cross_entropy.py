@@ -271,6 +271,14 @@ def depth_cross_entropy_chunked(states: torch.Tensor, targets: torch.Tensor, nor
     the loss (empty without needs_grad, or for an absent bias). softcap 0: no cap. The row work by the
     Triton kernel (triton_rows_kernel) or in PyTorch (plain_rows)."""
     row_work = triton_rows if triton_rows_kernel else plain_rows
+    with torch.autocast(states.device.type, enabled=False):  # float32 logits and sums, whatever autocast says
+        return chunked_loss(states, targets, norm_weight, norm_bias, head_weight, head_bias, weights, ignore_index,
+                            label_smoothing, z_loss, softcap, is_layernorm, eps, chunk_rows, needs_grad, row_work)
+
+
+def chunked_loss(states, targets, norm_weight, norm_bias, head_weight, head_bias, weights, ignore_index,
+                 label_smoothing, z_loss, softcap, is_layernorm, eps, chunk_rows, needs_grad, row_work) -> tuple:
+    """depth_cross_entropy_chunked's work, the row work by `row_work` (triton_rows or plain_rows)."""
     exits, dim = states.shape[0], states.shape[-1]
     compute = torch.promote_types(states.dtype, torch.float32)
     rows_of_states = states.reshape(-1, dim)
@@ -280,7 +288,6 @@ def depth_cross_entropy_chunked(states: torch.Tensor, targets: torch.Tensor, nor
     row_scale = (weights.to(compute) / count).repeat_interleave(per_exit_rows)
     head = head_weight.to(compute)
     bias = None if head_bias is None else head_bias.to(compute)
-    kind = "layernorm" if is_layernorm else "rmsnorm"
     per_exit = torch.zeros(exits, dtype=compute, device=states.device)
     exit_of_row = torch.arange(exits, device=states.device).repeat_interleave(per_exit_rows)
     grads = [states.new_empty(0) for _ in range(5)]  # distinct tensors: a custom op's outputs must not alias
