@@ -132,7 +132,8 @@ def corpus_task(settings: LanguageSettings) -> Task:
     def batches(generator):
         rows = text.windows(split.train, settings.context, settings.batch, generator)
         return rows[:, :-1], rows[:, 1:]
-    return Task("corpus", settings.context, batches, (held_out[:, :-1], held_out[:, 1:]), None,
+    # max_len: the whole window (context inputs and the last target), as compress takes it (as_labels)
+    return Task("corpus", settings.context + 1, batches, (held_out[:, :-1], held_out[:, 1:]), None,
                 unigram_loss(split.train, held_out[:, 1:]))
 
 
