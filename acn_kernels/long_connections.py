@@ -42,6 +42,7 @@ they reference a LongConnections without registering it (`attach`), so state_dic
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -89,15 +90,24 @@ def norm_parameters(module: nn.Module, x: torch.Tensor) -> tuple:
     return weight, getattr(module, "bias", None), eps
 
 
-def next_token_losses(states: torch.Tensor, labels: torch.Tensor, norm: nn.Module, head_weight: torch.Tensor,
-                      head_bias: torch.Tensor | None, weights: torch.Tensor | None = None) -> tuple:
-    """(loss, per_exit) of a language model's states at E depths (E, batch, positions, D) read by its
-    final norm and head, against labels (batch, positions) in Hugging Face's convention (the input ids,
-    -100 where nothing counts; position t's state predicts label t + 1): depth_cross_entropy, so no
-    (E, tokens, vocabulary) logits exist."""
-    weight, bias, eps = norm_parameters(norm, states)
-    return depth_cross_entropy(states[:, :, :-1], labels[:, 1:].to(states.device), weight, bias, head_weight,
-                               weights=weights, head_bias=head_bias, norm=norm_kind(norm, "the final norm"), eps=eps)
+@dataclass
+class Readout:
+    """What reads a language model's state at any depth: its final norm and head, and the backend the
+    model's ops run on (exit_states gives it beside the states)."""
+    norm: nn.Module
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor | None
+    backend: str = "auto"
+
+    def losses(self, states: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> tuple:
+        """(loss, per_exit) of the states at E depths (E, batch, positions, D) against labels (batch,
+        positions) in Hugging Face's convention (the input ids, -100 where nothing counts; position t's
+        state predicts label t + 1): depth_cross_entropy, so no (E, tokens, vocabulary) logits exist; a
+        "reference" model's in plain PyTorch (its chunked path)."""
+        weight, bias, eps = norm_parameters(self.norm, states)
+        return depth_cross_entropy(states[:, :, :-1], labels[:, 1:].to(states.device), weight, bias, self.head_weight,
+                                   weights=weights, head_bias=self.head_bias, norm=norm_kind(self.norm, "the final norm"),
+                                   eps=eps, backend="chunked" if self.backend == "reference" else "auto")
 
 
 def scalar_parameters(name: str, given, count: int, init: float, trainable: bool) -> nn.ParameterList:

@@ -1,7 +1,7 @@
 """Training an ACN language model fast: the early-exit loss, for the package's GPT and acnify'd
 Hugging Face causal LMs alike, through the interface both offer: `exit_states(input_ids, **inputs)`
-gives (the states after 0..L depths (L+1, batch, positions, D), the final norm, the head's weight and
-bias), the running sums y_k of an ACN.
+gives the states after 0..L depths (L+1, batch, positions, D), the running sums y_k of an ACN, and
+their Readout (the final norm and head, long_connections.Readout).
 
 early_exit_loss reads depths 1..L (the embeddings alone, depth 0, are no exit) through the shared
 final norm and head with `depth_cross_entropy`, so no (exits, tokens, vocabulary) logits exist:
@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from ._validation import check_choice, check_positive_int
-from .long_connections import next_token_losses
 
 WEIGHTS = ("authors", "uniform")
 CURRICULA = ("rotational", "gradual")
@@ -65,10 +64,10 @@ def early_exit_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, wei
     if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
         raise ValueError(f"labels must be a tensor of input_ids' shape {tuple(input_ids.shape)} (the input ids, "
                          f"shifted inside), got {getattr(labels, 'shape', type(labels).__name__)}")
-    states, norm, head_weight, head_bias = model.exit_states(input_ids, **inputs)
+    states, readout = model.exit_states(input_ids, **inputs)
     depth = states.shape[0] - 1
     all_weights = exit_weights(depth, weights)
     chosen = exits_in(depth, curriculum, step, total_steps)
     chosen_weights = all_weights[[k - 1 for k in chosen]]
     chosen_weights = (chosen_weights / chosen_weights.sum().clamp(min=1e-12)).to(states.device)
-    return next_token_losses(states[chosen], labels, norm, head_weight, head_bias, chosen_weights)[0]
+    return readout.losses(states[chosen], labels, chosen_weights)[0]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .._validation import check_int_tensor, check_token_ids
-from ..long_connections import LongConnections, attach, register_scalars
+from ..long_connections import LongConnections, Readout, attach, register_scalars
 from ..speculative import check_draft_depth
 from .huggingface import Owner, SumsAsHiddenStates, bind, converted_class, find_owner, register_recording
 
@@ -135,8 +135,8 @@ def checked_generate(model: nn.Module, inputs=None, *args, **kwargs):
 
 
 def exit_states(model: nn.Module, input_ids: torch.Tensor, **inputs) -> tuple:
-    """(the running sums after 0..L layers (L+1, batch, positions, D), the final norm, the head's
-    weight and bias) of an acnify'd causal LM, its layers run once by its base model (no head): what
+    """(the running sums after 0..L layers (L+1, batch, positions, D), their Readout: the final norm
+    and head) of an acnify'd causal LM, its layers run once by its base model (no head): what
     early_exit_loss reads every depth through (bound to the model as `exit_states`)."""
     owner = find_owner(model)[1]
     recording, owner.recording = owner.recording, True
@@ -146,7 +146,7 @@ def exit_states(model: nn.Module, input_ids: torch.Tensor, **inputs) -> tuple:
     finally:
         owner.recording, owner.recorded_outputs = recording, None
     head = model.get_output_embeddings()
-    return sums, getattr(owner, owner.FINAL_NORM), head.weight, head.bias
+    return sums, Readout(getattr(owner, owner.FINAL_NORM), head.weight, head.bias, owner.long_connections.backend)
 
 
 def speculator(model: nn.Module, draft_depth: int, input_ids: torch.Tensor, max_new_tokens: int,

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .._validation import check_choice
-from ..long_connections import LongConnections, attach, next_token_losses, registered_scalars, shallow_copy
+from ..long_connections import LongConnections, attach, registered_scalars, shallow_copy
 
 RECORD = "acn_kernels"  # the config attribute of a converted model: acnify's options
 REGISTERED_TYPES = ("bert", "gpt2", "llama", "qwen2", "mistral")
@@ -93,14 +93,14 @@ def probe(model: nn.Module, *args, output: str = "logits", **kwargs) -> torch.Te
 
 def causal_lm_depth_losses(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     """(L+1,) a causal LM's next-token loss at every depth, its layers run once and every depth read
-    through depth_cross_entropy (long_connections.next_token_losses: no logits kept), float32."""
+    through depth_cross_entropy (long_connections.Readout.losses: no logits kept), float32."""
     inputs = dict(kwargs)
     labels = inputs.pop("labels", None)
     if labels is None:
         raise ValueError("probe(..., output='loss') needs labels=, as the model's loss does")
     input_ids = inputs.pop("input_ids", args[0] if args else None)
-    states, norm, head_weight, head_bias = model.exit_states(input_ids, *args[1:], **inputs)
-    return next_token_losses(states, labels, norm, head_weight, head_bias)[1]
+    states, readout = model.exit_states(input_ids, *args[1:], **inputs)
+    return readout.losses(states, labels)[1]
 
 
 def repeat_batch(inputs, batch: int, times: int):

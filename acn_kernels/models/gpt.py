@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_bool, check_choice, check_divisible, check_positive_int, check_real, check_token_ids
-from ..long_connections import next_token_losses
+from ..long_connections import Readout
 from .base import LONG, DepthModel
 from .layers import FeedForward, FusedLinear
 from ..speculative import Stop, check_draft_depth, check_sampling, choose, speculative_generate
@@ -272,16 +272,17 @@ class GPT(DepthModel):
         if output == "loss":
             if labels is None:
                 raise ValueError("probe(..., output='loss') needs labels= (the input ids, shifted inside)")
-            states, norm, head_weight, head_bias = self.exit_states(tokens)
-            return next_token_losses(states, labels, norm, head_weight, head_bias)[1]
+            states, readout = self.exit_states(tokens)
+            return readout.losses(states, labels)[1]
         if self.connectivity not in LONG:
             return torch.stack([self.head(hidden) for hidden in self.states(tokens)])
         return torch.stack([self.readout(hidden) for hidden in self.long_connections.probe(self.embed(tokens))])
 
     def exit_states(self, tokens: torch.Tensor) -> tuple:
-        """(the states after 0..L blocks (L+1, batch, positions, dim), the final norm, the head's weight
-        and bias): what early_exit_loss reads every depth through (acn_kernels.training)."""
-        return self.partial_sums(tokens), self.final_norm, self.lm_head.weight, self.lm_head.bias
+        """(the states after 0..L blocks (L+1, batch, positions, dim), their Readout: the final norm and
+        head): what early_exit_loss reads every depth through (acn_kernels.training)."""
+        return self.partial_sums(tokens), Readout(self.final_norm, self.lm_head.weight, self.lm_head.bias,
+                                                  self.requested_backend)
 
     def early_exit(self, tokens: torch.Tensor, threshold: float) -> tuple:
         """(logits, depth used), per position: each position's logits from the first depth k whose

@@ -31,9 +31,11 @@ Bytes (float32 logits never leave the chunk; A = R D elements of states' size, W
 against eager PyTorch's (E N V) float32 logits written, read by the log-softmax, their gradient written
 and read again: 4 x 4 R V bytes beyond the inputs.
 
-This file holds the chunked path in plain PyTorch (its GEMMs on cuBLAS on a GPU, BLAS on a CPU), which
-`backend="auto"` runs; the row work as one Triton kernel and its CUDA twin are not written yet, so
-backend="triton", "cublas" and "cuda" raise.
+The chunk loop is PyTorch (its GEMMs on cuBLAS on a GPU, BLAS on a CPU); the row work (the cap, the
+online log-sum-exp, the target logit, smoothing, z-loss and the gradient written in place) is one
+Triton kernel (backend "triton"; "auto" where the fused ops run, on float32 and 16-bit states) or the
+same in PyTorch ("chunked"; "auto" on a CPU and for float64). Its CUDA twin is not written yet, so
+backend="cuda" and "cublas" raise.
 """
 from __future__ import annotations
 
@@ -364,8 +366,10 @@ def depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, *,
                         backend="auto", chunk_rows=None):
     """(loss, per_exit): every exit's mean next-token loss through one final norm and head (see the
     module docstring), the loss the weighted sum (weights: (E,), uniform 1/E by default), per_exit (E,)
-    float32 and detached. backend="auto" runs the chunked path (chunk_rows rows of logits at a time;
-    by default 32 MiB of them), "reference" the specification, which materializes every logit."""
+    float32 and detached. chunk_rows rows of logits at a time (by default 32 MiB of them): backend
+    "triton" with the Triton row kernel, "chunked" with the row work in PyTorch, "auto" the first where
+    the fused ops run (a GPU, or Triton's interpreter) on float32 and 16-bit states, else the second;
+    "reference" is the specification, which materializes every logit."""
     check_arguments(states, targets, norm_weight, norm_bias, head_weight, weights, head_bias, ignore_index,
                     label_smoothing, z_loss, softcap, norm, eps, chunk_rows)
     if backend in NOT_YET:
@@ -374,7 +378,8 @@ def depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, *,
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS + NOT_YET}, got {backend!r}")
     if backend == "auto":  # the Triton row kernel where the fused ops run (a GPU, or Triton's interpreter)
-        backend = "triton" if states.device.type == "cuda" or TRITON_INTERPRETED else "chunked"
+        fused = (states.device.type == "cuda" or TRITON_INTERPRETED) and states.dtype != torch.float64
+        backend = "triton" if fused else "chunked"
     if backend == "triton":
         _check_triton("triton", states.device)
         check_tensor("states", states)
