@@ -160,11 +160,13 @@ def is_causal_lm(model: nn.Module) -> bool:
     return callable(getattr(model, "speculator", None))
 
 
-def check_labels(inputs, labels: torch.Tensor) -> None:
+def check_labels(model: nn.Module, inputs, labels: torch.Tensor) -> None:
     """A causal LM's targets are Hugging Face's labels: the input ids themselves (IGNORE_INDEX where
     nothing counts), which the scores shift inside (position t's logits against labels[t + 1]).
     Next tokens already shifted (labels[t] = input_ids[t + 1]) would score the model on copying its
-    input, so they are refused, never scored."""
+    input, so they are refused, never scored. Any other model's targets pass."""
+    if not is_causal_lm(model):
+        return
     ids = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
     if labels.shape != ids.shape:
         raise ValueError(f"targets of a causal language model must be its labels, of input_ids' shape "
@@ -179,6 +181,11 @@ def check_labels(inputs, labels: torch.Tensor) -> None:
         raise ValueError("targets of a causal language model must be its labels (Hugging Face's convention: the "
                          "input ids, IGNORE_INDEX where nothing counts; the scores shift them inside), got the next "
                          "tokens already shifted (targets[:, t] == input_ids[:, t + 1]): pass the input ids")
+
+
+def hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Where the logits' top class is the target, among the targets that count (not IGNORE_INDEX)."""
+    return (logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)
 
 
 def aligned(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> tuple:
@@ -196,8 +203,7 @@ def depth_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     A causal language model's targets are its labels (batch, positions), Hugging Face's convention:
     the input ids, shifted inside (check_labels)."""
     check_choice("metric", metric, METRICS)
-    if is_causal_lm(model):
-        check_labels(inputs, targets)
+    check_labels(model, inputs, targets)
     total, count = None, 0
     with torch.inference_mode():
         for start in range(0, len(targets), batch_size):
@@ -213,7 +219,7 @@ def depth_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
             check_targets_in_range(chunk, logits.shape[-1])
             valid = chunk != IGNORE_INDEX
             if metric == "accuracy":
-                per_depth = ((logits.argmax(-1) == chunk) & valid).flatten(1).sum(-1).double()
+                per_depth = hits(logits, chunk).flatten(1).sum(-1).double()
             else:
                 per_depth = torch.stack([F.cross_entropy(depth_logits.flatten(0, -2).double(), chunk.flatten(),
                                                          ignore_index=IGNORE_INDEX, reduction="sum")
@@ -387,8 +393,7 @@ class ShrinkOnCompression:
                             f"got {type(model).__name__}")
         self.long_connections = long_connections_of(model)
         check_probe_data(probe_inputs, probe_targets, "probe_inputs and probe_targets")
-        if is_causal_lm(model):
-            check_labels(probe_inputs, probe_targets)
+        check_labels(model, probe_inputs, probe_targets)
         check_positive_int("every", every)
         check_positive_int("patience", patience)
         check_tolerance(tolerance)
@@ -417,9 +422,8 @@ class ShrinkOnCompression:
             self.model.train(was_training)
         outputs, targets = aligned(self.model, outputs, self.targets.to(outputs.device))
         if self.classification:
-            counted = targets != IGNORE_INDEX
-            right = ((outputs.argmax(-1) == targets) & counted).flatten(1).sum(-1)
-            return (100.0 * right.double() / max(int(counted.sum()), 1)).tolist()
+            right = hits(outputs, targets).flatten(1).sum(-1)
+            return (100.0 * right.double() / max(int((targets != IGNORE_INDEX).sum()), 1)).tolist()
         errors = (outputs.double() - targets.double()) ** 2
         return errors.flatten(1).mean(-1).tolist()
 
@@ -482,8 +486,7 @@ def early_exit_sweep(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     check_probe_data(inputs, targets)
     if not callable(getattr(model, "early_exit", None)):
         raise TypeError(f"model must have early_exit() (the package's models), got {type(model).__name__}")
-    if is_causal_lm(model):
-        check_labels(inputs, targets)
+    check_labels(model, inputs, targets)
     full = getattr(model, "long_connections", model).depth  # the active depth of a shrunk ACN
     was_training = model.training
     model.eval()
@@ -493,10 +496,9 @@ def early_exit_sweep(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
             for threshold in thresholds:
                 logits, used = model.early_exit(inputs, threshold)
                 logits, labels = aligned(model, logits, targets.to(logits.device))
-                counted = labels != IGNORE_INDEX
-                hits = ((logits.argmax(-1) == labels) & counted).sum().item() / max(int(counted.sum()), 1)
+                right = hits(logits, labels).sum().item() / max(int((labels != IGNORE_INDEX).sum()), 1)
                 depth = used.double().mean().item()
-                rows.append(dict(threshold=threshold, accuracy=100.0 * hits, depth=depth,
+                rows.append(dict(threshold=threshold, accuracy=100.0 * right, depth=depth,
                                  saved=1.0 - depth / max(full, 1)))
     finally:
         model.train(was_training)

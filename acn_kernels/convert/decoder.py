@@ -114,10 +114,13 @@ def check_input_ids(owner: nn.Module, input_ids: torch.Tensor, end: int, name: s
                          f"{reach or f'{input_ids.shape[-1]} positions'}, {end} in all")
 
 
-def generation_end(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, new_tokens: int) -> int:
-    """The positions a generation reaches: the longest prompt (without its left padding) and the new tokens."""
+def check_generation(owner: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     new_tokens: int) -> None:
+    """check_input_ids for a generation: the positions it reaches are the longest prompt (without its
+    left padding) and the new tokens."""
     prompt = input_ids.shape[-1] if attention_mask is None else int(attention_mask.sum(-1).max())
-    return prompt + new_tokens
+    check_input_ids(owner, input_ids, prompt + new_tokens, "input_ids and max_new_tokens",
+                    f"{input_ids.shape[-1]} positions and {new_tokens} new tokens")
 
 
 def checked_generate(model: nn.Module, inputs=None, *args, **kwargs):
@@ -129,8 +132,7 @@ def checked_generate(model: nn.Module, inputs=None, *args, **kwargs):
         new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
         if new_tokens is None:
             new_tokens = kwargs.get("max_length", config.max_length) - ids.shape[-1]
-        check_input_ids(find_owner(model)[1], ids, generation_end(ids, kwargs.get("attention_mask"), new_tokens),
-                        "input_ids and max_new_tokens", f"{ids.shape[-1]} positions and {new_tokens} new tokens")
+        check_generation(find_owner(model)[1], ids, kwargs.get("attention_mask"), new_tokens)
     return type(model).generate(model, inputs, *args, **kwargs)
 
 
@@ -163,8 +165,7 @@ def speculator(model: nn.Module, draft_depth: int, input_ids: torch.Tensor, max_
                 bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()) or not bool(attention_mask[:, -1].all()):
             raise ValueError("attention_mask must mark left padding: zeros, then ones up to the last position in "
                              "every row (as a tokenizer with padding_side='left' gives), got another pattern")
-    check_input_ids(owner, input_ids, generation_end(input_ids, attention_mask, max_new_tokens),
-                    "input_ids and max_new_tokens", f"{input_ids.shape[-1]} positions and {max_new_tokens} new tokens")
+    check_generation(owner, input_ids, attention_mask, max_new_tokens)
     return DecoderSpeculator(model, owner, draft_depth, input_ids, max_new_tokens, attention_mask)
 
 
