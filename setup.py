@@ -14,7 +14,7 @@ import warnings
 from setuptools import setup
 
 SOURCES = ["csrc/accumulate_norm.cu", "csrc/hybrid_accumulate_norm.cu", "csrc/linear_act_accumulate.cu",
-           "csrc/probe_norm.cu", "csrc/bindings.cpp"]
+           "csrc/probe_norm.cu", "csrc/depth_cross_entropy.cu", "csrc/bindings.cpp"]
 
 
 def cuda_extension_args() -> dict:

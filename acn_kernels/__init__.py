@@ -11,12 +11,13 @@ from .depth import Compression, ShrinkOnCompression, compress, early_exit_sweep 
 from .long_connections import LongConnections  # noqa: E402
 from .models import CONNECTIVITIES, GPT, Encoder, MLP, Mixer, ViT  # noqa: E402
 from .speculative import SpeculativeStats, speculative_generate  # noqa: E402
-from .training import early_exit_loss  # noqa: E402
+from .training import GateAnnealing, LayerDropout, as_acn, early_exit_loss  # noqa: E402
 from .ops import (accumulate_norm, depth_cross_entropy, feed_forward, hybrid_accumulate_norm, linear,  # noqa: E402
                   linear_act_accumulate, probe_norm)
 
-__all__ = ["CONNECTIVITIES", "Compression", "Encoder", "GPT", "LongConnections", "MLP", "Mixer", "ShrinkOnCompression",
-           "SpeculativeStats", "ViT", "__version__", "accumulate_norm", "acnify", "compress", "depth_cross_entropy",
+__all__ = ["CONNECTIVITIES", "Compression", "Encoder", "GPT", "GateAnnealing", "LayerDropout", "LongConnections", "MLP",
+           "Mixer", "ShrinkOnCompression", "SpeculativeStats", "ViT", "__version__", "accumulate_norm", "acnify",
+           "as_acn", "compress", "depth_cross_entropy",
            "early_exit_loss", "early_exit_sweep",
            "feed_forward", "hybrid_accumulate_norm", "linear", "linear_act_accumulate", "probe_norm",
            "speculative_generate"]

@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     host = commands.add_parser("cuda-host-check", help="run every CUDA kernel on the CPU through a SIMT layer and "
                                "compare each op, forward and backward, with the reference")
     host.add_argument("--only", choices=("accumulate_norm", "hybrid_accumulate_norm", "probe_norm",
-                                         "linear_act_accumulate"), default=None)
+                                         "linear_act_accumulate", "depth_cross_entropy"), default=None)
     host.add_argument("--verbose", action="store_true", help="a line for every case, not only the failures")
     host.add_argument("--fuzz", type=positive_int, default=None, metavar="N",
                       help="N random cases of each op instead (widths 1..20000 and every path's edges, 1..64 rows, "

@@ -18,7 +18,8 @@ gate_scope="depth" gives each depth one gate and one long weight, which all its 
 authors' H-ACN language model: one alpha per block, gate 1 - alpha on both of its short paths);
 gates_from_long_weights=True ties the gates to the long weights (their Long_Short model: depth d's
 gate is 1 - the long weight of depth d-1's output, 1 - b_0 for the first depth), so it registers no
-gates of its own. clamp_range=(low, high) bounds every gate and weight: `clamp_scalars()`, which
+gates of its own; skip_attention=True leaves the short path after each depth's first unit (a decoder
+layer's attention) whole, gate 1 (their LSN's --skipattn: only the MLP's short path gated). clamp_range=(low, high) bounds every gate and weight: `clamp_scalars()`, which
 `clamp_after(optimizer)` runs after each optimizer step (the authors clamp their alphas to [0, 1]).
 
 units_per_depth=n groups n consecutive blocks into one depth (the AC-GPT's attention and MLP branches,
@@ -152,7 +153,8 @@ class LongConnections(nn.Module):
     def __init__(self, blocks, input_norms=None, final_norm: nn.Module | None = None, backend: str = "auto",
                  gates=None, gate_init: float = 0.5, learn_gates: bool = True, long_weights=False,
                  units_per_depth: int = 1, gate_scope: str = "unit", x0_weight=False,
-                 gates_from_long_weights: bool = False, long_weight_init: float = 1.0, clamp_range=None):
+                 gates_from_long_weights: bool = False, long_weight_init: float = 1.0, clamp_range=None,
+                 skip_attention: bool = False):
         super().__init__()
         check_choice("backend", backend, BACKENDS)
         self.blocks = blocks if isinstance(blocks, nn.ModuleList) else nn.ModuleList(blocks)
@@ -164,7 +166,11 @@ class LongConnections(nn.Module):
         check_hybrid_options(gates is not None, gate_scope=gate_scope, gate_init=gate_init, learn_gates=learn_gates,
                              long_weights=long_weights is not False, x0_weight=x0_weight is not False,
                              gates_from_long_weights=gates_from_long_weights, long_weight_init=long_weight_init,
-                             clamp_range=clamp_range)
+                             clamp_range=clamp_range, skip_attention=skip_attention)
+        if skip_attention and units_per_depth < 2:
+            raise ValueError(f"skip_attention needs depths of several units (a decoder layer's attention, whose "
+                             f"short path is whole, then its MLP), got units_per_depth={units_per_depth}")
+        self.skip_attention = skip_attention
         self._hybrid, self.gate_scope, self.gates_from_long_weights = gates is not None, gate_scope, gates_from_long_weights
         self.clamp_range = clamp_range
         counts = scalar_counts(len(self.blocks), self.units_per_scalar)
@@ -224,8 +230,10 @@ class LongConnections(nn.Module):
         """Whether any term of the sum has a weight (then no block adds its output to y itself)."""
         return self.long_weights is not None or self.x0_weight is not None
 
-    def _gate(self, i: int) -> torch.Tensor:
-        """The gate on the short path after block i."""
+    def _gate(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        """The gate on the short path after block i (a constant 1 where that path is whole)."""
+        if self.skip_attention and i % self.units_per_depth == 0:
+            return torch.ones((), dtype=like.dtype, device=like.device)
         owner = i // self.units_per_scalar
         if not self.gates_from_long_weights:
             return self.gates[owner]
@@ -244,7 +252,7 @@ class LongConnections(nn.Module):
     def _short_state(self, i: int, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The input of block i + 1 (before its norm) from block i's input s and output x: x itself for
         the ACN, gate * s + x for the hybrid."""
-        return x if not self.hybrid else torch.addcmul(x, self._gate(i), s)
+        return x if not self.hybrid else torch.addcmul(x, self._gate(i, x), s)
 
     def scalars(self) -> list:
         """The hybrid's registered scalars: its gates, long weights and x_0 weight."""
@@ -255,6 +263,20 @@ class LongConnections(nn.Module):
         counts = scalar_counts(units, self.units_per_scalar)
         return [p for name, count in counts.items() if getattr(self, name) is not None
                 for p in list(getattr(self, name))[count:]]
+
+    def check_acn_exactly(self) -> None:
+        """A ValueError unless this hybrid computes the ACN exactly: gates of its own, every one 0, and
+        no long weights, x_0 weight or whole attention path (what as_acn can drop)."""
+        extras = [name for name, used in (("long_weights", self.long_weights is not None),
+                                          ("x0_weight", self.x0_weight is not None),
+                                          ("gates_from_long_weights", self.gates is None),
+                                          ("skip_attention", self.skip_attention)) if used]
+        if extras:
+            raise ValueError(f"as_acn needs a hybrid whose only scalars are its gates, got {', '.join(extras)}")
+        open_gates = [round(g.item(), 6) for g in self.gates if g.item() != 0]
+        if open_gates:
+            raise ValueError(f"as_acn needs every gate 0 (the ACN exactly, where GateAnnealing ends), got "
+                             f"{len(open_gates)} of {len(self.gates)} open: {open_gates[:4]}")
 
     @torch.no_grad()
     def clamp_scalars(self) -> None:
@@ -287,7 +309,7 @@ class LongConnections(nn.Module):
         weighted_x0 = i == 0 and self.x0_weight is not None  # b_0 x_0 into the sum, x_0 itself onward
         if fused and norm is not None and joins_short_path:
             weight, bias, eps = norm_parameters(norm, x)
-            state, y, h = hybrid_accumulate_norm(s, x, y, self._gate(i - 1), weight, bias,
+            state, y, h = hybrid_accumulate_norm(s, x, y, self._gate(i - 1, x), weight, bias,
                                                  long_weight=self._long_weight(i - 1), eps=eps,
                                                  norm=self.norm_kinds[i], backend=self.backend)
         elif fused and norm is not None and not x_in_y and not weighted_x0:
@@ -468,7 +490,7 @@ def exit_early(state: tuple, advance, logits_of, depth: int, threshold: float) -
 
 def check_hybrid_options(hybrid: bool, *, gate_scope: str, gate_init, learn_gates, long_weights: bool,
                          x0_weight: bool, gates_from_long_weights, long_weight_init, clamp_range,
-                         not_hybrid: str = "gates=None") -> None:
+                         skip_attention=False, not_hybrid: str = "gates=None") -> None:
     """The hybrid's options, each checked, and those that need the hybrid refused without it
     (`not_hybrid` says what made it not one, in the message)."""
     check_choice("gate_scope", gate_scope, SCOPES)
@@ -476,9 +498,10 @@ def check_hybrid_options(hybrid: bool, *, gate_scope: str, gate_init, learn_gate
     check_real("long_weight_init", long_weight_init, "a real number (the long weights' starting value)")
     check_bool("learn_gates", learn_gates)
     check_bool("gates_from_long_weights", gates_from_long_weights)
+    check_bool("skip_attention", skip_attention)
     check_clamp_range(clamp_range)
     given = {"long_weights": long_weights, "x0_weight": x0_weight, "gates_from_long_weights": gates_from_long_weights,
-             "clamp_range": clamp_range is not None}
+             "clamp_range": clamp_range is not None, "skip_attention": skip_attention}
     for name, used in given.items():
         if used and not hybrid:
             raise ValueError(f"{name} needs the hybrid (the ACN's long path has unit weights and no short path), "

@@ -1,5 +1,5 @@
-"""Training an ACN language model fast: the early-exit loss, for the package's GPT and acnify'd
-Hugging Face causal LMs alike, through the interface both offer: `exit_states(input_ids, **inputs)`
+"""Training an ACN language model fast: the early-exit loss, gate annealing and layer dropout, for the
+package's GPT and (the first two) acnify'd Hugging Face causal LMs alike. The loss reads them through the interface both offer: `exit_states(input_ids, **inputs)`
 gives the states after 0..L depths (L+1, batch, positions, D), the running sums y_k of an ACN, and
 their Readout (the final norm and head, long_connections.Readout).
 
@@ -12,12 +12,22 @@ final norm and head with `depth_cross_entropy`, so no (exits, tokens, vocabulary
   exits k with k = t (mod ROTATION) and the final one; "gradual", the exits from the final one down,
   one more each total_steps / L steps. The final depth is always in, and the weights of the exits in
   are renormalized to sum to one (the final depth's share is at least its own weight).
+
+GateAnnealing takes a hybrid from the pre-norm residual net (every short-path gate 1) to the ACN (every
+gate 0) over the first part of training; as_acn then makes the model an ACN outright (connectivity
+"acn", the same parameters, no gates), which saves and reloads as one. LayerDropout is LayerSkip's
+layer dropout for the residual and ffn twins: block l skipped per sample with probability
+p_max D(l) S(t), D(l) = 2^(l / (L - 1)) - 1 rising from 0 (first block) to 1 (last), S(t) = 2^(t / T) - 1
+over the T steps of training (LayerSkip's exponential scales), the skipped samples' compute saved.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._validation import check_choice, check_positive_int
+from ._validation import check_choice, check_positive_int, check_real
+from .long_connections import LongConnections
 
 WEIGHTS = ("authors", "uniform")
 CURRICULA = ("rotational", "gradual")
@@ -71,3 +81,111 @@ def early_exit_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, wei
     chosen_weights = all_weights[[k - 1 for k in chosen]]
     chosen_weights = (chosen_weights / chosen_weights.sum().clamp(min=1e-12)).to(states.device)
     return readout.losses(states[chosen], labels, chosen_weights)[0]
+
+
+# ----------------------------------------------------------------------------- gate annealing
+
+SHAPES = ("linear", "cosine")
+
+
+def long_connections_of(model) -> LongConnections:
+    """The one LongConnections of a package model or an acnify'd one (its base model holds it)."""
+    found = {id(m.long_connections): m.long_connections for m in model.modules()
+             if isinstance(getattr(m, "long_connections", None), LongConnections)}
+    if len(found) != 1:
+        raise TypeError(f"model must have one set of long connections (a package model or an acnify'd one), got "
+                        f"{len(found)} in {type(model).__name__}")
+    return next(iter(found.values()))
+
+
+class GateAnnealing:
+    """A hybrid's short-path gates set from 1 (the pre-norm residual net) to 0 (the ACN) over the first
+    `fraction` of total_steps, then 0: `step()` after each optimizer step. shape "linear" (1 - t) or
+    "cosine" ((1 + cos(pi t)) / 2: it leaves 1 and reaches 0 with zero slope). The gates are set, not
+    learned: build the model with learn_gates=False (learned gates are overwritten each step)."""
+
+    def __init__(self, model, total_steps: int, fraction: float = 0.3, shape: str = "linear"):
+        check_positive_int("total_steps", total_steps)
+        check_real("fraction", fraction, "a real number in (0, 1] (the part of training that anneals)", minimum=0)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be a real number in (0, 1] (the part of training that anneals), got "
+                             f"{fraction!r}")
+        check_choice("shape", shape, SHAPES)
+        self.long_connections = long_connections_of(model)
+        if self.long_connections.gates is None:
+            raise ValueError("GateAnnealing needs a hybrid with gates of its own (connectivity='hybrid', not "
+                             "gates_from_long_weights), got " + ("an ACN" if not self.long_connections.hybrid
+                                                                 else "gates derived from the long weights"))
+        self.total_steps, self.fraction, self.shape, self.steps = total_steps, fraction, shape, 0
+        self.apply()
+
+    def gate(self, step: int) -> float:
+        """The gates' value after `step` optimizer steps."""
+        t = min(step / (self.fraction * self.total_steps), 1.0)
+        return 1.0 - t if self.shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for gate in self.long_connections.gates:
+            gate.fill_(self.gate(self.steps))
+
+    def step(self) -> None:
+        self.steps += 1
+        self.apply()
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        self.apply()
+
+
+def as_acn(model):
+    """`model` (a hybrid whose gates are all 0: the ACN exactly, as GateAnnealing leaves it) made an
+    ACN in place and returned: connectivity "acn", the same parameters without the gates, so that it
+    saves and reloads as an ACN (an acnify'd model's config records it). An ACN comes back unchanged."""
+    long = long_connections_of(model)
+    if not long.hybrid:
+        return model
+    long.check_acn_exactly()
+    converted = getattr(model, "as_acn", None)
+    if converted is None:
+        raise TypeError(f"as_acn converts the package's models and acnify'd Hugging Face models, got "
+                        f"{type(model).__name__}")
+    return converted()
+
+
+# ----------------------------------------------------------------------------- layer dropout
+
+class LayerDropout:
+    """LayerSkip's layer dropout (see the module docstring) for a residual or ffn model of the package:
+    sets model.layer_dropout to each block's rate; `step()` after each optimizer step. curriculum
+    "exponential" scales the rates by S(t); None keeps them at p_max D(l)."""
+
+    def __init__(self, model, total_steps: int, p_max: float = 0.1, curriculum: str | None = "exponential"):
+        check_positive_int("total_steps", total_steps)
+        check_real("p_max", p_max, "a real number in [0, 1] (the last block's rate)", minimum=0)
+        if p_max > 1:
+            raise ValueError(f"p_max must be a real number in [0, 1] (the last block's rate), got {p_max!r}")
+        if curriculum is not None:
+            check_choice("curriculum", curriculum, ("exponential",))
+        connectivity = getattr(model, "connectivity", None)
+        if connectivity not in ("residual", "ffn"):
+            raise ValueError(f"LayerDropout skips blocks of a residual or ffn model of the package (a skipped block "
+                             f"passes its input on), got connectivity={connectivity!r}")
+        self.model, self.total_steps, self.p_max, self.curriculum, self.steps = model, total_steps, p_max, \
+            curriculum, 0
+        self.apply()
+
+    def rates(self, step: int) -> list:
+        depth = self.model.depth
+        scale = 2 ** (min(step, self.total_steps) / self.total_steps) - 1 if self.curriculum else 1.0
+        return [self.p_max * scale * (2 ** (i / max(depth - 1, 1)) - 1) for i in range(depth)]
+
+    def apply(self) -> None:
+        self.model.layer_dropout = self.rates(self.steps)
+
+    def step(self) -> None:
+        self.steps += 1
+        self.apply()

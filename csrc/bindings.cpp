@@ -318,6 +318,31 @@ Tensor activation_backward(const OptionalTensor& dh, const OptionalTensor& dy_ou
   return dz;
 }
 
+// depth_cross_entropy's row work, in place on a chunk of float32 logits (rows, vocab) with unit column
+// stride: (loss per row, lse per row); with needs_grad the logits become their gradient.
+std::tuple<Tensor, Tensor> cross_entropy_rows(Tensor logits, const Tensor& targets, const Tensor& scale,
+                                              int64_t ignore_index, double label_smoothing, double z_loss,
+                                              double softcap, bool needs_grad) {
+  const char* op = "acn_kernels_cuda::cross_entropy_rows";
+  check_cuda(logits, op, "logits"), check_cuda(targets, op, "targets"), check_cuda(scale, op, "scale");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.stride(1) == 1, op,
+              ": logits must be float32 rows (rows, vocab) with unit column stride, got ", logits.scalar_type(),
+              " of shape ", logits.sizes(), " and strides ", logits.strides());
+  const int64_t rows = logits.size(0);
+  TORCH_CHECK(targets.numel() == rows && scale.numel() == rows, op, ": targets and scale must have ", rows,
+              " elements (one a row), got ", targets.numel(), " and ", scale.numel());
+  Tensor targets_c = targets.to(at::kLong).contiguous(), scale_c = float_row(scale);
+  const auto stats = logits.options();
+  Tensor loss = at::empty({rows}, stats), lse = at::empty({rows}, stats);
+  acn::cross_entropy_rows(logits.data_ptr<float>(), logits.stride(0), targets_c.data_ptr<int64_t>(),
+                          scale_c.data_ptr<float>(), loss.data_ptr<float>(), lse.data_ptr<float>(), rows,
+                          static_cast<int>(logits.size(1)), ignore_index, static_cast<float>(label_smoothing),
+                          static_cast<float>(z_loss), static_cast<float>(softcap), needs_grad, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(acn_kernels_cuda, m) {
@@ -337,6 +362,8 @@ TORCH_LIBRARY(acn_kernels_cuda, m) {
   m.def("linear_act_accumulate_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? y, str activation, "
         "bool store_h=True) -> (Tensor, Tensor, Tensor)");
   m.def("activation_backward(Tensor? dh, Tensor? dy_out, Tensor? saved, str activation, ScalarType dtype) -> Tensor");
+  m.def("cross_entropy_rows(Tensor(a!) logits, Tensor targets, Tensor scale, int ignore_index, float label_smoothing, "
+        "float z_loss, float softcap, bool needs_grad) -> (Tensor, Tensor)");
 }
 
 // CUDA runs the kernels; CPU gets the same functions, whose checks reject CPU tensors by name.
@@ -348,7 +375,8 @@ TORCH_LIBRARY(acn_kernels_cuda, m) {
   m.impl("probe_norm_fwd", &probe_norm_fwd);                        \
   m.impl("probe_norm_bwd", &probe_norm_bwd);                        \
   m.impl("linear_act_accumulate_fwd", &linear_act_accumulate_fwd);  \
-  m.impl("activation_backward", &activation_backward);
+  m.impl("activation_backward", &activation_backward);              \
+  m.impl("cross_entropy_rows", &cross_entropy_rows);
 
 TORCH_LIBRARY_IMPL(acn_kernels_cuda, CUDA, m) { ACN_REGISTER(m) }
 TORCH_LIBRARY_IMPL(acn_kernels_cuda, CPU, m) { ACN_REGISTER(m) }

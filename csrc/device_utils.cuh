@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "kernels.h"
@@ -49,19 +50,28 @@ __device__ __forceinline__ void store_floats(T* p, const float (&in)[N]) {
   *reinterpret_cast<Pack<T, N>*>(p) = pack;
 }
 
-// Sum over the block, in a fixed order (deterministic); every thread gets the result.
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float warp_sums[32];
+struct Add {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct Max {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// `combine` over the block, in a fixed order (deterministic); every thread gets the result. `identity`
+// fills the lanes of a last, partial warp.
+template <typename Combine>
+__device__ __forceinline__ float block_reduce(float v, float identity, Combine combine) {
+  __shared__ float warp_results[32];
   __shared__ float total;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  for (int offset = 16; offset > 0; offset >>= 1) v = combine(v, __shfl_xor_sync(0xffffffffu, v, offset));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;
-  if (lane == 0) warp_sums[warp] = v;
+  if (lane == 0) warp_results[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    float s = lane < warps ? warp_sums[lane] : 0.0f;
+    float s = lane < warps ? warp_results[lane] : identity;
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
+    for (int offset = 16; offset > 0; offset >>= 1) s = combine(s, __shfl_xor_sync(0xffffffffu, s, offset));
     if (lane == 0) total = s;
   }
   __syncthreads();
@@ -69,6 +79,9 @@ __device__ __forceinline__ float block_sum(float v) {
   __syncthreads();  // the shared slots are reused by the next call
   return result;
 }
+
+__device__ __forceinline__ float block_sum(float v) { return block_reduce(v, 0.0f, Add()); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce(v, -INFINITY, Max()); }
 
 __host__ __forceinline__ bool aligned(const void* p, int bytes) {
   return p == nullptr || reinterpret_cast<std::uintptr_t>(p) % bytes == 0;

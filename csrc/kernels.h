@@ -65,4 +65,11 @@ void activation_epilogue(DType dtype, DType y_dtype, const void* z, const void* 
 void activation_backward(DType dtype, DType y_dtype, const void* dh, const void* dy_out, const void* saved,
                          void* dz, int64_t n, int activation, int64_t glu_width, cudaStream_t stream);
 
+// depth_cross_entropy.cu: the row work on float32 logits (rows, stride), each row's first `vocab` the
+// raw logits: loss and lse per row (loss 0 where targets[row] == ignore_index); with needs_grad the
+// gradient of scale[row] x loss with respect to the raw logits, written over them. softcap 0: no cap.
+void cross_entropy_rows(float* logits, int64_t stride, const int64_t* targets, const float* scale, float* loss,
+                        float* lse, int64_t rows, int vocab, int64_t ignore_index, float label_smoothing, float z_loss,
+                        float softcap, bool needs_grad, cudaStream_t stream);
+
 }  // namespace acn

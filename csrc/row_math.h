@@ -87,4 +87,26 @@ ACN_HD void swiglu_grads(float dh, float gate, float up, float& dgate, float& du
   dup = dh * gate * s;
 }
 
+// Cross-entropy over one row of logits (depth_cross_entropy.cu): a logit capped as Gemma 2 caps them
+// (softcap 0: no cap), the row's loss from its log-sum-exp, target logit and mean logit (label
+// smoothing s, z-loss weight z), and the loss's gradient with respect to a raw logit, from its capped
+// value c: (p (1 + 2 z lse) - (1 - s) [target] - s / V) (1 - (c / softcap)^2), p = exp(c - lse).
+ACN_HD float capped_logit(float raw, float softcap) { return softcap > 0.0f ? softcap * tanhf(raw / softcap) : raw; }
+
+ACN_HD float cross_entropy_loss(float lse, float target_logit, float mean_logit, float label_smoothing,
+                                float z_loss) {
+  return (1.0f - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - mean_logit) + z_loss * lse * lse;
+}
+
+ACN_HD float cross_entropy_logit_grad(float c, bool is_target, float lse, int vocab, float label_smoothing,
+                                      float z_loss, float softcap) {
+  float g = expf(c - lse) * (1.0f + 2.0f * z_loss * lse) - label_smoothing / vocab -
+            (is_target ? 1.0f - label_smoothing : 0.0f);
+  if (softcap > 0.0f) {
+    const float unit = c / softcap;
+    g *= 1.0f - unit * unit;
+  }
+  return g;
+}
+
 }  // namespace acn

@@ -1,13 +1,16 @@
 """One small run of every CUDA kernel, forward and backward, for compute-sanitizer (scripts/gpu_check.sh):
 odd widths, both pack paths (aligned and shifted by an element), the register and wide-row norm
-kernels, the probe's rows in shared memory and in global scratch, every activation of the GEMM op.
+kernels, the probe's rows in shared memory and in global scratch, every activation of the GEMM op,
+depth_cross_entropy's row kernel on both pack paths with every option.
 Each result is checked against the reference, so a run that computes nonsense does not pass either."""
 import torch
 
 from acn_kernels import reference
-from acn_kernels.ops import accumulate_norm, hybrid_accumulate_norm, linear_act_accumulate, probe_norm
+from acn_kernels.ops import (accumulate_norm, depth_cross_entropy, hybrid_accumulate_norm, linear_act_accumulate,
+                             probe_norm)
 from acn_kernels.ops.linear_act_accumulate import ACTIVATIONS
 from acn_kernels.tools.agreement import compare_op
+from acn_kernels.tools.cases import depth_loss
 
 DEVICE = torch.device("cuda")
 
@@ -45,6 +48,14 @@ def main() -> int:
                     randn(9, 40, dtype=dtype))
             ok &= check(f"linear_act_accumulate {activation}", linear_act_accumulate, reference.linear_act_accumulate,
                         args, dtype, activation=activation)
+        for vocab in (1001, 4096):  # the scalar path, then 16-byte packs
+            targets = torch.randint(0, vocab, (11,), device=DEVICE)
+            targets[::3] = -100
+            args = (randn(3, 11, 64, dtype=dtype), targets, randn(64, dtype=dtype), randn(64, dtype=dtype),
+                    randn(vocab, 64, dtype=dtype) / 8, torch.rand(3, device=DEVICE), randn(vocab, dtype=dtype))
+            ok &= check(f"depth_cross_entropy V={vocab}", depth_loss(depth_cross_entropy, chunk_rows=7),
+                        depth_loss(reference.depth_cross_entropy), args, dtype, label_smoothing=0.1, z_loss=1e-3,
+                        softcap=20.0)
     torch.cuda.synchronize()
     return 0 if ok else 1
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from acn_kernels import ShrinkOnCompression, acnify
+from acn_kernels import GateAnnealing, ShrinkOnCompression, acnify, as_acn
 from op_harness import FUSED_BACKENDS
+from test_training import check_against_probe
 
 
 def test_unsupported_models_name_the_supported_classes():
@@ -223,13 +224,15 @@ def base_of(model):
                 if m is not None and hasattr(m, "get_input_embeddings") and (hasattr(m, "h") or hasattr(m, "layers")))
 
 
-def decoder_by_hand(model, ids, residual: bool, every_layer: bool = False, alphas=None, long_short=False):
+def decoder_by_hand(model, ids, residual: bool, every_layer: bool = False, alphas=None, long_short=False,
+                    skip_attention=False):
     """The model's base by hand over its own submodules: the ACN of the definition (each layer's
     attention branch, then its MLP branch on the attention output, both added to the sum from the
     embeddings, the final norm on the sum), or with the residual adds put back, the model as it was.
     every_layer: the states after 0..L-1 layers and the final norm's output, as output_hidden_states.
     alphas: the authors' H-ACN (layer i's two short paths gated by 1 - alphas[i]); with long_short,
-    their Long_Short (x_0 weighted by alphas[0], layer i's branches by alphas[i + 1])."""
+    their Long_Short (x_0 weighted by alphas[0], layer i's branches by alphas[i + 1]); skip_attention:
+    their LSN's whole attention short path (x + a)."""
     from transformers.masking_utils import create_causal_mask
 
     base = base_of(model)
@@ -248,7 +251,7 @@ def decoder_by_hand(model, ids, residual: bool, every_layer: bool = False, alpha
     for i, (norm1, attention, norm2, mlp) in enumerate(layers):
         g = 1.0 if residual else 0.0 if alphas is None else 1 - alphas[i]
         a = attention(norm1(x), **keywords)[0]
-        x = g * x + a
+        x = (x if skip_attention else g * x) + a
         m = mlp(norm2(x))
         x = g * x + m
         states.append(x if residual else states[-1] + (alphas[i + 1] if long_short else 1) * (a + m))
@@ -540,16 +543,17 @@ def test_every_public_method_of_an_acnified_timm_vit_computes_the_acn_or_refuses
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("form", ["h-acn", "long-short"])
+@pytest.mark.parametrize("form", ["h-acn", "long-short", "lsn"])
 def test_an_acnified_lm_takes_the_authors_hybrid_forms_and_saves_them(family, form, tmp_path):
     transformers = pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
     options = dict(connectivity="hybrid", gate_scope="block", gate_init=0.0, clamp_range=(0.0, 1.0))
-    if form == "long-short":
-        options.update(long_weights=True, x0_weight=True, gates_from_long_weights=True, long_weight_init=0.8)
+    if form in ("long-short", "lsn"):
+        options.update(long_weights=True, x0_weight=True, gates_from_long_weights=True, long_weight_init=0.8,
+                       skip_attention=form == "lsn")
     model = acnify(decoder(family), backend="reference", **options).double().eval()
     scalars = sorted(n for n, p in model.named_parameters() if p.dim() == 0)
     prefix = "transformer." if family == "gpt2" else "model."
-    expected = ([f"long_weights.{i}" for i in range(3)] + ["x0_weight.0"] if form == "long-short"
+    expected = ([f"long_weights.{i}" for i in range(3)] + ["x0_weight.0"] if form != "h-acn"
                 else [f"gates.{i}" for i in range(3)])
     assert scalars == [prefix + n for n in expected]
     with torch.no_grad():
@@ -557,10 +561,11 @@ def test_an_acnified_lm_takes_the_authors_hybrid_forms_and_saves_them(family, fo
             if p.dim() == 0:
                 p.uniform_(0.1, 0.9)
     long = base_of(model).long_connections
-    alphas = [long.x0_weight[0], *long.long_weights] if form == "long-short" else [1 - g for g in long.gates]
+    alphas = [long.x0_weight[0], *long.long_weights] if form != "h-acn" else [1 - g for g in long.gates]
     ids = torch.randint(1, 50, (2, 9))
     torch.testing.assert_close(last_hidden(model, ids), decoder_by_hand(model, ids, residual=False, alphas=alphas,
-                                                                        long_short=form == "long-short"),
+                                                                        long_short=form != "h-acn",
+                                                                        skip_attention=form == "lsn"),
                                rtol=1e-12, atol=1e-12)
     optimizer = torch.optim.SGD(model.parameters(), lr=100.0)
     model.clamp_after(optimizer)
@@ -798,3 +803,35 @@ def test_the_benchs_llama_copy_of_a_package_gpt_has_its_logits_and_speculates_al
     assert torch.equal(lm.generate(prompt, max_new_tokens=10, do_sample=False), plain)
     assert torch.equal(lm.generate(prompt, max_new_tokens=10, do_sample=False, assistant_early_exit=1), plain)
     assert torch.equal(speculative_generate(lm, prompt, 10, draft_depth=2)[0], plain)
+
+
+# ----------------------------------------------------------------------------- acn_kernels.training on them
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_an_acnified_lms_early_exit_loss_is_the_exits_losses_by_hand(family):
+    model = acnify(decoder(family), backend="reference").double().eval()  # GPT-2's dropout off
+    ids = torch.randint(1, 50, (2, 8))
+    # Llama's RMSNorm computes in float32 even on float64 hidden states: its probe is that exact
+    check_against_probe(model, lambda x: model.probe(input_ids=x), ids, ids, rtol=1e-5, curriculum="rotational", step=3)
+
+
+
+def test_an_acnified_lm_anneals_then_saves_and_reloads_as_an_acn(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = acnify(transformers.GPT2LMHeadModel(config), backend="reference", connectivity="hybrid",
+                   gate_scope="block", learn_gates=False).double().eval()
+    schedule = GateAnnealing(model, total_steps=4, fraction=0.5)
+    schedule.step(), schedule.step()
+    ids = torch.randint(0, 50, (2, 9))
+    before = model(ids).logits
+    as_acn(model)
+    assert not any(".gates." in name for name in model.state_dict())
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).double().eval()
+    assert not loaded.transformer.long_connections.hybrid
+    loaded.transformer.long_connections.backend = "reference"
+    torch.testing.assert_close(loaded(ids).logits, before, rtol=1e-12, atol=1e-12)

@@ -33,7 +33,8 @@ def test_compiled_architectures():
     lambda ops, x, w: ops.probe_norm_bwd(x.unsqueeze(0), x.unsqueeze(0), w, w, w, False, True),
     lambda ops, x, w: ops.linear_act_accumulate_fwd(x, w.unsqueeze(0), None, None, "gelu"),
     lambda ops, x, w: ops.activation_backward(x, None, x, "gelu", torch.float32),
-], ids=OPS)
+    lambda ops, x, w: ops.cross_entropy_rows(x, w.long()[:4], w[:4], -100, 0.0, 0.0, 0.0, True),
+], ids=OPS + ("cross_entropy_rows",))  # depth_cross_entropy's row kernel: the chunk loop is Python, no Triton op
 def test_cpu_tensors_are_rejected_with_a_clear_error(call):
     with pytest.raises(RuntimeError, match=r"acn_kernels_cuda::\w+: \w+ must be a CUDA tensor, got a tensor on cpu"):
         call(torch.ops.acn_kernels_cuda, torch.randn(4, 8), torch.ones(8))
@@ -42,3 +43,6 @@ def test_cpu_tensors_are_rejected_with_a_clear_error(call):
 def test_the_cuda_backend_names_the_problem_for_cpu_tensors():
     with pytest.raises(ValueError, match=r"backend='cuda' needs CUDA tensors, got tensors on cpu"):
         acn_kernels.accumulate_norm(torch.randn(4, 8), None, torch.ones(8), backend="cuda")
+    with pytest.raises(ValueError, match=r"backend='cuda' needs CUDA tensors, got tensors on cpu"):
+        acn_kernels.depth_cross_entropy(torch.randn(2, 4, 8), torch.zeros(4, dtype=torch.long), torch.ones(8), None,
+                                        torch.randn(5, 8), backend="cuda")

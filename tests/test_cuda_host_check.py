@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from acn_kernels.tools.cases import Case
+from acn_kernels.tools.cases import KERNEL_OPS, Case
 from acn_kernels.tools.cuda_host_check import (CSRC, SHARED_OPT_IN, HostKernels, all_cases, check, run_check,
                                                toolchain)
 
@@ -17,10 +17,19 @@ pytestmark = pytest.mark.skipif(isinstance(FOUND, str), reason=f"cuda-host-check
 HERE = pathlib.Path(__file__).parent
 
 
-@pytest.mark.parametrize("op", ("accumulate_norm", "hybrid_accumulate_norm", "probe_norm", "linear_act_accumulate"))
+@pytest.mark.parametrize("op", KERNEL_OPS)
 def test_every_cuda_kernel_matches_the_reference(op, capsys):
     assert run_check(only=op) == 0, capsys.readouterr().out
     assert capsys.readouterr().out.splitlines()[-1].endswith(" 0 failures")
+
+
+def test_both_builds_compile_every_kernel_source():
+    """setup.py and CMakeLists.txt name their sources: a new .cu left out of either links without its
+    kernels and fails to import (undefined symbol), which only CI's CUDA build would show."""
+    sources = {f"csrc/{path.name}" for path in CSRC.glob("*.cu")}
+    for build in ("setup.py", "CMakeLists.txt"):
+        text = (CSRC.parent / build).read_text()
+        assert all(source in text for source in sources), (build, [s for s in sources if s not in text])
 
 
 def test_cases_cover_both_pack_widths_and_the_persistent_loop():
@@ -41,12 +50,13 @@ def broken_copy(tmp_path, file: str, old: str, new: str) -> pathlib.Path:
 
 
 BREAKAGES = {
-    "block_sum skips its last shuffle": ("device_utils.cuh", "offset > 0; offset >>= 1) v +=",
-                                         "offset > 1; offset >>= 1) v +="),
+    "a block reduction skips its last shuffle": ("device_utils.cuh", "offset > 0; offset >>= 1) v = combine",
+                                                 "offset > 1; offset >>= 1) v = combine"),
     "a pack stores one element fewer": ("device_utils.cuh", "for (int j = 0; j < N; ++j) pack.v[j] = from_float",
                                         "for (int j = 0; j < N - 1; ++j) pack.v[j] = from_float"),
-    "the shuffle mask leaves out half of warp 0": ("device_utils.cuh", "s += __shfl_xor_sync(0xffffffffu, s, offset)",
-                                                   "s += __shfl_xor_sync(0x0000ffffu, s, offset)"),
+    "the shuffle mask leaves out half of warp 0": (
+        "device_utils.cuh", "s = combine(s, __shfl_xor_sync(0xffffffffu, s, offset))",
+        "s = combine(s, __shfl_xor_sync(0x0000ffffu, s, offset))"),
     "the hybrid backward leaves the gate out of dx": ("boundary_norm.cuh", "t[j] = gate * g[j];", "t[j] = g[j];"),
     "the hybrid forward adds x to the sum without its long weight": (
         "boundary_norm.cuh", "s[j] += long_weight * v[j];", "s[j] += v[j];"),
@@ -55,13 +65,19 @@ BREAKAGES = {
     "the probe backward rebuilds y_L uncompensated": (
         "probe_norm.cu", "for (int k = 0; k < depth; ++k) add_compensated(hi[i], lo[i], to_float(xs[k * layer + row",
         "for (int k = 0; k < depth; ++k) hi[i] += (to_float(xs[k * layer + row"),
+    "the cross-entropy merges the threads' exp-sums without rescaling them to the row's max": (
+        "depth_cross_entropy.cu", "block_sum(exp_sum * expf(running_max - row_max))", "block_sum(exp_sum)"),
+    "the cross-entropy gradient leaves out the target's -1": (
+        "row_math.h", "(is_target ? 1.0f - label_smoothing : 0.0f)", "0.0f"),
 }
 
 
 @pytest.mark.parametrize("breakage", BREAKAGES)
 def test_a_broken_kernel_is_reported(breakage, tmp_path):
     file, old, new = BREAKAGES[breakage]
+    cross_entropy = "cross-entropy" in breakage  # its own kernel: only its cases, the others' not
     cases = [c for c in all_cases() if c.width in (64, 129) and c.dtype != torch.float16
+             and (c.op == "depth_cross_entropy") == cross_entropy
              and (c.op != "probe_norm" or dict(c.options)["terms"] == "cancel")]
     results = check(cases, broken_copy(tmp_path, file, old, new))
     problems = [p for r in results for p in r.problems]

@@ -11,6 +11,7 @@ from acn_kernels import depth_cross_entropy, reference
 from acn_kernels.ops.depth_cross_entropy import depth_cross_entropy_chunked
 from op_harness import DEVICE, FP32_RTOL, DTYPES
 from acn_kernels.tools.agreement import compare_op, run
+from acn_kernels.tools.cases import depth_loss
 
 OPTIONS = [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(softcap=4.0), dict(norm="rmsnorm"),
            dict(label_smoothing=0.2, z_loss=1e-2, softcap=2.5, norm="rmsnorm")]
@@ -31,19 +32,12 @@ def inputs(exits=3, lead=(2, 5), dim=24, vocab=37, dtype=torch.float32, ignored=
     return states, targets, norm_weight, norm_bias, head, weights, bias
 
 
-def loss_of(op, **options):
-    """The loss alone as a function of the differentiable inputs, for compare_op."""
-    def loss(states, targets, norm_weight, norm_bias, head, weights, bias):
-        return op(states, targets, norm_weight, norm_bias, head, weights=weights, head_bias=bias, **options)[0]
-    return loss
-
-
 ROW_WORK = ["chunked", "triton"]  # the row work in PyTorch, or the Triton kernel (interpreted on a CPU)
 
 
 def assert_agrees(args, dtype, chunk_rows=None, backend="triton", **options):
-    fused = loss_of(depth_cross_entropy, chunk_rows=chunk_rows, backend=backend, **options)
-    problems, _, grads = compare_op(fused, loss_of(reference.depth_cross_entropy, **options), args, dtype, FP32_RTOL)
+    fused = depth_loss(depth_cross_entropy, chunk_rows=chunk_rows, backend=backend, **options)
+    problems, _, grads = compare_op(fused, depth_loss(reference.depth_cross_entropy, **options), args, dtype, FP32_RTOL)
     assert not problems, "; ".join(problems)
     return grads
 
@@ -104,7 +98,7 @@ def test_all_targets_ignored_give_zero_loss_and_zero_gradients_not_nan():
 
 def test_gradients_are_bitwise_the_same_on_a_rerun():
     args = inputs(exits=3, vocab=101)
-    fused = loss_of(depth_cross_entropy, chunk_rows=8)
+    fused = depth_loss(depth_cross_entropy, chunk_rows=8)
     outputs, first, out_grads = run(fused, args)
     again = run(fused, args, out_grads)
     assert torch.equal(outputs[0], again[0][0]) and all(torch.equal(a, b) for a, b in zip(first, again[1]) if a is not None)
@@ -113,7 +107,7 @@ def test_gradients_are_bitwise_the_same_on_a_rerun():
 def test_without_gradients_nothing_of_the_backward_is_computed():
     states, targets, nw, nb, head, weights, bias = inputs()
     outputs = depth_cross_entropy_chunked(states, targets, nw, nb, head, bias, weights, -100, 0.0, 0.0, 0.0, True,
-                                          1e-5, 16, False, True)
+                                          1e-5, 16, False, "triton")
     assert all(g.numel() == 0 for g in outputs[2:])  # no dstates, no head gradient
     states.requires_grad_()
     with torch.no_grad():
@@ -170,7 +164,8 @@ BAD = [
     (lambda a: {**a, "z_loss": -0.1}, r"z_loss must be a real number >= 0"),
     (lambda a: {**a, "norm": "batchnorm"}, r"norm must be one of"),
     (lambda a: {**a, "head_bias": a["head_bias"][:3]}, r"head_bias must have shape \(37,\), got \(3,\)"),
-    (lambda a: {**a, "backend": "cuda"}, r"backend 'cuda' has no depth_cross_entropy kernel yet"),
+    (lambda a: {**a, "backend": "fused"}, r"backend must be one of \('auto', 'reference', 'chunked', 'triton', "
+     r"'cublas', 'cuda'\), got 'fused'"),
     (lambda a: {**a, "chunk_rows": 0}, r"chunk_rows must be None or an integer >= 1, got 0"),
 ]
 
@@ -190,19 +185,29 @@ def test_the_loss_bench_measures_every_path_in_its_own_process(tmp_path, capsys)
     from acn_kernels.tools.loss_bench import run_loss_bench
 
     rows = run_loss_bench(True, str(tmp_path))
-    assert [row["path"] for row in rows] == ["reference", "chunked"]
+    assert [row["path"] for row in rows][:2] == ["reference", "chunked"]  # then the GPT-2 probe's, with transformers
     assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5)
     assert all(row["peak_gib"] > 0 and row["seconds"] > 0 for row in rows)
     assert "SMOKE RUN" in capsys.readouterr().out and (tmp_path / "loss.csv").exists()
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors")
+def test_the_cuda_backend_names_what_it_needs_on_cpu_tensors():
+    states, targets, nw, nb, head, weights, bias = inputs()
+    with pytest.raises((RuntimeError, ValueError), match=r"backend='cuda' needs (the CUDA extension|CUDA tensors)"):
+        depth_cross_entropy(states, targets, nw, nb, head, weights=weights, head_bias=bias, backend="cuda")
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_on_a_gpu_the_compiled_row_kernel_agrees_at_gpt2s_vocabulary(dtype):
-    """The Triton row kernel compiled for the GPU (not interpreted), GPT-2's vocabulary and width,
-    cuBLAS's GEMMs around it, against the float64 reference."""
-    args = inputs(exits=3, lead=(2, 32), dim=768, vocab=50257, dtype=dtype)
-    assert_agrees(args, dtype, backend="triton", softcap=30.0, z_loss=1e-4)
+def test_on_a_gpu_the_compiled_row_kernels_agree_at_gpt2s_vocabulary(dtype, backend):
+    """The row kernels compiled for the GPU (Triton's, not interpreted, and the CUDA extension's), at
+    GPT-2's vocabulary (odd: the scalar path) and one of 50260 (the packs), width 768, cuBLAS's GEMMs
+    around them, against the float64 reference."""
+    for vocab in (50257, 50260):
+        args = inputs(exits=3, lead=(2, 32), dim=768, vocab=vocab, dtype=dtype)
+        assert_agrees(args, dtype, backend=backend, softcap=30.0, z_loss=1e-4)
 
 
 def test_under_autocast_16_bit_states_and_a_float32_head_give_float32_logits_and_their_own_gradients():

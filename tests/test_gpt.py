@@ -157,22 +157,26 @@ FORMS = {  # the authors' three language models (ACN-NOTES section 2b) as the pa
     "h-acn": dict(connectivity="hybrid", gate_scope="block", gate_init=0.0, clamp_range=(0.0, 1.0)),
     "long-short": dict(connectivity="hybrid", gate_scope="block", long_weights=True, x0_weight=True,
                        gates_from_long_weights=True, long_weight_init=0.8),
+    "lsn": dict(connectivity="hybrid", gate_scope="block", long_weights=True, x0_weight=True,  # --skipattn
+                gates_from_long_weights=True, long_weight_init=0.8, skip_attention=True),
 }
+LONG_SHORT = ("long-short", "lsn")
 
 
 def authors_forward(model: GPT, t: torch.Tensor, form: str, alphas: list) -> torch.Tensor:
     """Their forward, transcribed from the equations over the model's own submodules: per block i,
     g = 1 - alpha; x = g x + attn(ln_1(x)); x = g x + mlp(ln_2(x)); the sum takes attn + mlp (times
-    alpha_{i+1} in Long_Short, which also weights x_0 by alpha_0 and gates block i with alpha_i)."""
+    alpha_{i+1} in Long_Short, which also weights x_0 by alpha_0 and gates block i with alpha_i; their
+    LSN, --skipattn, keeps the attention's short path whole: x = x + attn)."""
     x = model.embed(t)
-    current = alphas[0] * x if form == "long-short" else x
+    current = alphas[0] * x if form in LONG_SHORT else x
     for i, block in enumerate(model.blocks):
         g = 0.0 if form == "ac-gpt" else 1 - alphas[i]
         attn = block.attn(block.norm1(x))
-        x = g * x + attn
+        x = (x if form == "lsn" else g * x) + attn
         mlp = block.mlp(block.norm2(x))
         x = g * x + mlp
-        current = current + (alphas[i + 1] * (attn + mlp) if form == "long-short" else attn + mlp)
+        current = current + (alphas[i + 1] * (attn + mlp) if form in LONG_SHORT else attn + mlp)
     return model.lm_head(model.final_norm(current))
 
 
@@ -186,7 +190,7 @@ def authors_model(form: str, depth: int = 4) -> tuple:
                 p.uniform_(0.1, 0.9)
     if form == "h-acn":  # one gate per block, 1 - alpha
         alphas = [1 - g for g in model.gates]
-    elif form == "long-short":
+    elif form in LONG_SHORT:
         alphas = [model.x0_weight[0], *model.long_weights]
     else:
         alphas = []
@@ -207,6 +211,7 @@ def test_the_package_gpt_with_the_authors_options_is_their_forward_and_gradients
     assert not any(n.endswith("bias") for n, _ in model.named_parameters())  # no bias anywhere
     scalars = {"ac-gpt": [], "h-acn": ["gates.0", "gates.1", "gates.2", "gates.3"],
                "long-short": ["long_weights.0", "long_weights.1", "long_weights.2", "long_weights.3", "x0_weight.0"]}
+    scalars["lsn"] = scalars["long-short"]
     assert sorted(n for n, p in model.named_parameters() if p.dim() == 0) == scalars[form]
 
 
@@ -239,7 +244,7 @@ def test_clamp_after_keeps_every_gate_and_weight_in_range_after_each_step():
         handle.remove()
 
 
-@pytest.mark.parametrize("form", ["h-acn", "long-short"])
+@pytest.mark.parametrize("form", ["h-acn", "long-short", "lsn"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_the_authors_forms_on_a_fused_backend_match_the_reference(form, backend):
     t = tokens(batch=3, positions=9)
@@ -258,7 +263,7 @@ def test_the_authors_forms_on_a_fused_backend_match_the_reference(form, backend)
         torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("form", ["h-acn", "long-short"])
+@pytest.mark.parametrize("form", ["h-acn", "long-short", "lsn"])
 def test_the_authors_forms_probe_truncate_and_reload_at_a_depth(form):
     model, _ = authors_model(form)
     t = tokens()
@@ -269,3 +274,11 @@ def test_the_authors_forms_probe_truncate_and_reload_at_a_depth(form):
     built = GPT(VOCAB, MAX_LEN, 32, 2, 4, backend="reference", **AUTHORS, **FORMS[form]).double()
     built.load_state_dict(model.truncate(2).state_dict())
     torch.testing.assert_close(built(t), probed[2], rtol=1e-12, atol=1e-12)
+
+
+def test_skip_attention_needs_the_hybrid_and_a_decoder():
+    with pytest.raises(ValueError, match=r"skip_attention needs the hybrid .* got connectivity='acn'"):
+        GPT(VOCAB, MAX_LEN, 32, 2, 4, skip_attention=True)
+    from acn_kernels.long_connections import LongConnections
+    with pytest.raises(ValueError, match=r"skip_attention needs depths of several units .* got units_per_depth=1"):
+        LongConnections([torch.nn.Linear(4, 4)] * 2, gates="learned", skip_attention=True)

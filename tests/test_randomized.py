@@ -17,7 +17,7 @@ from hypothesis import given, note, settings, strategies as st
 
 from acn_kernels import ops
 from acn_kernels.ops import _common
-from acn_kernels.tools.cases import GEMM_OPS, KERNEL_OPS, case_inputs, draw_case
+from acn_kernels.tools.cases import DEPTH_CHUNK_ROWS, GEMM_OPS, KERNEL_OPS, case_inputs, depth_loss, draw_case
 from acn_kernels.tools.cuda_host_check import HostKernels, HostOps, public_ops, run_case, toolchain
 
 from op_harness import DEVICE, check_op
@@ -49,6 +49,8 @@ def triton_op(name):
     op = getattr(ops, name)
     if name == "hybrid_accumulate_norm":  # the long weight positional, as case_inputs gives it
         return lambda x, f, y, gate, w, b, long_weight, **k: op(x, f, y, gate, w, b, long_weight=long_weight, **k)
+    if name == "depth_cross_entropy":
+        return depth_loss(op, chunk_rows=DEPTH_CHUNK_ROWS)
     return op
 
 

@@ -125,3 +125,33 @@ def test_cuda_norm_kernels_read_each_input_once(case):
     forward, backward = measure(lambda *a: cuda[fused.__name__](*a, **kwargs), inputs)
     assert (forward.total, forward.launches) == (forward_bound, 1), name
     assert 0 < backward.total <= backward_bound and backward.launches <= 2, (name, backward)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [c for c in CASES if c[0].startswith("depth_cross_entropy")], ids=lambda c: c[0])
+def test_depth_cross_entropy_moves_no_more_than_its_docstring_states_on_either_row_kernel(case, backend):
+    name, fused, _, inputs, kwargs, (forward_bound, backward_bound) = case
+    op = (lambda *a, **k: fused(*a, backend="triton", **k)) if backend == "triton" \
+        else cuda_host_ops()["depth_cross_entropy"]
+    forward, backward = measure(lambda *a: op(*a, **kwargs), inputs)
+    assert 0 < forward.total <= forward_bound and 0 < backward.total <= backward_bound, (name, forward, backward)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", (1, 37, 2048))
+def test_the_cross_entropy_row_kernels_read_a_row_once_and_write_its_gradient_once(backend, vocab):
+    """One launch: the logits read (from DRAM once; the second walk's re-read counts once), the target,
+    the scale; the gradient over the logits, the loss and the lse written."""
+    from acn_kernels.ops.depth_cross_entropy import triton_rows
+    from acn_kernels.tools.cuda_host_check import HostKernels, HostOps, Placement
+
+    rows = 5
+    logits, targets, scale = torch.randn(rows, vocab), torch.randint(0, vocab, (rows,)), torch.rand(rows)
+    row_work = triton_rows if backend == "triton" else \
+        HostOps(HostKernels.load(placement=Placement(checked=False))).cross_entropy_rows
+    if backend == "cuda":  # the host launches count into the active counter, as cuda_host_ops wires them
+        row_work.__self__.k.on_launch = lambda launch: counter.count_launch(launch.bytes_read, launch.bytes_written)
+    with TrafficCounter() as counter:
+        row_work(logits, targets, scale, -100, 0.1, 1e-3, 0.0, True)
+    traffic = counter.traffic
+    assert (traffic.read, traffic.written, traffic.launches) == (rows * (4 * vocab + 8 + 4), rows * (4 * vocab + 8), 1)

@@ -1,6 +1,7 @@
-"""early_exit_loss (acn_kernels.training) on the package's GPT and acnify'd Hugging Face LMs: the
-weighted sum of the exits' next-token losses computed by hand from `probe`, its gradients too, and
-LayerSkip's curricula."""
+"""acn_kernels.training on the package's GPT: early_exit_loss against the weighted sum of the exits'
+next-token losses computed by hand from `probe`, its gradients too, and LayerSkip's curricula; gate
+annealing, as_acn and layer dropout. The same on acnify'd Hugging Face LMs is in test_acnify.py (CI
+runs it where transformers is installed)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,16 +47,6 @@ def test_the_gpts_early_exit_loss_is_the_exits_losses_by_hand(connectivity, opti
     check_against_probe(model, model.probe, ids, labels, **options)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_an_acnified_lms_early_exit_loss_is_the_exits_losses_by_hand(family):
-    from test_acnify import acnify, decoder
-
-    model = acnify(decoder(family), backend="reference").double().eval()  # GPT-2's dropout off
-    ids = torch.randint(1, 50, (2, 8))
-    # Llama's RMSNorm computes in float32 even on float64 hidden states: its probe is that exact
-    check_against_probe(model, lambda x: model.probe(input_ids=x), ids, ids, rtol=1e-5, curriculum="rotational", step=3)
-
-
 def test_curricula_keep_the_final_exit_and_bad_arguments_are_named():
     assert exits_in(8, "rotational", 1, None) == [1, 5, 8] and exits_in(8, "rotational", 4, None) == [4, 8]
     assert exits_in(8, "gradual", 0, 80) == [8] and exits_in(8, "gradual", 79, 80) == list(range(1, 9))
@@ -73,3 +64,102 @@ def test_curricula_keep_the_final_exit_and_bad_arguments_are_named():
         early_exit_loss(model, ids, ids, weights=torch.ones(3))
     with pytest.raises(TypeError, match=r"model must offer exit_states\(\)"):
         early_exit_loss(torch.nn.Linear(2, 2), ids, ids)
+
+
+# ----------------------------------------------------------------------------- gate annealing, as_acn
+
+from acn_kernels import GateAnnealing, LayerDropout, as_acn  # noqa: E402
+
+ANNEALED = dict(connectivity="hybrid", gate_scope="block", learn_gates=False, bias=False, positions="rotary")
+
+
+def annealed_gpt(depth=3):
+    torch.manual_seed(0)
+    return GPT(50, 16, 32, depth, 4, backend="reference", **ANNEALED).double()
+
+
+@pytest.mark.parametrize("shape, halfway", [("linear", 0.5), ("cosine", 0.5)])
+def test_gate_annealing_takes_the_gates_from_1_to_0_over_its_fraction_then_holds_0(shape, halfway):
+    model = annealed_gpt()
+    schedule = GateAnnealing(model, total_steps=20, fraction=0.5, shape=shape)
+    seen = [model.gates[0].item()]
+    for _ in range(20):
+        schedule.step()
+        seen.append(model.gates[0].item())
+    assert seen[0] == 1.0 and seen[5] == pytest.approx(halfway) and seen[10:] == [0.0] * 11
+    assert all(a >= b for a, b in zip(seen, seen[1:]))
+    if shape == "cosine":  # leaves 1 and reaches 0 with zero slope: its last step is smaller than linear's 0.1
+        assert seen[9] - seen[10] < 0.05 and seen[0] - seen[1] < 0.05
+    resumed = GateAnnealing(annealed_gpt(), total_steps=20, fraction=0.5, shape=shape)
+    resumed.load_state_dict({"steps": 3})
+    assert resumed.long_connections.gates[0].item() == pytest.approx(seen[3])
+
+
+def test_at_gate_1_the_hybrid_is_the_residual_gpt_and_as_acn_at_gate_0_is_the_acn(tmp_path):
+    model, t = annealed_gpt(), torch.randint(0, 50, (2, 9))
+    GateAnnealing(model, total_steps=10)
+    residual = GPT(50, 16, 32, 3, 4, backend="reference", connectivity="residual", bias=False,
+                   positions="rotary").double()
+    residual.load_state_dict(model.state_dict(), strict=False)
+    torch.testing.assert_close(model(t), residual(t), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"as_acn needs every gate 0 .* got 3 of 3 open: \[1.0, 1.0, 1.0\]"):
+        as_acn(model)
+    schedule = GateAnnealing(model, total_steps=10)
+    for _ in range(3):
+        schedule.step()
+    probed = model.probe(t)
+    assert as_acn(model) is model and model.connectivity == "acn" and model.gates is None
+    assert not any(name.startswith("gates") for name in model.state_dict())
+    torch.testing.assert_close(model.probe(t), probed, rtol=0, atol=0)
+    acn = GPT(50, 16, 32, 3, 4, backend="reference", bias=False, positions="rotary").double()
+    acn.load_state_dict(model.state_dict())  # strict: exactly an ACN's parameters
+    torch.save(model, tmp_path / "acn.pt")
+    reloaded = torch.load(tmp_path / "acn.pt", weights_only=False)
+    assert reloaded.connectivity == "acn"
+    torch.testing.assert_close(reloaded.probe(t), probed, rtol=0, atol=0)
+
+
+def test_gate_annealing_and_as_acn_name_what_they_need():
+    with pytest.raises(ValueError, match=r"GateAnnealing needs a hybrid with gates of its own .* got an ACN"):
+        GateAnnealing(GPT(50, 16, 32, 2, 4), total_steps=10)
+    lsn = GPT(50, 16, 32, 2, 4, connectivity="hybrid", gate_scope="block", long_weights=True, x0_weight=True,
+              gates_from_long_weights=True)
+    with pytest.raises(ValueError, match=r"got gates derived from the long weights"):
+        GateAnnealing(lsn, total_steps=10)
+    with pytest.raises(ValueError, match=r"as_acn needs a hybrid whose only scalars are its gates, got long_weights, "
+                                         r"x0_weight, gates_from_long_weights"):
+        as_acn(lsn)
+    with pytest.raises(ValueError, match=r"fraction must be a real number in \(0, 1\]"):
+        GateAnnealing(annealed_gpt(), total_steps=10, fraction=1.5)
+    with pytest.raises(ValueError, match=r"shape must be one of \('linear', 'cosine'\), got 'step'"):
+        GateAnnealing(annealed_gpt(), total_steps=10, shape="step")
+
+
+# ----------------------------------------------------------------------------- layer dropout
+
+def test_layer_dropout_rates_rise_with_depth_and_over_training():
+    model = GPT(50, 16, 32, 5, 4, connectivity="residual")
+    schedule = LayerDropout(model, total_steps=10, p_max=0.2)
+    assert model.layer_dropout == [0.0] * 5  # S(0) = 0
+    for _ in range(10):
+        schedule.step()
+    assert model.layer_dropout[0] == 0.0 and model.layer_dropout[-1] == pytest.approx(0.2)
+    assert all(a < b for a, b in zip(model.layer_dropout, model.layer_dropout[1:]))
+    with pytest.raises(ValueError, match=r"LayerDropout skips blocks of a residual or ffn model .* got "
+                                         r"connectivity='acn'"):
+        LayerDropout(GPT(50, 16, 32, 2, 4), total_steps=10)
+
+
+def test_a_dropped_block_passes_its_input_on_and_runs_only_the_kept_samples():
+    torch.manual_seed(0)
+    model = GPT(50, 16, 32, 2, 4, connectivity="residual", backend="reference").double()
+    t = torch.randint(0, 50, (8, 9))
+    truncated = model.truncate(1)(t)
+    LayerDropout(model, total_steps=1, p_max=1.0, curriculum=None)  # block 1 at rate 1, block 0 at 0
+    torch.testing.assert_close(model.train()(t), truncated, rtol=0, atol=0)
+    torch.testing.assert_close(model.eval()(t), model.truncate(2)(t), rtol=0, atol=0)  # eval: no dropout
+    batches = []
+    model.blocks[1].register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    model.layer_dropout = [0.0, 0.5]
+    model.train()(t).sum().backward()
+    assert 0 < batches[-1] < 8 or batches == []  # some samples skipped (their compute saved)

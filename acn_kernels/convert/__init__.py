@@ -18,7 +18,8 @@ CONNECTIVITIES = ("acn", "hybrid")
 
 def acnify(model: nn.Module, backend: str = "auto", connectivity: str = "acn", gate_init: float = 0.5,
            learn_gates: bool = True, long_weights: bool = False, gate_scope: str = "unit", x0_weight: bool = False,
-           gates_from_long_weights: bool = False, long_weight_init: float = 1.0, clamp_range=None) -> nn.Module:
+           gates_from_long_weights: bool = False, long_weight_init: float = 1.0, clamp_range=None,
+           skip_attention: bool = False) -> nn.Module:
     """Converts `model` in place and returns it: long connections instead of its residual adds, with
     `probe` (the output of every depth) and `truncate(k)`. The state_dict keys do not change, so a
     residual checkpoint loads into the converted model (to fine-tune from) and back.
@@ -27,8 +28,9 @@ def acnify(model: nn.Module, backend: str = "auto", connectivity: str = "acn", g
     weight of x_0) are the only new parameters, registered as `gates.i` (`long_weights.i`,
     `x0_weight.0`) beside the converted blocks. gate_scope="block" gives a decoder layer one gate (and
     one long weight) for both of its branches, as the authors' H-ACN does; gates_from_long_weights,
-    long_weight_init and clamp_range (with the model's `clamp_after(optimizer)`) are the GPT's options
-    of the same names. A Hugging Face model records the conversion in its config, so that it saves and
+    long_weight_init, clamp_range (with the model's `clamp_after(optimizer)`) and skip_attention (a
+    decoder layer's attention short path whole, only its MLP's gated: the authors' LSN) are the GPT's
+    options of the same names. A Hugging Face model records the conversion in its config, so that it saves and
     loads back converted (huggingface.py)."""
     check_choice("backend", backend, BACKENDS)
     check_choice("connectivity", connectivity, CONNECTIVITIES)
@@ -36,12 +38,14 @@ def acnify(model: nn.Module, backend: str = "auto", connectivity: str = "acn", g
     check_hybrid_options(connectivity == "hybrid", gate_scope="unit", gate_init=gate_init, learn_gates=learn_gates,
                          long_weights=long_weights is not False, x0_weight=x0_weight is not False,
                          gates_from_long_weights=gates_from_long_weights, long_weight_init=long_weight_init,
-                         clamp_range=clamp_range, not_hybrid=f"connectivity={connectivity!r}")
+                         clamp_range=clamp_range, skip_attention=skip_attention,
+                         not_hybrid=f"connectivity={connectivity!r}")
     if any(hasattr(m, "long_connections") for m in model.modules()):
         raise TypeError(f"acnify supports {' and '.join(SUPPORTED)}; got {type(model).__name__} (already converted)")
     options = dict(connectivity=connectivity, gate_init=gate_init, learn_gates=learn_gates, long_weights=long_weights,
                    gate_scope=gate_scope, x0_weight=x0_weight, gates_from_long_weights=gates_from_long_weights,
-                   long_weight_init=long_weight_init, clamp_range=None if clamp_range is None else list(clamp_range))
+                   long_weight_init=long_weight_init, clamp_range=None if clamp_range is None else list(clamp_range),
+                   skip_attention=skip_attention)
     converter = find_converter(model)
     if converter is None:
         raise TypeError(f"acnify supports {' and '.join(SUPPORTED)}; got {type(model).__name__}")
@@ -66,7 +70,8 @@ def long_connection_options(backend: str, options: dict) -> dict:
                 x0_weight=options.get("x0_weight", False),
                 gates_from_long_weights=options.get("gates_from_long_weights", False),
                 long_weight_init=options.get("long_weight_init", 1.0),
-                clamp_range=None if clamp_range is None else tuple(clamp_range))
+                clamp_range=None if clamp_range is None else tuple(clamp_range),
+                skip_attention=options.get("skip_attention", False))
 
 
 def find_converter(model: nn.Module):

@@ -159,9 +159,27 @@ def bind(model: nn.Module) -> None:
     model.probe = types.MethodType(probe, model)
     model.truncate = types.MethodType(truncate, model)
     model.clamp_after = types.MethodType(clamp_after, model)
+    model.as_acn = types.MethodType(as_acn, model)
     if model.can_generate():
         for name, method in getattr(find_owner(model)[1], "CAUSAL_LM_METHODS", {}).items():
             setattr(model, name, types.MethodType(method, model))
+
+
+def as_acn(model: nn.Module) -> nn.Module:
+    """The converted hybrid as an ACN, in place (training.as_acn checks its gates are all 0 first): its
+    long connections rebuilt without gates, the gates unregistered, the config's record of the
+    conversion saying "acn", so that it saves and loads back as an ACN."""
+    owner = find_owner(model)[1]
+    long = owner.long_connections
+    acn = LongConnections(list(long.blocks), None if long.input_norms is None else list(long.input_norms),
+                          long.final_norm, long.backend, units_per_depth=long.units_per_depth)
+    acn.gradient_checkpointing = long.gradient_checkpointing
+    for name in registered_scalars(long):
+        del owner._modules[name]
+    attach(owner, acn)
+    record = dict(getattr(model.config, RECORD), connectivity="acn", skip_attention=False, clamp_range=None)
+    record_conversion(model, record)
+    return model
 
 
 class Owner:

@@ -35,6 +35,7 @@ import math
 import multiprocessing
 import os
 import statistics
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ from torch import nn
 
 from ..depth import IGNORE_INDEX, compress, depth_scores, generation_tokens_per_second, speculations
 from ..models import GPT
+from ..training import GateAnnealing, LayerDropout, as_acn, early_exit_loss
 from . import text
 from .report import per_seed, plot_lines, print_table, verdict, write_csv
 
@@ -52,7 +54,38 @@ TWINS = {  # row -> the GPT's connectivity options
     "hybrid": dict(connectivity="hybrid", gate_scope="block", gate_init=0.0, clamp_range=(0.0, 1.0)),  # the H-ACN
     "hybrid-unit": dict(connectivity="hybrid"),  # the package's: a gate per branch boundary, at 0.5, unclamped
     "residual": dict(connectivity="residual"),
+    # the authors' LSN as their OWT2 scripts run it: Long_Short, alphas 0.8 trainable, --skipattn
+    "lsn": dict(connectivity="hybrid", gate_scope="block", long_weights=True, x0_weight=True,
+                gates_from_long_weights=True, long_weight_init=0.8, skip_attention=True),
+    # a hybrid whose gates GateAnnealing sets (1: the pre-norm residual GPT, to 0: the ACN, then as_acn)
+    "annealed": dict(connectivity="hybrid", gate_scope="block", learn_gates=False, gate_init=1.0),
 }
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a row of table 6c trains: its GPT (a twin of TWINS) and what its steps add to the recipe."""
+    twin: str
+    anneal: float | None = None         # GateAnnealing over this fraction of the steps, then as_acn
+    exit_loss: dict | None = None       # early_exit_loss's options, the loss in place of the plain one
+    layer_dropout: float | None = None  # LayerDropout's p_max (LayerSkip's 0.1)
+
+
+ANNEAL_FRACTION, ANNEAL_SHAPE = 0.3, "cosine"
+METHODS = {  # the rows of table 6c
+    "acn": Method("acn"),
+    "residual": Method("residual"),
+    "lsn": Method("lsn"),
+    "anneal": Method("annealed", anneal=ANNEAL_FRACTION),
+    "acn+ee": Method("acn", exit_loss=dict(weights="authors")),
+    "anneal+ee": Method("annealed", anneal=ANNEAL_FRACTION, exit_loss=dict(weights="authors")),
+    "residual+layerskip": Method("residual", exit_loss=dict(weights="uniform", curriculum="rotational"),
+                                 layer_dropout=0.1),
+    "residual+ee": Method("residual", exit_loss=dict(weights="uniform")),
+}
+TABLE6_ROWS = ("acn", "hybrid", "hybrid-unit", "residual")  # the twins as the recipe trains them
+ROWS = {**{twin: Method(twin) for twin in TABLE6_ROWS}, **METHODS}
+LONGER = 3  # the longer run: this many times the steps, for acn, residual and the two best rows
 PROMPT = 8  # tokens of each held-out sequence that the generation timing starts from
 # validation loss (nats per target token) the steps-to-target column waits for
 TARGET_LOSS = {"corpus": 2.5, "addition": 0.5}
@@ -156,12 +189,12 @@ def addition_task(settings: LanguageSettings) -> Task:
     return Task("addition", length, batches, validation, held_out.answer, unigram_loss(targets, validation[1]))
 
 
-def build(settings: LanguageSettings, twin: str, task: Task) -> GPT:
-    """The task's GPT as the recipe builds it, with positions for the generation timing's prompt and
-    new tokens too."""
+def build(settings: LanguageSettings, row: str, task: Task) -> GPT:
+    """The GPT of a row (ROWS) as the recipe builds it, with positions for the generation timing's prompt
+    and new tokens too."""
     max_len = max(task.max_len, PROMPT + settings.new_tokens)
     return GPT(text.VOCAB, max_len, settings.dim, settings.depth, settings.heads, backend=settings.backend,
-               **RECIPES[settings.recipe].model, **TWINS[twin])
+               **RECIPES[settings.recipe].model, **TWINS[ROWS[row].twin])
 
 
 def validation_loss(model: GPT, validation: tuple) -> float:
@@ -208,28 +241,60 @@ def deterministic(threads: int = THREADS):
         torch.use_deterministic_algorithms(before[1])
 
 
-def train(model: GPT, task: Task, settings: LanguageSettings, seed: int) -> list:
-    """The recipe's AdamW, schedule and clipping (the hybrid's gates clamped after each step where it
-    has a clamp range); returns [(step, validation loss)] every eval_every steps."""
-    recipe, steps = RECIPES[settings.recipe], settings.steps[task.name]
-    optimizer = torch.optim.AdamW(parameter_groups(model, recipe), lr=recipe.lr, betas=recipe.betas,
-                                  weight_decay=recipe.weight_decay)
-    lr_schedule = schedule(optimizer, recipe, steps)
-    if model.connectivity == "hybrid":
-        model.clamp_after(optimizer)
-    generator, curve = torch.Generator().manual_seed(seed), []
-    model.train()
-    for step in range(1, steps + 1):
-        inputs, targets = task.batches(generator)
-        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        optimizer.zero_grad(set_to_none=True)
+class Trainer:
+    """One row's training: the recipe's AdamW, schedule and clipping (the hybrid's gates clamped after
+    each step where it has a clamp range), and the row's method: gate annealing, the early-exit loss in
+    place of the plain one, layer dropout. `step` runs one step; `finish` makes an annealed model the
+    ACN it has become (as_acn)."""
+
+    def __init__(self, model: GPT, settings: LanguageSettings, method: Method, steps: int):
+        recipe = RECIPES[settings.recipe]
+        self.model, self.method, self.steps, self.clip = model, method, steps, recipe.clip
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, recipe), lr=recipe.lr, betas=recipe.betas,
+                                           weight_decay=recipe.weight_decay)
+        self.schedules = [schedule(self.optimizer, recipe, steps)]
+        if model.connectivity == "hybrid":
+            model.clamp_after(self.optimizer)
+        if method.anneal is not None:
+            self.schedules.append(GateAnnealing(model, steps, fraction=method.anneal, shape=ANNEAL_SHAPE))
+        if method.layer_dropout is not None:
+            self.schedules.append(LayerDropout(model, steps, p_max=method.layer_dropout))
+        model.train()
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> torch.Tensor:
+        if self.method.exit_loss is None:
+            return F.cross_entropy(self.model(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        options = dict(self.method.exit_loss)
+        if "curriculum" in options:
+            options.update(step=step, total_steps=self.steps)
+        return early_exit_loss(self.model, *as_labels(inputs, targets), **options)
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> None:
+        loss = self.loss(inputs, targets, step)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if recipe.clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
-        optimizer.step()
-        lr_schedule.step()
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        for scheduled in self.schedules:
+            scheduled.step()
+
+    def finish(self) -> GPT:
+        if self.method.anneal is not None:
+            as_acn(self.model)
+        self.model.layer_dropout = None
+        return self.model
+
+
+def train(model: GPT, task: Task, settings: LanguageSettings, seed: int, method: Method, steps: int) -> list:
+    """The row's training (Trainer) for `steps` steps; returns [(step, validation loss)] every eval_every
+    steps, the model left as its method leaves it (an annealed one an ACN)."""
+    trainer, generator, curve = Trainer(model, settings, method, steps), torch.Generator().manual_seed(seed), []
+    for step in range(1, steps + 1):
+        trainer.step(*task.batches(generator), step)
         if step % settings.eval_every == 0 or step == steps:
             curve.append((step, validation_loss(model, task.validation)))
+    trainer.finish()
     return curve
 
 
@@ -311,25 +376,27 @@ def task_of(settings: LanguageSettings, name: str) -> Task:
     return TASKS[key]
 
 
-def trained(settings: LanguageSettings, task_name: str, twin: str, seed: int) -> tuple:
-    """(model, validation curve) of one twin, trained deterministically (see the module docstring)."""
+def trained(settings: LanguageSettings, task_name: str, row: str, seed: int, steps: int | None = None) -> tuple:
+    """(model, validation curve) of one row (ROWS), trained deterministically (see the module
+    docstring) for `steps` steps (the settings' by default)."""
     task = task_of(settings, task_name)
     with deterministic():
         torch.manual_seed(seed)
-        model = build(settings, twin, task)
-        return model, train(model, task, settings, seed)
+        model = build(settings, row, task)
+        return model, train(model, task, settings, seed, ROWS[row], steps or settings.steps[task_name])
 
 
-def run_one(settings: LanguageSettings, task_name: str, twin: str, seed: int, save_dir: str | None = None) -> dict:
-    """One twin trained and evaluated: {metric: value}; its state_dict saved in save_dir, if given, as
-    <task>-<twin>-seed<seed>.pt."""
+def run_one(settings: LanguageSettings, task_name: str, row: str, seed: int, save_dir: str | None = None,
+            steps: int | None = None) -> dict:
+    """One row trained (for `steps`, the settings' by default) and evaluated: {metric: value}; its
+    state_dict saved in save_dir, if given, as <task>-<row>-seed<seed>.pt."""
     task = task_of(settings, task_name)
-    model, curve = trained(settings, task_name, twin, seed)
+    model, curve = trained(settings, task_name, row, seed, steps)
     if save_dir is not None:
-        torch.save(model.state_dict(), os.path.join(save_dir, f"{task_name}-{twin}-seed{seed}.pt"))
+        torch.save(model.state_dict(), os.path.join(save_dir, f"{task_name}-{row}-seed{seed}.pt"))
     with deterministic():
         result = evaluate(model, task, settings)
-    steps = settings.steps[task.name]
+    steps = steps or settings.steps[task.name]
     values = {"best loss": min(result["losses"]), "full-depth loss": result["losses"][-1],
               "eff. depth": result["depth"], "eff./L": result["depth"] / settings.depth,
               "steps to target": steps_to_target(curve, TARGET_LOSS[task.name], steps),
@@ -338,7 +405,7 @@ def run_one(settings: LanguageSettings, task_name: str, twin: str, seed: int, sa
         values["exact match %"] = result["exact"][-1]
         values.update({f"depth {k} exact %": exact for k, exact in enumerate(result["exact"])})
     values.update({f"depth {k} loss": loss for k, loss in enumerate(result["losses"])})
-    if twin != "residual":
+    if ROWS[row].twin != "residual":
         values.update(generation_row(result, settings.depth))
     values.update({f"loss at step {step}": loss for step, loss in curve})
     with deterministic():
@@ -349,39 +416,102 @@ def run_one(settings: LanguageSettings, task_name: str, twin: str, seed: int, sa
 
 
 def run_jobs(settings: LanguageSettings, jobs: list, workers: int, tqdm, save_dir: str | None = None) -> list:
-    """run_one of every (task, seed, twin), in order; with workers > 1 in that many processes (each run
-    is one thread, so the results do not change; the timing columns see the other runs)."""
+    """run_one of every (task, seed, row, steps), in order (steps None: the settings'; only those runs
+    are saved in save_dir); with workers > 1 in that many processes (each run is one thread, so the
+    results do not change; the timing columns see the other runs)."""
+    def arguments(task_name, seed, row, steps):
+        return settings, task_name, row, seed, save_dir if steps is None else None, steps
     if workers == 1:
         results = []
         with tqdm(jobs, desc="language models", unit="run") as progress:
-            for task_name, seed, twin in progress:
-                progress.set_postfix_str(f"{task_name} {twin} seed {seed}")
-                results.append(run_one(settings, task_name, twin, seed, save_dir))
+            for job in progress:
+                progress.set_postfix_str(f"{job[0]} {job[2]} seed {job[1]}" + (f" {job[3]} steps" if job[3] else ""))
+                results.append(run_one(*arguments(*job)))
         return results
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads inherited mid-flight
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = [pool.submit(run_one, settings, task_name, twin, seed, save_dir) for task_name, seed, twin in jobs]
+        futures = [pool.submit(run_one, *arguments(*job)) for job in jobs]
         for _ in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="language models",
                       unit="run"):
             pass
         return [future.result() for future in futures]
 
 
+TIMING_ROUNDS = 12  # interleaved steps of every row; the first two of each are warmup
+
+
+def step_times(settings: LanguageSettings, task_name: str, rows: tuple) -> dict:
+    """{row: seconds per training step}, the rows' steps interleaved in this process (one thread, as
+    the runs train) so that a shared machine slows them alike: the median of TIMING_ROUNDS - 2."""
+    task = task_of(settings, task_name)
+    inputs, targets = task.batches(torch.Generator().manual_seed(0))
+    seconds = defaultdict(list)
+    with deterministic():
+        trainers = {}
+        for row in rows:
+            torch.manual_seed(0)
+            trainers[row] = Trainer(build(settings, row, task), settings, ROWS[row], settings.steps[task_name])
+        for round_ in range(TIMING_ROUNDS):
+            for row, trainer in trainers.items():
+                began = time.perf_counter()
+                trainer.step(inputs, targets, round_ + 1)
+                seconds[row].append(time.perf_counter() - began)
+    return {row: statistics.median(times[2:]) for row, times in seconds.items()}
+
+
+def equal_time_steps(settings: LanguageSettings, times: dict) -> dict:
+    """{(task, row): steps} of the same training time as the acn's settings.steps: fewer for a row
+    that costs more a step (none listed where they are the same steps)."""
+    budget = {}
+    for (task_name, row), seconds in times.items():
+        steps = round(settings.steps[task_name] * times[(task_name, "acn")] / seconds)
+        if steps != settings.steps[task_name]:
+            budget[(task_name, row)] = steps
+    return budget
+
+
 def run_language(settings: LanguageSettings, out: str, tqdm, workers: int = 1, save_dir: str | None = None) -> None:
-    """Trains every twin on both data sets and prints table 6, its target line and its verdicts."""
+    """Trains every row on both data sets and prints table 6 (the twins), 6b (speculative decoding) and
+    6c (training an ACN fast: the methods at the same steps, at the same training time, and LONGER x the
+    steps for acn, residual and the two best methods), their targets and verdicts."""
     if save_dir is not None:
         os.makedirs(save_dir, exist_ok=True)
-    jobs = [(name, seed, twin) for name in ("corpus", "addition") for seed in range(settings.seeds) for twin in TWINS]
+    tasks, seeds = ("corpus", "addition"), range(settings.seeds)
     rows, records = defaultdict(lambda: defaultdict(list)), []
-    for (task_name, seed, twin), result in zip(jobs, run_jobs(settings, jobs, workers, tqdm, save_dir)):
-        for metric, value in result.items():
-            rows[f"{task_name} gpt {twin}"][metric].append(value)
-            records.append(dict(dataset=task_name, model="gpt", twin=twin, seed=seed, metric=metric, value=value))
-    print_language_tables(settings, rows)
+
+    def run(jobs: list, suffix) -> None:
+        for (task_name, seed, row, steps), result in zip(jobs, run_jobs(settings, jobs, workers, tqdm, save_dir)):
+            key = f"{task_name} gpt {row}{suffix(task_name, row)}"
+            for metric, value in result.items():
+                rows[key][metric].append(value)
+                records.append(dict(dataset=task_name, model="gpt", twin=key.split(" gpt ")[1], seed=seed,
+                                    metric=metric, value=value))
+    run([(t, seed, row, None) for t in tasks for seed in seeds for row in ROWS], lambda *_: "")
+    times = {(t, row): seconds for t in tasks for row, seconds in step_times(settings, t, tuple(METHODS)).items()}
+    for (task_name, row), seconds in times.items():
+        rows[f"{task_name} gpt {row}"]["ms/step"] = [1e3 * seconds] * settings.seeds
+    budget = equal_time_steps(settings, times)
+    run([(t, seed, row, budget[(t, row)]) for (t, row) in budget for seed in seeds], lambda *_: " @time")
+    longer = [(t, row) for t in tasks for row in ("acn", "residual", *best_methods(rows, t, budget))]
+    run([(t, seed, row, LONGER * settings.steps[t]) for t, row in longer for seed in seeds],
+        lambda *_: f" x{LONGER}")
+    print_language_tables(settings, {k: v for k, v in rows.items() if k.split(" gpt ")[1] in TABLE6_ROWS})
+    print_training_tables(settings, rows, budget)
     write_csv(f"{out}/language.csv", records)
-    plot_lines(f"{out}/language.png", rows, lambda values: [
-        (k, statistics.fmean(values[f"depth {k} loss"])) for k in range(settings.depth + 1)],
-        "depth k (blocks used)", "held-out loss (nats)")
+    plot_lines(f"{out}/language.png", {k: v for k, v in rows.items() if k.split(" gpt ")[1] in TABLE6_ROWS},
+               lambda values: [(k, statistics.fmean(values[f"depth {k} loss"])) for k in range(settings.depth + 1)],
+               "depth k (blocks used)", "held-out loss (nats)")
+
+
+ACN_AT_INFERENCE = ("lsn", "anneal", "acn+ee", "anneal+ee")  # pure ACNs at inference, or the authors' LSN
+
+
+def best_methods(rows: dict, task_name: str, budget: dict) -> list:
+    """The two ACN methods with the lowest full-depth loss at the same training time on a data set."""
+    def loss(row):
+        key = f"{task_name} gpt {row}" + (" @time" if (task_name, row) in budget else "")
+        return statistics.fmean(rows[key]["full-depth loss"])
+    return sorted(ACN_AT_INFERENCE, key=loss)[:2]
 
 
 def subset(rows: dict, columns: list) -> dict:
@@ -447,6 +577,61 @@ def print_speculative_table(settings: LanguageSettings, rows: dict) -> None:
         print(f"target: the trained AC-GPT on addition, drafting at its effective depth, generates >= 1.5x the plain "
               f"cached generate's tokens/s: {len(speedups)} of {len(values['eff. depth'])} seeds have an effective "
               f"depth below L, worst {worst:.2f}x ({'met' if speedups and worst >= 1.5 else 'not met'})")
+
+
+TRAINING_COLUMNS = ["full-depth loss", "loss at L/4", "loss at L/2", "loss at 3L/4", "eff. depth", "steps to target",
+                    "plateau exit", "ms/step", "draft L/2 accepted %", "draft L/2 speedup"]
+
+
+def with_training_columns(settings: LanguageSettings, values: dict) -> dict:
+    """The row's values with table 6c's derived columns: the losses at L/4, L/2, 3L/4 and the draft at L/2."""
+    depth = settings.depth
+    named = {"loss at L/4": f"depth {depth // 4} loss", "loss at L/2": f"depth {depth // 2} loss",
+             "loss at 3L/4": f"depth {3 * depth // 4} loss", "draft L/2 accepted %": f"draft {depth // 2} accepted %",
+             "draft L/2 speedup": f"draft {depth // 2} speedup"}
+    return {**values, **{name: values[source] for name, source in named.items() if source in values}}
+
+
+def print_training_tables(settings: LanguageSettings, rows: dict, budget: dict) -> None:
+    """Table 6c: the training methods at the same steps, at the same training time and LONGER x the
+    steps, per data set; then the targets, met or missed by how much."""
+    for task_name in ("corpus", "addition"):
+        def at(row, suffix=""):
+            key = f"{task_name} gpt {row}{suffix}"
+            return with_training_columns(settings, rows[key]) if key in rows else None
+        same_steps = {row: at(row) for row in METHODS}
+        same_time = {row + (" @time" if (task_name, row) in budget else ""): at(row, " @time") or at(row)
+                     for row in METHODS}
+        for row, values in same_time.items():
+            values["steps"] = [budget.get((task_name, row.split(" ")[0]), settings.steps[task_name])] * settings.seeds
+        longer = {row: values for row in METHODS if (values := at(row, f" x{LONGER}")) is not None}
+        print_table(f"6c. Training an ACN LM fast, {task_name}: the methods at the same {settings.steps[task_name]} "
+                    f"steps (held-out loss at full depth and at depths L/4, L/2, 3L/4; ms/step measured with the "
+                    f"rows' steps interleaved in one process; self-speculative decoding drafting at L/2)",
+                    TRAINING_COLUMNS, same_steps, digits=2)
+        print_table(f"    the same training time as the acn's {settings.steps[task_name]} steps (a row that costs more "
+                    f"a step gets fewer)", TRAINING_COLUMNS + ["steps"], same_time, digits=2)
+        print_table(f"    {LONGER}x the steps", TRAINING_COLUMNS, longer, digits=2)
+        print_training_targets(settings, task_name, same_time)
+
+
+def print_training_targets(settings: LanguageSettings, task_name: str, same_time: dict) -> None:
+    """The issue's three targets at the same training time, for every pure-ACN-at-inference row."""
+    by_row = {label.split(" ")[0]: values for label, values in same_time.items()}
+    mean = lambda row, column: statistics.fmean(by_row[row][column])  # noqa: E731
+    residual, ee, layerskip = mean("residual", "full-depth loss"), mean("residual+ee", "loss at L/2"), \
+        mean("residual+layerskip", "draft L/2 speedup")
+    for row in ACN_AT_INFERENCE:
+        loss, depth = mean(row, "full-depth loss"), mean(row, "eff. depth")
+        excess = loss / residual - 1
+        first = excess <= 0.10 and depth <= 0.75 * settings.depth
+        half, speedup = mean(row, "loss at L/2"), mean(row, "draft L/2 speedup")
+        print(f"target ({task_name}, {row}, same time): full-depth loss within 10% of the residual's with an "
+              f"effective depth <= 0.75 L: {loss:.3f} against {residual:.3f} ({excess:+.0%}), depth {depth:.1f} of "
+              f"{settings.depth}: {'met' if first else 'not met'}; loss at L/2 <= the residual + every-depth "
+              f"loss's: {half:.3f} against {ee:.3f}: {'met' if half <= ee else f'not met by {half - ee:.3f}'}; "
+              f"speculative at L/2 >= 1.5x and ahead of residual + LayerSkip's {layerskip:.2f}x: {speedup:.2f}x: "
+              f"{'met' if speedup >= 1.5 and speedup > layerskip else 'not met'}")
 
 
 class ModelsDirError(ValueError):

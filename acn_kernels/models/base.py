@@ -47,7 +47,8 @@ class DepthModel(nn.Module):
     unless learn_gates=False) and, with long_weights=True, its long weights (`long_weights.0` ...),
     with x0_weight=True the weight of x_0 in the sum (`x0_weight.0`); gate_scope="depth" gives a
     family of several units per block (GPT) one gate and one long weight per block, and
-    gates_from_long_weights=True derives the gates from the long weights (LongConnections' docstring);
+    gates_from_long_weights=True derives the gates from the long weights (LongConnections' docstring),
+    skip_attention=True leaves each depth's first short path whole (its gate 1);
     every other parameter is the acn twin's, so checkpoints load between them (strict=False)."""
 
     UNITS_PER_BLOCK = 1
@@ -55,7 +56,7 @@ class DepthModel(nn.Module):
     def __init__(self, depth: int, connectivity: str, backend: str = "auto", gate_init: float = 0.5,
                  learn_gates: bool = True, long_weights: bool = False, gate_scope: str = "unit",
                  x0_weight: bool = False, gates_from_long_weights: bool = False, long_weight_init: float = 1.0,
-                 clamp_range=None):
+                 clamp_range=None, skip_attention: bool = False):
         super().__init__()
         check_positive_int("depth", depth)
         check_choice("connectivity", connectivity, CONNECTIVITIES)
@@ -66,12 +67,14 @@ class DepthModel(nn.Module):
         check_hybrid_options(hybrid, gate_scope=gate_scope, gate_init=gate_init, learn_gates=learn_gates,
                              long_weights=long_weights, x0_weight=x0_weight,
                              gates_from_long_weights=gates_from_long_weights, long_weight_init=long_weight_init,
-                             clamp_range=clamp_range, not_hybrid=f"connectivity={connectivity!r}")
+                             clamp_range=clamp_range, skip_attention=skip_attention,
+                             not_hybrid=f"connectivity={connectivity!r}")
         self.connectivity = connectivity
         self.requested_backend = backend
         self._checkpointing = False
+        self.layer_dropout: list | None = None  # per block, set by training.LayerDropout
         self.hybrid_form = dict(gate_scope=gate_scope, gates_from_long_weights=gates_from_long_weights,
-                                clamp_range=clamp_range)
+                                clamp_range=clamp_range, skip_attention=skip_attention)
         counts = scalar_counts(depth * self.UNITS_PER_BLOCK, self.UNITS_PER_BLOCK if gate_scope == "depth" else 1)
         self.gates = scalar_parameters("gates", "learned", counts["gates"], gate_init, learn_gates) \
             if hybrid and not gates_from_long_weights else None
@@ -101,6 +104,13 @@ class DepthModel(nn.Module):
         long_connections.gradient_checkpointing = self._checkpointing
         attach(self, long_connections)
 
+    def as_acn(self) -> "DepthModel":
+        """This hybrid as an ACN, in place: connectivity "acn", its gates dropped (training.as_acn checks
+        that they are all 0 first)."""
+        self.connectivity, self.gates = "acn", None
+        self.connect()
+        return self
+
     @property
     def gradient_checkpointing(self) -> bool:
         return self._checkpointing
@@ -126,10 +136,20 @@ class DepthModel(nn.Module):
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def run_block(self, fn, *args):
+    def run_block(self, fn, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """fn(x), block `index`'s step of the residual or ffn chain: recomputed in backward under
+        gradient checkpointing, and in training with a layer dropout rate (training.LayerDropout)
+        skipped per sample with that probability, those samples' x passed on and their compute saved."""
+        rate = self.layer_dropout[index] if self.training and self.layer_dropout and index is not None else 0.0
+        kept = torch.rand(x.shape[0], device=x.device) >= rate if rate > 0 else None
+        if kept is not None and not bool(kept.all()):
+            out = x.clone()
+            if bool(kept.any()):
+                out[kept] = self.run_block(fn, x[kept])
+            return out
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+            return checkpoint(fn, x, use_reentrant=False)
+        return fn(x)
 
     # ------------------------------------------------------------------ the twins' chains
 
@@ -137,8 +157,8 @@ class DepthModel(nn.Module):
         """Yields the residual or ffn chain's state after k = 0..L blocks, in eager PyTorch."""
         x = self.embed(inputs)
         yield x
-        for block in self.blocks:
-            x = self.run_block(block, x)
+        for i, block in enumerate(self.blocks):
+            x = self.run_block(block, x, index=i)
             yield x
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

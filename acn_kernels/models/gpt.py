@@ -7,7 +7,9 @@
     hybrid:   the acn's branches with a gated short path between them (LongConnections' gates: one
               per branch boundary, 2L - 1 in all; gate_scope="block": one per block, on both of its
               short paths, the authors' H-ACN; long_weights, x0_weight and gates_from_long_weights
-              give their Long_Short, y = b_0 x_0 + sum_i b_{i+1} (a_i + m_i), block i's gate 1 - b_i)
+              give their Long_Short, y = b_0 x_0 + sum_i b_{i+1} (a_i + m_i), block i's gate 1 - b_i;
+              skip_attention=True their LSN's --skipattn: the attention's short path whole, gate 1,
+              only the MLP's gated)
     residual: h = x + Attn(norm1(x)),  x_i = h + MLP(norm2(h))       (a pre-norm GPT)
     ffn:      x_i = MLP(norm2(Attn(norm1(x_{i-1}))))                 (the chain alone)
     logits    = lm_head(final_norm(y))                               (x_L for residual and ffn)
@@ -171,12 +173,13 @@ class GPT(DepthModel):
                  tie_embeddings: bool = True, backend: str = "auto", gate_init: float = 0.5,
                  learn_gates: bool = True, long_weights: bool = False, bias: bool = True,
                  scaled_output_init: bool = False, gate_scope: str = "unit", x0_weight: bool = False,
-                 gates_from_long_weights: bool = False, long_weight_init: float = 1.0, clamp_range=None):
+                 gates_from_long_weights: bool = False, long_weight_init: float = 1.0, clamp_range=None,
+                 skip_attention: bool = False):
         check_choice("gate_scope", gate_scope, GATE_SCOPES)
         super().__init__(depth, connectivity, backend, gate_init, learn_gates, long_weights,
                          gate_scope="depth" if gate_scope == "block" else "unit", x0_weight=x0_weight,
                          gates_from_long_weights=gates_from_long_weights, long_weight_init=long_weight_init,
-                         clamp_range=clamp_range)
+                         clamp_range=clamp_range, skip_attention=skip_attention)
         check_bool("bias", bias)
         check_bool("scaled_output_init", scaled_output_init)
         for name, value in (("vocab_size", vocab_size), ("max_len", max_len), ("dim", dim), ("heads", heads)):
@@ -244,8 +247,8 @@ class GPT(DepthModel):
         """The residual or ffn chain's state after k = 0..L blocks."""
         x = self.embed(tokens, start)
         yield x
-        for block in self.blocks:
-            x = self.run_block(lambda x, block=block: block(x, cache=cache, start=start), x)
+        for i, block in enumerate(self.blocks):
+            x = self.run_block(lambda x, block=block: block(x, cache=cache, start=start), x, index=i)
             yield x
 
     # ------------------------------------------------------------------ public

@@ -31,11 +31,12 @@ Bytes (float32 logits never leave the chunk; A = R D elements of states' size, W
 against eager PyTorch's (E N V) float32 logits written, read by the log-softmax, their gradient written
 and read again: 4 x 4 R V bytes beyond the inputs.
 
-The chunk loop is PyTorch (its GEMMs on cuBLAS on a GPU, BLAS on a CPU); the row work (the cap, the
-online log-sum-exp, the target logit, smoothing, z-loss and the gradient written in place) is one
-Triton kernel (backend "triton"; "auto" where the fused ops run, on float32 and 16-bit states) or the
-same in PyTorch ("chunked"; "auto" on a CPU and for float64). Its CUDA twin is not written yet, so
-backend="cuda" and "cublas" raise.
+The chunk loop is PyTorch (its GEMMs on cuBLAS on a GPU, BLAS on a CPU, on every backend: "cublas"
+is "triton" here); the row work (the cap, the online log-sum-exp, the target logit, smoothing, z-loss
+and the gradient written in place) is one kernel: Triton's (backend "triton"; "auto" where the fused
+ops run, on float32 and 16-bit states), its CUDA twin in csrc/depth_cross_entropy.cu ("cuda", the
+extension's `cross_entropy_rows`), or the same in PyTorch ("chunked"; "auto" on a CPU and for
+float64). Row kernel bytes per logit: 4 read for the loss alone; 8 read and 4 written with the gradient.
 """
 from __future__ import annotations
 
@@ -46,18 +47,23 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .._validation import check_real
-from ..backend import TRITON_INTERPRETED, _check_triton
+from .._validation import check_choice, check_real
+from ..backend import TRITON_INTERPRETED, _check_triton, resolve_backend
 from ._common import check_device, check_eps, check_norm_kind, check_tensor, new_buffer
 
-CHUNK_ELEMENTS = 1 << 23  # logits a chunk holds: 32 MiB of float32
-BACKENDS = ("auto", "reference", "chunked", "triton")
-NOT_YET = ("cublas", "cuda")
+CHUNK_ELEMENTS = 1 << 23  # logits a chunk holds on a CPU: 32 MiB of float32
+BACKENDS = ("auto", "reference", "chunked", "triton", "cublas", "cuda")
 ROW_BLOCK = 1024  # logits a program walks at a time in the row kernel
 
 
-def chunk_rows_for(vocab: int) -> int:
-    """Rows a chunk takes by default: CHUNK_ELEMENTS logits, at least one row."""
+def chunk_rows_for(rows: int, vocab: int, dim: int, device: torch.device) -> int:
+    """Rows a chunk takes by default. On a GPU, Liger-Kernel's rule: about as many logits as the states
+    have elements (rows / ceil(V / D), to a power of two), so that the head's five passes a chunk (its
+    reads by three GEMMs, dW's read and write) stay below the chunk's own logit traffic (GPT-2 at 8192
+    tokens x 13 exits: 2048 rows, 412 MB of logits); on a CPU, CHUNK_ELEMENTS logits (the peak that the
+    loss bench measures). At least one row either way."""
+    if device.type == "cuda":
+        return triton.next_power_of_2(max(1, -(-rows // -(-vocab // dim))))
     return max(1, CHUNK_ELEMENTS // max(vocab, 1))
 
 
@@ -261,18 +267,28 @@ def triton_rows(logits: torch.Tensor, rows_targets: torch.Tensor, scale: torch.T
     return losses, lse
 
 
+def cuda_rows(logits: torch.Tensor, rows_targets: torch.Tensor, scale: torch.Tensor, ignore_index: int,
+              label_smoothing: float, z_loss: float, softcap: float, needs_grad: bool) -> tuple:
+    """triton_rows by the CUDA extension's kernel (csrc/depth_cross_entropy.cu)."""
+    return torch.ops.acn_kernels_cuda.cross_entropy_rows(logits, rows_targets, scale, ignore_index, label_smoothing,
+                                                         z_loss, softcap, needs_grad)
+
+
+ROW_KERNELS = {"chunked": plain_rows, "triton": triton_rows, "cuda": cuda_rows}
+
+
 @torch.library.custom_op("acn_kernels::depth_cross_entropy_chunked", mutates_args=())
 def depth_cross_entropy_chunked(states: torch.Tensor, targets: torch.Tensor, norm_weight: torch.Tensor,
                                 norm_bias: Optional[torch.Tensor], head_weight: torch.Tensor,
                                 head_bias: Optional[torch.Tensor], weights: torch.Tensor, ignore_index: int,
                                 label_smoothing: float, z_loss: float, softcap: float, is_layernorm: bool, eps: float,
-                                chunk_rows: int, needs_grad: bool, triton_rows_kernel: bool) -> tuple[
+                                chunk_rows: int, needs_grad: bool, row_kernel: str) -> tuple[
                                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                     torch.Tensor, torch.Tensor]:
     """(loss, per_exit, dstates, dnorm_weight, dnorm_bias, dhead_weight, dhead_bias): the gradients of
-    the loss (empty without needs_grad, or for an absent bias). softcap 0: no cap. The row work by the
-    Triton kernel (triton_rows_kernel) or in PyTorch (plain_rows)."""
-    row_work = triton_rows if triton_rows_kernel else plain_rows
+    the loss (empty without needs_grad, or for an absent bias). softcap 0: no cap. The row work by
+    ROW_KERNELS[row_kernel]."""
+    row_work = ROW_KERNELS[row_kernel]
     with torch.autocast(states.device.type, enabled=False):  # float32 logits and sums, whatever autocast says
         return chunked_loss(states, targets, norm_weight, norm_bias, head_weight, head_bias, weights, ignore_index,
                             label_smoothing, z_loss, softcap, is_layernorm, eps, chunk_rows, needs_grad, row_work)
@@ -330,7 +346,7 @@ def chunked_loss(states, targets, norm_weight, norm_bias, head_weight, head_bias
 @depth_cross_entropy_chunked.register_fake
 def depth_cross_entropy_chunked_fake(states, targets, norm_weight, norm_bias, head_weight, head_bias, weights,
                                      ignore_index, label_smoothing, z_loss, softcap, is_layernorm, eps, chunk_rows,
-                                     needs_grad, triton_rows_kernel):
+                                     needs_grad, row_kernel):
     compute = torch.promote_types(states.dtype, torch.float32)
     loss, per_exit = states.new_empty((), dtype=compute), states.new_empty(states.shape[0], dtype=torch.float32)
     shapes = [states.shape, norm_weight.shape, None if norm_bias is None else norm_bias.shape, head_weight.shape,
@@ -367,34 +383,75 @@ def depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, *,
     """(loss, per_exit): every exit's mean next-token loss through one final norm and head (see the
     module docstring), the loss the weighted sum (weights: (E,), uniform 1/E by default), per_exit (E,)
     float32 and detached. chunk_rows rows of logits at a time (by default 32 MiB of them): backend
-    "triton" with the Triton row kernel, "chunked" with the row work in PyTorch, "auto" the first where
-    the fused ops run (a GPU, or Triton's interpreter) on float32 and 16-bit states, else the second;
-    "reference" is the specification, which materializes every logit."""
+    "triton" (or "cublas": the GEMMs are cuBLAS's on every path) with the Triton row kernel, "cuda"
+    with its CUDA twin (the extension, CUDA tensors), "chunked" with the row work in PyTorch, "auto"
+    Triton's where the fused ops run (a GPU, or Triton's interpreter) on float32 and 16-bit states,
+    else the chunked path; "reference" is the specification, which materializes every logit."""
     check_arguments(states, targets, norm_weight, norm_bias, head_weight, weights, head_bias, ignore_index,
                     label_smoothing, z_loss, softcap, norm, eps, chunk_rows)
-    if backend in NOT_YET:
-        raise ValueError(f"backend {backend!r} has no depth_cross_entropy kernel yet (its CUDA twin is still to be "
-                         f"written); use one of {BACKENDS}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS + NOT_YET}, got {backend!r}")
-    if backend == "auto":  # the Triton row kernel where the fused ops run (a GPU, or Triton's interpreter)
-        fused = (states.device.type == "cuda" or TRITON_INTERPRETED) and states.dtype != torch.float64
-        backend = "triton" if fused else "chunked"
-    if backend == "triton":
-        _check_triton("triton", states.device)
-        check_tensor("states", states)
+    check_choice("backend", backend, BACKENDS)
     if backend == "reference":
         return reference.depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, weights=weights,
                                              head_bias=head_bias, ignore_index=ignore_index,
                                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                                              norm=norm, eps=eps)
+    return run_forward(depth_cross_entropy_chunked, states, targets, norm_weight, norm_bias, head_weight, weights,
+                       head_bias, ignore_index, label_smoothing, z_loss, softcap, norm, eps, chunk_rows,
+                       row_kernel_for(backend, states))
+
+
+def row_kernel_for(backend: str, states: torch.Tensor) -> str:
+    """The ROW_KERNELS entry a backend runs (see depth_cross_entropy), checked for the states' device."""
+    if backend == "auto":  # the Triton row kernel where the fused ops run (a GPU, or Triton's interpreter)
+        fused = (states.device.type == "cuda" or TRITON_INTERPRETED) and states.dtype != torch.float64
+        return "triton" if fused else "chunked"
+    if backend == "chunked":
+        return backend
+    if backend == "cuda":
+        resolve_backend("cuda", states.device)
+    else:
+        _check_triton(backend, states.device)
+    check_tensor("states", states)  # float32 and 16-bit states, as the fused ops take
+    return "cuda" if backend == "cuda" else "triton"
+
+
+def run_forward(forward_op, states, targets, norm_weight, norm_bias, head_weight, weights, head_bias, ignore_index,
+                label_smoothing, z_loss, softcap, norm, eps, chunk_rows, row_kernel):
+    """(loss, per_exit) from a registered chunked op (or its twin in cuda-host-check)."""
     if weights is None:
         weights = torch.full((states.shape[0],), 1.0 / states.shape[0], device=states.device)
     differentiable = [t for t in (states, norm_weight, norm_bias, head_weight, head_bias) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
-    rows = chunk_rows if chunk_rows is not None else chunk_rows_for(head_weight.shape[0])
-    loss, per_exit, *_ = depth_cross_entropy_chunked(
+    dim = states.shape[-1]
+    rows = chunk_rows if chunk_rows is not None else chunk_rows_for(states.numel() // dim, head_weight.shape[0], dim,
+                                                                    states.device)
+    loss, per_exit, *_ = forward_op(
         states, targets, norm_weight, norm_bias, head_weight, head_bias, weights.detach(), int(ignore_index),
         float(label_smoothing), float(z_loss), float(softcap or 0.0), norm == "layernorm", float(eps), int(rows),
-        needs_grad, backend == "triton")
+        needs_grad, row_kernel)
     return loss, per_exit.detach()
+
+
+def traffic_bound(states, targets, norm_weight, norm_bias, head_weight, weights=None, head_bias=None, *,
+                  chunk_rows=None, **options) -> tuple[int, int]:
+    """The module docstring's bytes as the chunk loop moves them, (forward, backward), R rows, C chunks,
+    c bytes of the compute dtype (float32, or float64 for float64 states):
+
+        logits        6 R V 4       written by the GEMM, read and rewritten by the row kernel, read by
+                                    dW's GEMM, db's sum and dh's GEMM
+        head          C 5 (V D + V) c   per chunk: the three GEMMs' reads, dW's read and write (bias alike)
+        normalized    48 R D c      the norm, its backward and the GEMMs' reads of a chunk's rows
+        per row       64 R          targets, scale, loss, lse, the exit of each row, the checks
+        conversions   2 (V D + R D) c   16-bit head and states to the compute dtype
+
+    and backward scales what forward computed: reads and writes each gradient once (2 x their bytes)."""
+    dim = states.shape[-1]
+    rows, vocab = states.numel() // dim, head_weight.shape[0]
+    c = 8 if states.dtype == torch.float64 else 4
+    chunk = chunk_rows or chunk_rows_for(rows, vocab, dim, states.device)
+    chunks = -(-rows // chunk)
+    params = [t for t in (norm_weight, norm_bias, head_weight, head_bias) if t is not None]
+    forward = 6 * rows * vocab * 4 + chunks * 5 * (vocab * dim + vocab) * c + 48 * rows * dim * c + 64 * rows \
+        + 2 * (vocab * dim + rows * dim) * c + sum(4 * t.numel() * c for t in params)
+    gradients = states.numel() * states.element_size() + sum(t.numel() * t.element_size() for t in params)
+    return forward, 2 * gradients + 64

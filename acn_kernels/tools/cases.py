@@ -18,7 +18,8 @@ import torch
 from ..ops._gemm import GATED
 from ..ops.linear_act_accumulate import ACTIVATIONS
 
-KERNEL_OPS = ("accumulate_norm", "hybrid_accumulate_norm", "probe_norm", "linear_act_accumulate")  # both backends
+KERNEL_OPS = ("accumulate_norm", "hybrid_accumulate_norm", "probe_norm", "linear_act_accumulate",  # both backends
+              "depth_cross_entropy")
 GEMM_OPS = ("linear", "feed_forward")  # Triton kernels; the CUDA backend runs cuBLAS for these
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TARGETS = (80, 90)  # sm_80 (A100) and sm_90 (H100, H200): their shared-memory limits differ
@@ -62,6 +63,11 @@ def op_options(op: str, dtype: torch.dtype) -> list[tuple]:
     if op == "probe_norm":
         return [(("norm", norm), ("bias", bias), ("terms", terms))
                 for (norm, bias), terms in itertools.product(norms, ("random", "cancel"))]
+    if op == "depth_cross_entropy":  # the width is the vocabulary: the row kernels' length
+        return [(("norm", "layernorm"), ("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", None)),
+                (("norm", "layernorm"), ("label_smoothing", 0.1), ("z_loss", 1e-3), ("softcap", None)),
+                (("norm", "layernorm"), ("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", 4.0)),
+                (("norm", "rmsnorm"), ("label_smoothing", 0.2), ("z_loss", 1e-2), ("softcap", 2.5))]
     if op == "linear":
         return [(("bias", True),), (("bias", False),)]
     if op == "feed_forward":
@@ -111,6 +117,8 @@ def case_inputs(case: Case):
             xs[1], xs[2] = -xs[0] + 1e-5 * torch.randn(rows, width), xs[2] * 8
         args = (xs.to(d), _randn(width), _randn(width) if o["bias"] else None)
         return reference.probe_norm, args, {"norm": o["norm"]}
+    if case.op == "depth_cross_entropy":
+        return depth_cross_entropy_inputs(case)
     k = 24  # the GEMMs' inner size: the width is their output's (the hidden width for feed_forward)
     if case.op == "linear":
         args = (_randn(rows, k, dtype=d), _randn(width, k, dtype=d, scale=k ** -0.5),
@@ -130,3 +138,31 @@ def hybrid_reference(x, f, y, gate, weight, bias, long_weight, **kwargs):
     """The reference with the long weight positional."""
     from .. import reference
     return reference.hybrid_accumulate_norm(x, f, y, gate, weight, bias, long_weight=long_weight, **kwargs)
+
+
+DEPTH_EXITS, DEPTH_STATE_WIDTH = 3, 24
+DEPTH_CHUNK_ROWS = 7  # fewer than most cases' rows (3 exits x rows): several chunks, a partial last one
+
+
+def depth_cross_entropy_inputs(case: Case):
+    """A depth_cross_entropy case: 3 exits of `rows` tokens, states of width 24, the case's width the
+    vocabulary, a quarter of the targets ignored, the loss alone (depth_loss)."""
+    from .. import reference
+
+    o, d, vocab, dim = dict(case.options), case.dtype, case.width, DEPTH_STATE_WIDTH
+    targets = torch.randint(0, vocab, (case.rows,))
+    targets[torch.rand(case.rows) < 0.25] = -100
+    args = (_randn(DEPTH_EXITS, case.rows, dim, dtype=d, scale=2), targets, (1 + _randn(dim, scale=0.1)).to(d),
+            _randn(dim, dtype=d, scale=0.1) if o["norm"] == "layernorm" else None,
+            _randn(vocab, dim, dtype=d, scale=dim ** -0.5), torch.rand(DEPTH_EXITS) + 0.1, _randn(vocab, dtype=d,
+                                                                                                   scale=0.1))
+    return depth_loss(reference.depth_cross_entropy), args, o
+
+
+def depth_loss(op, **fixed):
+    """depth_cross_entropy's loss alone (what compare_op differentiates), the exits' weights and the head
+    bias positional, `fixed` keywords (a chunk size) added to the call."""
+    def loss(states, targets, norm_weight, norm_bias, head_weight, weights, head_bias, **options):
+        return op(states, targets, norm_weight, norm_bias, head_weight, weights=weights, head_bias=head_bias,
+                  **options, **fixed)[0]
+    return loss

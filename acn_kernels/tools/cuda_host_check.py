@@ -37,7 +37,7 @@ import torch
 from ..ops._common import partial_width
 from ..ops._gemm import GATED, output_width, saves_preactivation
 from ..ops.linear_act_accumulate import ACTIVATIONS  # row_math.h's codes, in order
-from .cases import DTYPES, KERNEL_OPS, Case, case_inputs, draw_case, op_options
+from .cases import DEPTH_CHUNK_ROWS, DTYPES, KERNEL_OPS, Case, case_inputs, depth_loss, draw_case, op_options
 
 CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # kernels.h's DType
@@ -97,7 +97,8 @@ def build_library(csrc: pathlib.Path = CSRC, cache: pathlib.Path | None = None) 
 
 # ----------------------------------------------------------------------------- the layer's runtime
 
-PARAMETER_BUFFERS = ("weight", "bias", "mean", "rstd", "partial_rows", "gate", "long_weight", "scratch")
+PARAMETER_BUFFERS = ("weight", "bias", "mean", "rstd", "partial_rows", "gate", "long_weight", "scratch", "targets",
+                     "scale", "loss", "lse")
 
 
 @dataclass
@@ -186,7 +187,8 @@ class HostKernels:
             return torch.empty(shape, dtype=dtype)
         size = torch.Size(shape).numel()
         guard = GUARD_BYTES // torch.tensor([], dtype=dtype).element_size()
-        backing = torch.full((size + 2 * guard + self.placement.shift,), float("nan"), dtype=dtype)
+        poison = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min  # integers: the targets
+        backing = torch.full((size + 2 * guard + self.placement.shift,), poison, dtype=dtype)
         self._keep.append(backing)
         return backing[guard + self.placement.shift: guard + self.placement.shift + size].view(shape)
 
@@ -408,6 +410,22 @@ class HostOps:
                 ctypes.c_longlong(glu_width))
         return dz
 
+    def cross_entropy_rows(self, logits, rows_targets, scale, ignore_index, label_smoothing, z_loss, softcap,
+                           needs_grad):
+        """In place on logits (rows, V) as the extension's op is: the checked copy's result copied back."""
+        k, (rows, vocab) = self.k, logits.shape
+        with k.call():
+            placed = k.place("logits", logits, writable=needs_grad)
+            targets, scale_c = k.place("targets", rows_targets.long()), k.place("scale", scale.float())
+            loss, lse = k.output("loss", (rows,), torch.float32), k.output("lse", (rows,), torch.float32)
+            k.library.acn_host_cross_entropy_rows(
+                _ptr(placed), ctypes.c_longlong(placed.stride(0)), _ptr(targets), _ptr(scale_c), _ptr(loss), _ptr(lse),
+                ctypes.c_longlong(rows), vocab, ctypes.c_longlong(ignore_index), ctypes.c_float(label_smoothing),
+                ctypes.c_float(z_loss), ctypes.c_float(softcap), int(needs_grad))
+        if placed.data_ptr() != logits.data_ptr():  # the checked copy (traffic's unchecked placement is in place)
+            logits.copy_(placed)
+        return loss, lse
+
 
 def autograd_twin(forward, backward, make_backward, setup_context):
     """A forward op with the op module's autograd formula, as register_cuda_twin gives the extension's."""
@@ -432,8 +450,9 @@ def autograd_twin(forward, backward, make_backward, setup_context):
 def public_ops(host: HostOps) -> dict:
     """The public ops of the CUDA backend's kernels, as `backend="cuda"` runs them, on the host-executed
     kernels (the hybrid op takes its long weight positionally, so that its gradient is checked)."""
-    an, hy, la, pn = (importlib.import_module(f"..ops.{name}", __package__)  # the modules, not the functions
-                      for name in ("accumulate_norm", "hybrid_accumulate_norm", "linear_act_accumulate", "probe_norm"))
+    an, hy, la, pn, dce = (importlib.import_module(f"..ops.{name}", __package__)  # the modules, not the functions
+                           for name in ("accumulate_norm", "hybrid_accumulate_norm", "linear_act_accumulate",
+                                        "probe_norm", "depth_cross_entropy"))
 
     norm_fwd = autograd_twin(host.accumulate_norm_fwd, host.accumulate_norm_bwd, an.make_backward, an.setup_context)
     hybrid_fwd = autograd_twin(host.hybrid_accumulate_norm_fwd, host.hybrid_accumulate_norm_bwd, hy.make_backward,
@@ -441,6 +460,14 @@ def public_ops(host: HostOps) -> dict:
     probe_fwd = autograd_twin(host.probe_norm_fwd, host.probe_norm_bwd, pn.make_backward, pn.setup_context)
     linear_fwd = autograd_twin(host.linear_act_accumulate_fwd, host.activation_backward, la.make_backward,
                                la.setup_context)
+    depth_fwd = autograd_twin(lambda *inputs: dce.chunked_loss(*inputs[:-1], host.cross_entropy_rows), None,
+                              lambda _: dce.backward, dce.setup_context)
+
+    def depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, *, weights, head_bias,
+                            norm="layernorm", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                            chunk_rows=DEPTH_CHUNK_ROWS):
+        return dce.run_forward(depth_fwd, states, targets, norm_weight, norm_bias, head_weight, weights, head_bias,
+                               -100, label_smoothing, z_loss, softcap, norm, 1e-5, chunk_rows, "cuda")
     return {
         "accumulate_norm": lambda x, y, w, b, eps=1e-5, norm="layernorm", normalize="input":
             an.run_forward(norm_fwd, x, y, w, b, eps, norm, normalize),
@@ -449,6 +476,7 @@ def public_ops(host: HostOps) -> dict:
         "probe_norm": lambda xs, w, b, eps=1e-5, norm="layernorm": pn.run_forward(probe_fwd, xs, w, b, eps, norm),
         "linear_act_accumulate": lambda x, w, b, y, activation="gelu":
             la.run_forward(linear_fwd, x, w, b, y, activation),
+        "depth_cross_entropy": depth_loss(depth_cross_entropy),
     }
 
 

@@ -286,7 +286,28 @@ def op_cases(rows: int = 512, dim: int = 1024, depth: int = 6):
         cases.append((f"feed_forward swiglu {tag}", feed_forward, reference.feed_forward, args,
                       {"activation": "swiglu"}, feed_forward_bound(*args, activation="swiglu")))
         cases.append((f"linear {tag}", linear, reference.linear, (xl, wl, bl), {}, plain_linear_bound(xl, wl, bl)))
+        cases.append(depth_cross_entropy_case(rows, dim, depth, dtype, tag))
     return cases
+
+
+def depth_cross_entropy_case(rows: int, dim: int, exits: int, dtype: torch.dtype, tag: str):
+    """depth_cross_entropy at `exits` exits of rows // exits tokens, states of width dim // 4, a
+    vocabulary of 2 dim, the layernorm and a head bias; chunks of one exit's rows."""
+    from .. import reference
+    from ..ops import depth_cross_entropy
+    from ..ops.depth_cross_entropy import traffic_bound
+    from .cases import depth_loss
+
+    tokens, width, vocab = rows // exits, dim // 4, 2 * dim
+    args = (_leaf(exits, tokens, width, dtype=dtype), torch.randint(0, vocab, (tokens,)), _leaf(width, dtype=dtype),
+            _leaf(width, dtype=dtype), _leaf(vocab, width, dtype=dtype), torch.rand(exits), _leaf(vocab, dtype=dtype))
+    fused = depth_loss(depth_cross_entropy)
+    fused.__name__ = "depth_cross_entropy"  # its CUDA twin's name in cuda_host_ops
+
+    def unchunked(*inputs, chunk_rows):  # the reference materializes every logit: no chunks
+        return depth_loss(reference.depth_cross_entropy)(*inputs)
+    return (f"depth_cross_entropy E={exits} V={vocab} {tag}", fused, unchunked, args, {"chunk_rows": tokens},
+            traffic_bound(*args, chunk_rows=tokens))
 
 
 def liger_swiglu_bytes(x, w1, b1, w2, b2) -> tuple[int, int]:

@@ -64,4 +64,11 @@ void acn_host_activation_backward(int dtype, int y_dtype, const void* dh, const 
   acn::activation_backward(DType(dtype), DType(y_dtype), dh, dy_out, saved, dz, n, activation, glu_width, nullptr);
 }
 
+void acn_host_cross_entropy_rows(float* logits, long long stride, const long long* targets, const float* scale,
+                                 float* loss, float* lse, long long rows, int vocab, long long ignore_index,
+                                 float label_smoothing, float z_loss, float softcap, int needs_grad) {
+  acn::cross_entropy_rows(logits, stride, reinterpret_cast<const int64_t*>(targets), scale, loss, lse, rows, vocab,
+                          ignore_index, label_smoothing, z_loss, softcap, needs_grad != 0, nullptr);
+}
+
 }  // extern "C"
