@@ -221,3 +221,12 @@ def test_under_autocast_16_bit_states_and_a_float32_head_give_float32_logits_and
                                           weights=weights.double(), head_bias=bias.double())[0]
     assert loss.dtype == torch.float32 and states.grad.dtype == torch.bfloat16 and head.grad.dtype == torch.float32
     torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=1e-4)
+
+
+def test_the_default_chunk_holds_about_the_states_logits_on_a_gpu_and_32_mib_on_a_cpu():
+    from acn_kernels.ops.depth_cross_entropy import chunk_rows_for
+
+    rows = 13 * 8192  # GPT-2: 13 exits of 8 x 1024 tokens
+    assert chunk_rows_for(rows, 50257, 768, torch.device("cuda")) == 2048  # 106496 / ceil(50257 / 768), to 2^k
+    assert chunk_rows_for(rows, 50257, 768, torch.device("cpu")) == (1 << 23) // 50257
+    assert chunk_rows_for(3, 7, 16, torch.device("cuda")) == 4 and chunk_rows_for(3, 10 ** 8, 4, torch.device("cpu")) == 1

@@ -231,3 +231,17 @@ def test_the_speculative_bench_checks_every_row_and_reads_saved_models(tmp_path,
     deeper = dataclasses.replace(settings, depth=settings.depth + 1)
     with pytest.raises(language.ModelsDirError, match=r"addition-acn-seed0.pt holds a model of other settings"):
         speculative_bench.speculative_bench(deeper, str(tmp_path / "x"), str(models), no_bar)
+
+
+def test_table_6c_rows_train_as_their_methods_say():
+    """The annealed row ends an ACN outright (as_acn), the LayerSkip row trains with layer dropout and
+    ends without it, and an equal-time budget gives a row that costs twice the acn's step half its steps."""
+    from acn_kernels.experiments import language
+
+    settings = quick_language()
+    annealed, curve = language.trained(settings, "addition", "anneal", 0)
+    assert annealed.connectivity == "acn" and annealed.gates is None and len(curve) == 4
+    layerskip, _ = language.trained(settings, "addition", "residual+layerskip", 0)
+    assert layerskip.layer_dropout is None and layerskip.connectivity == "residual"
+    times = {("corpus", "acn"): 0.1, ("corpus", "acn+ee"): 0.2, ("corpus", "residual"): 0.1}
+    assert language.equal_time_steps(settings, times) == {("corpus", "acn+ee"): 20}

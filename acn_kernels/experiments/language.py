@@ -459,14 +459,17 @@ def step_times(settings: LanguageSettings, task_name: str, rows: tuple) -> dict:
     return {row: statistics.median(times[2:]) for row, times in seconds.items()}
 
 
+TIME_TOLERANCE = 0.03  # rows within 3% of the acn's time per step (about the timing's noise) keep its steps
+
+
 def equal_time_steps(settings: LanguageSettings, times: dict) -> dict:
     """{(task, row): steps} of the same training time as the acn's settings.steps: fewer for a row
-    that costs more a step (none listed where they are the same steps)."""
+    that costs more a step (none listed where they are the same steps, within TIME_TOLERANCE)."""
     budget = {}
     for (task_name, row), seconds in times.items():
-        steps = round(settings.steps[task_name] * times[(task_name, "acn")] / seconds)
-        if steps != settings.steps[task_name]:
-            budget[(task_name, row)] = steps
+        ratio = times[(task_name, "acn")] / seconds
+        if abs(ratio - 1) > TIME_TOLERANCE:
+            budget[(task_name, row)] = round(settings.steps[task_name] * ratio)
     return budget
 
 
