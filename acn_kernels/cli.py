@@ -140,6 +140,8 @@ def main(argv=None) -> int:
                                  "registers, spills, shared memory")
     report.add_argument("--only", default=None, help="one kernel, by its function name")
     report.add_argument("--jobs", type=positive_int, default=None, help="parallel compilations (default: all cores)")
+    report.add_argument("--target", type=int, choices=(80, 90), default=None,
+                        help="one GPU target (sm_80 or sm_90) instead of both")
     _add_page_options(report, check=True)
     _add_page_options(commands.add_parser("cuda-report", help="compile csrc/*.cu for sm_80 and sm_90 with nvcc; "
                                           "registers, spills"), check=True)
@@ -221,7 +223,7 @@ def run_command(args, argv: list[str]) -> int:
         return _run_bench(args)
     if args.command == "compile-report":
         from .tools.compile_report import run_report
-        return run_report(args.only, args.jobs)
+        return run_report(args.only, args.jobs, args.target)
     if args.command == "demo":
         from .experiments.demo import run_demo
         return run_demo(args.model, depth=args.depth, epochs=args.epochs, seed=args.seed, plot=args.plot,

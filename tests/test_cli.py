@@ -82,6 +82,9 @@ def test_compile_report_compiles_a_kernel_for_sm80_and_sm90_without_a_gpu(tmp_pa
     widths = {(row.split()[4], row.split()[5]): row.split()[9] for row in rows}  # (dtype, alignment): ld B
     assert widths[("bf16", "aligned")] == "16" and widths[("bf16", "unaligned")] == "2-4"  # 4: the fp32 sum
     assert "24 compilations, 0 failed, spilled, narrower than 16 bytes when aligned or without wgmma" in result.stdout
+    one_target = run_module("compile-report", "--only", "accumulate_norm_fwd_wide_kernel", "--target", "90",
+                            interpret=False)
+    assert "12 compilations, 0 failed" in one_target.stdout and " sm_80 " not in one_target.stdout
 
 
 def test_compile_report_refuses_to_run_under_the_interpreter():

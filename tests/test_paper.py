@@ -129,9 +129,12 @@ def test_paper_quick_writes_its_tables_csvs_and_plots(tmp_path):
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for title in ("1. Compression", "2. Noise robustness", "3. Continual learning", "4. Training speed",
-                  "4b. The hybrid", "5a. Shrinking while training", "5b. Early exit per sample", "6. Language models"):
+                  "4b. The hybrid", "5a. Shrinking while training", "5b. Early exit per sample", "6. Language models",
+                  "6c. Training an ACN LM fast, corpus", "6c. Training an ACN LM fast, addition"):
         assert title in result.stdout
     assert result.stdout.count("verdict: ") == 13 and result.stdout.count("target: ") == 4
+    for task in ("corpus", "addition"):  # table 6c's targets: each ACN row at the same training time
+        assert result.stdout.count(f"target ({task}, ") == 5
     for name in ("compression", "noise", "continual", "training_speed", "hybrid", "shrinking", "early_exit",
                  "language"):
         assert (tmp_path / f"{name}.csv").read_text().startswith("dataset,model,twin,seed,metric,value")

@@ -22,6 +22,12 @@ package's GPT has none), and the scale. `recipe="package"` (`paper --lm-recipe p
 this table used before: lr 3e-3, betas (0.9, 0.999), weight decay 0.1 on every parameter, warmup
 then cosine to 0, no clipping, biases, learned positions.
 
+Table 6c trains the rows of METHODS (training.py's methods on the twins) the same way, at the same
+steps, at the same training time (each row's time per step measured with the rows' steps interleaved
+in one process; a row within TIME_TOLERANCE of the acn's keeps its steps) and LONGER x the steps for
+acn, residual and the two best ACN rows; the equal-time budgets follow the measured times, so they are
+the one part of a rerun that can differ.
+
 Each run is deterministic on a machine: its seed fixes the initialization and the batches, and it runs
 on one thread with torch.use_deterministic_algorithms, so two runs of the same command give the same
 table. Across machines the float rounding of the CPU's kernels (their vector width, the BLAS build)
@@ -82,6 +88,7 @@ METHODS = {  # the rows of table 6c
     "residual+layerskip": Method("residual", exit_loss=dict(weights="uniform", curriculum="rotational"),
                                  layer_dropout=0.1),
     "residual+ee": Method("residual", exit_loss=dict(weights="uniform")),
+    "lsn+ee": Method("lsn", exit_loss=dict(weights="authors")),  # found here: the LSN's depth and shallow exits
 }
 TABLE6_ROWS = ("acn", "hybrid", "hybrid-unit", "residual")  # the twins as the recipe trains them
 ROWS = {**{twin: Method(twin) for twin in TABLE6_ROWS}, **METHODS}
@@ -220,8 +227,9 @@ def parameter_groups(model: nn.Module, recipe: Recipe) -> list:
 
 def schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, steps: int):
     if recipe.one_cycle:  # warmup from lr/100 (div_factor), then cosine down to lr/10 (lr/100 / final_div_factor)
+        # at least 2 warmup steps: OneCycleLR divides by (warmup steps - 1), which a 20-step budget makes 0
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=steps,
-                                                   pct_start=WARMUP_FRACTION, anneal_strategy="cos",
+                                                   pct_start=max(WARMUP_FRACTION, 2 / steps), anneal_strategy="cos",
                                                    cycle_momentum=False, div_factor=100.0, final_div_factor=0.1)
     warmup = max(1, int(WARMUP_FRACTION * steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
@@ -506,7 +514,7 @@ def run_language(settings: LanguageSettings, out: str, tqdm, workers: int = 1, s
                "depth k (blocks used)", "held-out loss (nats)")
 
 
-ACN_AT_INFERENCE = ("lsn", "anneal", "acn+ee", "anneal+ee")  # pure ACNs at inference, or the authors' LSN
+ACN_AT_INFERENCE = ("lsn", "anneal", "acn+ee", "anneal+ee", "lsn+ee")  # pure ACNs at inference, or the LSN
 
 
 def best_methods(rows: dict, task_name: str, budget: dict) -> list:

@@ -13,7 +13,9 @@
    ACN and the residual twin, and per-sample early exit at inference, acn against residual.
 6. Language models (language.py): AC-GPT and its twins on a byte-level grammar corpus and on n-digit
    addition, loss at every depth, effective depth, steps to a target loss, and the generation speed
-   of the model truncated to its effective depth.
+   of the model truncated to its effective depth; 6b. self-speculative decoding; 6c. training an ACN
+   LM fast (the authors' LSN, gate annealing, early-exit losses, against the residual twin with
+   LayerSkip's recipe and with a loss at every depth), at the same steps and the same training time.
 
 Experiments 1, 2, 4 and 5 share one training per data set, model, twin and seed (the test accuracy is
 recorded after every epoch). Every table ends with a verdict on the direction of the poster's claim,

@@ -31,8 +31,8 @@ from ..depth import generation_tokens_per_second, median_ms, speculations
 from ..models import GPT
 from ..speculative import speculative_generate
 from . import text
-from .language import (PROMPT, RECIPES, LanguageSettings, deterministic, loaded_or_trained, saved_model_path, task_of,
-                       train)
+from .language import (PROMPT, RECIPES, LanguageSettings, Method, deterministic, loaded_or_trained, saved_model_path,
+                       task_of, train)
 from .report import print_table, write_csv
 
 SPECULATIVE_TWINS = ("acn", "hybrid", "residual")
@@ -148,7 +148,7 @@ def user_model(settings: LanguageSettings) -> tuple:
         model = GPT(text.VOCAB, max(task.max_len, PROMPT + settings.new_tokens), settings.dim, settings.depth,
                     settings.heads, backend=settings.backend, **{**RECIPES["authors"].model, "norm": "rmsnorm",
                                                                 "mlp": "swiglu"})
-        train(model, task, settings, 0)
+        train(model, task, settings, 0, Method("acn"), settings.steps["corpus"])
     return model.eval(), task.validation[0][:8, :PROMPT]
 
 

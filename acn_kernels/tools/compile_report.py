@@ -371,14 +371,16 @@ def print_rows(rows: list) -> int:
     return failures
 
 
-def run_report(only: str | None = None, jobs: int | None = None) -> int:
+def run_report(only: str | None = None, jobs: int | None = None, target: int | None = None) -> int:
+    """Every build (or `only` one) for every target (or `target` alone), aligned and unaligned; the
+    exit code is 1 on any failure, spill, narrow aligned access or missing wgmma."""
     from ..backend import TRITON_INTERPRETED
 
     if TRITON_INTERPRETED:
         print("compile-report compiles for GPUs: unset TRITON_INTERPRET and run it again", file=sys.stderr)
         return 2
     work = [(build, alignment, capability) for build in all_builds(only) for alignment in ALIGNMENTS
-            for capability in TARGETS]
+            for capability in (TARGETS if target is None else (target,))]
     if not work:
         print(f"no kernel named {only!r}", file=sys.stderr)
         return 2
