@@ -126,7 +126,7 @@ def test_paper_quick_writes_its_tables_csvs_and_plots(tmp_path):
     pytest.importorskip("mnist1d", reason="the paper's MNIST-1D data needs the [paper] extra")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
     result = subprocess.run([sys.executable, "-m", "acn_kernels", "paper", "--quick", "--out", str(tmp_path)],
-                            capture_output=True, text=True, env=env, timeout=600)
+                            capture_output=True, text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for title in ("1. Compression", "2. Noise robustness", "3. Continual learning", "4. Training speed",
                   "4b. The hybrid", "5a. Shrinking while training", "5b. Early exit per sample", "6. Language models",
