@@ -19,7 +19,8 @@ authors' H-ACN language model: one alpha per block, gate 1 - alpha on both of it
 gates_from_long_weights=True ties the gates to the long weights (their Long_Short model: depth d's
 gate is 1 - the long weight of depth d-1's output, 1 - b_0 for the first depth), so it registers no
 gates of its own; skip_attention=True leaves the short path after each depth's first unit (a decoder
-layer's attention) whole, gate 1 (their LSN's --skipattn: only the MLP's short path gated). clamp_range=(low, high) bounds every gate and weight: `clamp_scalars()`, which
+layer's attention) whole, gate 1 (their LSN's --skipattn: only the MLP's short path gated).
+clamp_range=(low, high) bounds every gate and weight: `clamp_scalars()`, which
 `clamp_after(optimizer)` runs after each optimizer step (the authors clamp their alphas to [0, 1]).
 
 units_per_depth=n groups n consecutive blocks into one depth (the AC-GPT's attention and MLP branches,

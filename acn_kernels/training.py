@@ -1,7 +1,8 @@
 """Training an ACN language model fast: the early-exit loss, gate annealing and layer dropout, for the
-package's GPT and (the first two) acnify'd Hugging Face causal LMs alike. The loss reads them through the interface both offer: `exit_states(input_ids, **inputs)`
-gives the states after 0..L depths (L+1, batch, positions, D), the running sums y_k of an ACN, and
-their Readout (the final norm and head, long_connections.Readout).
+package's GPT and (the first two) acnify'd Hugging Face causal LMs alike. The loss reads them
+through the interface both offer: `exit_states(input_ids, **inputs)` gives the states after 0..L
+depths (L+1, batch, positions, D), the running sums y_k of an ACN, and their Readout (the final norm
+and head, long_connections.Readout).
 
 early_exit_loss reads depths 1..L (the embeddings alone, depth 0, are no exit) through the shared
 final norm and head with `depth_cross_entropy`, so no (exits, tokens, vocabulary) logits exist:

@@ -229,4 +229,5 @@ def test_the_default_chunk_holds_about_the_states_logits_on_a_gpu_and_32_mib_on_
     rows = 13 * 8192  # GPT-2: 13 exits of 8 x 1024 tokens
     assert chunk_rows_for(rows, 50257, 768, torch.device("cuda")) == 2048  # 106496 / ceil(50257 / 768), to 2^k
     assert chunk_rows_for(rows, 50257, 768, torch.device("cpu")) == (1 << 23) // 50257
-    assert chunk_rows_for(3, 7, 16, torch.device("cuda")) == 4 and chunk_rows_for(3, 10 ** 8, 4, torch.device("cpu")) == 1
+    assert chunk_rows_for(3, 7, 16, torch.device("cuda")) == 4
+    assert chunk_rows_for(3, 10 ** 8, 4, torch.device("cpu")) == 1
