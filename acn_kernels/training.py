@@ -84,6 +84,28 @@ def early_exit_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, wei
     return readout.losses(states[chosen], labels, chosen_weights)[0]
 
 
+# ----------------------------------------------------------------------------- schedules
+
+class StepSchedule:
+    """What GateAnnealing and LayerDropout share: `steps` optimizer steps taken, `apply()` sets the
+    model for them, `step()` after each optimizer step, and a state_dict to resume from."""
+    steps = 0
+
+    def apply(self) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        self.steps += 1
+        self.apply()
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        self.apply()
+
+
 # ----------------------------------------------------------------------------- gate annealing
 
 SHAPES = ("linear", "cosine")
@@ -99,7 +121,7 @@ def long_connections_of(model) -> LongConnections:
     return next(iter(found.values()))
 
 
-class GateAnnealing:
+class GateAnnealing(StepSchedule):
     """A hybrid's short-path gates set from 1 (the pre-norm residual net) to 0 (the ACN) over the first
     `fraction` of total_steps, then 0: `step()` after each optimizer step. shape "linear" (1 - t) or
     "cosine" ((1 + cos(pi t)) / 2: it leaves 1 and reaches 0 with zero slope). The gates are set, not
@@ -130,17 +152,6 @@ class GateAnnealing:
         for gate in self.long_connections.gates:
             gate.fill_(self.gate(self.steps))
 
-    def step(self) -> None:
-        self.steps += 1
-        self.apply()
-
-    def state_dict(self) -> dict:
-        return {"steps": self.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.steps = state["steps"]
-        self.apply()
-
 
 def as_acn(model):
     """`model` (a hybrid whose gates are all 0: the ACN exactly, as GateAnnealing leaves it) made an
@@ -159,7 +170,7 @@ def as_acn(model):
 
 # ----------------------------------------------------------------------------- layer dropout
 
-class LayerDropout:
+class LayerDropout(StepSchedule):
     """LayerSkip's layer dropout (see the module docstring) for a residual or ffn model of the package:
     sets model.layer_dropout to each block's rate; `step()` after each optimizer step. curriculum
     "exponential" scales the rates by S(t); None keeps them at p_max D(l)."""
@@ -186,7 +197,3 @@ class LayerDropout:
 
     def apply(self) -> None:
         self.model.layer_dropout = self.rates(self.steps)
-
-    def step(self) -> None:
-        self.steps += 1
-        self.apply()
