@@ -192,6 +192,7 @@ class LongConnections(nn.Module):
         self.final_kind = norm_kind(final_norm, "final_norm") if final_norm is not None else None
         self.backend = backend
         self.gradient_checkpointing = False
+        self.layer_dropout: list | None = None  # per depth, set by training.LayerDropout
         self._active_depth = None
 
     @property
@@ -290,36 +291,37 @@ class LongConnections(nn.Module):
         """Runs clamp_scalars after each of optimizer's steps; returns the hook's handle (remove() ends it)."""
         return optimizer.register_step_post_hook(lambda *_: self.clamp_scalars())
 
-    def _step(self, i: int, s: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor | None, x_in_y: bool,
-              fused: bool, block_kwargs: dict, keep_last_output: bool = True):
-        """(s_i, y, x_{i+1}, whether y holds x_{i+1}) for block i, given x (x_0 or block i-1's output), the
-        input s of block i-1 (None for x_0), the sum y and whether y holds x already. s_i is block i's
-        input before its norm: x for the ACN, gates[i-1] * s + x for the hybrid. Without keep_last_output,
-        the last block's x_{i+1} may come back None, added into y."""
-        block, last = self.blocks[i], i == self.units - 1
+    def _step(self, i: int, previous: int, last: bool, s: torch.Tensor | None, x: torch.Tensor,
+              y: torch.Tensor | None, x_in_y: bool, fused: bool, block_kwargs: dict, keep_last_output: bool = True):
+        """(s_i, y, x_{i+1}, whether y holds x_{i+1}) for block i, given x (x_0, previous = -1, or the output
+        of block `previous`: i - 1 unless layer dropout skipped the blocks between), the input s of block
+        `previous` (None for x_0), the sum y and whether y holds x already. s_i is block i's input before its
+        norm: x for the ACN, gates[previous] * s + x for the hybrid. Without keep_last_output, the last
+        block's x_{i+1} may come back None, added into y."""
+        block = self.blocks[i]
         joins_short_path = self.hybrid and s is not None
         run_accumulate = getattr(block, "run_accumulate", None) if fused and not self._weights_sum else None
         if run_accumulate is not None:  # the block adds its output to y itself, but where x_L is
-            state = self._short_state(i - 1, s, x) if joins_short_path else x  # wanted, the last one's goes
+            state = self._short_state(previous, s, x) if joins_short_path else x  # wanted, the last one's goes
             y = y if x_in_y else self._add(y, x)                                # to the final boundary
             if last and keep_last_output:
                 return state, y, run_accumulate(state, None, self.backend)[0], False
             x_next, y = run_accumulate(state, y, self.backend, keep_output=not last)
             return state, y, x_next, True
         norm = None if self.input_norms is None else self.input_norms[i]
-        weighted_x0 = i == 0 and self.x0_weight is not None  # b_0 x_0 into the sum, x_0 itself onward
+        weighted_x0 = previous == -1 and self.x0_weight is not None  # b_0 x_0 into the sum, x_0 itself onward
         if fused and norm is not None and joins_short_path:
             weight, bias, eps = norm_parameters(norm, x)
-            state, y, h = hybrid_accumulate_norm(s, x, y, self._gate(i - 1, x), weight, bias,
-                                                 long_weight=self._long_weight(i - 1), eps=eps,
+            state, y, h = hybrid_accumulate_norm(s, x, y, self._gate(previous, x), weight, bias,
+                                                 long_weight=self._long_weight(previous), eps=eps,
                                                  norm=self.norm_kinds[i], backend=self.backend)
         elif fused and norm is not None and not x_in_y and not weighted_x0:
             weight, bias, eps = norm_parameters(norm, x)
             state, (y, h) = x, accumulate_norm(x, y, weight, bias, eps=eps, norm=self.norm_kinds[i],
                                                backend=self.backend)
         else:
-            state = self._short_state(i - 1, s, x) if joins_short_path else x
-            term = self._term(i - 1, x) if joins_short_path else self._x0_term(x) if i == 0 else x
+            state = self._short_state(previous, s, x) if joins_short_path else x
+            term = self._term(previous, x) if joins_short_path else self._x0_term(x) if previous == -1 else x
             y = y if x_in_y else self._add(y, term)
             h = state if norm is None else norm(state)
         x_next = block(h, **block_kwargs) if norm is None else self._run_normed(i, state, h, block_kwargs)
@@ -362,18 +364,29 @@ class LongConnections(nn.Module):
         """chain; without keep_last_output, (y_L, None, outputs) where the last block adds x_L itself."""
         self.check_x0(x0)
         fused = self.fused(x0.device)
-        s, x, y, x_in_y, outputs = None, x0, None, False, [x0]
-        for i in range(self.units):
+        s, x, y, x_in_y, outputs, previous = None, x0, None, False, [x0] + [None] * self.units, -1
+        kept = self.kept_units()
+        for n, i in enumerate(kept):
+            arguments = (i, previous, n == len(kept) - 1, s, x, y, x_in_y, fused, block_kwargs, keep_last_output)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                s, y, x, x_in_y = checkpoint(self._step, i, s, x, y, x_in_y, fused, block_kwargs, keep_last_output,
-                                             use_reentrant=False)
+                s, y, x, x_in_y = checkpoint(self._step, *arguments, use_reentrant=False)
             else:
-                s, y, x, x_in_y = self._step(i, s, x, y, x_in_y, fused, block_kwargs, keep_last_output)
-            outputs.append(x)
-        terms = [self._x0_term(outputs[0]), *(self._term(i, x) for i, x in enumerate(outputs[1:]))] \
-            if keep_last_output else outputs
-        return (y, None, terms) if x_in_y else (y, self._term(self.units - 1, x) if self.units else self._x0_term(x),
+                s, y, x, x_in_y = self._step(*arguments)
+            outputs[i + 1], previous = x, i
+        terms = [self._x0_term(x0), *(torch.zeros_like(x0) if x is None else self._term(i, x)
+                                      for i, x in enumerate(outputs[1:]))] if keep_last_output else outputs
+        return (y, None, terms) if x_in_y else (y, self._x0_term(x) if previous == -1 else self._term(previous, x),
                                                 terms)
+
+    def kept_units(self) -> list:
+        """The units this forward runs: every one, or in training with layer dropout rates, each depth
+        skipped with its rate, all its units and the whole batch together (so every fused boundary
+        stays one kernel), as if it were not there: the next kept unit reads the last kept one's state."""
+        units = list(range(self.units))
+        if not (self.training and self.layer_dropout and self.units):
+            return units
+        kept = (torch.rand(self.depth) >= torch.tensor(self.layer_dropout[:self.depth])).tolist()
+        return [i for i in units if kept[i // self.units_per_depth]]
 
     def sum_and_norm(self, y: torch.Tensor | None, x: torch.Tensor | None) -> tuple:
         """(y + x, final_norm(y + x)), the last boundary (y + x twice without a final norm); x None:

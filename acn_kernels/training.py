@@ -17,9 +17,11 @@ final norm and head with `depth_cross_entropy`, so no (exits, tokens, vocabulary
 GateAnnealing takes a hybrid from the pre-norm residual net (every short-path gate 1) to the ACN (every
 gate 0) over the first part of training; as_acn then makes the model an ACN outright (connectivity
 "acn", the same parameters, no gates), which saves and reloads as one. LayerDropout is LayerSkip's
-layer dropout for the residual and ffn twins: block l skipped per sample with probability
-p_max D(l) S(t), D(l) = 2^(l / (L - 1)) - 1 rising from 0 (first block) to 1 (last), S(t) = 2^(t / T) - 1
-over the T steps of training (LayerSkip's exponential scales), the skipped samples' compute saved.
+layer dropout: block l skipped with probability p_max D(l) S(t), D(l) = 2^(l / (L - 1)) - 1 rising from
+0 (first block) to 1 (last), S(t) = 2^(t / T) - 1 over the T steps of training (LayerSkip's exponential
+scales), the skipped compute saved; per sample in the residual and ffn twins (LayerSkip's), per batch in
+every connectivity (stochastic depth's: the network as if the block were not there, which for an ACN
+is its next block reading the last kept one's output, nothing added to the sum).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 
 from ._validation import check_choice, check_positive_int, check_real
 from .long_connections import LongConnections
+from .models.base import LAYER_DROPOUT_PER, LONG
 
 WEIGHTS = ("authors", "uniform")
 CURRICULA = ("rotational", "gradual")
@@ -171,23 +174,30 @@ def as_acn(model):
 # ----------------------------------------------------------------------------- layer dropout
 
 class LayerDropout(StepSchedule):
-    """LayerSkip's layer dropout (see the module docstring) for a residual or ffn model of the package:
-    sets model.layer_dropout to each block's rate; `step()` after each optimizer step. curriculum
-    "exponential" scales the rates by S(t); None keeps them at p_max D(l)."""
+    """LayerSkip's layer dropout (see the module docstring) for a model of the package: sets each
+    block's rate (model.set_layer_dropout); `step()` after each optimizer step. curriculum
+    "exponential" scales the rates by S(t); None keeps them at p_max D(l). per "sample" (LayerSkip's:
+    residual and ffn models) or "batch" (every connectivity, as stochastic depth drops layers: the
+    whole batch skips a block, as if it were not there; the only way for an ACN's long connections,
+    whose fused boundaries run each depth for the whole batch)."""
 
-    def __init__(self, model, total_steps: int, p_max: float = 0.1, curriculum: str | None = "exponential"):
+    def __init__(self, model, total_steps: int, p_max: float = 0.1, curriculum: str | None = "exponential",
+                 per: str = "sample"):
         check_positive_int("total_steps", total_steps)
         check_real("p_max", p_max, "a real number in [0, 1] (the last block's rate)", minimum=0)
         if p_max > 1:
             raise ValueError(f"p_max must be a real number in [0, 1] (the last block's rate), got {p_max!r}")
         if curriculum is not None:
             check_choice("curriculum", curriculum, ("exponential",))
-        connectivity = getattr(model, "connectivity", None)
-        if connectivity not in ("residual", "ffn"):
-            raise ValueError(f"LayerDropout skips blocks of a residual or ffn model of the package (a skipped block "
-                             f"passes its input on), got connectivity={connectivity!r}")
-        self.model, self.total_steps, self.p_max, self.curriculum, self.steps = model, total_steps, p_max, \
-            curriculum, 0
+        check_choice("per", per, LAYER_DROPOUT_PER)
+        if not callable(getattr(model, "set_layer_dropout", None)):
+            raise TypeError(f"LayerDropout skips blocks of the package's models, got {type(model).__name__}")
+        if per == "sample" and model.connectivity in LONG:
+            raise ValueError(f"per='sample' skips blocks sample by sample, which residual and ffn chains can; an "
+                             f"ACN's long connections skip a depth for the whole batch: per='batch' for "
+                             f"connectivity={model.connectivity!r}")
+        self.model, self.total_steps, self.p_max, self.curriculum, self.per, self.steps = \
+            model, total_steps, p_max, curriculum, per, 0
         self.apply()
 
     def rates(self, step: int) -> list:
@@ -196,4 +206,4 @@ class LayerDropout(StepSchedule):
         return [self.p_max * scale * (2 ** (i / max(depth - 1, 1)) - 1) for i in range(depth)]
 
     def apply(self) -> None:
-        self.model.layer_dropout = self.rates(self.steps)
+        self.model.set_layer_dropout(self.rates(self.steps), self.per)

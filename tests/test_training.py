@@ -2,11 +2,13 @@
 next-token losses computed by hand from `probe`, its gradients too, and LayerSkip's curricula; gate
 annealing, as_acn and layer dropout. The same on acnify'd Hugging Face LMs is in test_acnify.py (CI
 runs it where transformers is installed)."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from acn_kernels import GPT, early_exit_loss
+from acn_kernels import GPT, MLP, early_exit_loss
 from acn_kernels.training import exit_weights, exits_in
 
 
@@ -145,9 +147,16 @@ def test_layer_dropout_rates_rise_with_depth_and_over_training():
         schedule.step()
     assert model.layer_dropout[0] == 0.0 and model.layer_dropout[-1] == pytest.approx(0.2)
     assert all(a < b for a, b in zip(model.layer_dropout, model.layer_dropout[1:]))
-    with pytest.raises(ValueError, match=r"LayerDropout skips blocks of a residual or ffn model .* got "
+    with pytest.raises(ValueError, match=r"per='sample' skips blocks sample by sample, .* per='batch' for "
                                          r"connectivity='acn'"):
         LayerDropout(GPT(50, 16, 32, 2, 4), total_steps=10)
+    with pytest.raises(ValueError, match=r"per must be one of .*, got 'token'"):
+        LayerDropout(model, total_steps=10, per="token")
+    with pytest.raises(TypeError, match=r"LayerDropout skips blocks of the package's models, got Linear"):
+        LayerDropout(torch.nn.Linear(2, 2), total_steps=10)
+    acn = GPT(50, 16, 32, 3, 4)
+    LayerDropout(acn, total_steps=10, p_max=0.2, per="batch", curriculum=None)
+    assert acn.long_connections.layer_dropout == acn.layer_dropout and acn.layer_dropout[-1] == pytest.approx(0.2)
 
 
 def test_a_dropped_block_passes_its_input_on_and_runs_only_the_kept_samples():
@@ -160,6 +169,77 @@ def test_a_dropped_block_passes_its_input_on_and_runs_only_the_kept_samples():
     torch.testing.assert_close(model.eval()(t), model.truncate(2)(t), rtol=0, atol=0)  # eval: no dropout
     batches = []
     model.blocks[1].register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
-    model.layer_dropout = [0.0, 0.5]
+    model.set_layer_dropout([0.0, 0.5])
     model.train()(t).sum().backward()
     assert 0 < batches[-1] < 8 or batches == []  # some samples skipped (their compute saved)
+
+
+def without_depths(model, factory, dropped: set):
+    """A model built by `factory(depth)` holding `model`'s parameters without the dropped depths (each
+    kept depth's blocks and each kept unit's gate moved down): the network as if those depths were not
+    there."""
+    kept = [d for d in range(model.depth) if d not in dropped]
+    long = model.long_connections
+    kept_units = [u for u in range(long.units) if u // long.units_per_depth in kept]
+    new_index = {"blocks": {d: kept.index(d) for d in kept},  # gate j is on the short path after unit j * per
+                 "gates": {u // long.units_per_scalar: kept_units.index(u) // long.units_per_scalar
+                           for u in kept_units if u % long.units_per_scalar == 0}}
+    moved = {}
+    for name, value in model.state_dict().items():
+        head, _, rest = name.partition(".")
+        index, _, tail = rest.partition(".")
+        if head not in new_index:
+            moved[name] = value
+        elif int(index) in new_index[head]:
+            moved[".".join([head, str(new_index[head][int(index)]), *([tail] if tail else [])])] = value
+    smaller = factory(len(kept)).to(next(model.parameters()).dtype)
+    missing, unexpected = smaller.load_state_dict(moved, strict=False)
+    assert not missing and all(name.startswith("gates.") for name in unexpected)  # a gate after the last unit
+    return smaller, kept
+
+
+LAYER_DROPOUT_MODELS = {
+    "gpt": (lambda depth, **kw: GPT(50, 16, 32, depth, 4, bias=False, positions="rotary", **kw),
+            lambda dtype: torch.randint(0, 50, (3, 7))),
+    "mlp": (lambda depth, **kw: MLP(12, 16, depth, 5, **kw), lambda dtype: torch.randn(5, 12, dtype=dtype)),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("connectivity", ["acn", "hybrid", "residual"])
+@pytest.mark.parametrize("kind", sorted(LAYER_DROPOUT_MODELS))
+def test_a_dropped_depth_is_the_network_without_it_forward_and_backward(kind, connectivity, backend):
+    """Per batch, every connectivity: with rates 1 (always dropped) and 0 (always kept) the training
+    forward and every gradient are those of the model built without the dropped depths (an ACN's
+    next kept block reads the last kept one's output, a hybrid's its gated short state), the fused
+    boundaries (triton) as the reference's; the dropped depths get no gradient; eval drops nothing."""
+    build, draw = LAYER_DROPOUT_MODELS[kind]
+    factory = partial(build, connectivity=connectivity, backend=backend,
+                      **({"learn_gates": False} if connectivity == "hybrid" else {}))
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    model = factory(4).to(dtype)
+    with torch.no_grad():
+        for gate in model.gates or []:
+            gate.uniform_(0.2, 0.9)
+    inputs = draw(dtype)
+    full = model.eval()(inputs)
+    model.set_layer_dropout([0.0, 1.0, 0.0, 1.0], per="batch")
+    smaller, kept = without_depths(model, factory, {1, 3})
+    expected, got = smaller.train()(inputs), model.train()(inputs)
+    tolerance = dict(rtol=0, atol=0) if backend == "reference" else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, **tolerance)
+    grad = torch.randn_like(got)
+    expected.backward(grad)
+    got.backward(grad)
+    for name, parameter in model.named_parameters():
+        head, _, rest = name.partition(".")
+        index = rest.partition(".")[0]
+        if head == "blocks" and int(index) not in kept:
+            assert parameter.grad is None, name
+        elif parameter.requires_grad:
+            moved = f"blocks.{kept.index(int(index))}.{rest.partition('.')[2]}" if head == "blocks" else name
+            torch.testing.assert_close(parameter.grad, smaller.get_parameter(moved).grad, **tolerance, msg=name)
+    if kind == "gpt" and connectivity != "residual":  # every depth's state: a dropped depth's is the one before
+        states = model.train().exit_states(inputs)[0]
+        torch.testing.assert_close(states[[2, 4]], states[[1, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(model.eval()(inputs), full, rtol=0, atol=0)

@@ -290,7 +290,7 @@ class Trainer:
     def finish(self) -> GPT:
         if self.method.anneal is not None:
             as_acn(self.model)
-        self.model.layer_dropout = None
+        self.model.set_layer_dropout(None)
         return self.model
 
 

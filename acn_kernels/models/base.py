@@ -35,6 +35,7 @@ from ..long_connections import (LongConnections, attach, check_depth, check_hybr
                                 scalar_parameters, shallow_copy)
 
 CONNECTIVITIES = ("acn", "residual", "ffn", "hybrid")
+LAYER_DROPOUT_PER = ("sample", "batch")
 LONG = ("acn", "hybrid")  # the connectivities with long connections: their depths are nested sub-networks
 
 
@@ -72,7 +73,8 @@ class DepthModel(nn.Module):
         self.connectivity = connectivity
         self.requested_backend = backend
         self._checkpointing = False
-        self.layer_dropout: list | None = None  # per block, set by training.LayerDropout
+        self.layer_dropout: list | None = None  # per block: set_layer_dropout
+        self.layer_dropout_per = "sample"
         self.hybrid_form = dict(gate_scope=gate_scope, gates_from_long_weights=gates_from_long_weights,
                                 clamp_range=clamp_range, skip_attention=skip_attention)
         counts = scalar_counts(depth * self.UNITS_PER_BLOCK, self.UNITS_PER_BLOCK if gate_scope == "depth" else 1)
@@ -102,7 +104,25 @@ class DepthModel(nn.Module):
             x0_weight=False if self.x0_weight is None else self.x0_weight,
             units_per_depth=self.UNITS_PER_BLOCK, **(self.hybrid_form if hybrid else {}))
         long_connections.gradient_checkpointing = self._checkpointing
-        attach(self, long_connections)
+        long_connections.layer_dropout = self.layer_dropout
+        attach(self, long_connections.train(self.training))
+
+    def train(self, mode: bool = True) -> "DepthModel":
+        """The long connections' mode too (referenced, not registered: see attach): layer dropout reads it."""
+        super().train(mode)
+        self.long_connections.train(mode)
+        return self
+
+    def set_layer_dropout(self, rates: list | None, per: str = "sample") -> None:
+        """Each block skipped in training with its rate (training.LayerDropout sets them), per "sample"
+        (the residual and ffn chains) or per "batch" (every connectivity: an ACN's long connections skip
+        a depth for the whole batch); None skips none."""
+        check_choice("per", per, LAYER_DROPOUT_PER)
+        if rates is not None and (len(rates) != self.depth or per == "sample" and self.connectivity in LONG):
+            raise ValueError(f"rates must be one per block ({self.depth}) and per='batch' for connectivity "
+                             f"{self.connectivity!r}, got {len(rates)} rates per={per!r}")
+        self.layer_dropout, self.layer_dropout_per = rates, per
+        self.long_connections.layer_dropout = rates
 
     def as_acn(self) -> "DepthModel":
         """This hybrid as an ACN, in place: connectivity "acn", its gates dropped (training.as_acn checks
@@ -138,15 +158,20 @@ class DepthModel(nn.Module):
 
     def run_block(self, fn, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """fn(x), block `index`'s step of the residual or ffn chain: recomputed in backward under
-        gradient checkpointing, and in training with a layer dropout rate (training.LayerDropout)
-        skipped per sample with that probability, those samples' x passed on and their compute saved."""
+        gradient checkpointing, and in training with a layer dropout rate (set_layer_dropout) skipped
+        with that probability, per sample (those samples' x passed on, their compute saved) or for the
+        whole batch."""
         rate = self.layer_dropout[index] if self.training and self.layer_dropout and index is not None else 0.0
-        kept = torch.rand(x.shape[0], device=x.device) >= rate if rate > 0 else None
-        if kept is not None and not bool(kept.all()):
-            out = x.clone()
-            if bool(kept.any()):
-                out[kept] = self.run_block(fn, x[kept])
-            return out
+        if rate > 0:
+            per_sample = self.layer_dropout_per == "sample"  # the batch's draw on the CPU: no device sync
+            kept = torch.rand(x.shape[0] if per_sample else 1, device=x.device if per_sample else "cpu") >= rate
+            if not bool(kept.all()):
+                if not per_sample:
+                    return x
+                out = x.clone()
+                if bool(kept.any()):
+                    out[kept] = self.run_block(fn, x[kept])
+                return out
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(fn, x, use_reentrant=False)
         return fn(x)
