@@ -157,6 +157,11 @@ def test_layer_dropout_rates_rise_with_depth_and_over_training():
     acn = GPT(50, 16, 32, 3, 4)
     LayerDropout(acn, total_steps=10, p_max=0.2, per="batch", curriculum=None)
     assert acn.long_connections.layer_dropout == acn.layer_dropout and acn.layer_dropout[-1] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match=r"rates must be one per block \(3\) and per='batch' for connectivity "
+                                         r"'acn', got 3 rates per='sample'"):
+        acn.set_layer_dropout([0.1] * 3)
+    with pytest.raises(ValueError, match=r"rates must be one per block \(5\) .* got 2 rates per='sample'"):
+        model.set_layer_dropout([0.1] * 2)
 
 
 def test_a_dropped_block_passes_its_input_on_and_runs_only_the_kept_samples():
