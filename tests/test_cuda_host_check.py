@@ -9,18 +9,33 @@ import pytest
 import torch
 
 from acn_kernels.tools.cases import KERNEL_OPS, Case
-from acn_kernels.tools.cuda_host_check import (CSRC, SHARED_OPT_IN, HostKernels, all_cases, check, run_check,
-                                               toolchain)
+from acn_kernels.tools.cuda_host_check import CSRC, SHARED_OPT_IN, HostKernels, all_cases, check, report, toolchain
+from acn_kernels.tools.pages import block_difference
 
 FOUND = toolchain()
 pytestmark = pytest.mark.skipif(isinstance(FOUND, str), reason=f"cuda-host-check cannot run here: {FOUND}")
 HERE = pathlib.Path(__file__).parent
 
 
+@pytest.fixture(scope="module")
+def every_case():
+    """Every fixed case run once, as `cuda-host-check` runs them (its seed), for the two tests below."""
+    torch.manual_seed(0)
+    return check(all_cases())
+
+
 @pytest.mark.parametrize("op", KERNEL_OPS)
-def test_every_cuda_kernel_matches_the_reference(op, capsys):
-    assert run_check(only=op) == 0, capsys.readouterr().out
-    assert capsys.readouterr().out.splitlines()[-1].endswith(" 0 failures")
+def test_every_cuda_kernel_matches_the_reference(op, every_case):
+    results = [result for result in every_case if result.case.op == op]
+    failed = [f"{result.case}: {result.problems[:2]}" for result in results if result.problems]
+    assert results and not failed, failed[:8]
+
+
+def test_the_summary_is_the_one_docs_cuda_md_shows(every_case, capsys):
+    """`cuda-host-check --check docs/cuda.md`, from the cases run once: every kernel's launches, access
+    widths and bytes, and the case count, as the page shows them."""
+    assert report(every_case) == 0
+    assert block_difference(str(HERE.parent / "docs" / "cuda.md"), "cuda-host-check", capsys.readouterr().out) is None
 
 
 def test_both_builds_compile_every_kernel_source():

@@ -75,6 +75,7 @@ class Method:
     anneal: float | None = None         # GateAnnealing over this fraction of the steps, then as_acn
     exit_loss: dict | None = None       # early_exit_loss's options, the loss in place of the plain one
     layer_dropout: float | None = None  # LayerDropout's p_max (LayerSkip's 0.1)
+    layer_dropout_per: str = "sample"   # LayerSkip's; "batch" for the long connections
 
 
 ANNEAL_FRACTION, ANNEAL_SHAPE = 0.3, "cosine"
@@ -89,6 +90,9 @@ METHODS = {  # the rows of table 6c
                                  layer_dropout=0.1),
     "residual+ee": Method("residual", exit_loss=dict(weights="uniform")),
     "lsn+ee": Method("lsn", exit_loss=dict(weights="authors")),  # found here: the LSN's depth and shallow exits
+    "anneal+layerskip": Method("annealed", anneal=ANNEAL_FRACTION,  # LayerSkip's recipe on the annealed ACN
+                               exit_loss=dict(weights="uniform", curriculum="rotational"), layer_dropout=0.1,
+                               layer_dropout_per="batch"),
 }
 TABLE6_ROWS = ("acn", "hybrid", "hybrid-unit", "residual")  # the twins as the recipe trains them
 ROWS = {**{twin: Method(twin) for twin in TABLE6_ROWS}, **METHODS}
@@ -266,7 +270,7 @@ class Trainer:
         if method.anneal is not None:
             self.schedules.append(GateAnnealing(model, steps, fraction=method.anneal, shape=ANNEAL_SHAPE))
         if method.layer_dropout is not None:
-            self.schedules.append(LayerDropout(model, steps, p_max=method.layer_dropout))
+            self.schedules.append(LayerDropout(model, steps, p_max=method.layer_dropout, per=method.layer_dropout_per))
         model.train()
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> torch.Tensor:
@@ -514,7 +518,7 @@ def run_language(settings: LanguageSettings, out: str, tqdm, workers: int = 1, s
                "depth k (blocks used)", "held-out loss (nats)")
 
 
-ACN_AT_INFERENCE = ("lsn", "anneal", "acn+ee", "anneal+ee", "lsn+ee")  # pure ACNs at inference, or the LSN
+ACN_AT_INFERENCE = ("lsn", "anneal", "acn+ee", "anneal+ee", "lsn+ee", "anneal+layerskip")  # ACNs at inference, or LSNs
 
 
 def best_methods(rows: dict, task_name: str, budget: dict) -> list:

@@ -562,7 +562,11 @@ def run_check(only: str | None = None, verbose: bool = False, seed: int = 0, fuz
     torch.manual_seed(seed)
     ops = KERNEL_OPS if only is None else (only,)
     cases = random_cases(fuzz, seed, ops) if fuzz else [c for c in all_cases() if c.op in ops]
-    results = check(cases)
+    return 1 if report(check(cases), verbose) else 0
+
+
+def report(results: list[Result], verbose: bool = False) -> int:
+    """Prints the failed cases (every case with verbose), the summary and "N cases, M failures"; returns M."""
     failures = 0
     for result in results:
         failures += bool(result.problems)
@@ -575,4 +579,4 @@ def run_check(only: str | None = None, verbose: bool = False, seed: int = 0, fuz
                 print(f"     {problem}")
     print_summary(results)
     print(f"{len(results)} cases, {failures} failures")
-    return 1 if failures else 0
+    return failures
