@@ -134,7 +134,7 @@ def test_paper_quick_writes_its_tables_csvs_and_plots(tmp_path):
         assert title in result.stdout
     assert result.stdout.count("verdict: ") == 13 and result.stdout.count("target: ") == 4
     for task in ("corpus", "addition"):  # table 6c's targets: each ACN row at the same training time
-        assert result.stdout.count(f"target ({task}, ") == 5
+        assert result.stdout.count(f"target ({task}, ") == 6
     for name in ("compression", "noise", "continual", "training_speed", "hybrid", "shrinking", "early_exit",
                  "language"):
         assert (tmp_path / f"{name}.csv").read_text().startswith("dataset,model,twin,seed,metric,value")
@@ -246,5 +246,7 @@ def test_table_6c_rows_train_as_their_methods_say():
     assert annealed.connectivity == "acn" and annealed.gates is None and len(curve) == 4
     layerskip, _ = language.trained(settings, "addition", "residual+layerskip", 0)
     assert layerskip.layer_dropout is None and layerskip.connectivity == "residual"
+    annealed_layerskip, _ = language.trained(settings, "addition", "anneal+layerskip", 0)  # per batch, then an ACN
+    assert annealed_layerskip.connectivity == "acn" and annealed_layerskip.long_connections.layer_dropout is None
     times = {("corpus", "acn"): 0.1, ("corpus", "acn+ee"): 0.2, ("corpus", "residual"): 0.1}
     assert language.equal_time_steps(settings, times) == {("corpus", "acn+ee"): 20}
