@@ -23,6 +23,10 @@ layer's attention) whole, gate 1 (their LSN's --skipattn: only the MLP's short p
 clamp_range=(low, high) bounds every gate and weight: `clamp_scalars()`, which
 `clamp_after(optimizer)` runs after each optimizer step (the authors clamp their alphas to [0, 1]).
 
+layer_dropout (a rate per depth, training.LayerDropout's) skips, in training, each depth with its rate
+for the whole batch: the chain walks the kept units only, as if the skipped ones were not there (the
+next kept unit reads the last kept one's output, or its gated short state; nothing enters the sum).
+
 units_per_depth=n groups n consecutive blocks into one depth (the AC-GPT's attention and MLP branches,
 both added to the sum, are two units of one block): probe, truncate, set_active_depth and early_exit
 then count depths of n units.
