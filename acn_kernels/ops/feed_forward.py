@@ -118,7 +118,7 @@ def feed_forward(x, w1, b1, w2, b2, *, activation="gelu", backend="auto"):
     check_choice("activation", activation, ACTIVATIONS)
     check_linear("w1", w1, "b1", b1, x, activation=activation)
     check_linear("w2", w2, "b2", b2, x, in_features=output_width(w1, activation),
-                 in_features_source=f"w1's rows" + (f", halved for {activation}'s (gate, up) pairs"
+                 in_features_source="w1's rows" + (f", halved for {activation}'s (gate, up) pairs"
                                                     if activation in GATED else ""))
     resolved = resolve_backend(backend, x.device, "feed_forward")
     if resolved == "reference":
