@@ -162,12 +162,11 @@ class DepthModel(nn.Module):
         with that probability, per sample (those samples' x passed on, their compute saved) or for the
         whole batch."""
         rate = self.layer_dropout[index] if self.training and self.layer_dropout and index is not None else 0.0
-        if rate > 0:
-            per_sample = self.layer_dropout_per == "sample"  # the batch's draw on the CPU: no device sync
-            kept = torch.rand(x.shape[0] if per_sample else 1, device=x.device if per_sample else "cpu") >= rate
+        if rate > 0 and self.layer_dropout_per == "batch" and torch.rand(()).item() < rate:  # on the CPU: no sync
+            return x
+        if rate > 0 and self.layer_dropout_per == "sample":
+            kept = torch.rand(x.shape[0], device=x.device) >= rate
             if not bool(kept.all()):
-                if not per_sample:
-                    return x
                 out = x.clone()
                 if bool(kept.any()):
                     out[kept] = self.run_block(fn, x[kept])
