@@ -135,6 +135,11 @@ def test_paper_quick_writes_its_tables_csvs_and_plots(tmp_path):
     assert result.stdout.count("verdict: ") == 13 and result.stdout.count("target: ") == 4
     for task in ("corpus", "addition"):  # table 6c's targets: each ACN row at the same training time
         assert result.stdout.count(f"target ({task}, ") == 6
+    longer = result.stdout.split("3x the steps")[1:]  # acn, the residual twins and the two best ACN rows
+    assert len(longer) == 2
+    for table in longer:
+        labels = {line.split()[0] for line in table.split("target (")[0].splitlines()[2:] if line.strip()}
+        assert {"acn", "residual", "residual+ee"} < labels and len(labels) == 5, labels
     for name in ("compression", "noise", "continual", "training_speed", "hybrid", "shrinking", "early_exit",
                  "language"):
         assert (tmp_path / f"{name}.csv").read_text().startswith("dataset,model,twin,seed,metric,value")

@@ -96,7 +96,7 @@ METHODS = {  # the rows of table 6c
 }
 TABLE6_ROWS = ("acn", "hybrid", "hybrid-unit", "residual")  # the twins as the recipe trains them
 ROWS = {**{twin: Method(twin) for twin in TABLE6_ROWS}, **METHODS}
-LONGER = 3  # the longer run: this many times the steps, for acn, residual and the two best rows
+LONGER = 3  # the longer run: this many times the steps, for acn, the residual twins and the two best rows
 PROMPT = 8  # tokens of each held-out sequence that the generation timing starts from
 # validation loss (nats per target token) the steps-to-target column waits for
 TARGET_LOSS = {"corpus": 2.5, "addition": 0.5}
@@ -488,7 +488,8 @@ def equal_time_steps(settings: LanguageSettings, times: dict) -> dict:
 def run_language(settings: LanguageSettings, out: str, tqdm, workers: int = 1, save_dir: str | None = None) -> None:
     """Trains every row on both data sets and prints table 6 (the twins), 6b (speculative decoding) and
     6c (training an ACN fast: the methods at the same steps, at the same training time, and LONGER x the
-    steps for acn, residual and the two best methods), their targets and verdicts."""
+    steps for acn, residual, the residual with a loss at every depth (the baseline for shallow readouts) and
+    the two best methods), their targets and verdicts."""
     if save_dir is not None:
         os.makedirs(save_dir, exist_ok=True)
     tasks, seeds = ("corpus", "addition"), range(settings.seeds)
@@ -507,7 +508,7 @@ def run_language(settings: LanguageSettings, out: str, tqdm, workers: int = 1, s
         rows[f"{task_name} gpt {row}"]["ms/step"] = [1e3 * seconds] * settings.seeds
     budget = equal_time_steps(settings, times)
     run([(t, seed, row, budget[(t, row)]) for (t, row) in budget for seed in seeds], lambda *_: " @time")
-    longer = [(t, row) for t in tasks for row in ("acn", "residual", *best_methods(rows, t, budget))]
+    longer = [(t, row) for t in tasks for row in ("acn", "residual", "residual+ee", *best_methods(rows, t, budget))]
     run([(t, seed, row, LONGER * settings.steps[t]) for t, row in longer for seed in seeds],
         lambda *_: f" x{LONGER}")
     print_language_tables(settings, {k: v for k, v in rows.items() if k.split(" gpt ")[1] in TABLE6_ROWS})
