@@ -179,12 +179,19 @@ def test_the_authors_recipe_decays_the_linear_weights_alone_and_runs_one_cycle()
     assert rates[-1] == pytest.approx(1e-4, rel=0.05)  # cosine down towards lr / 10
 
 
+def run_twice(settings, task_name: str, row: str) -> list:
+    """Two runs of a row, every value but the clock's."""
+    from acn_kernels.experiments import language
+
+    runs = [language.run_one(settings, task_name, row, 0) for _ in range(2)]
+    return [{k: v for k, v in run.items() if not any(t in k for t in TIMINGS)} for run in runs]
+
+
 def test_a_language_run_is_the_same_twice_and_its_hybrid_gates_stay_clamped():
     from acn_kernels.experiments import language
 
     settings = quick_language()
-    runs = [language.run_one(settings, "addition", "hybrid", 0) for _ in range(2)]
-    measured = [{k: v for k, v in run.items() if not any(t in k for t in TIMINGS)} for run in runs]
+    measured = run_twice(settings, "addition", "hybrid")
     assert measured[0] == measured[1] and "plateau exit" in measured[0] and "loss at step 40" in measured[0]
     model, _ = language.trained(settings, "addition", "hybrid", 0)
     assert torch.get_num_threads() >= 1 and not torch.are_deterministic_algorithms_enabled()  # restored
@@ -239,6 +246,12 @@ def test_the_speculative_bench_checks_every_row_and_reads_saved_models(tmp_path,
     deeper = dataclasses.replace(settings, depth=settings.depth + 1)
     with pytest.raises(language.ModelsDirError, match=r"addition-acn-seed0.pt holds a model of other settings"):
         speculative_bench.speculative_bench(deeper, str(tmp_path / "x"), str(models), no_bar)
+
+
+def test_table_6c_is_the_same_twice_where_layer_dropout_and_the_exit_curriculum_draw():
+    """The layer-dropout coins and the curriculum's exits follow the run's seed, so the table repeats."""
+    measured = run_twice(quick_language(), "corpus", "anneal+layerskip")
+    assert measured[0] == measured[1] and "draft 2 accepted %" in measured[0]
 
 
 def test_table_6c_rows_train_as_their_methods_say():
