@@ -32,7 +32,8 @@ def cuda_extension_args() -> dict:
     extension = CUDAExtension(
         "acn_kernels._C", SOURCES, include_dirs=[os.path.abspath("csrc")],
         define_macros=[("ACN_CUDA_ARCHS", '"' + archs.replace(";", ",") + '"')],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+        # ptxas's registers and spills in the build's output: `cuda-report --build-log` reads them there
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-Xptxas=-v"]})
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
 
 

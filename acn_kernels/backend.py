@@ -34,6 +34,10 @@ BACKENDS = ("auto", "reference", "triton", "cublas", "cuda")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 # Read once, at import, because that is when the kernels are decorated.
 TRITON_INTERPRETED = TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+if TRITON_INTERPRETED:
+    from ._interpreter import skip_repeated_patches
+
+    skip_repeated_patches()
 
 
 def _load_cuda_extension():

@@ -59,7 +59,7 @@ def _add_demo(commands) -> None:
                       help="the models' backend (auto: the reference on a CPU without TRITON_INTERPRET=1)")
 
 
-def _run_traffic(argv: list[str]) -> int:
+def _run_traffic(args, argv: list[str]) -> int:
     """The traffic model needs the kernels interpreted, which is decided when they are imported;
     without TRITON_INTERPRET=1 the command runs itself again with it (and its arguments), and says so."""
     import os
@@ -68,7 +68,7 @@ def _run_traffic(argv: list[str]) -> int:
     from .backend import TRITON_INTERPRETED
     if TRITON_INTERPRETED:
         from .tools.traffic import run_traffic
-        return run_traffic()
+        return run_traffic(args.only, args.model, args.jobs)
     print("(running again under TRITON_INTERPRET=1 to count the Triton kernels' loads and stores)", flush=True)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     return subprocess.run([sys.executable, "-m", "acn_kernels", *argv], env=env).returncode
@@ -143,8 +143,11 @@ def main(argv=None) -> int:
     report.add_argument("--target", type=int, choices=(80, 90), default=None,
                         help="one GPU target (sm_80 or sm_90) instead of both")
     _add_page_options(report, check=True)
-    _add_page_options(commands.add_parser("cuda-report", help="compile csrc/*.cu for sm_80 and sm_90 with nvcc; "
-                                          "registers, spills"), check=True)
+    cuda_report = commands.add_parser("cuda-report", help="compile csrc/*.cu for sm_80 and sm_90 with nvcc; "
+                                      "registers, spills")
+    cuda_report.add_argument("--build-log", metavar="FILE", default=None,
+                             help="read ptxas's report from the extension build's output (pip -v) instead")
+    _add_page_options(cuda_report, check=True)
     host = commands.add_parser("cuda-host-check", help="run every CUDA kernel on the CPU through a SIMT layer and "
                                "compare each op, forward and backward, with the reference")
     host.add_argument("--only", choices=("accumulate_norm", "hybrid_accumulate_norm", "probe_norm",
@@ -167,8 +170,15 @@ def main(argv=None) -> int:
     bench.add_argument("--cases", type=regex, default=None, metavar="REGEX",
                        help="only the cases whose name and dtype match, e.g. '8192x2048 bfloat16|ViT-S/16 224 acn'")
     _add_page_options(bench, check=False)
-    _add_page_options(commands.add_parser("traffic", help="bytes and launches of eager PyTorch against the fused ops "
-                                          "(counted under Triton's interpreter, no GPU needed)"), check=True)
+    traffic = commands.add_parser("traffic", help="bytes and launches of eager PyTorch against the fused ops "
+                                  "(counted under Triton's interpreter, no GPU needed)")
+    traffic.add_argument("--only", metavar="OP", default=None, help="the op table's rows of one op (e.g. "
+                         "accumulate_norm) alone")
+    traffic.add_argument("--model", metavar="NAME", default=None, help="the training-step table's rows of one "
+                         "model (MLP, Mixer, ViT, Encoder, GPT, GPT-swiglu) alone")
+    traffic.add_argument("--jobs", type=positive_int, default=None, help="rows measured in parallel (default: "
+                         "all cores)")
+    _add_page_options(traffic, check=True)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
@@ -208,10 +218,10 @@ def _run_bench(args) -> int:
 
 def run_command(args, argv: list[str]) -> int:
     if args.command == "traffic":
-        return _run_traffic(argv)
+        return _run_traffic(args, argv)
     if args.command == "cuda-report":
         from .tools.cuda_report import run_cuda_report
-        return run_cuda_report()
+        return run_cuda_report(args.build_log)
     if args.command == "paper":
         from .experiments.paper import run_paper
         return run_paper(args.quick, args.seeds, args.out, args.device, args.si_c, args.si_xi, tables=args.tables,

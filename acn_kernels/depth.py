@@ -91,14 +91,15 @@ class Speculation:
 DRAFT_LENGTHS = (2, 4, 8)
 
 
-def speculations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, repeats: int = 3) -> list:
-    """Greedy self-speculative decoding of `model` at every draft depth 1..L-1 and each of DRAFT_LENGTHS:
+def speculations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, repeats: int = 3,
+                 lengths: tuple = DRAFT_LENGTHS) -> list:
+    """Greedy self-speculative decoding of `model` at every draft depth 1..L-1 and each draft length:
     its tokens/s (median of `repeats` runs) and acceptance rate, checked token for token against the
     plain cached generate."""
     plain = greedy(model, prompts, new_tokens)
     found = []
     for depth in range(1, model_depth(model)):
-        for length in DRAFT_LENGTHS:
+        for length in lengths:
             runs = [speculative_generate(model, prompts, new_tokens, draft_depth=depth, draft_tokens=length)
                     for _ in range(repeats)]
             if not all(torch.equal(tokens, plain) for tokens, _ in runs):

@@ -8,8 +8,13 @@ tests longer, with a random seed."""
 import os
 import zlib
 
-import torch
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker a core: a thread each, and so the processes they start
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

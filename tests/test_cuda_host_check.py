@@ -2,6 +2,7 @@
 forward and backward, against the reference; the execution layer's own semantics; and breakages
 made on purpose in a copy of csrc/, which the check must report."""
 import ctypes
+import functools
 import pathlib
 import shutil
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from acn_kernels.tools.cases import KERNEL_OPS, Case
-from acn_kernels.tools.cuda_host_check import CSRC, SHARED_OPT_IN, HostKernels, all_cases, check, report, toolchain
+from acn_kernels.tools.cuda_host_check import (CSRC, SHARED_OPT_IN, HostKernels, all_cases, check, report, results,
+                                              toolchain)
 from acn_kernels.tools.pages import block_difference
 
 FOUND = toolchain()
@@ -17,13 +19,20 @@ pytestmark = pytest.mark.skipif(isinstance(FOUND, str), reason=f"cuda-host-check
 HERE = pathlib.Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def every_case():
-    """Every fixed case run once, as `cuda-host-check` runs them (its seed), for the two tests below."""
+@functools.cache
+def every_case_results() -> tuple:
+    """Every fixed case run once in a process, as `cuda-host-check` runs them (its seed), for the two tests
+    below: one xdist group, so one worker runs them, whatever it runs between them."""
     torch.manual_seed(0)
-    return check(all_cases())
+    return tuple(check(all_cases()))
 
 
+@pytest.fixture
+def every_case():
+    return every_case_results()
+
+
+@pytest.mark.xdist_group("every_case")
 @pytest.mark.parametrize("op", KERNEL_OPS)
 def test_every_cuda_kernel_matches_the_reference(op, every_case):
     results = [result for result in every_case if result.case.op == op]
@@ -31,6 +40,7 @@ def test_every_cuda_kernel_matches_the_reference(op, every_case):
     assert results and not failed, failed[:8]
 
 
+@pytest.mark.xdist_group("every_case")
 def test_the_summary_is_the_one_docs_cuda_md_shows(every_case, capsys):
     """`cuda-host-check --check docs/cuda.md`, from the cases run once: every kernel's launches, access
     widths and bytes, and the case count, as the page shows them."""
@@ -64,41 +74,42 @@ def broken_copy(tmp_path, file: str, old: str, new: str) -> pathlib.Path:
     return csrc
 
 
-BREAKAGES = {
+BREAKAGES = {  # what is broken: (file, text, its replacement, the ops whose cases must report it)
     "a block reduction skips its last shuffle": ("device_utils.cuh", "offset > 0; offset >>= 1) v = combine",
-                                                 "offset > 1; offset >>= 1) v = combine"),
+                                                 "offset > 1; offset >>= 1) v = combine", ("accumulate_norm",)),
     "a pack stores one element fewer": ("device_utils.cuh", "for (int j = 0; j < N; ++j) pack.v[j] = from_float",
-                                        "for (int j = 0; j < N - 1; ++j) pack.v[j] = from_float"),
+                                        "for (int j = 0; j < N - 1; ++j) pack.v[j] = from_float",
+                                        ("accumulate_norm",)),
     "the shuffle mask leaves out half of warp 0": (
         "device_utils.cuh", "s = combine(s, __shfl_xor_sync(0xffffffffu, s, offset))",
-        "s = combine(s, __shfl_xor_sync(0x0000ffffu, s, offset))"),
-    "the hybrid backward leaves the gate out of dx": ("boundary_norm.cuh", "t[j] = gate * g[j];", "t[j] = g[j];"),
+        "s = combine(s, __shfl_xor_sync(0x0000ffffu, s, offset))", ("accumulate_norm",)),
+    "the hybrid backward leaves the gate out of dx": ("boundary_norm.cuh", "t[j] = gate * g[j];", "t[j] = g[j];",
+                                                      ("hybrid_accumulate_norm",)),
     "the hybrid forward adds x to the sum without its long weight": (
-        "boundary_norm.cuh", "s[j] += long_weight * v[j];", "s[j] += v[j];"),
+        "boundary_norm.cuh", "s[j] += long_weight * v[j];", "s[j] += v[j];", ("hybrid_accumulate_norm",)),
     "the hybrid's dgate is one thread's terms, not its block's": (
-        "boundary_norm.cuh", "dgate = block_sum(dgate);", ""),
+        "boundary_norm.cuh", "dgate = block_sum(dgate);", "", ("hybrid_accumulate_norm",)),
     "the probe backward rebuilds y_L uncompensated": (
         "probe_norm.cu", "for (int k = 0; k < depth; ++k) add_compensated(hi[i], lo[i], to_float(xs[k * layer + row",
-        "for (int k = 0; k < depth; ++k) hi[i] += (to_float(xs[k * layer + row"),
+        "for (int k = 0; k < depth; ++k) hi[i] += (to_float(xs[k * layer + row", ("probe_norm",)),
     "the cross-entropy merges the threads' exp-sums without rescaling them to the row's max": (
-        "depth_cross_entropy.cu", "block_sum(exp_sum * expf(running_max - row_max))", "block_sum(exp_sum)"),
+        "depth_cross_entropy.cu", "block_sum(exp_sum * expf(running_max - row_max))", "block_sum(exp_sum)",
+        ("depth_cross_entropy",)),
     "the cross-entropy gradient leaves out the target's -1": (
-        "row_math.h", "(is_target ? 1.0f - label_smoothing : 0.0f)", "0.0f"),
+        "row_math.h", "(is_target ? 1.0f - label_smoothing : 0.0f)", "0.0f", ("depth_cross_entropy",)),
 }
 
 
 @pytest.mark.parametrize("breakage", BREAKAGES)
 def test_a_broken_kernel_is_reported(breakage, tmp_path):
-    file, old, new = BREAKAGES[breakage]
-    cross_entropy = "cross-entropy" in breakage  # its own kernel: only its cases, the others' not
-    cases = [c for c in all_cases() if c.width in (64, 129) and c.dtype != torch.float16
-             and (c.op == "depth_cross_entropy") == cross_entropy
+    """Each breakage's cases run until one reports it (the mask's with the layer's own message)."""
+    file, old, new, ops = BREAKAGES[breakage]
+    cases = [c for c in all_cases() if c.width in (64, 129) and c.dtype != torch.float16 and c.op in ops
              and (c.op != "probe_norm" or dict(c.options)["terms"] == "cancel")]
-    results = check(cases, broken_copy(tmp_path, file, old, new))
-    problems = [p for r in results for p in r.problems]
-    assert problems, f"{breakage}: no case failed"
-    if "mask" in breakage:
-        assert any("leaves it out" in p for p in problems), problems[:3]
+    wanted = "leaves it out" if "mask" in breakage else ""
+    reported = next((result for result in results(cases, broken_copy(tmp_path, file, old, new))
+                     if any(wanted in problem for problem in result.problems)), None)
+    assert reported is not None, f"{breakage}: none of {len(cases)} cases reported it"
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """compress on a trained digits model: the depth it keeps, the parameters and latencies it reports,
 and the truncated model it returns."""
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -10,8 +12,14 @@ from acn_kernels.experiments.data import load_digits_split
 from acn_kernels.experiments.demo import train
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def trained():
+    return trained_model()
+
+
+@functools.cache
+def trained_model():
+    """Trained once in a process: the tests that use it are one xdist group, so one worker trains it."""
     train_x, train_y, test_x, test_y = load_digits_split(0)
     torch.manual_seed(0)
     model = MLP(64, 64, 6, 10, connectivity="acn", backend="reference")  # compress, not the kernels, is tested
@@ -19,6 +27,7 @@ def trained():
     return model, test_x.flatten(1), test_y
 
 
+@pytest.mark.xdist_group("trained_digits_mlp")  # the module's trained model: one worker trains it once
 def test_compress_keeps_the_smallest_depth_within_tolerance(trained):
     model, inputs, targets = trained
     report = compress(model, inputs, targets, tolerance=1.0, repeats=5)
@@ -35,6 +44,7 @@ def test_compress_keeps_the_smallest_depth_within_tolerance(trained):
     assert model.training  # compress leaves the model's mode as it found it
 
 
+@pytest.mark.xdist_group("trained_digits_mlp")
 def test_compress_explains_what_it_needs(trained):
     model, inputs, targets = trained
     with pytest.raises(TypeError, match=r"model must have probe\(\)"):

@@ -179,23 +179,21 @@ def test_the_authors_recipe_decays_the_linear_weights_alone_and_runs_one_cycle()
     assert rates[-1] == pytest.approx(1e-4, rel=0.05)  # cosine down towards lr / 10
 
 
-def run_twice(settings, task_name: str, row: str) -> list:
-    """Two runs of a row, every value but the clock's."""
+def run_twice(settings, task_name: str, row: str, save_dir=None) -> list:
+    """Two runs of a row, every value but the clock's (the first one's model saved in save_dir)."""
     from acn_kernels.experiments import language
 
-    runs = [language.run_one(settings, task_name, row, 0) for _ in range(2)]
+    runs = [language.run_one(settings, task_name, row, 0, save_dir if i == 0 else None) for i in range(2)]
     return [{k: v for k, v in run.items() if not any(t in k for t in TIMINGS)} for run in runs]
 
 
-def test_a_language_run_is_the_same_twice_and_its_hybrid_gates_stay_clamped():
-    from acn_kernels.experiments import language
-
-    settings = quick_language()
-    measured = run_twice(settings, "addition", "hybrid")
+def test_a_language_run_is_the_same_twice_and_its_hybrid_gates_stay_clamped(tmp_path):
+    measured = run_twice(quick_language(), "addition", "hybrid", str(tmp_path))
     assert measured[0] == measured[1] and "plateau exit" in measured[0] and "loss at step 40" in measured[0]
-    model, _ = language.trained(settings, "addition", "hybrid", 0)
     assert torch.get_num_threads() >= 1 and not torch.are_deterministic_algorithms_enabled()  # restored
-    assert all(0.0 <= g.item() <= 1.0 for g in model.gates) and any(g.item() > 0 for g in model.gates)
+    saved = torch.load(tmp_path / "addition-hybrid-seed0.pt")
+    gates = [value.item() for name, value in saved.items() if name.startswith("gates.")]
+    assert gates and all(0.0 <= g <= 1.0 for g in gates) and any(g > 0 for g in gates)
 
 
 def test_the_unigram_loss_and_the_plateau_exit_by_hand():
@@ -212,7 +210,19 @@ def test_the_unigram_loss_and_the_plateau_exit_by_hand():
     assert language.plateau_exit([(50, 3.0)], task, 50) == 51
 
 
-def test_the_speculative_bench_checks_every_row_and_reads_saved_models(tmp_path, capsys):
+def trained_once(trained):
+    """language.trained, each (settings, task, row, seed) trained once (its runs are deterministic)."""
+    models = {}
+
+    def once(settings, *args):
+        key = (repr(settings), args)
+        if key not in models:
+            models[key] = trained(settings, *args)
+        return models[key]
+    return once
+
+
+def test_the_speculative_bench_checks_every_row_and_reads_saved_models(tmp_path, capsys, monkeypatch):
     """bench --suite speculative: every twin, draft depth and length (each row's tokens checked against
     generate's inside depth.speculations), the same acceptance from the models paper --lm-models saved,
     and a folder of other settings' models named."""
@@ -221,6 +231,7 @@ def test_the_speculative_bench_checks_every_row_and_reads_saved_models(tmp_path,
 
     from acn_kernels.experiments import language, speculative_bench
 
+    monkeypatch.setattr(language, "trained", trained_once(language.trained))  # each twin trained once here
     settings = quick_language()
     no_bar = lambda items, **_: items  # noqa: E731
     rows = speculative_bench.speculative_bench(settings, str(tmp_path / "out"), None, no_bar)

@@ -1,8 +1,9 @@
 """Randomized cases of every op on every backend this machine runs: the Triton kernels (under the
 interpreter here; the GEMM ops on the "cublas" path too) and the CUDA kernels (through the host
-layer), drawn by hypothesis from acn_kernels.tools.cases: widths 1..20000 with every path's edges,
-1..64 rows, 1..132 SMs, sm_80 and sm_90, aligned and shifted pointers, every dtype, running-sum dtype
-and option; forward and every gradient against the float64 reference, outputs NaN-poisoned.
+layer), drawn by hypothesis from acn_kernels.tools.cases: widths 1..4097 with every path's edges below
+it (1..20000 under the fuzz profile), 1..64 rows, 1..132 SMs, sm_80 and sm_90, aligned and shifted
+pointers, every dtype, running-sum dtype and option; forward and every gradient against the float64
+reference, outputs NaN-poisoned.
 
 CI runs a derandomized budget per op (the "ci" profile); `HYPOTHESIS_PROFILE=fuzz
 ACN_KERNELS_FUZZ_EXAMPLES=1000 pytest tests/test_randomized.py --hypothesis-seed=0` runs 1000 per op
@@ -17,12 +18,14 @@ from hypothesis import given, note, settings, strategies as st
 
 from acn_kernels import ops
 from acn_kernels.ops import _common
-from acn_kernels.tools.cases import DEPTH_CHUNK_ROWS, GEMM_OPS, KERNEL_OPS, case_inputs, depth_loss, draw_case
+from acn_kernels.tools.cases import (CI_MAX_WIDTH, DEPTH_CHUNK_ROWS, GEMM_OPS, KERNEL_OPS, MAX_WIDTH, case_inputs,
+                                    depth_loss, draw_case)
 from acn_kernels.tools.cuda_host_check import HostKernels, HostOps, public_ops, run_case, toolchain
 
 from op_harness import DEVICE, check_op
 
 FUZZING = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+WIDEST = MAX_WIDTH if FUZZING else CI_MAX_WIDTH
 
 
 def budget(ci_examples: int):
@@ -32,7 +35,7 @@ def budget(ci_examples: int):
 
 def drawn_case(data, op):
     case = draw_case(op, lambda low, high: data.draw(st.integers(low, high)),
-                     lambda options: data.draw(st.sampled_from(options)))
+                     lambda options: data.draw(st.sampled_from(options)), WIDEST)
     note(str(case))
     return case
 

@@ -73,3 +73,10 @@ def test_the_readme_stays_a_users_guide_under_350_lines_with_its_links_alive():
     for link in re.findall(r"\]\((docs/[^)#]+)", text):
         assert (README.parent / link).exists(), link
     assert "__" not in re.sub(r"`[^`]*`", "", text)  # no placeholder left unfilled
+
+
+def test_ci_runs_the_readmes_test_command_word_for_word():
+    text = README.read_text()
+    commands = re.findall(r"\n    (python3 -m venv .venv && .*)\n", text)
+    tests = [command for command in commands if "pytest" in command]
+    assert len(tests) == 1 and tests[0] in (README.parent / ".ci" / "run").read_text(), commands

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..depth import IGNORE_INDEX, compress, depth_scores, generation_tokens_per_second, speculations
+from ..depth import DRAFT_LENGTHS, IGNORE_INDEX, compress, depth_scores, generation_tokens_per_second, speculations
 from ..models import GPT
 from ..training import GateAnnealing, LayerDropout, as_acn, early_exit_loss
 from . import text
@@ -139,14 +139,17 @@ class LanguageSettings:
     new_tokens: int       # generated per prompt when timing
     recipe: str = "authors"
     backend: str = "auto"  # the GPTs' (auto: the fused kernels on a GPU, the reference on a CPU)
+    draft_lengths: tuple = DRAFT_LENGTHS  # self-speculative decoding's drafts a round (table 6b: the fastest)
+    repeats: int = 3      # timed runs of each generation (the median counts)
 
 
 # Sized for this project's 2-core CPU machine: 2-digit addition needs about 1000 steps of 32 before its
 # answers come right, the corpus a few hundred before a model gets past the unigram level.
 FULL = LanguageSettings(seeds=4, depth=8, dim=64, heads=4, steps={"corpus": 600, "addition": 1500}, batch=32,
                         context=64, digits=2, eval_every=50, new_tokens=32)
+# --quick proves every path runs: one draft length (table 6b's 4 drafts a round), each timing run once.
 QUICK = LanguageSettings(seeds=1, depth=4, dim=64, heads=4, steps={"corpus": 40, "addition": 40}, batch=16,
-                         context=32, digits=2, eval_every=10, new_tokens=8)
+                         context=32, digits=2, eval_every=10, new_tokens=8, draft_lengths=(4,), repeats=1)
 
 
 @dataclass
@@ -330,10 +333,11 @@ def as_labels(inputs: torch.Tensor, targets: torch.Tensor) -> tuple:
 def evaluate(model: GPT, task: Task, settings: LanguageSettings) -> dict:
     inputs, targets = as_labels(*task.validation)
     model.eval()
-    report = compress(model, inputs, targets, tolerance=1.0, metric="loss", repeats=3, timing_batch=8)
+    report = compress(model, inputs, targets, tolerance=1.0, metric="loss", repeats=settings.repeats, timing_batch=8)
     prompts = inputs[:8, :PROMPT]
     speeds = {k: generation_tokens_per_second(model.truncate(k) if k < model.depth else model, prompts,
-                                              settings.new_tokens) for k in sorted({0, report.depth, model.depth})}
+                                              settings.new_tokens, settings.repeats)
+              for k in sorted({0, report.depth, model.depth})}
     return dict(losses=report.scores, accuracies=depth_scores(model, inputs, targets, "accuracy"),
                 exact=exact_match(model, task) if task.answers is not None else None, depth=report.depth,
                 speeds=speeds)
@@ -345,8 +349,8 @@ def speculative_values(model: GPT, task: Task, settings: LanguageSettings) -> di
     the acceptance rate at 4 drafts a round, and the fastest length's tokens/s over the plain cached
     generate's, measured in the same call."""
     prompts = task.validation[0][:8, :PROMPT]
-    plain = generation_tokens_per_second(model, prompts, settings.new_tokens)
-    found = speculations(model, prompts, settings.new_tokens)
+    plain = generation_tokens_per_second(model, prompts, settings.new_tokens, settings.repeats)
+    found = speculations(model, prompts, settings.new_tokens, settings.repeats, settings.draft_lengths)
     values = {}
     for k in range(1, model.depth):
         at_depth = [s for s in found if s.draft_depth == k]
@@ -579,7 +583,8 @@ def print_speculative_table(settings: LanguageSettings, rows: dict) -> None:
                 "full model verifies; tokens identical to the plain cached generate's on every row (checked). "
                 "Acceptance rate (%) at 4 drafts a round, per draft depth k",
                 [f"draft {k} accepted %" for k in depths], rows)
-    print_table("    tokens/s over the plain cached generate's, the fastest of 2, 4 and 8 drafts a round, per draft "
+    lengths = " and ".join(", ".join(map(str, settings.draft_lengths)).rsplit(", ", 1))
+    print_table(f"    tokens/s over the plain cached generate's, the fastest of {lengths} drafts a round, per draft "
                 "depth k (measured in the same call)", [f"draft {k} speedup" for k in depths], rows, digits=2)
     accepted = lambda suffix: per_seed(rows, suffix, [f"draft {k} accepted %" for k in depths])  # noqa: E731
     print(verdict(accepted(" acn"), accepted(" residual"), True,

@@ -18,6 +18,9 @@ from itertools import product
 
 import torch
 
+from .cache import Store, digest, file_digest, jit_source_key
+
+REPORT_CODE = file_digest(__file__)
 TARGETS = (80, 90)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -166,14 +169,18 @@ def specialization(kernel, build: Build, alignment: str) -> tuple[dict, dict]:
     return constexprs, {(i,): [["tt.divisibility", 16]] for i in divisible}
 
 
-def ptxas_report(ptx: str, capability: int) -> tuple[int, int]:
-    """(registers, spill bytes) from Triton's bundled ptxas -v."""
+def ptxas_path() -> str:
+    """Triton's bundled ptxas: the newest PTX ISA's (it also targets sm_80) where there are two."""
     import triton
 
     ptxas_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    ptxas = os.path.join(ptxas_dir, "ptxas-blackwell")  # the newest PTX ISA; it also targets sm_80
-    if not os.path.exists(ptxas):
-        ptxas = os.path.join(ptxas_dir, "ptxas")
+    ptxas = os.path.join(ptxas_dir, "ptxas-blackwell")
+    return ptxas if os.path.exists(ptxas) else os.path.join(ptxas_dir, "ptxas")
+
+
+def ptxas_report(ptx: str, capability: int) -> tuple[int, int]:
+    """(registers, spill bytes) from Triton's bundled ptxas -v."""
+    ptxas = ptxas_path()
     arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
         source.write(ptx)
@@ -371,6 +378,46 @@ def print_rows(rows: list) -> int:
     return failures
 
 
+def job_key(job: tuple[Build, str, int], toolchain: str) -> str:
+    """What a row is a pure function of: this module (how rows are read from the PTX), the toolchain
+    (Triton's version, its ptxas, the FMA-contraction setting), the kernel's source and every jit
+    function and constant it reaches, the build, the alignment and the target."""
+    import importlib
+
+    build, alignment, capability = job
+    kernel = getattr(importlib.import_module(build.module), build.kernel)
+    fields = [build.module, build.kernel, str(build.dtype), build.constexprs, build.float32_pointers, build.options(),
+              build.unit_strides, build.other_types]
+    return digest(REPORT_CODE, toolchain, jit_source_key(kernel), fields, alignment, capability)
+
+
+def toolchain_key() -> str:
+    import triton
+
+    ptxas = ptxas_path()
+    version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
+    language = triton.knobs.language
+    return digest(triton.__version__, version, language.default_fp_fusion,
+                  getattr(language, "force_disable_fp_fusion", False))
+
+
+def compiled_rows(work: list, jobs: int | None) -> list:
+    """compile_one of every job, each from the cache (tools/cache.py) where an earlier run compiled the
+    same inputs; misses compiled in parallel and kept (failures are not kept: they may be the machine's)."""
+    store, toolchain = Store("compile-report"), toolchain_key()
+    keys = [job_key(job, toolchain) for job in work]
+    rows = [store.get(key) for key in keys]
+    missing = [i for i, row in enumerate(rows) if row is None]
+    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
+        for i, row in zip(missing, pool.map(compile_one, [work[i] for i in missing])):
+            rows[i] = row
+            if "error" not in row:
+                store.put(keys[i], row)
+    print(f"compile-report: {len(missing)} compiled, {len(work) - len(missing)} from the cache in {store.folder}",
+          file=sys.stderr)
+    return rows
+
+
 def run_report(only: str | None = None, jobs: int | None = None, target: int | None = None) -> int:
     """Every build (or `only` one) for every target (or `target` alone), aligned and unaligned; the
     exit code is 1 on any failure, spill, narrow aligned access or missing wgmma."""
@@ -384,8 +431,7 @@ def run_report(only: str | None = None, jobs: int | None = None, target: int | N
     if not work:
         print(f"no kernel named {only!r}", file=sys.stderr)
         return 2
-    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
-        rows = list(pool.map(compile_one, work))
+    rows = compiled_rows(work, jobs)
     failures = print_rows(rows)
     print("\nld B / st B: narrowest-widest global access of row data per thread, from the PTX; warps/SM: resident "
           "warps of 64 (registers, shared memory, block limits); KiB in flight: what the resident threads load "

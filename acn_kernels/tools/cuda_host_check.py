@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import importlib
 import itertools
 import os
@@ -37,6 +36,7 @@ import torch
 from ..ops._common import partial_width
 from ..ops._gemm import GATED, output_width, saves_preactivation
 from ..ops.linear_act_accumulate import ACTIVATIONS  # row_math.h's codes, in order
+from .cache import cache_dir, digest, file_digest
 from .cases import DEPTH_CHUNK_ROWS, DTYPES, KERNEL_OPS, Case, case_inputs, depth_loss, draw_case, op_options
 
 CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
@@ -62,7 +62,8 @@ def toolchain() -> tuple[str, pathlib.Path] | str:
 
 def build_library(csrc: pathlib.Path = CSRC, cache: pathlib.Path | None = None) -> pathlib.Path:
     """Compiles csrc/*.cu for the host (instrumented: every load and store reaches the layer's
-    counter) with the layer and the C entry points; cached by the sources' hash."""
+    counter) with the layer and the C entry points; kept in the cache (tools/cache.py) by the hash of
+    the sources, the compiler and its flags."""
     found = toolchain()
     if isinstance(found, str):
         raise RuntimeError(f"cuda-host-check cannot build: {found}")
@@ -70,19 +71,19 @@ def build_library(csrc: pathlib.Path = CSRC, cache: pathlib.Path | None = None) 
     kernels = sorted(csrc.glob("*.cu"))
     runtime = [csrc / "host" / "simt.cpp", csrc / "host" / "host_api.cpp"]
     headers = sorted(csrc.glob("*.h")) + sorted(csrc.glob("*.cuh")) + sorted((csrc / "host").glob("*.h"))
-    flags = ["-std=c++17", "-O2", "-fPIC", "-DACN_SIMT_HOST", f"-I{csrc / 'host'}", f"-I{csrc}", f"-I{cuda_include}"]
-    digest = hashlib.sha256(" ".join([compiler, *flags]).encode())
-    for path in kernels + runtime + headers:
-        digest.update(path.name.encode() + path.read_bytes())
-    cache = cache or pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "acn_kernels"
-    library = cache / f"cuda-host-{digest.hexdigest()[:16]}" / "libacn_host.so"
+    # the layer's headers first: its cuda_runtime.h stands in for CUDA's
+    includes = [f"-I{csrc / 'host'}", f"-I{csrc}", f"-I{cuda_include}"]
+    flags = ["-std=c++17", "-O2", "-fPIC", "-DACN_SIMT_HOST"]
+    # csrc/'s folder is not in the key: a copy of it elsewhere (the tests' broken kernels) builds the same
+    key = digest(compiler, flags, str(cuda_include), file_digest(*kernels, *runtime, *headers))
+    library = (cache or cache_dir()) / "cuda-host" / key[:16] / "libacn_host.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        jobs = [[compiler, *flags, "-fsanitize=thread", "-x", "c++", "-c", str(k), "-o", f"{work}/{k.stem}.o"]
-                for k in kernels]
-        jobs += [[compiler, *flags, "-c", str(r), "-o", f"{work}/{r.stem}.o"] for r in runtime]
+        jobs = [[compiler, *flags, *includes, "-fsanitize=thread", "-x", "c++", "-c", str(k), "-o",
+                 f"{work}/{k.stem}.o"] for k in kernels]
+        jobs += [[compiler, *flags, *includes, "-c", str(r), "-o", f"{work}/{r.stem}.o"] for r in runtime]
         running = [subprocess.Popen(job, stderr=subprocess.PIPE, text=True) for job in jobs]
         for job, process in zip(jobs, running):
             _, errors = process.communicate()
@@ -545,11 +546,16 @@ def print_summary(results: list[Result]) -> None:
         print(f"{name:<30} {e['launches']:>8} {widths:>26} {e['read'] / 2**20:>9.2f} {e['written'] / 2**20:>11.2f}")
 
 
-def check(cases: list[Case], csrc: pathlib.Path = CSRC) -> list[Result]:
-    """Runs the cases on the kernels of `csrc`, built for the host."""
+def results(cases: list[Case], csrc: pathlib.Path = CSRC):
+    """Runs the cases on the kernels of `csrc`, built for the host, yielding each case's Result as it ends."""
     kernels = HostKernels.load(csrc)
     ops = public_ops(HostOps(kernels))
-    return [run_case(kernels, ops, case) for case in cases]
+    return (run_case(kernels, ops, case) for case in cases)
+
+
+def check(cases: list[Case], csrc: pathlib.Path = CSRC) -> list[Result]:
+    """Every case's Result (results)."""
+    return list(results(cases, csrc))
 
 
 def run_check(only: str | None = None, verbose: bool = False, seed: int = 0, fuzz: int | None = None) -> int:

@@ -19,8 +19,12 @@ elementwise ops and reductions that would inflate eager's side and the twins tha
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import multiprocessing
+import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -58,7 +62,13 @@ class _Launch:
 
     @staticmethod
     def _bytes(groups) -> int:
-        return sum(size * np.unique(np.concatenate(parts)).size for size, parts in groups.items())
+        return sum(size * _distinct(np.concatenate(parts)) for size, parts in groups.items())
+
+
+def _distinct(addresses: np.ndarray) -> int:
+    """How many distinct values (a sort: numpy's hashing np.unique is about 100x slower on these arrays)."""
+    ordered = np.sort(addresses)
+    return int(ordered.size and 1 + np.count_nonzero(ordered[1:] != ordered[:-1]))
 
 
 class TrafficCounter(TorchDispatchMode):
@@ -329,6 +339,7 @@ def liger_swiglu_bytes(x, w1, b1, w2, b2) -> tuple[int, int]:
 CUDA_HOST_SMS = 4
 
 
+@functools.cache
 def cuda_host_ops() -> dict | None:
     """The public ops on the CUDA kernels executed on the CPU (tools/cuda_host_check.py), each kernel
     launch counting into the active TrafficCounter with the bytes the host execution counted; None
@@ -342,23 +353,21 @@ def cuda_host_ops() -> dict | None:
     return public_ops(HostOps(kernels))
 
 
-def op_rows(cases):
-    """Per case: (forward, backward) Traffic of eager, triton, cublas (the GEMM ops; the norm ops' is
-    triton's) and cuda (the host-executed kernels; feed_forward and linear have no CUDA twin), None
-    where a backend has no row of its own."""
+def op_row(index: int, total: int | None = None) -> dict:
+    """Op case `index` of op_cases(): (forward, backward) Traffic of eager, triton, cublas (the GEMM ops;
+    the norm ops' is triton's) and cuda (the host-executed kernels; feed_forward and linear have no CUDA
+    twin), None where a backend has no row of its own."""
     from ..backend import GEMM_OPS
 
+    cases = op_cases()
+    name, fused, ref, inputs, kwargs, bound = cases[index]
+    progress("ops", index, total or len(cases), name)
     cuda = cuda_host_ops()
-    rows = []
-    for i, (name, fused, ref, inputs, kwargs, bound) in enumerate(cases):
-        progress("ops", i, len(cases), name)
-        cuda_op = cuda.get(fused.__name__) if cuda else None
-        runs = {"eager": lambda *a: ref(*a, **kwargs), "triton": lambda *a: fused(*a, backend="triton", **kwargs),
-                "cublas": (lambda *a: fused(*a, backend="cublas", **kwargs)) if fused.__name__ in GEMM_OPS else None,
-                "cuda": (lambda *a: cuda_op(*a, **kwargs)) if cuda_op else None}
-        rows.append(dict(name=name, bound=bound, **{impl: measure(run, inputs) if run else None
-                                                     for impl, run in runs.items()}))
-    return rows
+    cuda_op = cuda.get(fused.__name__) if cuda else None
+    runs = {"eager": lambda *a: ref(*a, **kwargs), "triton": lambda *a: fused(*a, backend="triton", **kwargs),
+            "cublas": (lambda *a: fused(*a, backend="cublas", **kwargs)) if fused.__name__ in GEMM_OPS else None,
+            "cuda": (lambda *a: cuda_op(*a, **kwargs)) if cuda_op else None}
+    return dict(name=name, bound=bound, **{impl: measure(run, inputs) if run else None for impl, run in runs.items()})
 
 
 def model_cases():
@@ -393,28 +402,48 @@ def step_traffic(model, inputs) -> Traffic:
 STEP_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def model_rows(dtypes=STEP_DTYPES, names=None, connectivities=None):
-    """One training step of every model, dtype and connectivity (or those named), eager
-    (backend="reference"), fused (backend="triton") and fused with cuBLAS GEMMs (backend="cublas",
-    auto's default on a GPU), from the same initialization and batch."""
+def model_keys(dtypes=STEP_DTYPES, names=None, connectivities=None) -> list:
+    """(model, dtype, connectivity) of every training-step row, in the table's order."""
     from ..models import CONNECTIVITIES
 
-    cases = [case for case in model_cases() if names is None or case[0] in names]
-    steps_total = len(cases) * len(dtypes) * len(connectivities or CONNECTIVITIES)
-    rows = []
-    for name, make, inputs in cases:
-        for dtype in dtypes:
-            for connectivity in connectivities or CONNECTIVITIES:
-                progress("training steps", len(rows), steps_total,
-                         f"{name} {str(dtype).removeprefix('torch.')} {connectivity}")
-                torch.manual_seed(0)
-                batch = inputs()
-                batch = batch.to(dtype) if batch.is_floating_point() else batch
-                steps = {backend: step_traffic(make(backend, connectivity).to(dtype), batch)
-                         for backend in ("reference", "triton", "cublas")}
-                rows.append(dict(name=name, dtype=dtype, connectivity=connectivity, eager=steps["reference"],
-                                 fused=steps["triton"], cublas=steps["cublas"]))
-    return rows
+    return [(name, dtype, connectivity) for name, _, _ in model_cases() if names is None or name in names
+            for dtype in dtypes for connectivity in connectivities or CONNECTIVITIES]
+
+
+def model_row(key: tuple, index: int = 0, total: int = 1) -> dict:
+    """One training step of a model, dtype and connectivity, eager (backend="reference"), fused
+    (backend="triton") and fused with cuBLAS GEMMs (backend="cublas", auto's default on a GPU), from the
+    same initialization and batch."""
+    name, dtype, connectivity = key
+    _, make, inputs = next(case for case in model_cases() if case[0] == name)
+    progress("training steps", index, total, f"{name} {str(dtype).removeprefix('torch.')} {connectivity}")
+    torch.manual_seed(0)
+    batch = inputs()
+    batch = batch.to(dtype) if batch.is_floating_point() else batch
+    steps = {backend: step_traffic(make(backend, connectivity).to(dtype), batch)
+             for backend in ("reference", "triton", "cublas")}
+    return dict(name=name, dtype=dtype, connectivity=connectivity, eager=steps["reference"], fused=steps["triton"],
+                cublas=steps["cublas"])
+
+
+def model_rows(dtypes=STEP_DTYPES, names=None, connectivities=None) -> list:
+    """model_row of every model, dtype and connectivity (or those named), in this process."""
+    keys = model_keys(dtypes, names, connectivities)
+    return [model_row(key, i, len(keys)) for i, key in enumerate(keys)]
+
+
+def _on_one_thread(fn, arguments: tuple):
+    torch.set_num_threads(1)  # each of the pool's processes keeps one core
+    return fn(*arguments)
+
+
+def in_processes(work: list, jobs: int) -> list:
+    """fn(*arguments) for each (fn, arguments) of `work`, in order, in `jobs` fresh processes of one
+    thread each (under Triton's interpreter, as this one is); in this process where jobs is 1."""
+    if jobs == 1 or not work:
+        return [fn(*arguments) for fn, arguments in work]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_on_one_thread, *zip(*work)))
 
 
 def twin_cost(rows, row) -> float:
@@ -441,7 +470,7 @@ def print_swiglu_anchor(ops, cases) -> None:
 OP_IMPLS = ("eager", "triton", "cublas", "cuda")
 
 
-def print_report(ops, models) -> None:
+def print_op_table(ops) -> None:
     print("Per op, one call forward and backward (MiB; launches in brackets). triton: the Triton kernels under "
           "the interpreter; cublas: the GEMM ops' cuBLAS path (auto's default on a GPU); cuda: the CUDA kernels "
           "executed on the CPU (cuda-host-check); 8 programs' partial rows:")
@@ -454,7 +483,10 @@ def print_report(ops, models) -> None:
         ratios = [f"{sum(t.total for t in r[impl]) / eager_total:.2f}" if r[impl] else "n/a" for impl in OP_IMPLS[1:]]
         print(f"{r['name']:<34} " + " ".join(f"{c:>14}" for c in cells) + " " + " ".join(f"{c:>12}" for c in ratios)
               + f" {_mb(r['bound'][0]) + ' +' + _mb(r['bound'][1]):>16}")
-    print("\nOne training step (forward and backward, every parameter's gradient) of small models, eager against "
+
+
+def print_model_table(models) -> None:
+    print("One training step (forward and backward, every parameter's gradient) of small models, eager against "
           "fused (triton) and fused with cuBLAS GEMMs (cublas; MiB [launches]); /ffn twin: the acn (or hybrid) "
           "step's triton bytes over its ffn twin's:")
     print(f"{'model':<10} {'dtype':<9} {'twin':<9} {'eager':>16} {'triton':>16} {'cublas':>16} {'bytes':>6} "
@@ -468,15 +500,37 @@ def print_report(ops, models) -> None:
               f"{c.launches / e.launches:>9.2f} {cost:>9}")
 
 
-def run_traffic() -> int:
+def run_traffic(only: str | None = None, model: str | None = None, jobs: int | None = None) -> int:
+    """The op table (`only` the ops whose name starts with it) and the training-step table (`model` that
+    model's rows alone), their rows measured in `jobs` processes (default: every core); with a filter,
+    only the table it filters."""
     from ..backend import TRITON_INTERPRETED
 
     if not TRITON_INTERPRETED:
         raise RuntimeError("the traffic model counts the Triton kernels' loads and stores under Triton's "
                            "interpreter: run it with TRITON_INTERPRET=1")
+    jobs = jobs or os.cpu_count() or 1
     cases = op_cases()
-    ops = op_rows(cases)
-    print_report(ops, model_rows())
-    print()
-    print_swiglu_anchor(ops, cases)
+    names = {"--only": (only, [case[0] for case in cases]), "--model": (model, [case[0] for case in model_cases()])}
+    for option, (given, known) in names.items():
+        if given is not None and not any(name.startswith(given) if option == "--only" else name == given
+                                         for name in known):
+            print(f"python -m acn_kernels traffic: {option} must name one of {sorted({n.split()[0] for n in known})}, "
+                  f"got {given!r}", file=sys.stderr)
+            return 2
+    chosen = [i for i, case in enumerate(cases) if case[0].startswith(only or "")] if model is None or only else []
+    keys = model_keys(names=None if model is None else (model,)) if only is None or model else []
+    work = [(op_row, (i, len(cases))) for i in chosen] + [(model_row, (key, i, len(keys))) for i, key in
+                                                          enumerate(keys)]
+    rows = in_processes(work, jobs)
+    ops, models = rows[:len(chosen)], rows[len(chosen):]
+    if ops:
+        print_op_table(ops)
+    if ops and models:
+        print()
+    if models:
+        print_model_table(models)
+    if ops:
+        print()
+        print_swiglu_anchor(ops, [cases[i] for i in chosen])
     return 0
