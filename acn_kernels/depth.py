@@ -20,14 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_choice, check_positive_int, check_real
-from .long_connections import LongConnections
+from .long_connections import IGNORE_INDEX, LongConnections, depth_of, long_connections_of
+from .long_connections import check_labels as check_lm_labels
 from .speculative import speculative_generate, synchronize
 
 log = logging.getLogger(__name__)
 
 
-IGNORE_INDEX = -100  # a target position that counts in no score (padding), as in F.cross_entropy
-METRICS = ("accuracy", "loss")
+METRICS = ("accuracy", "loss", "squared_error")  # the last for regression targets (ShrinkOnCompression's)
 
 
 @dataclass
@@ -98,7 +98,7 @@ def speculations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, repea
     plain cached generate."""
     plain = greedy(model, prompts, new_tokens)
     found = []
-    for depth in range(1, model_depth(model)):
+    for depth in range(1, depth_of(model)):
         for length in lengths:
             runs = [speculative_generate(model, prompts, new_tokens, draft_depth=depth, draft_tokens=length)
                     for _ in range(repeats)]
@@ -162,26 +162,11 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def check_labels(model: nn.Module, inputs, labels: torch.Tensor) -> None:
-    """A causal LM's targets are Hugging Face's labels: the input ids themselves (IGNORE_INDEX where
-    nothing counts), which the scores shift inside (position t's logits against labels[t + 1]).
-    Next tokens already shifted (labels[t] = input_ids[t + 1]) would score the model on copying its
-    input, so they are refused, never scored. Any other model's targets pass."""
-    if not is_causal_lm(model):
-        return
-    ids = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
-    if labels.shape != ids.shape:
-        raise ValueError(f"targets of a causal language model must be its labels, of input_ids' shape "
-                         f"{tuple(ids.shape)} (Hugging Face's convention: the input ids, shifted inside), got shape "
-                         f"{tuple(labels.shape)}")
-    labels = labels.to(ids.device)
-    counted = labels != IGNORE_INDEX
-    if bool((labels == ids)[counted].all()) or ids.shape[1] < 2:
-        return
-    next_counted = counted[:, :-1]
-    if next_counted.any() and bool((labels[:, :-1] == ids[:, 1:])[next_counted].all()):
-        raise ValueError("targets of a causal language model must be its labels (Hugging Face's convention: the "
-                         "input ids, IGNORE_INDEX where nothing counts; the scores shift them inside), got the next "
-                         "tokens already shifted (targets[:, t] == input_ids[:, t + 1]): pass the input ids")
+    """A causal LM's targets are Hugging Face's labels (long_connections.check_labels: the input ids,
+    shifted inside; next tokens already shifted are refused). Any other model's targets pass."""
+    if is_causal_lm(model):
+        ids = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
+        check_lm_labels(ids, labels, name="targets", subject="targets of a causal language model")
 
 
 def hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -199,10 +184,10 @@ def aligned(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> tu
 
 def depth_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, metric: str = "accuracy",
                  batch_size: int = 512) -> list:
-    """Every depth's score (model.probe's logits, (L+1, batch, ..., classes)) on `targets` (batch, ...):
-    the percent right, or the mean cross-entropy; targets equal to IGNORE_INDEX count in neither.
-    A causal language model's targets are its labels (batch, positions), Hugging Face's convention:
-    the input ids, shifted inside (check_labels)."""
+    """Every depth's score (model.probe's outputs, (L+1, batch, ..., classes)) on `targets` (batch, ...):
+    the percent right, the mean cross-entropy, or the mean squared error of regression outputs; class
+    targets equal to IGNORE_INDEX count in neither. A causal language model's targets are its labels
+    (batch, positions), Hugging Face's convention: the input ids, shifted inside (check_labels)."""
     check_choice("metric", metric, METRICS)
     check_labels(model, inputs, targets)
     total, count = None, 0
@@ -215,8 +200,13 @@ def depth_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
                 total = losses.double() * int(valid.sum()) + (0 if total is None else total)
                 count += int(valid.sum())
                 continue
-            logits = call_with(model.probe, rows)
-            logits, chunk = aligned(model, logits, chunk.to(logits.device))
+            outputs = call_with(model.probe, rows)
+            if metric == "squared_error":
+                errors = (outputs.double() - chunk.to(outputs.device).double()) ** 2
+                total = errors.flatten(1).sum(-1) + (0 if total is None else total)
+                count += errors[0].numel()
+                continue
+            logits, chunk = aligned(model, outputs, chunk.to(outputs.device))
             check_targets_in_range(chunk, logits.shape[-1])
             valid = chunk != IGNORE_INDEX
             if metric == "accuracy":
@@ -239,14 +229,38 @@ def check_tolerance(tolerance) -> None:
     check_real("tolerance", tolerance, "a number >= 0 (points of accuracy, or percent of the best loss)", minimum=0)
 
 
-def smallest_depth_within(scores: list, tolerance: float, metric: str = "accuracy") -> int:
-    """The smallest depth whose accuracy is within `tolerance` points of the best, or whose loss is
-    within `tolerance` percent of the lowest."""
+def within(score: float, reference: float, tolerance: float, metric: str) -> bool:
+    """Whether `score` is no worse than `reference` by more than the tolerance: points of accuracy, or
+    percent of the reference for a loss or squared error."""
     if metric == "accuracy":
-        best = max(scores)
-        return next(k for k, score in enumerate(scores) if score >= best - tolerance)
-    best = min(scores)
-    return next(k for k, score in enumerate(scores) if score <= best * (1 + tolerance / 100))
+        return score >= reference - tolerance
+    return score <= reference * (1 + tolerance / 100)
+
+
+def smallest_depth_within(scores: list, tolerance: float, metric: str = "accuracy",
+                          reference: float | None = None) -> int:
+    """The smallest depth whose score is within `tolerance` of `reference` (by default the best: the
+    highest accuracy, the lowest loss)."""
+    if reference is None:
+        reference = max(scores) if metric == "accuracy" else min(scores)
+    return next(k for k, score in enumerate(scores) if within(score, reference, tolerance, metric))
+
+
+def effective_depth(model: nn.Module, inputs, targets: torch.Tensor, tolerance: float = 1.0,
+                    metric: str = "loss") -> int:
+    """The smallest depth within `tolerance` of the best (percent of the lowest loss, or points of
+    accuracy), from every depth's score alone (depth_scores; a causal LM's losses through
+    depth_cross_entropy, its layers run once): compress's depth without its timings. A causal LM's
+    targets are its labels (the input ids, shifted inside)."""
+    check_tolerance(tolerance)
+    check_choice("metric", metric, ("accuracy", "loss"))
+    check_probe_data(inputs, targets)
+    was_training = model.training
+    model.eval()
+    try:
+        return smallest_depth_within(depth_scores(model, inputs, targets, metric), tolerance, metric)
+    finally:
+        model.train(was_training)
 
 
 def latency_ms(model: nn.Module, inputs, repeats: int = 20, warmup: int = 3) -> float:
@@ -275,14 +289,6 @@ def greedy(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Te
         return model.generate(prompts, max_new_tokens=new_tokens, do_sample=False)
     return model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                           do_sample=False, eos_token_id=None)
-
-
-def model_depth(model: nn.Module) -> int:
-    """The depths a model runs: the package's models' `depth`, or its long connections' (acnify'd ones)."""
-    depth = getattr(model, "depth", None)
-    if isinstance(depth, int):
-        return depth
-    return long_connections_of(model).depth
 
 
 def generation_tokens_per_second(model: nn.Module, prompts: torch.Tensor, new_tokens: int, repeats: int = 3) -> float:
@@ -349,21 +355,14 @@ class Shrink:
     scores: list              # the probe that decided it: accuracy (%) or loss per depth 0..previous
 
 
-def long_connections_of(model: nn.Module) -> LongConnections:
-    """The LongConnections that run `model`'s blocks; a clear error for a model that has none or whose
-    depths are not nested sub-networks (residual and ffn twins)."""
+def shrinkable(model: nn.Module) -> LongConnections:
+    """The long connections that run `model`'s blocks, where its depths are nested sub-networks (an ACN
+    or a hybrid; a residual or ffn twin's are not)."""
     connectivity = getattr(model, "connectivity", "acn")
     if connectivity not in ("acn", "hybrid"):
         raise ValueError(f"only an ACN (or a hybrid) can shrink: the depths of a {connectivity} model are not nested "
                          f"sub-networks, got connectivity={connectivity!r}")
-    if isinstance(model, LongConnections):
-        return model
-    found = [m.long_connections for m in model.modules() if isinstance(getattr(m, "long_connections", None),
-                                                                       LongConnections)]
-    if len(found) != 1:
-        raise TypeError(f"model must run its blocks through one LongConnections (the package's ACN models, "
-                        f"acnify'd ones), got {type(model).__name__} with {len(found)}")
-    return found[0]
+    return long_connections_of(model)
 
 
 class ShrinkOnCompression:
@@ -392,7 +391,7 @@ class ShrinkOnCompression:
         if not callable(getattr(model, "probe", None)):
             raise TypeError(f"model must have probe() (the package's ACN models, acnify'd ones), "
                             f"got {type(model).__name__}")
-        self.long_connections = long_connections_of(model)
+        self.long_connections = shrinkable(model)
         check_probe_data(probe_inputs, probe_targets, "probe_inputs and probe_targets")
         check_labels(model, probe_inputs, probe_targets)
         check_positive_int("every", every)
@@ -412,31 +411,21 @@ class ShrinkOnCompression:
         """The active depth: the number of blocks the model runs now."""
         return self.long_connections.depth
 
+    @property
+    def metric(self) -> str:
+        return "accuracy" if self.classification else "squared_error"
+
     def scores(self) -> list:
-        """Accuracy (%) or loss of every active depth on the probe data."""
+        """Accuracy (%) or mean squared error of every active depth on the probe data (depth_scores)."""
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
-                outputs = self.model.probe(self.inputs)
+            return depth_scores(self.model, self.inputs, self.targets, self.metric)
         finally:
             self.model.train(was_training)
-        outputs, targets = aligned(self.model, outputs, self.targets.to(outputs.device))
-        if self.classification:
-            right = hits(outputs, targets).flatten(1).sum(-1)
-            return (100.0 * right.double() / max(int((targets != IGNORE_INDEX).sum()), 1)).tolist()
-        errors = (outputs.double() - targets.double()) ** 2
-        return errors.flatten(1).mean(-1).tolist()
 
     def within(self, score: float, reference: float) -> bool:
-        """Whether `score` is no worse than `reference` by more than the tolerance."""
-        if self.classification:
-            return score >= reference - self.tolerance
-        return score <= reference * (1 + self.tolerance / 100)
-
-    def smallest_within(self, scores: list) -> int:
-        """The smallest depth within tolerance of the deepest active one."""
-        return next(k for k, score in enumerate(scores) if self.within(score, scores[-1]))
+        return within(score, reference, self.tolerance, self.metric)
 
     def step(self) -> Shrink | None:
         """Call after each optimizer step; returns the Shrink when this step shrank the model."""
@@ -445,7 +434,7 @@ class ShrinkOnCompression:
         if self.steps % self.every:
             return None
         scores = self.scores()
-        candidate = self.smallest_within(scores)
+        candidate = smallest_depth_within(scores, self.tolerance, self.metric, reference=scores[-1])
         self.history.append((self.steps, scores, candidate))
         since_shrink = self.history[self.first_probe:]
         if len(since_shrink) <= self.patience:
@@ -467,11 +456,11 @@ class ShrinkOnCompression:
 
     def drop_blocks_past(self, depth: int) -> None:
         long = self.long_connections
-        start, end = depth * long.units_per_depth, long.units  # the blocks (units) of the dropped depths
+        start, end = depth * long.units_per_block, long.units  # the units of the dropped depths
         dropped = [p for block in list(long.blocks)[start:end] for p in block.parameters()]
         if long.input_norms is not None:
             dropped += [p for norm in list(long.input_norms)[start:end] for p in norm.parameters()]
-        dropped += long.scalars_past(start)
+        dropped += [] if long.scalars is None else long.scalars.past(start)
         for parameter in dropped:
             parameter.requires_grad_(False)
             parameter.grad = None
@@ -488,7 +477,7 @@ def early_exit_sweep(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     if not callable(getattr(model, "early_exit", None)):
         raise TypeError(f"model must have early_exit() (the package's models), got {type(model).__name__}")
     check_labels(model, inputs, targets)
-    full = getattr(model, "long_connections", model).depth  # the active depth of a shrunk ACN
+    full = depth_of(model)  # the active depth of a shrunk ACN
     was_training = model.training
     model.eval()
     rows = []

@@ -106,10 +106,10 @@ def depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, *,
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits.flatten(1, -2)                                   # (E, N, V)
-    rows = targets.flatten().expand(exits, -1)
+    rows = targets.flatten().long().expand(exits, -1)
     counted = rows != ignore_index
     lse = torch.logsumexp(logits, -1)
-    target_logit = logits.gather(-1, rows.clamp(min=0)[..., None])[..., 0]
+    target_logit = logits.gather(-1, torch.where(counted, rows, 0)[..., None])[..., 0]  # ignore_index: any integer
     losses = (1 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logits.mean(-1)) \
         + z_loss * lse ** 2
     per_exit = (losses * counted).sum(-1) / counted.sum(-1).clamp(min=1)

@@ -105,6 +105,9 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
     check_positive_int("max_new_tokens", max_new_tokens)
     check_positive_int("draft_tokens", draft_tokens)
     check_sampling(temperature, top_k)
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must hold at least one sequence (batch, positions), got shape "
+                         f"{tuple(input_ids.shape)}")
     stop = Stop.of(eos_token_id, pad_token_id)
     drafter = speculator(draft_depth, input_ids, max_new_tokens, attention_mask)
     with torch.no_grad():

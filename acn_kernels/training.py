@@ -11,14 +11,15 @@ final norm and head with `depth_cross_entropy`, so no (exits, tokens, vocabulary
   each; or a tensor of L weights;
 - curriculum (LayerSkip's, arXiv 2404.16710): None, every exit each step; "rotational", at step t the
   exits k with k = t (mod ROTATION) and the final one; "gradual", the exits from the final one down,
-  one more each total_steps / L steps. The final depth is always in, and the weights of the exits in
-  are renormalized to sum to one (the final depth's share is at least its own weight).
+  one more each L-th of training (step / total_steps, or `progress`). The final depth is always in, and
+  the weights of the exits in are renormalized to sum to one (the final depth's share is at least its
+  own weight). Table 6c's recipe trains with RECOMMENDED: uniform weights on the rotational curriculum.
 
 GateAnnealing takes a hybrid from the pre-norm residual net (every short-path gate 1) to the ACN (every
 gate 0) over the first part of training; as_acn then makes the model an ACN outright (connectivity
 "acn", the same parameters, no gates), which saves and reloads as one. LayerDropout is LayerSkip's
 layer dropout: block l skipped with probability p_max D(l) S(t), D(l) = 2^(l / (L - 1)) - 1 rising from
-0 (first block) to 1 (last), S(t) = 2^(t / T) - 1 over the T steps of training (LayerSkip's exponential
+0 (first block) to 1 (last), S(t) = 2^t - 1, t the fraction of training done (LayerSkip's exponential
 scales), the skipped compute saved; per sample in the residual and ffn twins (LayerSkip's), per batch in
 every connectivity (stochastic depth's: the network as if the block were not there, which for an ACN
 is its next block reading the last kept one's output, nothing added to the sum).
@@ -26,73 +27,116 @@ is its next block reading the last kept one's output, nothing added to the sum).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
 from ._validation import check_choice, check_positive_int, check_real
-from .long_connections import LongConnections
+from .long_connections import check_labels, long_connections_of
 from .models.base import LAYER_DROPOUT_PER, LONG
 
 WEIGHTS = ("authors", "uniform")
 CURRICULA = ("rotational", "gradual")
 ROTATION = 4  # LayerSkip's rotational curriculum: every 4th exit a step, in turn
+RECOMMENDED = dict(weights="uniform", curriculum="rotational")  # table 6c's recipe (docs/training.md)
 
 
 def exit_weights(depth: int, weights) -> torch.Tensor:
-    """The weights of exits 1..L (float32, (L,))."""
+    """The weights of exits 1..L (float32, (L,)), none negative, their sum positive."""
     if isinstance(weights, torch.Tensor):
         if tuple(weights.shape) != (depth,) or not weights.is_floating_point():
             raise ValueError(f"weights must be 'authors', 'uniform' or a floating-point tensor of shape ({depth},) "
                              f"(exits 1..L), got {weights.dtype} of shape {tuple(weights.shape)}")
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not bool(weights.sum() > 0):
+            raise ValueError(f"weights must be finite, >= 0 and not all 0 (a loss of 0 trains nothing), got "
+                             f"{weights.tolist()}")
         return weights.detach().float()
     check_choice("weights", weights, WEIGHTS)
     depths = torch.arange(1, depth + 1, dtype=torch.float32)
     return 2 * depths / (depth * (depth + 1)) if weights == "authors" else torch.full((depth,), 1.0 / depth)
 
 
-def exits_in(depth: int, curriculum: str | None, step: int | None, total_steps: int | None) -> list:
-    """The exits (1..L) this step trains, the final one always among them."""
+def exits_in(depth: int, curriculum: str | None, step: int | None, total_steps: int | None = None,
+             progress: float | None = None) -> list:
+    """The exits (1..L) this step trains, the final one always among them; "gradual" follows the
+    fraction of training done: progress, or step / total_steps."""
     if curriculum is None:
         return list(range(1, depth + 1))
     check_choice("curriculum", curriculum, CURRICULA)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0 with a curriculum, got {step!r}")
     if curriculum == "rotational":
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0 with a curriculum, got {step!r}")
         chosen = [k for k in range(1, depth) if k % ROTATION == step % ROTATION]
     else:
-        check_positive_int("total_steps", total_steps)
-        enabled = min(depth, 1 + step * depth // total_steps)  # the final exit, then one more each L-th of training
+        done = training_done(step, total_steps, progress)
+        enabled = min(depth, 1 + int(done * depth))  # the final exit, then one more each L-th of training
         chosen = list(range(depth - enabled + 1, depth))
     return [*chosen, depth]
 
 
+def training_done(step: int | None, total_steps: int | None, progress: float | None) -> float:
+    """The fraction of training done, in [0, 1]: progress as given, or step / total_steps."""
+    if progress is not None:
+        check_real("progress", progress, "a real number in [0, 1] (the fraction of training done)", minimum=0)
+        return min(float(progress), 1.0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an integer >= 0 with a curriculum, got {step!r}")
+    check_positive_int("total_steps", total_steps)
+    return min(step / total_steps, 1.0)
+
+
 def early_exit_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, weights="authors",
                     curriculum: str | None = None, step: int | None = None, total_steps: int | None = None,
-                    **inputs) -> torch.Tensor:
+                    progress: float | None = None, **inputs) -> torch.Tensor:
     """The weighted next-token loss of the exits at depths 1..L (see the module docstring). labels
     follow Hugging Face's convention: the input ids (-100 where nothing counts), shifted inside,
-    as model(labels=) does. `inputs` reach the model's forward (an attention_mask)."""
+    as model(labels=) does. The "gradual" curriculum follows step / total_steps, or `progress` (the
+    fraction of training done, for a budget of time rather than steps). `inputs` reach the model's
+    forward (an attention_mask)."""
     if not callable(getattr(model, "exit_states", None)):
         raise TypeError(f"model must offer exit_states() (the package's GPT, an acnify'd Hugging Face causal LM), "
                         f"got {type(model).__name__}")
-    if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
-        raise ValueError(f"labels must be a tensor of input_ids' shape {tuple(input_ids.shape)} (the input ids, "
-                         f"shifted inside), got {getattr(labels, 'shape', type(labels).__name__)}")
+    check_labels(input_ids, labels)  # before the model runs
     states, readout = model.exit_states(input_ids, **inputs)
     depth = states.shape[0] - 1
     all_weights = exit_weights(depth, weights)
-    chosen = exits_in(depth, curriculum, step, total_steps)
+    chosen = exits_in(depth, curriculum, step, total_steps, progress)
     chosen_weights = all_weights[[k - 1 for k in chosen]]
-    chosen_weights = (chosen_weights / chosen_weights.sum().clamp(min=1e-12)).to(states.device)
-    return readout.losses(states[chosen], labels, chosen_weights)[0]
+    if not bool(chosen_weights.sum() > 0):
+        raise ValueError(f"weights of the exits this step trains ({chosen}) must not all be 0, got "
+                         f"{chosen_weights.tolist()}")
+    chosen_weights = (chosen_weights / chosen_weights.sum()).to(states.device)
+    return readout.losses(states[chosen], input_ids, labels, chosen_weights)[0]
 
 
 # ----------------------------------------------------------------------------- schedules
 
 class StepSchedule:
-    """What GateAnnealing and LayerDropout share: `steps` optimizer steps taken, `apply()` sets the
-    model for them, `step()` after each optimizer step, and a state_dict to resume from."""
+    """What GateAnnealing and LayerDropout share: the fraction of training done, from `steps` optimizer
+    steps of total_steps, or from a callable `progress` (for a budget of time: the fraction of it
+    spent, 0 to 1); `apply()` sets the model for it, `step()` after each optimizer step; a state_dict to
+    resume from."""
     steps = 0
+
+    def __init__(self, total_steps: int | None, progress: Callable[[], float] | None):
+        if (total_steps is None) == (progress is None):
+            raise ValueError(f"give total_steps (the optimizer steps of training) or progress (a callable: the "
+                             f"fraction of training done, 0 to 1), one of them, got total_steps={total_steps!r} "
+                             f"and progress={progress!r}")
+        if total_steps is not None:
+            check_positive_int("total_steps", total_steps)
+        elif not callable(progress):
+            raise TypeError(f"progress must be a callable returning the fraction of training done, got "
+                            f"{type(progress).__name__}")
+        self.total_steps, self.progress = total_steps, progress
+
+    def done(self) -> float:
+        """The fraction of training done, in [0, 1]."""
+        if self.progress is None:
+            return min(self.steps / self.total_steps, 1.0)
+        done = self.progress()
+        check_real("progress()", done, "a real number (the fraction of training done, 0 to 1)")
+        return min(max(float(done), 0.0), 1.0)
 
     def apply(self) -> None:
         raise NotImplementedError
@@ -114,24 +158,16 @@ class StepSchedule:
 SHAPES = ("linear", "cosine")
 
 
-def long_connections_of(model) -> LongConnections:
-    """The one LongConnections of a package model or an acnify'd one (its base model holds it)."""
-    found = {id(m.long_connections): m.long_connections for m in model.modules()
-             if isinstance(getattr(m, "long_connections", None), LongConnections)}
-    if len(found) != 1:
-        raise TypeError(f"model must have one set of long connections (a package model or an acnify'd one), got "
-                        f"{len(found)} in {type(model).__name__}")
-    return next(iter(found.values()))
-
-
 class GateAnnealing(StepSchedule):
     """A hybrid's short-path gates set from 1 (the pre-norm residual net) to 0 (the ACN) over the first
-    `fraction` of total_steps, then 0: `step()` after each optimizer step. shape "linear" (1 - t) or
-    "cosine" ((1 + cos(pi t)) / 2: it leaves 1 and reaches 0 with zero slope). The gates are set, not
-    learned: build the model with learn_gates=False (learned gates are overwritten each step)."""
+    `fraction` of training (total_steps, or the fraction `progress()` says is done), then 0: `step()`
+    after each optimizer step. shape "linear" (1 - t) or "cosine" ((1 + cos(pi t)) / 2: it leaves 1 and
+    reaches 0 with zero slope). The gates are set, not learned: build the model with learn_gates=False
+    (learned gates are overwritten each step)."""
 
-    def __init__(self, model, total_steps: int, fraction: float = 0.3, shape: str = "linear"):
-        check_positive_int("total_steps", total_steps)
+    def __init__(self, model, total_steps: int | None = None, fraction: float = 0.3, shape: str = "linear",
+                 progress: Callable[[], float] | None = None):
+        super().__init__(total_steps, progress)
         check_real("fraction", fraction, "a real number in (0, 1] (the part of training that anneals)", minimum=0)
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be a real number in (0, 1] (the part of training that anneals), got "
@@ -139,31 +175,30 @@ class GateAnnealing(StepSchedule):
         check_choice("shape", shape, SHAPES)
         self.long_connections = long_connections_of(model)
         if self.long_connections.gates is None:
-            raise ValueError("GateAnnealing needs a hybrid with gates of its own (connectivity='hybrid', not "
-                             "gates_from_long_weights), got " + ("an ACN" if not self.long_connections.hybrid
-                                                                 else "gates derived from the long weights"))
-        self.total_steps, self.fraction, self.shape, self.steps = total_steps, fraction, shape, 0
+            what = "a hybrid whose gates are derived from the long weights" if self.long_connections.hybrid else \
+                f"connectivity={model.connectivity!r}" if hasattr(model, "connectivity") else "an ACN"
+            raise ValueError(f"GateAnnealing needs a hybrid with gates of its own (connectivity='hybrid', not "
+                             f"gates_from_long_weights), got {what}")
+        self.fraction, self.shape = fraction, shape
         self.apply()
 
-    def gate(self, step: int) -> float:
-        """The gates' value after `step` optimizer steps."""
-        t = min(step / (self.fraction * self.total_steps), 1.0)
+    def gate(self, done: float) -> float:
+        """The gates' value once `done` of training is done."""
+        t = min(done / self.fraction, 1.0)
         return 1.0 - t if self.shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
 
     @torch.no_grad()
     def apply(self) -> None:
         for gate in self.long_connections.gates:
-            gate.fill_(self.gate(self.steps))
+            gate.fill_(self.gate(self.done()))
 
 
 def as_acn(model):
     """`model` (a hybrid whose gates are all 0: the ACN exactly, as GateAnnealing leaves it) made an
     ACN in place and returned: connectivity "acn", the same parameters without the gates, so that it
     saves and reloads as an ACN (an acnify'd model's config records it). An ACN comes back unchanged."""
-    long = long_connections_of(model)
-    if not long.hybrid:
+    if not long_connections_of(model).hybrid:
         return model
-    long.check_acn_exactly()
     converted = getattr(model, "as_acn", None)
     if converted is None:
         raise TypeError(f"as_acn converts the package's models and acnify'd Hugging Face models, got "
@@ -176,14 +211,16 @@ def as_acn(model):
 class LayerDropout(StepSchedule):
     """LayerSkip's layer dropout (see the module docstring) for a model of the package: sets each
     block's rate (model.set_layer_dropout); `step()` after each optimizer step. curriculum
-    "exponential" scales the rates by S(t); None keeps them at p_max D(l). per "sample" (LayerSkip's:
-    residual and ffn models) or "batch" (every connectivity, as stochastic depth drops layers: the
-    whole batch skips a block, as if it were not there; the only way for an ACN's long connections,
-    whose fused boundaries run each depth for the whole batch)."""
+    "exponential" scales the rates by S(t), t the fraction of training done (total_steps, or
+    `progress()`); None keeps them at p_max D(l). per "sample" (LayerSkip's: residual and ffn models) or
+    "batch" (every connectivity, as stochastic depth drops layers: the whole batch skips a block, as if
+    it were not there; the only way for an ACN's long connections, whose fused boundaries run each depth
+    for the whole batch). Create it before training starts: it drops from the first step on."""
 
-    def __init__(self, model, total_steps: int, p_max: float = 0.1, curriculum: str | None = "exponential",
-                 per: str = "sample"):
-        check_positive_int("total_steps", total_steps)
+    def __init__(self, model, total_steps: int | None = None, p_max: float = 0.1,
+                 curriculum: str | None = "exponential", per: str = "sample",
+                 progress: Callable[[], float] | None = None):
+        super().__init__(total_steps, progress)
         check_real("p_max", p_max, "a real number in [0, 1] (the last block's rate)", minimum=0)
         if p_max > 1:
             raise ValueError(f"p_max must be a real number in [0, 1] (the last block's rate), got {p_max!r}")
@@ -196,14 +233,14 @@ class LayerDropout(StepSchedule):
             raise ValueError(f"per='sample' skips blocks sample by sample, which residual and ffn chains can; an "
                              f"ACN's long connections skip a depth for the whole batch: per='batch' for "
                              f"connectivity={model.connectivity!r}")
-        self.model, self.total_steps, self.p_max, self.curriculum, self.per, self.steps = \
-            model, total_steps, p_max, curriculum, per, 0
+        self.model, self.p_max, self.curriculum, self.per = model, p_max, curriculum, per
         self.apply()
 
-    def rates(self, step: int) -> list:
+    def rates(self, done: float) -> list:
+        """Each block's rate once `done` of training is done."""
         depth = self.model.depth
-        scale = 2 ** (min(step, self.total_steps) / self.total_steps) - 1 if self.curriculum else 1.0
+        scale = 2 ** done - 1 if self.curriculum else 1.0
         return [self.p_max * scale * (2 ** (i / max(depth - 1, 1)) - 1) for i in range(depth)]
 
     def apply(self) -> None:
-        self.model.set_layer_dropout(self.rates(self.steps), self.per)
+        self.model.set_layer_dropout(self.rates(self.done()), self.per)

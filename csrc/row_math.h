@@ -100,8 +100,9 @@ ACN_HD float cross_entropy_loss(float lse, float target_logit, float mean_logit,
 
 ACN_HD float cross_entropy_logit_grad(float c, bool is_target, float lse, int vocab, float label_smoothing,
                                       float z_loss, float softcap) {
-  float g = expf(c - lse) * (1.0f + 2.0f * z_loss * lse) - label_smoothing / vocab -
-            (is_target ? 1.0f - label_smoothing : 0.0f);
+  // p - onehot first, then z-loss's p 2 z lse: p (1 + 2 z lse) - 1 would cancel where p is near 1
+  const float p = expf(c - lse);
+  float g = p - label_smoothing / vocab - (is_target ? 1.0f - label_smoothing : 0.0f) + p * (2.0f * z_loss * lse);
   if (softcap > 0.0f) {
     const float unit = c / softcap;
     g *= 1.0f - unit * unit;

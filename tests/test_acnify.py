@@ -571,7 +571,7 @@ def test_an_acnified_lm_takes_the_authors_hybrid_forms_and_saves_them(family, fo
     model.clamp_after(optimizer)
     model(ids, labels=ids).loss.backward()
     optimizer.step()
-    assert all(0.0 <= p.item() <= 1.0 for p in long.scalars())
+    assert all(0.0 <= p.item() <= 1.0 for p in long.scalars.all())
     model.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").double().eval()
     base_of(loaded).long_connections.backend = "reference"

@@ -1,4 +1,4 @@
-"""Randomized bad input: every public op called with one argument spoiled (a wrong type, a wrong
+"""Randomized bad input: every public op (the fused ops and depth_cross_entropy) called with one argument spoiled (a wrong type, a wrong
 dtype, a wrong shape, a wrong device, an out-of-range value or an unknown option), drawn by
 hypothesis, derandomized, with a fixed budget. Each call must raise a ValueError or TypeError that
 names the spoiled argument (or, for a shape that no longer matches, the shape it gave), or, where the
@@ -36,6 +36,10 @@ VALID = {  # op -> its arguments, one valid call (options included, so that they
     "feed_forward": lambda: dict(x=randn(4, 8), w1=randn(6, 8), b1=randn(6), w2=randn(8, 3), b2=randn(8),
                                  activation="swiglu"),  # w1's 6 rows: 3 (gate, up) pairs
     "linear": lambda: dict(x=randn(4, 8), weight=randn(6, 8), bias=randn(6)),
+    "depth_cross_entropy": lambda: dict(states=randn(3, 2, 5, 8), targets=torch.randint(0, 11, (2, 5), device=DEVICE),
+                                        norm_weight=randn(8), norm_bias=randn(8), head_weight=randn(11, 8),
+                                        weights=torch.rand(3, device=DEVICE) + 0.1, head_bias=randn(11),
+                                        label_smoothing=0.1, z_loss=1e-3, softcap=5.0, eps=1e-5, norm="layernorm"),
 }
 OPTIONS = ("norm", "normalize", "activation")
 
@@ -79,7 +83,7 @@ def check_like_the_reference(op: str, args: list, kwargs: dict, got, what: str) 
     for g, e in zip(got, expected):
         if isinstance(g, torch.Tensor):
             assert not g.is_meta, f"{what} returned a meta tensor"
-            torch.testing.assert_close(g.double(), e, rtol=1e-2, atol=1e-2, msg=f"{what}: accepted, and wrong")
+            torch.testing.assert_close(g.double(), e.double(), rtol=1e-2, atol=1e-2, msg=f"{what}: accepted, and wrong")
 
 
 @pytest.mark.parametrize("op", sorted(VALID))
@@ -131,7 +135,10 @@ KINDS = {"gate_init": "real", "learn_gates": "bool", "long_weights": "bool", "ti
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_the_unspoiled_models_build(model):
-    getattr(acn_kernels, model)(**MODELS[model])
+    """The valid arguments that the test below spoils one at a time build the hybrid they ask for."""
+    built = getattr(acn_kernels, model)(**MODELS[model])
+    assert built.depth == 3 and built.connectivity == "hybrid" and built.long_connections.hybrid
+    assert len(built.long_weights) == 3 * built.units_per_block and all(g.item() == 0.5 for g in built.gates)
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))

@@ -130,10 +130,10 @@ def test_next_tokens_already_shifted_are_refused_not_scored(entry):
     model = GPT(29, 16, 32, 2, 4, backend="reference")
     ids = torch.randint(0, 29, (4, 10))
     call = getattr(acn_kernels, entry, None) or getattr(depth, entry)
-    with pytest.raises(ValueError, match=r"must be its labels .*got the next tokens already shifted "
+    with pytest.raises(ValueError, match=r"must be the model's labels .*got the next tokens already shifted "
                                          r"\(targets\[:, t\] == input_ids\[:, t \+ 1\]\): pass the input ids"):
         call(model, ids[:, :-1], ids[:, 1:], *([[0.5]] if entry == "early_exit_sweep" else []))
-    with pytest.raises(ValueError, match=r"must be its labels, of input_ids' shape \(4, 10\) .* got shape \(4, 9\)"):
+    with pytest.raises(ValueError, match=r"must be the model's labels, of input_ids' shape \(4, 10\) .* got dtype torch.int64 and shape \(4, 9\)"):
         call(model, ids, ids[:, 1:], *([[0.5]] if entry == "early_exit_sweep" else []))
 
 

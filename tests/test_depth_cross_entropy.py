@@ -146,15 +146,18 @@ def test_randomized_shapes_and_options(exits, rows, dim, vocab, chunk_rows, opti
 
 
 BAD = [
-    (lambda a: {**a, "states": a["states"][0]}, r"states must have shape \(exits >= 1, \.\.\., D\), got \(5, 24\)|"
-     r"targets must be an integer tensor of shape"),
+    (lambda a: {**a, "states": a["states"][0]}, r"states must have shape \(exits >= 1, \.\.\., D >= 1\), got "
+     r"\(5, 24\)|targets must be an integer tensor of shape"),
+    (lambda a: {**a, "states": a["states"][..., :0], "norm_weight": a["norm_weight"][:0],
+                "norm_bias": a["norm_bias"][:0], "head_weight": a["head_weight"][:, :0]},
+     r"states must have shape \(exits >= 1, \.\.\., D >= 1\), got \(3, 2, 5, 0\)"),
     (lambda a: {**a, "targets": a["targets"][:, :3]}, r"targets must be an integer tensor of shape \(2, 5\) "
      r"\(states' shape without the exits and the width\), got dtype torch.int64 and shape \(2, 3\)"),
     (lambda a: {**a, "targets": a["targets"].float()}, r"targets must be an integer tensor .*got dtype torch.float32"),
     (lambda a: {**a, "targets": a["targets"].clamp(min=0) + 40}, r"targets must be in \[0, 37\) \(head_weight's rows\) "
      r"or ignore_index=-100, got values in"),
     (lambda a: {**a, "weights": a["weights"][:2]}, r"weights must be a floating-point tensor of shape \(3,\) \(one per "
-     r"exit\), got dtype torch.float32 and shape \(2,\)"),
+     r"exit of states, \(3, 2, 5, 24\)\), got dtype torch.float32 and shape \(2,\)"),
     (lambda a: {**a, "weights": -a["weights"]}, r"weights must be finite and >= 0, got"),
     (lambda a: {**a, "head_weight": a["head_weight"][:, :7]}, r"head_weight must have shape \(vocabulary >= 1, 24\) "
      r"\(states' width\), got \(37, 7\)"),
@@ -163,7 +166,7 @@ BAD = [
     (lambda a: {**a, "label_smoothing": 1.0}, r"label_smoothing must be a real number in \[0, 1\), got 1.0"),
     (lambda a: {**a, "z_loss": -0.1}, r"z_loss must be a real number >= 0"),
     (lambda a: {**a, "norm": "batchnorm"}, r"norm must be one of"),
-    (lambda a: {**a, "head_bias": a["head_bias"][:3]}, r"head_bias must have shape \(37,\), got \(3,\)"),
+    (lambda a: {**a, "head_bias": a["head_bias"][:3]}, r"head_bias must have shape \(37,\) \(head_weight's rows\), got \(3,\)"),
     (lambda a: {**a, "backend": "fused"}, r"backend must be one of \('auto', 'reference', 'chunked', 'triton', "
      r"'cublas', 'cuda'\), got 'fused'"),
     (lambda a: {**a, "chunk_rows": 0}, r"chunk_rows must be None or an integer >= 1, got 0"),
@@ -177,6 +180,73 @@ def test_bad_input_is_named_with_the_expected_and_the_actual_value(spoil, match)
                      head_bias=bias)
     with pytest.raises(ValueError, match=match):
         depth_cross_entropy(**spoil(arguments))
+
+
+@pytest.mark.parametrize("backend", ("auto", *ROW_WORK))
+def test_a_gradient_of_the_gradient_is_refused_by_name_and_right_on_the_reference(backend):
+    """The chunked path computes the gradients in forward, as numbers: a penalty on them
+    (create_graph=True) would train on a silently wrong .grad, so it is refused."""
+    states, targets, nw, nb, head, weights, bias = inputs()
+    states.requires_grad_()
+    loss, _ = depth_cross_entropy(states, targets, nw, nb, head, weights=weights, head_bias=bias, backend=backend)
+    with pytest.raises(RuntimeError, match=r"^depth_cross_entropy: the gradient of its gradient \(create_graph=True\)"):
+        torch.autograd.grad(loss, states, create_graph=True)
+    exact = states.detach().double().requires_grad_()
+    loss, _ = depth_cross_entropy(exact, targets, nw.double(), nb.double(), head.double(), weights=weights,
+                                  head_bias=bias.double(), backend="reference")
+    (grad,) = torch.autograd.grad(loss, exact, create_graph=True)
+    assert torch.autograd.grad(grad.square().sum(), exact)[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ROW_WORK)
+@pytest.mark.parametrize("ignore_index", (-1, 0, 5, 36, 37, 99, -(2 ** 40)))
+def test_ignore_index_may_be_any_integer_as_in_pytorch(ignore_index, backend):
+    """Out of the vocabulary too (PyTorch's cross-entropy takes any): those rows count in nothing."""
+    states, targets, nw, nb, head, weights, bias = inputs(ignored=0.0)
+    targets[0, :2] = ignore_index
+    logits = torch.randn(10, 37)  # PyTorch's own: those rows left out
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(logits, targets.flatten(), ignore_index=ignore_index),
+                               torch.nn.functional.cross_entropy(logits[2:], targets.flatten()[2:]))
+    assert_agrees((states, targets, nw, nb, head, weights, bias), torch.float32, chunk_rows=4, backend=backend,
+                  ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("dtype", (torch.uint8, torch.int8, torch.int16, torch.int32))
+def test_every_integer_target_dtype_gives_the_int64_targets_loss(dtype):
+    states, targets, nw, nb, head, weights, bias = inputs(ignored=0.0)
+    expected = depth_cross_entropy(states, targets, nw, nb, head, weights=weights, head_bias=bias)[1]
+    got = depth_cross_entropy(states, targets.to(dtype), nw, nb, head, weights=weights, head_bias=bias)[1]
+    assert torch.equal(got, expected)
+
+
+def float32_errors(loss_of, args) -> list:
+    """Each of the loss's and its gradients' largest error relative to its largest float64 value, of a
+    float32 computation (loss_of) against the float64 reference."""
+    def values(fn, dtype):
+        inputs = [a.to(dtype).requires_grad_() if a is not None and a.is_floating_point() and i != 5 else a
+                  for i, a in enumerate(args)]
+        loss = fn(inputs)
+        return [loss.detach(), *torch.autograd.grad(loss, [inputs[i] for i in (0, 2, 3, 4, 6)])]
+    reference_loss = depth_loss(reference.depth_cross_entropy)
+    exact = values(lambda a: reference_loss(*a[:5], a[5].double(), a[6]), torch.float64)
+    return [((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+            for got, want in zip(values(lambda a: loss_of(*a), torch.float32), exact)]
+
+
+@pytest.mark.parametrize("backend", ROW_WORK)
+@pytest.mark.parametrize("case", ("vocabulary 1 with z_loss", "chunk_rows 1", "chunk_rows 3", "default chunks"))
+def test_float32_is_within_twice_eagers_error(case, backend):
+    """Against float64: the loss and every gradient at most twice eager PyTorch's float32 error (the
+    reference in float32), where the gradient p (1 + 2 z lse) - 1 would cancel (a vocabulary of one)
+    and where many small chunks each add into the parameters' gradients."""
+    options = dict(z_loss=1e-2) if "z_loss" in case else {}
+    chunk_rows = {"chunk_rows 1": 1, "chunk_rows 3": 3}.get(case)
+    args = inputs(exits=3, lead=(600,), dim=48, vocab=1 if "vocabulary" in case else 300, ignored=0.1)
+    eager = float32_errors(depth_loss(reference.depth_cross_entropy, **options), args)
+    ours = float32_errors(depth_loss(depth_cross_entropy, chunk_rows=chunk_rows, backend=backend, **options), args)
+    names = ("loss", "states", "norm weight", "norm bias", "head weight", "head bias")
+    assert all(o <= 2 * e + 1e-9 for o, e in zip(ours, eager)), [
+        f"{n}: {o:.1e} against eager's {e:.1e}" for n, o, e in zip(names, ours, eager)]
 
 
 def test_the_loss_bench_measures_every_path_in_its_own_process(tmp_path, capsys):

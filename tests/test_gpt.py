@@ -230,15 +230,16 @@ def test_the_scaled_output_projections_and_the_h_acn_start_as_the_authors_do():
 
 def test_clamp_after_keeps_every_gate_and_weight_in_range_after_each_step():
     for form in ("h-acn", "long-short"):
-        model, _ = authors_model(form)
-        model.long_connections.clamp_range = (0.0, 1.0)
+        torch.manual_seed(0)
+        model = GPT(VOCAB, MAX_LEN, 32, 4, 4, backend="reference", **AUTHORS,
+                    **{**FORMS[form], "clamp_range": (0.0, 1.0)}).double()
         optimizer = torch.optim.SGD(model.parameters(), lr=100.0)  # steps far outside [0, 1]
         handle = model.clamp_after(optimizer)
         for _ in range(3):
             optimizer.zero_grad()
             F.cross_entropy(model(tokens()).flatten(0, 1), tokens().flatten()).backward()
             optimizer.step()
-            scalars = model.long_connections.scalars()
+            scalars = model.long_connections.scalars.all()
             assert scalars and all(0.0 <= p.item() <= 1.0 for p in scalars)
             assert any(p.item() in (0.0, 1.0) for p in scalars)  # the clamp did act
         handle.remove()
@@ -253,7 +254,7 @@ def test_the_authors_forms_on_a_fused_backend_match_the_reference(form, backend)
         torch.manual_seed(0)
         model = GPT(VOCAB, MAX_LEN, 32, 3, 4, backend=chosen, **AUTHORS, **FORMS[form]).to(DEVICE)
         with torch.no_grad():
-            for p in model.long_connections.scalars():
+            for p in model.long_connections.scalars.all():
                 p.fill_(0.3)
         loss = F.cross_entropy(model(t[:, :-1]).flatten(0, 1), t[:, 1:].flatten())
         losses.append(loss)
@@ -280,5 +281,5 @@ def test_skip_attention_needs_the_hybrid_and_a_decoder():
     with pytest.raises(ValueError, match=r"skip_attention needs the hybrid .* got connectivity='acn'"):
         GPT(VOCAB, MAX_LEN, 32, 2, 4, skip_attention=True)
     from acn_kernels.long_connections import LongConnections
-    with pytest.raises(ValueError, match=r"skip_attention needs depths of several units .* got units_per_depth=1"):
+    with pytest.raises(ValueError, match=r"skip_attention needs blocks of several units .* got units_per_block=1"):
         LongConnections([torch.nn.Linear(4, 4)] * 2, gates="learned", skip_attention=True)

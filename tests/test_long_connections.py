@@ -113,10 +113,14 @@ def test_hybrid_matches_a_plain_loop_forward_probe_and_every_gradient(backend, w
 def test_hybrid_options_are_checked():
     with pytest.raises(ValueError, match=r"long_weights needs the hybrid .*, got gates=None"):
         LongConnections([nn.Linear(4, 4)] * 2, long_weights=True)
-    with pytest.raises(ValueError, match=r"gates must be 'learned' or 1 0-dim tensors, got 2 of shapes \[\(\), \(\)\]"):
+    with pytest.raises(ValueError, match=r"gates must be None \(the ACN\) or 'learned' \(the hybrid\), got \[tensor"):
         LongConnections([nn.Linear(4, 4)] * 2, gates=[torch.zeros(()), torch.zeros(())])
     with pytest.raises(ValueError, match=r"gate_init must be a real number"):
         LongConnections([nn.Linear(4, 4)] * 2, gates="learned", gate_init=None)
+    with pytest.raises(TypeError, match=r"unknown hybrid option 'gate_int': the options are \['gate_scope', "):
+        LongConnections([nn.Linear(4, 4)] * 2, gates="learned", gate_int=0.3)
+    with pytest.raises(ValueError, match=r"gate_scope must be one of \('unit', 'block'\), got 'layer'"):
+        LongConnections([nn.Linear(4, 4)] * 2, gates="learned", gate_scope="layer")
 
 
 def test_without_a_final_norm_it_is_the_plain_sum():
@@ -174,5 +178,5 @@ def test_unsupported_norms_and_mismatched_lengths_are_named():
 
 
 def test_gates_given_as_a_misspelt_string_are_refused_naming_it():
-    with pytest.raises(ValueError, match=r"gates must be 'learned' or 2 0-dim tensors, got 'learnt'"):
+    with pytest.raises(ValueError, match=r"gates must be None \(the ACN\) or 'learned' \(the hybrid\), got 'learnt'"):
         LongConnections([nn.Linear(4, 4) for _ in range(3)], gates="learnt")

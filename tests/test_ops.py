@@ -515,6 +515,35 @@ def test_reference_backend_is_the_reference(name):
         assert torch.equal(a, b)
 
 
+def second_order(op, args, kwargs, backend) -> torch.Tensor:
+    """The gradient of the squared gradient of the op's squared outputs with respect to its first input."""
+    outs = op(*args, backend=backend, **kwargs)
+    loss = sum(o.square().sum() for o in (outs if isinstance(outs, tuple) else (outs,)))
+    (grad,) = torch.autograd.grad(loss, args[0], create_graph=True)
+    return torch.autograd.grad(grad.square().sum(), args[0])[0]
+
+
+@pytest.mark.parametrize("name, backend", [
+    pytest.param(name, backend.values[0], marks=backend.marks, id=f"{name}-{backend.id}") for name in OPS
+    for backend in (GEMM_BACKENDS if name in backend_module.GEMM_OPS else FUSED_BACKENDS)])
+def test_a_gradient_of_the_gradient_is_refused_by_name_on_the_kernels_and_right_on_the_reference(name, backend):
+    """create_graph=True through a kernel would give a second-order gradient of None (its outputs carry
+    no graph): refused in one line naming the op that refuses (feed_forward's cuBLAS path runs
+    linear_act_accumulate; its `linear` is F.linear, which differentiates twice, as the reference does)."""
+    op, args, kwargs = op_calls(torch.float32)[name]
+    args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+    expected = second_order(op, args, kwargs, "reference")
+    assert expected.abs().sum() > 0
+    refusing = {"feed_forward": "linear_act_accumulate", "linear": None}.get(name, name) if backend == "cublas" \
+        else name
+    if refusing is None:
+        torch.testing.assert_close(second_order(op, args, kwargs, backend), expected)
+        return
+    with pytest.raises(RuntimeError, match=rf"^{refusing}: the gradient of its gradient \(create_graph=True\)"):
+        second_order(op, args, kwargs, backend)
+
+
 def test_auto_backend_choice(monkeypatch):
     cpu = torch.device("cpu")
     if backend_module.TRITON_INTERPRETED:  # the interpreter takes a GPU's unmeasured defaults

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from acn_kernels import MLP, LongConnections, Mixer, ShrinkOnCompression, early_exit_sweep
+from acn_kernels import LongConnections, MLP, Mixer, ShrinkOnCompression, as_acn, early_exit_sweep
 
 LIVE = 2  # blocks LIVE.. of `silenced_acn` output zeros, so y_LIVE = ... = y_L
 
@@ -142,6 +142,23 @@ def test_a_hybrid_shrinks_and_freezes_the_gates_it_no_longer_uses():
     assert [b.requires_grad for b in model.long_weights] == [True] * (LIVE + 1) + [False] * (5 - LIVE)
     torch.nn.functional.cross_entropy(model(inputs), own_labels(model, inputs).roll(1)).backward()
     assert all(g.grad is not None for g in model.gates[:LIVE])
+
+
+def test_a_shrunk_hybrid_made_an_acn_keeps_its_depth_and_the_shrinker_keeps_shrinking_it():
+    """as_acn changes the model's long connections in place: the active depth stays, and the shrinker,
+    which holds them, sees the same object (a rebuilt copy ran the full depth again, frozen blocks too)."""
+    torch.manual_seed(0)
+    model = MLP(12, 24, 6, 5, connectivity="hybrid", gate_init=0.0, learn_gates=False, backend="reference")
+    inputs = torch.randn(16, 12)
+    shrink = ShrinkOnCompression(model, inputs, own_labels(model, inputs), every=1)
+    shrink.drop_blocks_past(3)
+    shallow = model.truncate(3)(inputs)
+    as_acn(model)
+    assert model.connectivity == "acn" and model.long_connections is shrink.long_connections
+    assert model.long_connections.depth == shrink.depth == 3 and not model.long_connections.hybrid
+    torch.testing.assert_close(model(inputs), shallow)
+    shrink.drop_blocks_past(2)
+    assert model.long_connections.depth == 2
 
 
 def test_shrinking_explains_what_it_needs():

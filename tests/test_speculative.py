@@ -149,3 +149,10 @@ def test_compress_reports_the_fastest_lossless_draft_depth_and_length():
     assert speculation.tokens_per_second > 0 and 0.0 <= speculation.acceptance_rate <= 1.0
     assert "lossless: speculative decoding, draft depth" in str(report)
     assert compress(model, ids, ids, metric="loss", repeats=1, timing_batch=4).speculation is None
+
+
+def test_an_empty_batch_is_refused_by_name():
+    model = GPT(40, 24, 16, 3, 2, backend="reference")
+    with pytest.raises(ValueError, match=r"input_ids must hold at least one sequence \(batch, positions\), got "
+                                         r"shape \(0, 4\)"):
+        speculative_generate(model, torch.zeros(0, 4, dtype=torch.long), 4, draft_depth=1)

@@ -55,7 +55,7 @@ def test_curricula_keep_the_final_exit_and_bad_arguments_are_named():
     assert exit_weights(4, "authors").tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
     model = GPT(31, 16, 24, 2, 4, backend="reference")
     ids = torch.randint(0, 31, (2, 6))
-    with pytest.raises(ValueError, match=r"labels must be a tensor of input_ids' shape \(2, 6\)"):
+    with pytest.raises(ValueError, match=r"labels must be the model's labels, of input_ids' shape \(2, 6\)"):
         early_exit_loss(model, ids, ids[:, 1:])
     with pytest.raises(ValueError, match=r"curriculum must be one of \('rotational', 'gradual'\), got 'random'"):
         early_exit_loss(model, ids, ids, curriculum="random", step=0)
@@ -122,11 +122,13 @@ def test_at_gate_1_the_hybrid_is_the_residual_gpt_and_as_acn_at_gate_0_is_the_ac
 
 
 def test_gate_annealing_and_as_acn_name_what_they_need():
-    with pytest.raises(ValueError, match=r"GateAnnealing needs a hybrid with gates of its own .* got an ACN"):
+    with pytest.raises(ValueError, match=r"GateAnnealing needs a hybrid with gates of its own .* got connectivity='acn'"):
         GateAnnealing(GPT(50, 16, 32, 2, 4), total_steps=10)
+    with pytest.raises(ValueError, match=r"got connectivity='residual'"):
+        GateAnnealing(GPT(50, 16, 32, 2, 4, connectivity="residual"), total_steps=10)
     lsn = GPT(50, 16, 32, 2, 4, connectivity="hybrid", gate_scope="block", long_weights=True, x0_weight=True,
               gates_from_long_weights=True)
-    with pytest.raises(ValueError, match=r"got gates derived from the long weights"):
+    with pytest.raises(ValueError, match=r"got a hybrid whose gates are derived from the long weights"):
         GateAnnealing(lsn, total_steps=10)
     with pytest.raises(ValueError, match=r"as_acn needs a hybrid whose only scalars are its gates, got long_weights, "
                                          r"x0_weight, gates_from_long_weights"):
@@ -185,10 +187,10 @@ def without_depths(model, factory, dropped: set):
     there."""
     kept = [d for d in range(model.depth) if d not in dropped]
     long = model.long_connections
-    kept_units = [u for u in range(long.units) if u // long.units_per_depth in kept]
+    kept_units = [u for u in range(long.units) if u // long.units_per_block in kept]
+    per = long.scalars.units_per_scalar if long.hybrid else 1
     new_index = {"blocks": {d: kept.index(d) for d in kept},  # gate j is on the short path after unit j * per
-                 "gates": {u // long.units_per_scalar: kept_units.index(u) // long.units_per_scalar
-                           for u in kept_units if u % long.units_per_scalar == 0}}
+                 "gates": {u // per: kept_units.index(u) // per for u in kept_units if u % per == 0}}
     moved = {}
     for name, value in model.state_dict().items():
         head, _, rest = name.partition(".")
@@ -248,3 +250,65 @@ def test_a_dropped_depth_is_the_network_without_it_forward_and_backward(kind, co
         states = model.train().exit_states(inputs)[0]
         torch.testing.assert_close(states[[2, 4]], states[[1, 3]], rtol=0, atol=0)
     torch.testing.assert_close(model.eval()(inputs), full, rtol=0, atol=0)
+
+
+def test_gate_annealing_made_an_acn_still_holds_the_models_long_connections():
+    model = annealed_gpt()
+    schedule = GateAnnealing(model, total_steps=2, fraction=0.5)
+    schedule.step()
+    as_acn(model)
+    assert schedule.long_connections is model.long_connections and not model.long_connections.hybrid
+
+
+def test_schedules_follow_the_fraction_of_training_done_for_a_budget_of_time():
+    """progress= (a callable: the fraction done, from a clock say) in place of total_steps."""
+    done = [0.0]
+    model = annealed_gpt()
+    annealing = GateAnnealing(model, fraction=0.5, progress=lambda: done[0])
+    by_steps = GateAnnealing(annealed_gpt(), total_steps=8, fraction=0.5)
+    for step in range(1, 9):
+        done[0] = step / 8
+        annealing.step()
+        by_steps.step()
+        assert model.gates[0].item() == pytest.approx(by_steps.long_connections.gates[0].item())
+    acn = GPT(50, 16, 32, 3, 4, backend="reference")
+    dropout = LayerDropout(acn, p_max=0.2, per="batch", progress=lambda: 0.5)
+    assert acn.layer_dropout == dropout.rates(0.5) and dropout.rates(0.5)[-1] == pytest.approx(0.2 * (2 ** 0.5 - 1))
+    assert exits_in(8, "gradual", None, progress=0.5) == exits_in(8, "gradual", 40, 80)
+    with pytest.raises(ValueError, match=r"give total_steps .* or progress .*, one of them, got total_steps=None"):
+        GateAnnealing(model)
+    with pytest.raises(ValueError, match=r"progress\(\) must be a real number"):
+        GateAnnealing(model, progress=lambda: "half")
+
+
+def test_exit_weights_that_train_nothing_are_refused():
+    model = GPT(31, 16, 24, 2, 4, backend="reference")
+    ids = torch.randint(0, 31, (2, 6))
+    with pytest.raises(ValueError, match=r"weights must be finite, >= 0 and not all 0 .*got \[0.0, 0.0\]"):
+        early_exit_loss(model, ids, ids, weights=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"weights of the exits this step trains \(\[2\]\) must not all be 0"):
+        early_exit_loss(model, ids, ids, weights=torch.tensor([1.0, 0.0]), curriculum="rotational", step=0)
+
+
+def test_labels_are_named_as_labels_with_input_ids_shape():
+    model = GPT(31, 16, 24, 2, 4, backend="reference")
+    ids = torch.randint(0, 31, (2, 6))
+    with pytest.raises(ValueError, match=r"labels must be the model's labels, of input_ids' shape \(2, 6\) .* got "
+                                         r"dtype torch.float32"):
+        early_exit_loss(model, ids, ids.float())
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 31\) \(the vocabulary\) or -100, got values in "
+                                         r"\[\d+, 40\]"):
+        early_exit_loss(model, ids, ids.clamp(max=30).index_fill(1, torch.tensor([0]), 40))
+    with pytest.raises(ValueError, match=r"got the next tokens already shifted"):
+        model.probe(ids[:, :-1], labels=ids[:, 1:], output="loss")
+
+
+def test_a_readout_runs_on_the_backend_it_was_given():
+    """No backend but "reference" (its chunked path: plain PyTorch, no logits) turns into another."""
+    from acn_kernels.long_connections import Readout
+
+    model = GPT(31, 16, 24, 2, 4, backend="reference")
+    ids = torch.randint(0, 31, (2, 6))
+    states, _ = model.exit_states(ids)
+    with pytest.raises(RuntimeError, match=r"backend='cuda' needs the CUDA extension"):
+        Readout(model.final_norm, model.lm_head.weight, None, "cuda").losses(states, ids, ids)

@@ -1,13 +1,14 @@
 """acnify: turn a residual model from timm or Hugging Face into an ACN, in place."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from torch import nn
 
 from .._validation import check_choice
 from ..backend import BACKENDS
-from ..long_connections import check_hybrid_options
+from ..long_connections import HybridOptions
 
 SUPPORTED = ("timm.models.vision_transformer.VisionTransformer",
              "transformers BertModel, GPT2Model, LlamaModel and the Llama-shaped decoders (Qwen2, Mistral, ...), "
@@ -16,62 +17,48 @@ SUPPORTED = ("timm.models.vision_transformer.VisionTransformer",
 CONNECTIVITIES = ("acn", "hybrid")
 
 
-def acnify(model: nn.Module, backend: str = "auto", connectivity: str = "acn", gate_init: float = 0.5,
-           learn_gates: bool = True, long_weights: bool = False, gate_scope: str = "unit", x0_weight: bool = False,
-           gates_from_long_weights: bool = False, long_weight_init: float = 1.0, clamp_range=None,
-           skip_attention: bool = False) -> nn.Module:
+def acnify(model: nn.Module, backend: str = "auto", connectivity: str = "acn", **hybrid_options) -> nn.Module:
     """Converts `model` in place and returns it: long connections instead of its residual adds, with
     `probe` (the output of every depth) and `truncate(k)`. The state_dict keys do not change, so a
     residual checkpoint loads into the converted model (to fine-tune from) and back.
-    connectivity="hybrid" keeps a gated short path beside the long one (the H-ACN; LongConnections'
-    docstring): its gates (and, with long_weights=True, its long weights; with x0_weight=True the
-    weight of x_0) are the only new parameters, registered as `gates.i` (`long_weights.i`,
-    `x0_weight.0`) beside the converted blocks. gate_scope="block" gives a decoder layer one gate (and
-    one long weight) for both of its branches, as the authors' H-ACN does; gates_from_long_weights,
-    long_weight_init, clamp_range (with the model's `clamp_after(optimizer)`) and skip_attention (a
-    decoder layer's attention short path whole, only its MLP's gated: the authors' LSN) are the GPT's
-    options of the same names. A Hugging Face model records the conversion in its config, so that it saves and
-    loads back converted (huggingface.py)."""
+    connectivity="hybrid" keeps a gated short path beside the long one (the H-ACN), of the form its
+    keywords give (long_connections.HybridOptions: the GPT's options of the same names; gate_scope="block"
+    gives a decoder layer one gate, and one long weight, for both of its branches, as the authors' H-ACN
+    does; skip_attention their LSN's whole attention path): its gates (long weights, x_0 weight) are the
+    only new parameters, registered as `gates.i` (`long_weights.i`, `x0_weight.0`) beside the converted
+    blocks, clamped after each optimizer step by the model's `clamp_after(optimizer)` where the form has a
+    clamp_range. A Hugging Face model records the conversion in its config, so that it saves and loads
+    back converted (huggingface.py)."""
     check_choice("backend", backend, BACKENDS)
     check_choice("connectivity", connectivity, CONNECTIVITIES)
-    check_choice("gate_scope", gate_scope, GATE_SCOPES)
-    check_hybrid_options(connectivity == "hybrid", gate_scope="unit", gate_init=gate_init, learn_gates=learn_gates,
-                         long_weights=long_weights is not False, x0_weight=x0_weight is not False,
-                         gates_from_long_weights=gates_from_long_weights, long_weight_init=long_weight_init,
-                         clamp_range=clamp_range, skip_attention=skip_attention,
-                         not_hybrid=f"connectivity={connectivity!r}")
+    hybrid = HybridOptions.of(connectivity == "hybrid", f"connectivity={connectivity!r}", **hybrid_options)
     if any(hasattr(m, "long_connections") for m in model.modules()):
         raise TypeError(f"acnify supports {' and '.join(SUPPORTED)}; got {type(model).__name__} (already converted)")
-    options = dict(connectivity=connectivity, gate_init=gate_init, learn_gates=learn_gates, long_weights=long_weights,
-                   gate_scope=gate_scope, x0_weight=x0_weight, gates_from_long_weights=gates_from_long_weights,
-                   long_weight_init=long_weight_init, clamp_range=None if clamp_range is None else list(clamp_range),
-                   skip_attention=skip_attention)
     converter = find_converter(model)
     if converter is None:
         raise TypeError(f"acnify supports {' and '.join(SUPPORTED)}; got {type(model).__name__}")
-    converted = converter(model, long_connection_options(backend, options))
+    converted = converter(model, backend, hybrid)
     if getattr(model, "config", None) is not None and "transformers" in sys.modules:
         from .huggingface import record_conversion
-        record_conversion(converted, options)
+        record_conversion(converted, record_of(connectivity, hybrid))
     return converted
 
 
-GATE_SCOPES = ("unit", "block")
+def record_of(connectivity: str, hybrid: HybridOptions | None) -> dict:
+    """What a Hugging Face config records of a conversion: the connectivity and the hybrid's options."""
+    return {"connectivity": connectivity, **(hybrid or HybridOptions()).as_record()}
 
 
-def long_connection_options(backend: str, options: dict) -> dict:
-    """LongConnections' arguments from acnify's (a config saved by an earlier version has only the first
-    four of its options: the others take their defaults)."""
-    clamp_range = options.get("clamp_range")
-    return dict(backend=backend, gates="learned" if options["connectivity"] == "hybrid" else None,
-                gate_init=options["gate_init"], learn_gates=options["learn_gates"],
-                long_weights=options["long_weights"],
-                gate_scope="depth" if options.get("gate_scope", "unit") == "block" else "unit",
-                x0_weight=options.get("x0_weight", False),
-                gates_from_long_weights=options.get("gates_from_long_weights", False),
-                long_weight_init=options.get("long_weight_init", 1.0),
-                clamp_range=None if clamp_range is None else tuple(clamp_range),
-                skip_attention=options.get("skip_attention", False))
+def hybrid_of(record: dict) -> HybridOptions | None:
+    """The hybrid's options a config's record holds (one saved by an earlier version lacks the later
+    fields: they take their defaults; "depth" was the block scope's earlier name), None for an ACN."""
+    if record["connectivity"] != "hybrid":
+        return None
+    fields = {field.name for field in dataclasses.fields(HybridOptions)}
+    options = {name: value for name, value in record.items() if name in fields}
+    if options.get("gate_scope") == "depth":
+        options["gate_scope"] = "block"
+    return HybridOptions(**options)
 
 
 def find_converter(model: nn.Module):
@@ -104,7 +91,7 @@ def convert_recorded(model: nn.Module, options: dict) -> None:
         return
     converter = find_converter(model)
     if converter is not None:
-        converter(model, long_connection_options("auto", options))
+        converter(model, "auto", hybrid_of(options))
 
 
 from .huggingface import install  # noqa: E402

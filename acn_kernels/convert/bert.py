@@ -11,7 +11,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 from transformers.models.bert.modeling_bert import BertEncoder, BertModel, BertOutput, BertSelfOutput
 
-from ..long_connections import LongConnections, attach, register_scalars
+from ..long_connections import HybridOptions, build_long_connections
 from .huggingface import Owner, SumsAsHiddenStates, bind, converted_class, register_recording
 
 
@@ -51,7 +51,7 @@ class BertSums(SumsAsHiddenStates):
         return self.encoder
 
 
-def acnify_bert(model: nn.Module, options: dict) -> nn.Module:
+def acnify_bert(model: nn.Module, backend: str, hybrid: HybridOptions | None) -> nn.Module:
     """Converts every (unconverted) BertEncoder inside `model`, and the BertModel around it, and gives
     `model` probe and truncate."""
     for bert in [m for m in model.modules() if type(m) is BertModel and type(m.encoder) is BertEncoder]:
@@ -63,8 +63,6 @@ def acnify_bert(model: nn.Module, options: dict) -> nn.Module:
             layer.output.__class__ = AcnBertOutput
         encoder.__class__ = AcnBertEncoder
         encoder.prepare()
-        long = LongConnections(list(encoder.layer), **options)
-        register_scalars(encoder, long)
-        attach(encoder, long)
+        build_long_connections(encoder, list(encoder.layer), None, None, backend, hybrid)
     bind(model)
     return model

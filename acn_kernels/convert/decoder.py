@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from .._validation import check_int_tensor, check_token_ids
-from ..long_connections import LongConnections, Readout, attach, register_scalars
+from ..long_connections import HybridOptions, Readout, build_long_connections, owner_of
 from ..speculative import check_draft_depth
-from .huggingface import Owner, SumsAsHiddenStates, bind, converted_class, find_owner, register_recording
+from .huggingface import Owner, SumsAsHiddenStates, bind, converted_class, register_recording
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Runner(nn.Module):
         keywords = owner.attention_keywords(*args, **kwargs)
         segment = owner.segment
         if segment is None and owner.config.num_hidden_layers < long.depth:
-            segment = Segment(0, owner.config.num_hidden_layers * long.units_per_depth)  # an early exit's draft
+            segment = Segment(0, owner.config.num_hidden_layers * long.units_per_block)  # an early exit's draft
         if segment is not None:
             state = long.start_state(hidden_states) if segment.state is None else segment.state
             segment.state = long.run_units(segment.first, segment.stop, state, **keywords)
@@ -132,7 +132,7 @@ def checked_generate(model: nn.Module, inputs=None, *args, **kwargs):
         new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
         if new_tokens is None:
             new_tokens = kwargs.get("max_length", config.max_length) - ids.shape[-1]
-        check_generation(find_owner(model)[1], ids, kwargs.get("attention_mask"), new_tokens)
+        check_generation(owner_of(model)[1], ids, kwargs.get("attention_mask"), new_tokens)
     return type(model).generate(model, inputs, *args, **kwargs)
 
 
@@ -140,7 +140,7 @@ def exit_states(model: nn.Module, input_ids: torch.Tensor, **inputs) -> tuple:
     """(the running sums after 0..L layers (L+1, batch, positions, D), their Readout: the final norm
     and head) of an acnify'd causal LM, its layers run once by its base model (no head): what
     early_exit_loss reads every depth through (bound to the model as `exit_states`)."""
-    owner = find_owner(model)[1]
+    owner = owner_of(model)[1]
     recording, owner.recording = owner.recording, True
     try:
         owner(input_ids=input_ids, **inputs)
@@ -155,7 +155,7 @@ def speculator(model: nn.Module, draft_depth: int, input_ids: torch.Tensor, max_
                attention_mask: torch.Tensor | None = None) -> "DecoderSpeculator":
     """What speculative_generate drafts and verifies with, for an acnify'd causal LM and this prompt
     (bound to the model as `speculator`)."""
-    owner = find_owner(model)[1]
+    owner = owner_of(model)[1]
     check_draft_depth(draft_depth, owner.long_connections.depth)
     check_int_tensor("input_ids", input_ids, "(batch, positions)", lambda shape: len(shape) == 2 and shape[1] > 0)
     if attention_mask is not None:
@@ -187,7 +187,7 @@ class DecoderSpeculator:
         self.mask = torch.cat([mask, mask.new_ones(len(prompt), max_new_tokens)], 1)
         self.positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
         long = owner.long_connections
-        self.draft_units, self.all_units = draft_depth * long.units_per_depth, long.units
+        self.draft_units, self.all_units = draft_depth * long.units_per_block, long.units
 
     def run(self, model: nn.Module, tokens: torch.Tensor, start: int, segment: Segment | None, attention_mask=None,
             **keywords):
@@ -269,7 +269,8 @@ class Decoder(SumsAsHiddenStates, Owner):
         self._modules[self.LAYERS] = LongConnectionLayers(self.layer_list()[:k], Runner(self))
 
 
-def convert_decoder(model: nn.Module, base_model: nn.Module, mixin: type, options: dict) -> nn.Module:
+def convert_decoder(model: nn.Module, base_model: nn.Module, mixin: type, backend: str,
+                    hybrid: HybridOptions | None) -> nn.Module:
     """Converts the decoder `base_model` (inside `model`, or `model` itself) in place, unless done."""
     if not isinstance(base_model, Decoder):
         base_model.__class__ = converted_class(mixin, type(base_model))
@@ -277,10 +278,9 @@ def convert_decoder(model: nn.Module, base_model: nn.Module, mixin: type, option
         base_model.prepare()
         layers = base_model.layer_list()
         units = [unit for layer in layers for unit in base_model.units_of(layer)]
-        long = LongConnections([u for u, _ in units], [n for _, n in units], None, units_per_depth=2, **options)
         base_model._modules[base_model.LAYERS] = LongConnectionLayers(layers, Runner(base_model))
-        register_scalars(base_model, long)
-        attach(base_model, long)
+        build_long_connections(base_model, [u for u, _ in units], [n for _, n in units], None, backend, hybrid,
+                               units_per_block=2)
     bind(model)
     return model
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..long_connections import HybridOptions
 from .decoder import Decoder, convert_decoder
 
 
@@ -21,11 +22,11 @@ class GPT2Decoder(Decoder):
         return dict(cache=cache, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
 
 
-def acnify_gpt2(model: nn.Module, options: dict) -> nn.Module:
+def acnify_gpt2(model: nn.Module, backend: str, hybrid: HybridOptions | None) -> nn.Module:
     from transformers import GPT2Model
 
     base = model if isinstance(model, GPT2Model) else model.transformer
     if base.config.add_cross_attention:
         raise TypeError("acnify converts decoder-only GPT-2 models, got one with cross-attention "
                         "(config.add_cross_attention=True)")
-    return convert_decoder(model, base, GPT2Decoder, options)
+    return convert_decoder(model, base, GPT2Decoder, backend, hybrid)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .._validation import check_choice
-from ..long_connections import LongConnections, attach, registered_scalars, shallow_copy
+from ..long_connections import attach, depth_sums, owner_of, register_scalars, shallow_copy
 
 RECORD = "acn_kernels"  # the config attribute of a converted model: acnify's options
 REGISTERED_TYPES = ("bert", "gpt2", "llama", "qwen2", "mistral")
@@ -41,12 +41,6 @@ LOAD_HINT = " (import acn_kernels to load it as an ACN)"  # what transformers al
 
 
 # ----------------------------------------------------------------------------- probe and truncate
-
-def find_owner(model: nn.Module) -> tuple[str, nn.Module]:
-    """(path, module) of the module that holds the long connections."""
-    return next((name, m) for name, m in model.named_modules() if isinstance(getattr(m, "long_connections", None),
-                                                                            LongConnections))
-
 
 def model_output(output, what: str = "logits"):
     """What a probe compares across depths: the loss, or the logits of a task model, else the hidden states."""
@@ -71,7 +65,7 @@ def probe(model: nn.Module, *args, output: str = "logits", **kwargs) -> torch.Te
     check_choice("output", output, ("logits", "loss"))
     if output == "loss" and callable(getattr(model, "exit_states", None)):
         return causal_lm_depth_losses(model, args, kwargs)
-    _, owner = find_owner(model)
+    _, owner = owner_of(model)
     owner.recording = True
     try:
         deepest = model_output(model(*args, **kwargs), output)
@@ -100,7 +94,7 @@ def causal_lm_depth_losses(model: nn.Module, args: tuple, kwargs: dict) -> torch
         raise ValueError("probe(..., output='loss') needs labels=, as the model's loss does")
     input_ids = inputs.pop("input_ids", args[0] if args else None)
     states, readout = model.exit_states(input_ids, *args[1:], **inputs)
-    return readout.losses(states, labels)[1]
+    return readout.losses(states, input_ids, labels)[1]
 
 
 def repeat_batch(inputs, batch: int, times: int):
@@ -118,7 +112,7 @@ def repeat_batch(inputs, batch: int, times: int):
 def truncate(model: nn.Module, k: int) -> nn.Module:
     """The first k layers, every parameter shared: the modules on the way to the owner are copied,
     and so is their config, with the kept depth, so that what save_pretrained writes reloads as it is."""
-    path, owner = find_owner(model)
+    path, owner = owner_of(model)
     long = owner.long_connections.truncate(k)
     shallow = parent = shallow_copy(model)
     copies = [shallow]
@@ -130,7 +124,7 @@ def truncate(model: nn.Module, k: int) -> nn.Module:
         if getattr(module, "config", None) is model.config:
             module.config = config
     parent.keep_layers(k)
-    parent._modules.update(registered_scalars(long))
+    register_scalars(parent, long.scalars)
     attach(parent, long)
     bind(shallow)
     return shallow
@@ -150,7 +144,7 @@ def truncated_config(config, k: int):
 def clamp_after(model: nn.Module, optimizer: torch.optim.Optimizer):
     """The hybrid's gates and weights clamped into its clamp_range after each of optimizer's steps
     (LongConnections.clamp_after); returns the hook's handle."""
-    return find_owner(model)[1].long_connections.clamp_after(optimizer)
+    return owner_of(model)[1].long_connections.clamp_after(optimizer)
 
 
 def bind(model: nn.Module) -> None:
@@ -161,22 +155,17 @@ def bind(model: nn.Module) -> None:
     model.clamp_after = types.MethodType(clamp_after, model)
     model.as_acn = types.MethodType(as_acn, model)
     if model.can_generate():
-        for name, method in getattr(find_owner(model)[1], "CAUSAL_LM_METHODS", {}).items():
+        for name, method in getattr(owner_of(model)[1], "CAUSAL_LM_METHODS", {}).items():
             setattr(model, name, types.MethodType(method, model))
 
 
 def as_acn(model: nn.Module) -> nn.Module:
-    """The converted hybrid as an ACN, in place (training.as_acn checks its gates are all 0 first): its
-    long connections rebuilt without gates, the gates unregistered, the config's record of the
+    """The converted hybrid as an ACN, in place (every gate 0, or a ValueError): its long connections
+    without gates (whoever holds them sees it), the gates unregistered, the config's record of the
     conversion saying "acn", so that it saves and loads back as an ACN."""
-    owner = find_owner(model)[1]
-    long = owner.long_connections
-    acn = LongConnections(list(long.blocks), None if long.input_norms is None else list(long.input_norms),
-                          long.final_norm, long.backend, units_per_depth=long.units_per_depth)
-    acn.gradient_checkpointing = long.gradient_checkpointing
-    for name in registered_scalars(long):
-        del owner._modules[name]
-    attach(owner, acn)
+    owner = owner_of(model)[1]
+    owner.long_connections.become_acn()
+    register_scalars(owner, None)
     record = dict(getattr(model.config, RECORD), connectivity="acn", skip_attention=False, clamp_range=None)
     record_conversion(model, record)
     return model
@@ -189,17 +178,8 @@ class Owner:
         self.recording, self.replaced_output, self.recorded_outputs, self.running = False, None, None, False
 
     def depth_sums(self) -> torch.Tensor:
-        """(L+1, ...): the running sum after 0..L layers, from the recorded terms of the sum, added one
-        after another as the long connections add them (a cumsum over a stack of them is several times
-        slower on a CPU, where it dominated probe's cost beside the layers)."""
-        terms, per_depth = self.recorded_outputs, self.long_connections.units_per_depth
-        sums = [terms[0]]
-        for first in range(1, len(terms), per_depth):
-            running = sums[-1]
-            for term in terms[first:first + per_depth]:
-                running = running + term
-            sums.append(running)
-        return torch.stack(sums)
+        """(L+1, ...): the running sum after 0..L layers, from the recorded terms of the sum."""
+        return depth_sums(self.recorded_outputs, self.long_connections.units_per_block)
 
 
 class SumsAsHiddenStates:

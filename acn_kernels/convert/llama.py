@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..long_connections import HybridOptions
 from .decoder import Decoder, convert_decoder
 
 class LlamaShapedDecoder(Decoder):
@@ -31,10 +32,10 @@ def llama_shaped_base(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def acnify_llama(model: nn.Module, options: dict) -> nn.Module:
+def acnify_llama(model: nn.Module, backend: str, hybrid: HybridOptions | None) -> nn.Module:
     base = llama_shaped_base(model)
     layer_types = set(getattr(base.config, "layer_types", None) or ())
     if len(layer_types) > 1:  # the model's loop would give the one runner a single layer type's mask
         raise TypeError(f"acnify converts Llama-shaped models whose layers all attend alike, got layer_types "
                         f"{sorted(layer_types)}")
-    return convert_decoder(model, base, LlamaShapedDecoder, options)
+    return convert_decoder(model, base, LlamaShapedDecoder, backend, hybrid)

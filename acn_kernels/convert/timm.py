@@ -8,7 +8,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from ..long_connections import LongConnections, attach, register_scalars, registered_scalars, shallow_copy
+from ..long_connections import HybridOptions, attach, build_long_connections, shallow_copy
 
 
 class AcnBlock(Block):
@@ -55,12 +55,12 @@ class AcnVisionTransformer(VisionTransformer):
 
     def truncate(self, k: int) -> "AcnVisionTransformer":
         long = self.long_connections.truncate(k)
-        shallow = shallow_copy(self, blocks=nn.Sequential(*long.blocks), **registered_scalars(long))
+        shallow = shallow_copy(self, blocks=nn.Sequential(*long.blocks), **(long.scalars.owned() if long.hybrid else {}))
         attach(shallow, long)
         return shallow
 
 
-def acnify_vit(model: VisionTransformer, options: dict) -> AcnVisionTransformer:
+def acnify_vit(model: VisionTransformer, backend: str, hybrid: HybridOptions | None) -> AcnVisionTransformer:
     unsupported = sorted({type(b).__name__ for b in model.blocks if type(b) is not Block})
     if unsupported:
         raise TypeError(f"acnify converts timm ViTs built of timm.models.vision_transformer.Block, got blocks "
@@ -69,7 +69,5 @@ def acnify_vit(model: VisionTransformer, options: dict) -> AcnVisionTransformer:
         block.__class__ = AcnBlock
     model.__class__ = AcnVisionTransformer
     final = None if isinstance(model.norm, nn.Identity) else model.norm
-    long = LongConnections(list(model.blocks), [b.norm1 for b in model.blocks], final, **options)
-    register_scalars(model, long)
-    attach(model, long)
+    build_long_connections(model, list(model.blocks), [b.norm1 for b in model.blocks], final, backend, hybrid)
     return model

@@ -22,6 +22,7 @@ backend="reference" is pure eager PyTorch. Parameters and state_dict are the sam
 """
 from __future__ import annotations
 
+import functools
 from collections import deque
 from typing import Iterator
 
@@ -29,10 +30,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .._validation import check_bool, check_choice, check_positive_int
+from .._validation import check_choice, check_positive_int
 from ..backend import BACKENDS, resolve_backend
-from ..long_connections import (LongConnections, attach, check_depth, check_hybrid_options, exit_early, scalar_counts,
-                                scalar_parameters, shallow_copy)
+from ..long_connections import (HybridOptions, HybridScalars, LongConnections, attach, check_depth, depth_sums,
+                                exit_early, register_scalars, shallow_copy)
 
 CONNECTIVITIES = ("acn", "residual", "ffn", "hybrid")
 LAYER_DROPOUT_PER = ("sample", "batch")
@@ -43,46 +44,29 @@ class DepthModel(nn.Module):
     """Subclasses set `self.blocks` and `self.final_norm`, call `self.connect()`, and define `embed`
     and `readout`. A block that starts with a norm names it `input_norm` (and takes `run_normed`); a
     family whose blocks hold several units of the long connections (GPT: attention, then MLP) sets
-    UNITS_PER_BLOCK and defines `units()`.
-    A "hybrid" model registers its gates (`gates.0` ... `gates.{L-2}`, starting at gate_init, trained
-    unless learn_gates=False) and, with long_weights=True, its long weights (`long_weights.0` ...),
-    with x0_weight=True the weight of x_0 in the sum (`x0_weight.0`); gate_scope="depth" gives a
-    family of several units per block (GPT) one gate and one long weight per block, and
-    gates_from_long_weights=True derives the gates from the long weights (LongConnections' docstring),
-    skip_attention=True leaves each depth's first short path whole (its gate 1);
-    every other parameter is the acn twin's, so checkpoints load between them (strict=False)."""
+    `units_per_block` and defines `units()`.
+    A "hybrid" model takes the hybrid's options (long_connections.HybridOptions: gate_scope, gate_init,
+    learn_gates, long_weights, x0_weight, gates_from_long_weights, long_weight_init, clamp_range,
+    skip_attention) as keywords, and registers its scalars (`gates.0` ... `gates.{L-2}`, `long_weights.i`,
+    `x0_weight.0`: HybridScalars, built here once); every other parameter is the acn twin's, so
+    checkpoints load between them (strict=False)."""
 
-    UNITS_PER_BLOCK = 1
+    units_per_block = 1
 
-    def __init__(self, depth: int, connectivity: str, backend: str = "auto", gate_init: float = 0.5,
-                 learn_gates: bool = True, long_weights: bool = False, gate_scope: str = "unit",
-                 x0_weight: bool = False, gates_from_long_weights: bool = False, long_weight_init: float = 1.0,
-                 clamp_range=None, skip_attention: bool = False):
+    def __init__(self, depth: int, connectivity: str, backend: str = "auto", **hybrid_options):
         super().__init__()
         check_positive_int("depth", depth)
         check_choice("connectivity", connectivity, CONNECTIVITIES)
         check_choice("backend", backend, BACKENDS)
-        check_bool("long_weights", long_weights)
-        check_bool("x0_weight", x0_weight)
-        hybrid = connectivity == "hybrid"
-        check_hybrid_options(hybrid, gate_scope=gate_scope, gate_init=gate_init, learn_gates=learn_gates,
-                             long_weights=long_weights, x0_weight=x0_weight,
-                             gates_from_long_weights=gates_from_long_weights, long_weight_init=long_weight_init,
-                             clamp_range=clamp_range, skip_attention=skip_attention,
-                             not_hybrid=f"connectivity={connectivity!r}")
+        options = HybridOptions.of(connectivity == "hybrid", f"connectivity={connectivity!r}", **hybrid_options)
         self.connectivity = connectivity
         self.requested_backend = backend
         self._checkpointing = False
         self.layer_dropout: list | None = None  # per block: set_layer_dropout
         self.layer_dropout_per = "sample"
-        self.hybrid_form = dict(gate_scope=gate_scope, gates_from_long_weights=gates_from_long_weights,
-                                clamp_range=clamp_range, skip_attention=skip_attention)
-        counts = scalar_counts(depth * self.UNITS_PER_BLOCK, self.UNITS_PER_BLOCK if gate_scope == "depth" else 1)
-        self.gates = scalar_parameters("gates", "learned", counts["gates"], gate_init, learn_gates) \
-            if hybrid and not gates_from_long_weights else None
-        self.long_weights = scalar_parameters("long_weights", "learned", counts["long_weights"], long_weight_init,
-                                              True) if long_weights else None
-        self.x0_weight = scalar_parameters("x0_weight", "learned", 1, long_weight_init, True) if x0_weight else None
+        self.scalars = None if options is None else HybridScalars(options, depth * self.units_per_block,
+                                                                  self.units_per_block)
+        register_scalars(self, self.scalars)
 
     def units(self) -> list:
         """(module, input norm or None) of every unit of the long connections, in order: the blocks."""
@@ -96,13 +80,9 @@ class DepthModel(nn.Module):
                 module.backend = self.requested_backend
         modules, norms = zip(*self.units()) if self.blocks else ((), ())
         final = None if isinstance(self.final_norm, nn.Identity) else self.final_norm
-        hybrid = self.connectivity == "hybrid"
-        long_connections = LongConnections(
-            list(modules), None if None in norms else list(norms), final, self.requested_backend,
-            gates=("learned" if self.gates is None else self.gates) if hybrid else None,
-            long_weights=False if self.long_weights is None else self.long_weights,
-            x0_weight=False if self.x0_weight is None else self.x0_weight,
-            units_per_depth=self.UNITS_PER_BLOCK, **(self.hybrid_form if hybrid else {}))
+        long_connections = LongConnections(list(modules), None if None in norms else list(norms), final,
+                                           self.requested_backend, units_per_block=self.units_per_block,
+                                           scalars=self.scalars)
         long_connections.gradient_checkpointing = self._checkpointing
         long_connections.layer_dropout = self.layer_dropout
         attach(self, long_connections.train(self.training))
@@ -125,10 +105,11 @@ class DepthModel(nn.Module):
         self.long_connections.layer_dropout = rates
 
     def as_acn(self) -> "DepthModel":
-        """This hybrid as an ACN, in place: connectivity "acn", its gates dropped (training.as_acn checks
-        that they are all 0 first)."""
-        self.connectivity, self.gates = "acn", None
-        self.connect()
+        """This hybrid as an ACN, in place (every gate 0, nothing else hybrid, or a ValueError): connectivity
+        "acn", its gates dropped; the long connections, and whoever holds them, see it."""
+        self.long_connections.become_acn()
+        self.connectivity, self.scalars = "acn", None
+        register_scalars(self, None)
         return self
 
     @property
@@ -156,11 +137,11 @@ class DepthModel(nn.Module):
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def run_block(self, fn, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
-        """fn(x), block `index`'s step of the residual or ffn chain: recomputed in backward under
-        gradient checkpointing, and in training with a layer dropout rate (set_layer_dropout) skipped
-        with that probability, per sample (those samples' x passed on, their compute saved) or for the
-        whole batch."""
+    def run_block(self, block, x: torch.Tensor, index: int | None = None, **block_kwargs) -> torch.Tensor:
+        """block(x, **block_kwargs), block `index`'s step of the residual or ffn chain: recomputed in
+        backward under gradient checkpointing, and in training with a layer dropout rate
+        (set_layer_dropout) skipped with that probability, per sample (those samples' x passed on, their
+        compute saved) or for the whole batch."""
         rate = self.layer_dropout[index] if self.training and self.layer_dropout and index is not None else 0.0
         if rate > 0 and self.layer_dropout_per == "batch" and torch.rand(()).item() < rate:  # on the CPU: no sync
             return x
@@ -169,20 +150,26 @@ class DepthModel(nn.Module):
             if not bool(kept.all()):
                 out = x.clone()
                 if bool(kept.any()):
-                    out[kept] = self.run_block(fn, x[kept])
+                    out[kept] = self.run_block(block, x[kept], **block_kwargs)
                 return out
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, x, use_reentrant=False)
-        return fn(x)
+            return checkpoint(functools.partial(block, **block_kwargs), x, use_reentrant=False)
+        return block(x, **block_kwargs)
 
     # ------------------------------------------------------------------ the twins' chains
+
+    def run_blocks(self, first: int, stop: int, x: torch.Tensor, **block_kwargs) -> torch.Tensor:
+        """The residual or ffn chain's state after blocks first..stop-1, from the state before them."""
+        for i in range(first, stop):
+            x = self.run_block(self.blocks[i], x, i, **block_kwargs)
+        return x
 
     def states(self, inputs: torch.Tensor) -> Iterator[torch.Tensor]:
         """Yields the residual or ffn chain's state after k = 0..L blocks, in eager PyTorch."""
         x = self.embed(inputs)
         yield x
-        for i, block in enumerate(self.blocks):
-            x = self.run_block(block, x, index=i)
+        for i in range(self.depth):
+            x = self.run_blocks(i, i + 1, x)
             yield x
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -199,7 +186,7 @@ class DepthModel(nn.Module):
     def partial_sums(self, inputs: torch.Tensor) -> torch.Tensor:
         """(L+1, *hidden_shape): y_0..y_L for "acn" and "hybrid", the state after k blocks otherwise."""
         if self.connectivity in LONG:
-            return torch.stack(self.long_connections.chain(self.embed(inputs))[2]).cumsum(0)[::self.UNITS_PER_BLOCK]
+            return depth_sums(self.long_connections.chain(self.embed(inputs))[2], self.units_per_block)
         return torch.stack(list(self.states(inputs)))
 
     def probe(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -216,7 +203,7 @@ class DepthModel(nn.Module):
         samples still in. threshold 0: every sample at depth 0; above 1: the full forward."""
         if self.connectivity in LONG:
             return self.long_connections.early_exit(self.embed(inputs), self.readout, threshold)
-        return exit_early((self.embed(inputs),), lambda i, state: (self.run_block(self.blocks[i], state[0]),),
+        return exit_early((self.embed(inputs),), lambda i, state: (self.run_blocks(i, i + 1, state[0]),),
                           lambda state: self.head(state[0]), self.depth, threshold)
 
     def clamp_scalars(self) -> None:
@@ -231,10 +218,9 @@ class DepthModel(nn.Module):
     def truncate(self, k: int) -> "DepthModel":
         """A model that runs only the first k blocks; it shares every parameter with this one."""
         check_depth(k, self.depth)
-        parts = {"blocks": nn.ModuleList(list(self.blocks)[:k])}
-        for name, count in scalar_counts(k * self.UNITS_PER_BLOCK, self.long_connections.units_per_scalar).items():
-            if getattr(self, name) is not None:
-                parts[name] = nn.ParameterList(list(getattr(self, name))[:count])
-        shallow = shallow_copy(self, **parts)
+        scalars = None if self.scalars is None else self.scalars.truncated(k * self.units_per_block)
+        shallow = shallow_copy(self, blocks=nn.ModuleList(list(self.blocks)[:k]),
+                               **({} if scalars is None else scalars.owned()))
+        shallow.scalars = scalars
         shallow.connect()
         return shallow

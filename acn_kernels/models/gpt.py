@@ -14,13 +14,13 @@
     ffn:      x_i = MLP(norm2(Attn(norm1(x_{i-1}))))                 (the chain alone)
     logits    = lm_head(final_norm(y))                               (x_L for residual and ffn)
 
-The branches are the units of the long connections (two per block: LongConnections' units_per_depth),
+The branches are the units of the long connections (two per block: LongConnections' units_per_block),
 so `probe` gives the logits after 0..L blocks, a block's two branches both added, and `truncate(k)`
 keeps k blocks. The authors' language models (ACN-NOTES section 2b): bias=False (no bias in any
 linear or norm), scaled_output_init=True (both output projections of a block, attention's and the
 MLP's, at normal(0, 0.02 / sqrt(2L))), positions="rotary", and for the hybrid gate_scope="block",
-gate_init=0.0 and clamp_range=(0, 1) (`clamp_after(optimizer)`). Attention is causal `F.scaled_dot_product_attention`; `generate` keeps a KV cache
-(greedy tokens identical without it). On fused backends every boundary is one `accumulate_norm`
+gate_init=0.0 and clamp_range=(0, 1) (`clamp_after(optimizer)`). Attention is causal
+`F.scaled_dot_product_attention`; `generate` keeps a KV cache (greedy tokens identical without it). On fused backends every boundary is one `accumulate_norm`
 (`hybrid_accumulate_norm`; RMSNorm where asked), the MLPs `feed_forward` (gelu, or swiglu with its
 (gate, up) rows), the other linears `linear`; the LM head and cross-entropy stay eager.
 """
@@ -30,14 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_bool, check_choice, check_divisible, check_positive_int, check_real, check_token_ids
-from ..long_connections import Readout
+from .._validation import check_bool, check_choice, check_divisible, check_positive_int, check_token_ids
+from ..long_connections import Readout, check_threshold
 from .base import LONG, DepthModel
 from .layers import FeedForward, FusedLinear
 from ..speculative import Stop, check_draft_depth, check_sampling, choose, speculative_generate
 
 NORMS = ("layernorm", "rmsnorm")
-GATE_SCOPES = ("unit", "block")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rotary")
 
@@ -164,22 +163,16 @@ class GPTBlock(nn.Module):
 
 class GPT(DepthModel):
     """A causal language model; see the module docstring. mlp_dim defaults to 4 dim (gelu) or about
-    8/3 dim (swiglu). gate_scope: "unit" (a gate per branch boundary) or "block"."""
+    8/3 dim (swiglu). A hybrid takes long_connections.HybridOptions' keywords (gate_scope: "unit", a
+    gate per branch boundary, or "block")."""
 
-    UNITS_PER_BLOCK = 2
+    units_per_block = 2
 
     def __init__(self, vocab_size: int, max_len: int, dim: int, depth: int, heads: int, mlp_dim: int | None = None,
                  connectivity: str = "acn", norm: str = "layernorm", mlp: str = "gelu", positions: str = "learned",
-                 tie_embeddings: bool = True, backend: str = "auto", gate_init: float = 0.5,
-                 learn_gates: bool = True, long_weights: bool = False, bias: bool = True,
-                 scaled_output_init: bool = False, gate_scope: str = "unit", x0_weight: bool = False,
-                 gates_from_long_weights: bool = False, long_weight_init: float = 1.0, clamp_range=None,
-                 skip_attention: bool = False):
-        check_choice("gate_scope", gate_scope, GATE_SCOPES)
-        super().__init__(depth, connectivity, backend, gate_init, learn_gates, long_weights,
-                         gate_scope="depth" if gate_scope == "block" else "unit", x0_weight=x0_weight,
-                         gates_from_long_weights=gates_from_long_weights, long_weight_init=long_weight_init,
-                         clamp_range=clamp_range, skip_attention=skip_attention)
+                 tie_embeddings: bool = True, backend: str = "auto", bias: bool = True,
+                 scaled_output_init: bool = False, **hybrid_options):
+        super().__init__(depth, connectivity, backend, **hybrid_options)
         check_bool("bias", bias)
         check_bool("scaled_output_init", scaled_output_init)
         for name, value in (("vocab_size", vocab_size), ("max_len", max_len), ("dim", dim), ("heads", heads)):
@@ -247,8 +240,8 @@ class GPT(DepthModel):
         """The residual or ffn chain's state after k = 0..L blocks."""
         x = self.embed(tokens, start)
         yield x
-        for i, block in enumerate(self.blocks):
-            x = self.run_block(lambda x, block=block: block(x, cache=cache, start=start), x, index=i)
+        for i in range(self.depth):
+            x = self.run_blocks(i, i + 1, x, cache=cache, start=start)
             yield x
 
     # ------------------------------------------------------------------ public
@@ -276,7 +269,7 @@ class GPT(DepthModel):
             if labels is None:
                 raise ValueError("probe(..., output='loss') needs labels= (the input ids, shifted inside)")
             states, readout = self.exit_states(tokens)
-            return readout.losses(states, labels)[1]
+            return readout.losses(states, tokens, labels)[1]
         if self.connectivity not in LONG:
             return torch.stack([self.head(hidden) for hidden in self.states(tokens)])
         return torch.stack([self.readout(hidden) for hidden in self.long_connections.probe(self.embed(tokens))])
@@ -292,8 +285,7 @@ class GPT(DepthModel):
         softmax puts at least `threshold` on one token, the full depth otherwise. Every position runs
         every block, since later positions attend to earlier ones at every depth: the depths used
         tell how deep each token needed to go (a decoder that exits early copies the state upward)."""
-        check_real("threshold", threshold, "a real number (a softmax probability; 0 exits at depth 0, above 1 "
-                                           "never early)")
+        check_threshold(threshold)
         logits = self.probe(tokens)
         confident = torch.softmax(logits.float(), -1).amax(-1) >= threshold
         confident[-1] = True
@@ -340,12 +332,6 @@ class GPT(DepthModel):
             logits = (self(new, cache) if use_cache else self(tokens))[:, -1]
         return tokens
 
-    def run_blocks(self, first: int, stop: int, x: torch.Tensor, **block_kwargs) -> torch.Tensor:
-        """The residual or ffn chain's state after blocks first..stop-1, from the state before them."""
-        for block in list(self.blocks)[first:stop]:
-            x = block(x, **block_kwargs)
-        return x
-
     def speculator(self, draft_depth: int, tokens: torch.Tensor, max_new_tokens: int,
                    attention_mask: torch.Tensor | None = None) -> "GPTSpeculator":
         """What speculative_generate drafts and verifies with (speculative.py), for this prompt."""
@@ -364,7 +350,7 @@ class GPTSpeculator:
     def __init__(self, model: GPT, draft_depth: int):
         self.model, self.k, self.cache = model, draft_depth, KVCache()
         self.long = model.connectivity in LONG
-        units = GPT.UNITS_PER_BLOCK
+        units = model.units_per_block
         self.draft_units, self.all_units = draft_depth * units, model.depth * units
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -46,9 +46,8 @@ class MixerBlock(nn.Module):
 class Mixer(DepthModel):
     def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, depth: int,
                  token_dim: int, channel_dim: int, num_classes: int, connectivity: str = "acn",
-                 backend: str = "auto", gate_init: float = 0.5, learn_gates: bool = True,
-                 long_weights: bool = False):
-        super().__init__(depth, connectivity, backend, gate_init, learn_gates, long_weights)
+                 backend: str = "auto", **hybrid_options):
+        super().__init__(depth, connectivity, backend, **hybrid_options)
         for name, value in (("token_dim", token_dim), ("channel_dim", channel_dim),
                             ("num_classes", num_classes)):
             check_positive_int(name, value)

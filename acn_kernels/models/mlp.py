@@ -38,9 +38,8 @@ class MLPBlock(nn.Module):
 
 class MLP(DepthModel):
     def __init__(self, in_features: int, dim: int, depth: int, num_classes: int,
-                 activation: str = "gelu", connectivity: str = "acn", backend: str = "auto",
-                 gate_init: float = 0.5, learn_gates: bool = True, long_weights: bool = False):
-        super().__init__(depth, connectivity, backend, gate_init, learn_gates, long_weights)
+                 activation: str = "gelu", connectivity: str = "acn", backend: str = "auto", **hybrid_options):
+        super().__init__(depth, connectivity, backend, **hybrid_options)
         for name, value in (("in_features", in_features), ("dim", dim), ("num_classes", num_classes)):
             check_positive_int(name, value)
         make_activation(activation)  # validates the name before any block is built

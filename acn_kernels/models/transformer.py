@@ -55,9 +55,8 @@ class ViT(DepthModel):
     """Patch embedding + learned positions, pre-LN blocks, final LayerNorm, mean pooling, head."""
 
     def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, depth: int,
-                 heads: int, mlp_dim: int, num_classes: int, connectivity: str = "acn", backend: str = "auto",
-                 gate_init: float = 0.5, learn_gates: bool = True, long_weights: bool = False):
-        super().__init__(depth, connectivity, backend, gate_init, learn_gates, long_weights)
+                 heads: int, mlp_dim: int, num_classes: int, connectivity: str = "acn", backend: str = "auto", **hybrid_options):
+        super().__init__(depth, connectivity, backend, **hybrid_options)
         check_positive_int("num_classes", num_classes)
         self.patch_embed = PatchEmbedding(image_size, patch_size, in_channels, dim)
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches, dim) * 0.02)
@@ -78,9 +77,8 @@ class Encoder(DepthModel):
     sum (ACN-NOTES section 2), first token into a linear classifier."""
 
     def __init__(self, vocab_size: int, max_len: int, dim: int, depth: int, heads: int,
-                 mlp_dim: int, num_classes: int, connectivity: str = "acn", backend: str = "auto",
-                 gate_init: float = 0.5, learn_gates: bool = True, long_weights: bool = False):
-        super().__init__(depth, connectivity, backend, gate_init, learn_gates, long_weights)
+                 mlp_dim: int, num_classes: int, connectivity: str = "acn", backend: str = "auto", **hybrid_options):
+        super().__init__(depth, connectivity, backend, **hybrid_options)
         for name, value in (("vocab_size", vocab_size), ("max_len", max_len), ("dim", dim),
                             ("num_classes", num_classes)):
             check_positive_int(name, value)

@@ -2,6 +2,7 @@
 launch sizes, and the Triton helpers for a tile of normalized rows."""
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 
@@ -186,6 +187,19 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
     return TRITON_INTERPRETED and dtype == torch.bfloat16
 
 
+def first_order(op: str, backward):
+    """`backward`, an autograd formula that runs kernels, refusing a gradient of its gradient
+    (torch.autograd.grad(..., create_graph=True), the only way grad mode is on in a backward): its
+    kernels' outputs carry no graph, so that gradient would come back silently None."""
+    @functools.wraps(backward)
+    def first_order_backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"{op}: the gradient of its gradient (create_graph=True) is not computed by the fused "
+                               f"kernels; use backend='reference' for higher-order gradients")
+        return backward(ctx, *grads)
+    return first_order_backward
+
+
 def register_cuda_twin(forward_name: str, backward_name: str, forward_fake, backward_fake, make_backward,
                        setup_context):
     """Gives the CUDA extension's op pair (acn_kernels_cuda::*, the Triton pair's schemas) the same
@@ -195,7 +209,8 @@ def register_cuda_twin(forward_name: str, backward_name: str, forward_fake, back
     for name, fake in ((forward_name, forward_fake), (backward_name, backward_fake)):
         torch.library.register_fake(f"acn_kernels_cuda::{name}")(fake)
     backward_op = getattr(torch.ops.acn_kernels_cuda, backward_name)
-    torch.library.register_autograd(f"acn_kernels_cuda::{forward_name}", make_backward(backward_op),
+    op = forward_name.removesuffix("_fwd")
+    torch.library.register_autograd(f"acn_kernels_cuda::{forward_name}", first_order(op, make_backward(backward_op)),
                                     setup_context=setup_context)
     return getattr(torch.ops.acn_kernels_cuda, forward_name)
 

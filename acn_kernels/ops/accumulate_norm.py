@@ -41,11 +41,11 @@ from .. import reference
 from .._validation import check_choice
 from ..backend import resolve_backend
 from ._common import (affine, check_eps, check_norm_kind, check_norm_params, check_running_sum, check_tensor,
-                      chunk_tile, fits_in_registers, in_dtype_of, launch_options, load_param_row, load_rows, new_buffer,
-                      new_partial_rows, norm_grad_from_terms, norm_grad_row_terms, norm_input_grad, normalize_tile,
-                      parameter_grads, parameter_spec, partial_width, reduction_programs, register_cuda_twin,
-                      renormalize, row_tile, rows_of, saved_row_stats, store_partial_rows, store_rows, sum_partial_rows)
-
+                      chunk_tile, first_order, fits_in_registers, in_dtype_of, launch_options, load_param_row,
+                      load_rows, new_buffer, new_partial_rows, norm_grad_from_terms, norm_grad_row_terms,
+                      norm_input_grad, normalize_tile, parameter_grads, parameter_spec, partial_width,
+                      reduction_programs, register_cuda_twin, renormalize, row_tile, rows_of, saved_row_stats,
+                      store_partial_rows, store_rows, sum_partial_rows)
 
 # Elements of a row that one thread holds: the forward keeps about four row-sized values live,
 # the backward about eight, so these are the most each allows without spilling (compile-report).
@@ -481,7 +481,8 @@ def make_backward(backward_op):
     return backward
 
 
-accumulate_norm_fwd.register_autograd(make_backward(accumulate_norm_bwd), setup_context=setup_context)
+accumulate_norm_fwd.register_autograd(first_order("accumulate_norm", make_backward(accumulate_norm_bwd)),
+                                     setup_context=setup_context)
 FORWARD_OPS = {"triton": accumulate_norm_fwd,
                "cuda": register_cuda_twin("accumulate_norm_fwd", "accumulate_norm_bwd", accumulate_norm_fwd_fake,
                                           accumulate_norm_bwd_fake, make_backward, setup_context)}

@@ -49,7 +49,7 @@ import triton.language as tl
 from .. import reference
 from .._validation import check_choice, check_real
 from ..backend import TRITON_INTERPRETED, _check_triton, resolve_backend
-from ._common import check_device, check_eps, check_norm_kind, check_tensor, new_buffer
+from ._common import check_device, check_eps, check_norm_kind, check_tensor, first_order, new_buffer
 
 CHUNK_ELEMENTS = 1 << 23  # logits a chunk holds on a CPU: 32 MiB of float32
 BACKENDS = ("auto", "reference", "chunked", "triton", "cublas", "cuda")
@@ -71,8 +71,8 @@ def check_arguments(states, targets, norm_weight, norm_bias, head_weight, weight
                     label_smoothing, z_loss, softcap, norm, eps, chunk_rows) -> None:
     """Every argument named with the expected and the actual value (see the module docstring)."""
     check_tensor("states", states, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
-    if states.dim() < 2 or states.shape[0] == 0:
-        raise ValueError(f"states must have shape (exits >= 1, ..., D), got {tuple(states.shape)}")
+    if states.dim() < 2 or states.shape[0] == 0 or states.shape[-1] == 0:
+        raise ValueError(f"states must have shape (exits >= 1, ..., D >= 1), got {tuple(states.shape)}")
     exits, dim = states.shape[0], states.shape[-1]
     lead = tuple(states.shape[1:-1])
     if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex() \
@@ -83,25 +83,29 @@ def check_arguments(states, targets, norm_weight, norm_bias, head_weight, weight
                          f"the width), got {got}")
     check_device("targets", targets, states.device, like="states")
     check_tensor("head_weight", head_weight, (states.dtype, torch.float32) if states.dtype != torch.float64
-                 else (torch.float64,))
+                 else (torch.float64,), like=f"states' {states.dtype}")
     if head_weight.dim() != 2 or head_weight.shape[1] != dim or head_weight.shape[0] == 0:
         raise ValueError(f"head_weight must have shape (vocabulary >= 1, {dim}) (states' width), got "
                          f"{tuple(head_weight.shape)}")
     check_device("head_weight", head_weight, states.device, like="states")
     vocab = head_weight.shape[0]
-    for name, value, length in (("norm_weight", norm_weight, dim), ("norm_bias", norm_bias, dim),
-                                ("head_bias", head_bias, vocab)):
+    for name, value, length, source in (("norm_weight", norm_weight, dim, "states' width"),
+                                        ("norm_bias", norm_bias, dim, "states' width"),
+                                        ("head_bias", head_bias, vocab, "head_weight's rows")):
         if value is None and name != "norm_weight":
             continue
         check_tensor(name, value, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
         if tuple(value.shape) != (length,):
-            raise ValueError(f"{name} must have shape ({length},), got {tuple(value.shape)}")
+            raise ValueError(f"{name} must have shape ({length},) ({source}), got {tuple(value.shape)}")
         check_device(name, value, states.device, like="states")
     if weights is not None:
         if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() or tuple(weights.shape) != (exits,):
             got = f"dtype {weights.dtype} and shape {tuple(weights.shape)}" if isinstance(weights, torch.Tensor) \
                 else type(weights).__name__
-            raise ValueError(f"weights must be a floating-point tensor of shape ({exits},) (one per exit), got {got}")
+            raise ValueError(f"weights must be a floating-point tensor of shape ({exits},) (one per exit of states, "
+                             f"{tuple(states.shape)}), got {got}")
+        if weights.device not in (states.device, torch.device("cpu")):  # a schedule's, made on the CPU, is taken
+            raise ValueError(f"weights must be on {states.device} like states, or on the CPU, got {weights.device}")
         if torch.compiler.is_compiling():  # a value check would break the graph: checked on the device instead
             torch._assert_async((torch.isfinite(weights) & (weights >= 0)).all(), "weights must be finite and >= 0")
         elif not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
@@ -144,6 +148,7 @@ def plain_rows(logits: torch.Tensor, rows_targets: torch.Tensor, scale: torch.Te
     capped = torch.tanh(logits / softcap) if softcap else None
     rows_logits = capped * softcap if softcap else logits
     counted = rows_targets != ignore_index
+    rows_targets = torch.where(counted, rows_targets, 0)  # ignore_index may be any integer, in the vocabulary or not
     losses, lse = chunk_losses(rows_logits, rows_targets, counted, label_smoothing, z_loss)
     if needs_grad:
         grad = logits_grad_(rows_logits, lse, rows_targets, scale * counted, label_smoothing, z_loss)
@@ -154,9 +159,9 @@ def plain_rows(logits: torch.Tensor, rows_targets: torch.Tensor, scale: torch.Te
 
 def chunk_losses(logits: torch.Tensor, rows_targets: torch.Tensor, counted: torch.Tensor, label_smoothing: float,
                  z_loss: float) -> tuple:
-    """(loss per row (0 where not counted), lse) of capped logits (rows, V)."""
+    """(loss per row (0 where not counted), lse) of capped logits (rows, V), targets in [0, V)."""
     lse = torch.logsumexp(logits, -1)
-    target_logit = logits.gather(-1, rows_targets.clamp(min=0)[:, None])[:, 0]
+    target_logit = logits.gather(-1, rows_targets[:, None])[:, 0]
     losses = (1 - label_smoothing) * (lse - target_logit) + z_loss * lse ** 2
     if label_smoothing:
         losses = losses + label_smoothing * (lse - logits.mean(-1))
@@ -165,14 +170,18 @@ def chunk_losses(logits: torch.Tensor, rows_targets: torch.Tensor, counted: torc
 
 def logits_grad_(logits: torch.Tensor, lse: torch.Tensor, rows_targets: torch.Tensor, scale: torch.Tensor,
                  label_smoothing: float, z_loss: float) -> torch.Tensor:
-    """The gradient of the rows' weighted loss with respect to the capped logits, in logits' buffer."""
+    """The gradient of the rows' weighted loss with respect to the capped logits, in logits' buffer:
+    q = p - (1 - s) onehot - s / V first, then z-loss's p 2 z lse as q (1 + c) + ((1 - s) onehot + s / V) c,
+    c = 2 z lse (p (1 + c) - 1 would cancel where p is near 1: a vocabulary of one)."""
     grad = logits.sub_(lse[:, None]).exp_()
-    if z_loss:
-        grad.mul_((1 + 2 * z_loss * lse)[:, None])
-    grad.scatter_add_(-1, rows_targets.clamp(min=0)[:, None],
-                      torch.full_like(lse, -(1 - label_smoothing))[:, None])
+    grad.scatter_add_(-1, rows_targets[:, None], torch.full_like(lse, -(1 - label_smoothing))[:, None])
     if label_smoothing:
         grad.sub_(label_smoothing / grad.shape[-1])
+    if z_loss:
+        c = 2 * z_loss * lse
+        grad.mul_((1 + c)[:, None]).scatter_add_(-1, rows_targets[:, None], ((1 - label_smoothing) * c)[:, None])
+        if label_smoothing:
+            grad.add_((label_smoothing / grad.shape[-1] * c)[:, None])
     return grad.mul_(scale[:, None])
 
 
@@ -236,8 +245,9 @@ def cross_entropy_rows_kernel(logits_ptr, stride, targets_ptr, scale_ptr, loss_p
             cols = start + tl.arange(0, BLOCK)
             mask = cols < vocab
             c = capped_logits(tl.load(base + cols, mask=mask, other=0.0), softcap, HAS_SOFTCAP)
-            grad = tl.exp(c - lse) * (1.0 + 2.0 * z_loss * lse) - label_smoothing / vocab \
-                - tl.where(cols == target, 1.0 - label_smoothing, 0.0)
+            p = tl.exp(c - lse)  # p - onehot, then z-loss's term: p (1 + 2 z lse) - 1 cancels where p is near 1
+            grad = p - label_smoothing / vocab - tl.where(cols == target, 1.0 - label_smoothing, 0.0) \
+                + p * (2.0 * z_loss * lse)
             grad = grad * scale
             if HAS_SOFTCAP:
                 capped_unit = c / softcap
@@ -301,18 +311,21 @@ def chunked_loss(states, targets, norm_weight, norm_bias, head_weight, head_bias
     compute = torch.promote_types(states.dtype, torch.float32)
     rows_of_states = states.reshape(-1, dim)
     per_exit_rows = rows_of_states.shape[0] // exits
-    all_targets = targets.reshape(-1).repeat(exits)
+    all_targets = targets.reshape(-1).long().repeat(exits)  # any integer dtype, as the row work indexes with them
     count = max(int((targets != ignore_index).sum()), 1)
     row_scale = (weights.to(compute) / count).repeat_interleave(per_exit_rows)
     head = head_weight.to(compute)
     bias = None if head_bias is None else head_bias.to(compute)
-    per_exit = torch.zeros(exits, dtype=compute, device=states.device)
+    per_exit = torch.zeros(exits, dtype=torch.float64, device=states.device)  # a sum of many chunks' rows
     exit_of_row = torch.arange(exits, device=states.device).repeat_interleave(per_exit_rows)
     grads = [states.new_empty(0) for _ in range(5)]  # distinct tensors: a custom op's outputs must not alias
     if needs_grad:
-        grads = [new_buffer(states.shape, states.dtype, states.device), torch.zeros(dim, dtype=compute, device=states.device),
-                 torch.zeros(dim, dtype=compute, device=states.device) if norm_bias is not None else grads[2],
-                 torch.zeros_like(head), torch.zeros_like(bias) if bias is not None else grads[4]]
+        # the parameters' gradients are sums over every chunk: the vectors in float64, the head's in groups
+        vector = dict(dtype=torch.float64, device=states.device)
+        grads = [new_buffer(states.shape, states.dtype, states.device), torch.zeros(dim, **vector),
+                 torch.zeros(dim, **vector) if norm_bias is not None else grads[2],
+                 GroupedSum(head, -(-rows_of_states.shape[0] // chunk_rows), chunk_rows),
+                 torch.zeros(bias.shape, **vector) if bias is not None else grads[4]]
         dstates_rows = grads[0].view(-1, dim)
     weight = norm_weight.to(compute)
     shift = None if norm_bias is None else norm_bias.to(compute)
@@ -323,24 +336,52 @@ def chunked_loss(states, targets, norm_weight, norm_bias, head_weight, head_bias
         logits = torch.nn.functional.linear(hidden, head, bias)
         losses, _ = row_work(logits, all_targets[rows], row_scale[rows], ignore_index, label_smoothing, z_loss,
                              softcap, needs_grad)
-        per_exit.index_add_(0, exit_of_row[rows], losses.to(compute))
+        per_exit.index_add_(0, exit_of_row[rows], losses.double())
         if not needs_grad:
             continue
         dlogits = logits  # the row work left the logits' gradient in their buffer
         grads[3].addmm_(dlogits.t(), hidden)
         if bias is not None:
-            grads[4].add_(dlogits.sum(0))
+            grads[4].add_(dlogits.sum(0, dtype=torch.float64))
         dhidden = dlogits @ head
-        grads[1].add_((dhidden * normed).sum(0))
+        grads[1].add_((dhidden * normed).sum(0, dtype=torch.float64))
         if shift is not None:
-            grads[2].add_(dhidden.sum(0))
+            grads[2].add_(dhidden.sum(0, dtype=torch.float64))
         dstates_rows[rows] = normalize_backward(dhidden * weight, normed, rstd, is_layernorm)
     per_exit /= count
-    loss = (weights.to(compute) * per_exit).sum()
+    loss = (weights.double() * per_exit).sum().to(compute)
     if needs_grad:
+        grads[3] = grads[3].total()
         grads[1:] = [g.to(p.dtype) if g.numel() else g
                      for g, p in zip(grads[1:], (norm_weight, norm_bias, head_weight, head_bias))]
     return (loss, per_exit.float(), *grads)
+
+
+class GroupedSum:
+    """A (V, D) sum of one GEMM's product per chunk, kept as addmm_ accumulates it; where the chunks
+    outnumber a chunk's rows (a small chunk_rows: the defaults give few chunks of many rows) the products
+    go into a group of about sqrt(chunks), and each full group into the total, so that the float32 sum
+    rounds about 2 sqrt(chunks) times, not once a chunk (one more (V, D) buffer, then)."""
+
+    def __init__(self, like: torch.Tensor, chunks: int, chunk_rows: int):
+        self.sum = torch.zeros_like(like)
+        self.group_size = round(chunks ** 0.5) if chunks > chunk_rows else chunks
+        self.group = torch.zeros_like(like) if self.group_size < chunks else None
+        self.in_group = 0
+
+    def addmm_(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if self.group is None:
+            self.sum.addmm_(a, b)
+            return
+        self.group.addmm_(a, b)
+        self.in_group += 1
+        if self.in_group == self.group_size:
+            self.sum.add_(self.group)
+            self.group.zero_()
+            self.in_group = 0
+
+    def total(self) -> torch.Tensor:
+        return self.sum if self.group is None or not self.in_group else self.sum.add_(self.group)
 
 
 @depth_cross_entropy_chunked.register_fake
@@ -374,7 +415,7 @@ def backward(ctx, dloss, *_unused):
             scaled[4] if ctx.has_head_bias else None, *(None,) * 10)
 
 
-depth_cross_entropy_chunked.register_autograd(backward, setup_context=setup_context)
+depth_cross_entropy_chunked.register_autograd(first_order("depth_cross_entropy", backward), setup_context=setup_context)
 
 
 def depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, *, weights=None, head_bias=None,

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .. import reference
 from .._validation import check_choice
 from ..backend import resolve_backend
-from ._common import rows_of
+from ._common import first_order, rows_of
 from ._gemm import (activation_grad_input, fused_weight_grad, launch_forward, launch_times_activation_grad,
                     output_width, saves_preactivation)
 from ._gemm import GATED
@@ -104,7 +104,7 @@ def backward(ctx, dout, _dh, _dz):
     return dx, dw1, db1, dw2, db2, None
 
 
-feed_forward_fwd.register_autograd(backward, setup_context=setup_context)
+feed_forward_fwd.register_autograd(first_order("feed_forward", backward), setup_context=setup_context)
 
 
 # ----------------------------------------------------------------------------- public function

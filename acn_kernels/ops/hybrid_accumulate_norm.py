@@ -43,8 +43,8 @@ import torch
 from .. import reference
 from ..backend import resolve_backend
 from ._common import (FLOAT_DTYPES, check_device, check_eps, check_norm_kind, check_norm_params, check_running_sum,
-                      check_shape, check_tensor, fits_in_registers, parameter_grads, parameter_spec, partial_width,
-                      register_cuda_twin, rows_of)
+                      check_shape, check_tensor, first_order, fits_in_registers, parameter_grads, parameter_spec,
+                      partial_width, register_cuda_twin, rows_of)
 from .accumulate_norm import BWD_PER_THREAD, backward_programs, launch_backward, launch_forward
 
 
@@ -132,7 +132,8 @@ def make_backward(backward_op):
     return backward
 
 
-hybrid_accumulate_norm_fwd.register_autograd(make_backward(hybrid_accumulate_norm_bwd), setup_context=setup_context)
+hybrid_accumulate_norm_fwd.register_autograd(
+    first_order("hybrid_accumulate_norm", make_backward(hybrid_accumulate_norm_bwd)), setup_context=setup_context)
 FORWARD_OPS = {"triton": hybrid_accumulate_norm_fwd,
                "cuda": register_cuda_twin("hybrid_accumulate_norm_fwd", "hybrid_accumulate_norm_bwd",
                                           hybrid_accumulate_norm_fwd_fake, hybrid_accumulate_norm_bwd_fake,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..backend import resolve_backend
-from ._common import rows_of
+from ._common import first_order, rows_of
 from ._gemm import fused_weight_grad
 from .linear_act_accumulate import check_linear, checked_linear_input
 
@@ -56,7 +56,7 @@ def backward(ctx, dout):
     return dx, dweight, dbias
 
 
-linear_fwd.register_autograd(backward, setup_context=setup_context)
+linear_fwd.register_autograd(first_order("linear", backward), setup_context=setup_context)
 
 
 def linear(x, weight, bias=None, *, backend="auto"):

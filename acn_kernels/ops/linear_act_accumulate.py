@@ -52,7 +52,7 @@ import triton.language as tl
 from .. import reference
 from .._validation import check_choice
 from ..backend import resolve_backend
-from ._common import (check_device, check_running_sum, check_shape, check_tensor, in_dtype_of, new_buffer,
+from ._common import (check_device, check_running_sum, check_shape, check_tensor, first_order, in_dtype_of, new_buffer,
                       register_cuda_twin, rows_of)
 from ._gemm import (GATED, activation, activation_grad, activation_grad_input, eager_weight_grad, fused_weight_grad,
                     launch_forward, output_width, saves_preactivation, swiglu_grads)
@@ -268,9 +268,11 @@ def make_backward(activation_backward_op, weight_grad_of=eager_weight_grad):
     return backward
 
 
-linear_act_accumulate_fwd.register_autograd(make_backward(activation_backward, fused_weight_grad),
-                                            setup_context=setup_context)
-linear_act_accumulate_cublas_fwd.register_autograd(make_backward(activation_backward), setup_context=setup_context)
+linear_act_accumulate_fwd.register_autograd(
+    first_order("linear_act_accumulate", make_backward(activation_backward, fused_weight_grad)),
+    setup_context=setup_context)
+linear_act_accumulate_cublas_fwd.register_autograd(
+    first_order("linear_act_accumulate", make_backward(activation_backward)), setup_context=setup_context)
 FORWARD_OPS = {"triton": linear_act_accumulate_fwd, "cublas": linear_act_accumulate_cublas_fwd,
                "cuda": register_cuda_twin("linear_act_accumulate_fwd", "activation_backward",
                                           linear_act_accumulate_fwd_fake, activation_backward_fake, make_backward,

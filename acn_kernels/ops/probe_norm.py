@@ -35,13 +35,13 @@ import triton.language as tl
 
 from .. import reference
 from ..backend import resolve_backend
+from ._common import (affine, check_eps, check_norm_kind, check_norm_params, check_tensor, first_order,
+                      fits_in_registers, launch_options, load_param_row, load_rows, new_buffer, new_partial_rows,
+                      norm_input_grad, normalize_tile, parameter_grads, parameter_spec, partial_width,
+                      reduction_programs, register_cuda_twin, renormalize, row_tile, rows_of, saved_row_stats,
+                      store_partial_rows, store_rows, sum_partial_rows)
 from .accumulate_norm import launch_backward as rows_backward
 from .accumulate_norm import launch_forward as rows_forward
-from ._common import (affine, check_eps, check_norm_kind, check_norm_params, check_tensor, fits_in_registers,
-                      launch_options, load_param_row, load_rows, new_buffer, new_partial_rows, norm_input_grad,
-                      normalize_tile, parameter_grads, parameter_spec, partial_width, reduction_programs,
-                      register_cuda_twin, renormalize, row_tile, rows_of, saved_row_stats, store_partial_rows,
-                      store_rows, sum_partial_rows)
 
 # Row elements a thread holds: the backward keeps the running sum (a pair), the running gradient and
 # the norm backward's values live at once (compile-report checks that these do not spill).
@@ -249,7 +249,7 @@ def make_backward(backward_op):
     return backward
 
 
-probe_norm_fwd.register_autograd(make_backward(probe_norm_bwd), setup_context=setup_context)
+probe_norm_fwd.register_autograd(first_order("probe_norm", make_backward(probe_norm_bwd)), setup_context=setup_context)
 FORWARD_OPS = {"triton": probe_norm_fwd,
                "cuda": register_cuda_twin("probe_norm_fwd", "probe_norm_bwd", probe_norm_fwd_fake, probe_norm_bwd_fake,
                                           make_backward, setup_context)}
