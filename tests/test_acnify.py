@@ -444,8 +444,8 @@ def test_a_checkpoint_of_the_earlier_acn_model_type_still_loads_as_an_acn(tmp_pa
     config["model_type"] = "acn_bert"  # what acn_kernels wrote before the type named the fix
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).double().eval()
-    from acn_kernels.convert.huggingface import find_owner
-    find_owner(loaded)[1].long_connections.backend = "reference"
+    from acn_kernels.long_connections import owner_of
+    owner_of(loaded)[1].long_connections.backend = "reference"
     ids = torch.randint(1, 50, (2, 8))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
@@ -455,7 +455,7 @@ def test_a_checkpoint_of_the_earlier_acn_model_type_still_loads_as_an_acn(tmp_pa
 def test_a_truncated_conversion_saves_its_depth_and_reloads_to_the_same_outputs(family, connectivity, tmp_path):
     transformers = pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
 
-    from acn_kernels.convert.huggingface import find_owner
+    from acn_kernels.long_connections import owner_of
 
     model = acnify(small_bert() if family == "bert" else decoder(family), connectivity=connectivity,
                    backend="reference").double().eval()
@@ -469,7 +469,7 @@ def test_a_truncated_conversion_saves_its_depth_and_reloads_to_the_same_outputs(
     auto = transformers.AutoModelForSequenceClassification if family == "bert" else transformers.AutoModelForCausalLM
     loaded = auto.from_pretrained(tmp_path, attn_implementation="eager").double().eval()
     assert loaded.config.num_hidden_layers == 2
-    find_owner(loaded)[1].long_connections.backend = "reference"  # loads as "auto": Triton, under the interpreter
+    owner_of(loaded)[1].long_connections.backend = "reference"  # loads as "auto": Triton, under the interpreter
     ids = torch.arange(1, 9)[None]
     torch.testing.assert_close(loaded(ids)[0], shallow(ids)[0], rtol=1e-12, atol=1e-12)
 
@@ -575,7 +575,7 @@ def test_an_acnified_lm_takes_the_authors_hybrid_forms_and_saves_them(family, fo
     model.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").double().eval()
     base_of(loaded).long_connections.backend = "reference"
-    assert base_of(loaded).long_connections.clamp_range == (0.0, 1.0)
+    assert base_of(loaded).long_connections.scalars.options.clamp_range == (0.0, 1.0)
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-12, atol=1e-12)
 
 
