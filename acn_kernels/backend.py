@@ -92,7 +92,7 @@ def auto_backends(device: torch.device) -> dict[str, str]:
     return {op: backend for op, (backend, _) in auto_choices(device).items()}
 
 
-def _check_triton(backend: str, device: torch.device) -> None:
+def check_triton(backend: str, device: torch.device) -> None:
     if not TRITON_AVAILABLE:
         raise RuntimeError(f"backend={backend!r} needs the triton package: pip install triton")
     if device.type != "cuda" and not TRITON_INTERPRETED:
@@ -117,7 +117,7 @@ def resolve_backend(backend: str, device: torch.device, op: str | None = None) -
             raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
         return "cuda"
     if backend in ("triton", "cublas"):
-        _check_triton(backend, device)
+        check_triton(backend, device)
         return "triton" if backend == "cublas" and op is not None and op not in GEMM_OPS else backend
     if device.type != "cuda" and not TRITON_INTERPRETED:
         return "reference"

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "kernels.h"
+#include "launch_plan.h"
 #include "row_math.h"
 
 #ifndef ACN_CUDA_ARCHS
@@ -61,8 +62,7 @@ int device_attribute(cudaDeviceAttr attribute) {
 }
 
 int reduction_programs(int64_t rows) {
-  const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, 2 * sms)));
+  return acn::plan::reduction_programs(rows, device_attribute(cudaDevAttrMultiProcessorCount));
 }
 
 Tensor float_row(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
@@ -89,14 +89,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> accumulate_norm_fwd(const Tensor& x, 
   return {y ? y_out.view(x.sizes()) : at::empty({0}, x.options()), out.view(x.sizes()), mean, rstd};
 }
 
-// The partial rows of a norm backward, float32 (programs, width): each block writes dweight's D sums at
-// column 0, dbias's at D, then the hybrid's dgate and dlong_weight; every element written once by the
-// kernel, one launch sums them all. With scalars the width is padded to 8 floats (32-byte aligned rows).
-int64_t partial_width(int64_t dim, bool has_bias, int scalars) {
-  const int64_t width = (has_bias ? 2 : 1) * dim + scalars;
-  return scalars ? (width + 7) / 8 * 8 : width;
-}
-
 Tensor new_partial_rows(int programs, int64_t width, const Tensor& like) {
   return at::empty({programs, width}, like.options().dtype(at::kFloat));
 }
@@ -114,7 +106,7 @@ std::tuple<Tensor, Tensor, Tensor> accumulate_norm_bwd(const Tensor& dout, const
   const int64_t rows = v2.size(0);
   const int programs = reduction_programs(rows);
   Tensor dx = at::empty_like(dout2), dy = dy_dtype ? at::empty(v2.sizes(), dout.options().dtype(*dy_dtype)) : Tensor();
-  const int64_t width = partial_width(dim, has_bias, 0);
+  const int64_t width = acn::plan::partial_width(dim, has_bias, 0);
   Tensor partials = new_partial_rows(programs, width, dout);
   float* base = partials.data_ptr<float>();
   const acn::DType x_dtype = dtype_of(dout, op, "dout");
@@ -174,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor> hybrid_accumulate_norm_bwd(
   Tensor g = float_row(gate), lw = long_weight ? float_row(*long_weight) : Tensor();
   const int64_t rows = v2.size(0);
   const int programs = reduction_programs(rows);
-  const int64_t width = partial_width(dim, has_bias, long_weight ? 2 : 1);
+  const int64_t width = acn::plan::partial_width(dim, has_bias, long_weight ? 2 : 1);
   Tensor partials = new_partial_rows(programs, width, dout);
   Tensor dx = at::empty_like(x2), df = at::empty_like(f2);
   const acn::DType x_dtype = dtype_of(x_next, op, "x_next");
@@ -185,16 +177,16 @@ std::tuple<Tensor, Tensor, Tensor> hybrid_accumulate_norm_bwd(
       is_layernorm ? mean.data_ptr<float>() : nullptr, rstd.data_ptr<float>(), dx.data_ptr(), df.data_ptr(),
       partials.data_ptr<float>(), width, has_bias, rows, static_cast<int>(dim), programs, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t sums = (has_bias ? 2 : 1) * dim + (long_weight ? 2 : 1);  // the padding is not summed
+  const int64_t sums = acn::plan::partial_sums(dim, has_bias, long_weight ? 2 : 1);
   return {dx.view(x.sizes()), df.view(f.sizes()), partials.narrow(1, 0, sums).sum(0)};
 }
 
 // The probe kernels' float rows in global memory (programs slices) where they do not fit this device's
 // opt-in shared memory per block (sm_80: 163 KB, sm_90: 227 KB); undefined where they do.
 Tensor probe_scratch(int64_t dim, bool backward, int programs, const Tensor& like) {
-  const int64_t bytes = acn::probe_norm_storage_bytes(static_cast<int>(dim), backward);
-  if (bytes <= device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)) return Tensor();
-  return at::empty({programs, bytes / static_cast<int64_t>(sizeof(float))}, like.options().dtype(at::kFloat));
+  const int64_t floats = acn::plan::probe_scratch_floats(static_cast<int>(dim), backward,
+                                                         device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+  return floats ? at::empty({programs, floats}, like.options().dtype(at::kFloat)) : Tensor();
 }
 
 float* scratch_ptr(Tensor& scratch) { return scratch.defined() ? scratch.data_ptr<float>() : nullptr; }
@@ -230,7 +222,7 @@ std::tuple<Tensor, Tensor> probe_norm_bwd(const Tensor& dout, const Tensor& xs, 
   Tensor xs3 = xs.contiguous(), dout3 = dout.contiguous().to(xs.scalar_type()), w = float_row(weight);
   const int programs = reduction_programs(rows);
   Tensor scratch = probe_scratch(dim, true, programs, xs);
-  const int64_t width = partial_width(dim, has_bias, 0);
+  const int64_t width = acn::plan::partial_width(dim, has_bias, 0);
   Tensor dxs = at::empty_like(xs3), partials = new_partial_rows(programs, width, xs);
   float* base = partials.data_ptr<float>();
   acn::probe_norm_backward(dtype_of(xs, op, "xs"), dout3.data_ptr(), xs3.data_ptr(), w.data_ptr<float>(),

@@ -39,21 +39,15 @@ void hybrid_accumulate_norm_backward(DType x_dtype, DType y_dtype, const void* d
                                      int programs, cudaStream_t stream);
 
 // probe_norm.cu. xs is (L+1, rows, D) contiguous; mean, rstd are (L+1, rows); mean null for RMSNorm.
-// Each block keeps float rows of D (probe_norm_storage_bytes): in dynamic shared memory when scratch is
-// null (the forward then runs a block per row), else in its slice of scratch, (programs, storage)
-// floats of global memory (the forward's blocks then walk the rows too).
+// Each block keeps float rows of D (launch_plan.h's probe_storage_floats): in dynamic shared memory when
+// scratch is null (the forward then runs a block per row), else in its slice of scratch, (programs,
+// storage) floats of global memory (the forward's blocks then walk the rows too).
 void probe_norm_forward(DType dtype, const void* xs, const float* w, const float* b, void* out, float* mean,
                         float* rstd, int depth, int64_t rows, int dim, float eps, float* scratch, int programs,
                         cudaStream_t stream);
 void probe_norm_backward(DType dtype, const void* dout, const void* xs, const float* w, const float* mean,
                          const float* rstd, void* dxs, float* dw_partial, float* db_partial, int64_t partial_stride,
                          int depth, int64_t rows, int dim, int programs, float* scratch, cudaStream_t stream);
-// A block's float rows, in bytes: the running sum as a compensated pair (forward), and the running
-// gradient and the dweight/dbias partial sums beside it (backward). The caller compares them with the
-// device's opt-in shared-memory limit to choose shared memory or scratch.
-inline int64_t probe_norm_storage_bytes(int dim, bool backward) {
-  return (backward ? 5 : 2) * static_cast<int64_t>(dim) * sizeof(float);
-}
 
 // linear_act_accumulate.cu: the elementwise parts around the GEMM. z is x @ W.T + b (from cuBLAS).
 // h = act(z); y_out = y + h when y is given; h null: only y_out (z is h already, act identity). n is

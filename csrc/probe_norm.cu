@@ -4,11 +4,12 @@
 // keeps the block's dweight/dbias partial sums beside them, written to its partial row once. Math in
 // row_math.h; see acn_kernels/ops/probe_norm.py.
 //
-// These float rows (2 forward, 5 backward: probe_norm_storage_bytes) live in dynamic shared memory
+// These float rows (2 forward, 5 backward: launch_plan.h's probe_storage_floats) live in dynamic shared memory
 // where they fit the device's opt-in limit, else in `scratch`, a slice of global memory per block that
 // its re-reads find in L2 (the binding chooses, from the device's limit). Each thread owns the same
 // columns in every pass, so the kernels are the same either way and only the reductions synchronize.
 #include "device_utils.cuh"
+#include "launch_plan.h"
 #include "row_math.h"
 
 namespace acn {
@@ -109,7 +110,7 @@ void probe_norm_forward(DType dtype, const void* xs, const float* w, const float
                         float* rstd, int depth, int64_t rows, int dim, float eps, float* scratch, int programs,
                         cudaStream_t stream) {
   if (rows == 0) return;
-  const int64_t shared = scratch ? 0 : probe_norm_storage_bytes(dim, false);
+  const int64_t shared = scratch ? 0 : 4 * plan::probe_storage_floats(dim, false);
   ACN_DISPATCH_FLOAT(dtype, T, {
     if (shared)
       cudaFuncSetAttribute(probe_norm_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -123,7 +124,7 @@ void probe_norm_backward(DType dtype, const void* dout, const void* xs, const fl
                          const float* rstd, void* dxs, float* dw_partial, float* db_partial, int64_t partial_stride,
                          int depth, int64_t rows, int dim, int programs, float* scratch, cudaStream_t stream) {
   if (rows == 0) return;
-  const int64_t shared = scratch ? 0 : probe_norm_storage_bytes(dim, true);
+  const int64_t shared = scratch ? 0 : 4 * plan::probe_storage_floats(dim, true);
   ACN_DISPATCH_FLOAT(dtype, T, {
     if (shared)
       cudaFuncSetAttribute(probe_norm_bwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -112,6 +112,31 @@ def test_a_broken_kernel_is_reported(breakage, tmp_path):
     assert reported is not None, f"{breakage}: none of {len(cases)} cases reported it"
 
 
+PLANS = {  # launch_plan.h planted wrong: (its text, the replacement, the cases that must report it)
+    "the probe's scratch a float row short": (
+        "return 4 * floats <= shared_opt_in_bytes ? 0 : floats;", "return 4 * floats <= shared_opt_in_bytes ? 0 : floats - dim;",
+        lambda c: c.op == "probe_norm" and c.width > 8000),
+    "the partial rows without dbias's half": (
+        "const int64_t width = (has_bias ? 2 : 1) * dim + scalars;", "const int64_t width = dim + scalars;",
+        lambda c: c.op == "accumulate_norm" and dict(c.options)["bias"] and c.width == 64),
+    "the hybrid's sums without dlong_weight": (
+        "return (has_bias ? 2 : 1) * dim + scalars; }", "return (has_bias ? 2 : 1) * dim + scalars - 1; }",
+        lambda c: c.op == "hybrid_accumulate_norm" and dict(c.options)["long_weight"] and c.width == 64),
+}
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_a_wrong_launch_plan_is_reported(plan, tmp_path):
+    """The host check runs csrc/launch_plan.h, the extension's own plan (program counts, partial rows,
+    scratch): a wrong one there fails it, as it would fail the extension on a GPU."""
+    old, new, chosen = PLANS[plan]
+    cases = [c for c in all_cases() if chosen(c) and c.dtype != torch.float16]
+    assert cases
+    reported = next((result for result in results(cases, broken_copy(tmp_path, "launch_plan.h", old, new))
+                     if result.problems), None)
+    assert reported is not None, f"{plan}: none of {len(cases)} cases reported it"
+
+
 @pytest.fixture(scope="module")
 def layer(tmp_path_factory):
     csrc = tmp_path_factory.mktemp("layer") / "csrc"

@@ -9,8 +9,8 @@ from acn_kernels import backend as backend_module
 from acn_kernels import reference
 from acn_kernels.ops import (accumulate_norm, feed_forward, hybrid_accumulate_norm, linear, linear_act_accumulate,
                              probe_norm)
-from acn_kernels.ops.accumulate_norm import BWD_PER_THREAD as NORM_BWD_PER_THREAD
-from acn_kernels.ops.accumulate_norm import FWD_PER_THREAD as NORM_FWD_PER_THREAD
+from acn_kernels.ops._rows import BWD_PER_THREAD as NORM_BWD_PER_THREAD
+from acn_kernels.ops._rows import FWD_PER_THREAD as NORM_FWD_PER_THREAD
 from acn_kernels.ops.probe_norm import BWD_PER_THREAD as PROBE_BWD_PER_THREAD
 from acn_kernels.ops import _gemm
 from acn_kernels.ops._common import fits_in_registers

@@ -28,13 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_RELEASE, dot_in_fp32, in_dtype_of, new_buffer, rows_of, sm_count
+from .. import reference
+from ._common import (TRITON_RELEASE, check_device, check_shape, check_tensor, dot_in_fp32, in_dtype_of, new_buffer,
+                      rows_of, sm_count)
 
 # act'(z) needs z itself for these; relu reads h > 0 and identity needs nothing.
 # The constants are constexpr globals; each expression keeps a tensor on the left of them, since
 # constexpr * tensor stays a constexpr under Triton's interpreter and then fails.
 NEEDS_PREACTIVATION = ("gelu", "gelu_tanh", "silu", "swiglu")
 GATED = ("swiglu",)  # activations of a (gate, up) pair: z is twice h's width
+ACTIVATIONS = tuple(reference.ACTIVATIONS)  # in this order: csrc/row_math.h's codes
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 GELU_TANH_CUBIC = tl.constexpr(0.044715)
@@ -392,3 +395,45 @@ def fused_weight_grad(dout2: torch.Tensor, x2: torch.Tensor, needs_weight: bool,
         return None, dout2.sum(0) if needs_bias else None
     dweight, dbias = weight_grad(dout2, x2, needs_bias)
     return dweight, dbias if needs_bias else None
+
+
+# ----------------------------------------------------------------------------- the linear ops' checks
+
+def cast_for_autocast(device_type: str, *tensors):
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
+
+
+def checked_linear_input(x, *params) -> tuple:
+    """(x, *params) as a linear op's GEMM takes them: x a float tensor of at least one dimension, and
+    under autocast all of them cast to the autocast dtype, as nn.Linear's are."""
+    check_tensor("x", x)
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+        x, *params = cast_for_autocast(x.device.type, x, *params)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., in_features), got a 0-d tensor")
+    return (x, *params)
+
+
+def check_linear(weight_name: str, weight, bias_name: str, bias, x: torch.Tensor, in_features: int | None = None,
+                 activation: str = "identity", in_features_source: str | None = None):
+    """weight (out_features, in_features: x's last dimension unless given, `in_features_source`
+    saying where it comes from) and bias (out_features,) or None, of x's dtype and on x's device; a
+    gated activation's out_features are (gate, up) pairs."""
+    if in_features is None:
+        in_features, in_features_source = x.shape[-1], f"the last dimension of x, whose shape is {tuple(x.shape)}"
+    check_tensor(weight_name, weight, dtypes=(x.dtype,), like="x")
+    if weight.dim() != 2:
+        raise ValueError(f"{weight_name} must have shape (out_features, in_features), got {tuple(weight.shape)}")
+    if weight.shape[1] != in_features:
+        # a mismatch of two arguments: name both, since either may be the wrong one
+        raise ValueError(f"{weight_name} must have shape (out_features, {in_features}) ({in_features_source}), "
+                         f"got {tuple(weight.shape)}")
+    if activation in GATED and weight.shape[0] % 2:
+        raise ValueError(f"{weight_name} must have an even number of rows for activation={activation!r} (the gate "
+                         f"projection's, then the up projection's), got {tuple(weight.shape)}")
+    check_device(weight_name, weight, x.device)
+    if bias is not None:
+        check_tensor(bias_name, bias, dtypes=(x.dtype,), like="x")
+        check_shape(bias_name, bias, (weight.shape[0],), f"{weight_name}'s rows")
+        check_device(bias_name, bias, x.device)

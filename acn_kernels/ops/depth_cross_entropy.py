@@ -48,7 +48,7 @@ import triton.language as tl
 
 from .. import reference
 from .._validation import check_choice, check_real
-from ..backend import TRITON_INTERPRETED, _check_triton, resolve_backend
+from ..backend import TRITON_INTERPRETED, check_triton, resolve_backend
 from ._common import check_device, check_eps, check_norm_kind, check_tensor, first_order, new_buffer
 
 CHUNK_ELEMENTS = 1 << 23  # logits a chunk holds on a CPU: 32 MiB of float32
@@ -451,7 +451,7 @@ def row_kernel_for(backend: str, states: torch.Tensor) -> str:
     if backend == "cuda":
         resolve_backend("cuda", states.device)
     else:
-        _check_triton(backend, states.device)
+        check_triton(backend, states.device)
     check_tensor("states", states)  # float32 and 16-bit states, as the fused ops take
     return "cuda" if backend == "cuda" else "triton"
 

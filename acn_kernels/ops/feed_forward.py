@@ -36,10 +36,9 @@ from .. import reference
 from .._validation import check_choice
 from ..backend import resolve_backend
 from ._common import first_order, rows_of
-from ._gemm import (activation_grad_input, fused_weight_grad, launch_forward, launch_times_activation_grad,
-                    output_width, saves_preactivation)
-from ._gemm import GATED
-from .linear_act_accumulate import ACTIVATIONS, check_linear, checked_linear_input, linear_act_accumulate
+from ._gemm import (ACTIVATIONS, GATED, activation_grad_input, check_linear, checked_linear_input, fused_weight_grad,
+                    launch_forward, launch_times_activation_grad, output_width, saves_preactivation)
+from .linear_act_accumulate import linear_act_accumulate
 
 
 # ----------------------------------------------------------------------------- registered ops

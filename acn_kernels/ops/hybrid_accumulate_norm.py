@@ -45,7 +45,7 @@ from ..backend import resolve_backend
 from ._common import (FLOAT_DTYPES, check_device, check_eps, check_norm_kind, check_norm_params, check_running_sum,
                       check_shape, check_tensor, first_order, fits_in_registers, parameter_grads, parameter_spec,
                       partial_width, register_cuda_twin, rows_of)
-from .accumulate_norm import BWD_PER_THREAD, backward_programs, launch_backward, launch_forward
+from ._rows import BWD_PER_THREAD, backward_programs, launch_backward, launch_forward
 
 
 def contiguous_rows(t: torch.Tensor) -> torch.Tensor:

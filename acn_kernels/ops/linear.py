@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..backend import resolve_backend
 from ._common import first_order, rows_of
-from ._gemm import fused_weight_grad
-from .linear_act_accumulate import check_linear, checked_linear_input
+from ._gemm import check_linear, checked_linear_input, fused_weight_grad
 
 
 @torch.library.custom_op("acn_kernels::linear_fwd", mutates_args=())

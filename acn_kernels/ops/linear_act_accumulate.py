@@ -52,12 +52,11 @@ import triton.language as tl
 from .. import reference
 from .._validation import check_choice
 from ..backend import resolve_backend
-from ._common import (check_device, check_running_sum, check_shape, check_tensor, first_order, in_dtype_of, new_buffer,
-                      register_cuda_twin, rows_of)
-from ._gemm import (GATED, activation, activation_grad, activation_grad_input, eager_weight_grad, fused_weight_grad,
-                    launch_forward, output_width, saves_preactivation, swiglu_grads)
+from ._common import check_running_sum, first_order, in_dtype_of, new_buffer, register_cuda_twin, rows_of
+from ._gemm import (ACTIVATIONS, GATED, activation, activation_grad, activation_grad_input, check_linear,
+                    checked_linear_input, eager_weight_grad, fused_weight_grad, launch_forward, output_width,
+                    saves_preactivation, swiglu_grads)
 
-ACTIVATIONS = tuple(reference.ACTIVATIONS)
 
 
 @triton.jit
@@ -277,46 +276,6 @@ FORWARD_OPS = {"triton": linear_act_accumulate_fwd, "cublas": linear_act_accumul
                "cuda": register_cuda_twin("linear_act_accumulate_fwd", "activation_backward",
                                           linear_act_accumulate_fwd_fake, activation_backward_fake, make_backward,
                                           setup_context)}
-
-
-def cast_for_autocast(device_type: str, *tensors):
-    dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
-
-
-def checked_linear_input(x, *params) -> tuple:
-    """(x, *params) as a linear op's GEMM takes them: x a float tensor of at least one dimension, and
-    under autocast all of them cast to the autocast dtype, as nn.Linear's are."""
-    check_tensor("x", x)
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-        x, *params = cast_for_autocast(x.device.type, x, *params)
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension (..., in_features), got a 0-d tensor")
-    return (x, *params)
-
-
-def check_linear(weight_name: str, weight, bias_name: str, bias, x: torch.Tensor, in_features: int | None = None,
-                 activation: str = "identity", in_features_source: str | None = None):
-    """weight (out_features, in_features: x's last dimension unless given, `in_features_source`
-    saying where it comes from) and bias (out_features,) or None, of x's dtype and on x's device; a
-    gated activation's out_features are (gate, up) pairs."""
-    if in_features is None:
-        in_features, in_features_source = x.shape[-1], f"the last dimension of x, whose shape is {tuple(x.shape)}"
-    check_tensor(weight_name, weight, dtypes=(x.dtype,), like="x")
-    if weight.dim() != 2:
-        raise ValueError(f"{weight_name} must have shape (out_features, in_features), got {tuple(weight.shape)}")
-    if weight.shape[1] != in_features:
-        # a mismatch of two arguments: name both, since either may be the wrong one
-        raise ValueError(f"{weight_name} must have shape (out_features, {in_features}) ({in_features_source}), "
-                         f"got {tuple(weight.shape)}")
-    if activation in GATED and weight.shape[0] % 2:
-        raise ValueError(f"{weight_name} must have an even number of rows for activation={activation!r} (the gate "
-                         f"projection's, then the up projection's), got {tuple(weight.shape)}")
-    check_device(weight_name, weight, x.device)
-    if bias is not None:
-        check_tensor(bias_name, bias, dtypes=(x.dtype,), like="x")
-        check_shape(bias_name, bias, (weight.shape[0],), f"{weight_name}'s rows")
-        check_device(bias_name, bias, x.device)
 
 
 def linear_act_accumulate(x, weight, bias, y, *, activation="gelu", backend="auto", return_h=True):

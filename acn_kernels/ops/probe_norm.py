@@ -40,8 +40,7 @@ from ._common import (affine, check_eps, check_norm_kind, check_norm_params, che
                       norm_input_grad, normalize_tile, parameter_grads, parameter_spec, partial_width,
                       reduction_programs, register_cuda_twin, renormalize, row_tile, rows_of, saved_row_stats,
                       store_partial_rows, store_rows, sum_partial_rows)
-from .accumulate_norm import launch_backward as rows_backward
-from .accumulate_norm import launch_forward as rows_forward
+from ._rows import launch_backward, launch_forward
 
 # Row elements a thread holds: the backward keeps the running sum (a pair), the running gradient and
 # the norm backward's values live at once (compile-report checks that these do not spill).
@@ -135,7 +134,7 @@ def layers_of(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
-def launch_forward(xs3, weight, bias, eps: float, is_layernorm: bool):
+def launch_probe_forward(xs3, weight, bias, eps: float, is_layernorm: bool):
     depth, n_rows, dim = xs3.shape
     block_rows, block_d, num_warps = row_tile(dim, FWD_PER_THREAD)
     out = new_buffer((depth, n_rows, dim), xs3.dtype, xs3.device)
@@ -153,7 +152,7 @@ def backward_programs(n_rows: int, dim: int, dtype: torch.dtype, device: torch.d
     return max(1, reduction_programs(triton.cdiv(n_rows, row_tile(dim, bwd_per_thread(dtype))[0]), device))
 
 
-def launch_backward(dout3, xs3, weight, mean, rstd, has_bias: bool, is_layernorm: bool):
+def launch_probe_backward(dout3, xs3, weight, mean, rstd, has_bias: bool, is_layernorm: bool):
     depth, n_rows, dim = xs3.shape
     device = xs3.device
     block_rows, block_d, num_warps = row_tile(dim, bwd_per_thread(xs3.dtype))
@@ -193,12 +192,12 @@ def probe_norm_fwd(xs: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     if is_wide(xs3.shape[-1]):
-        _, out, mean, rstd, _ = rows_forward(running_sums(xs3), None, weight, bias, eps, is_layernorm, False,
+        _, out, mean, rstd, _ = launch_forward(running_sums(xs3), None, weight, bias, eps, is_layernorm, False,
                                           out_dtype=xs.dtype)
         mean = mean.view(xs3.shape[:2]) if mean is not None else None
         rstd = rstd.view(xs3.shape[:2])
     else:
-        out, mean, rstd = launch_forward(xs3, weight, bias, eps, is_layernorm)
+        out, mean, rstd = launch_probe_forward(xs3, weight, bias, eps, is_layernorm)
     return out.view(xs.shape), (mean if mean is not None else rstd.new_empty(0)), rstd
 
 
@@ -216,12 +215,12 @@ def probe_norm_bwd(dout: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, m
     weight = weight.contiguous()
     mean = mean if is_layernorm else None
     if is_wide(xs3.shape[-1]):
-        dys, _, dparams, _ = rows_backward(rows_of(dout), None, running_sums(xs3), weight,
+        dys, _, dparams, _ = launch_backward(rows_of(dout), None, running_sums(xs3), weight,
                                        mean.view(-1) if mean is not None else None, rstd.view(-1), has_bias,
                                        is_layernorm, torch.float32, None)
         dxs = dys.view(xs3.shape).flip(0).cumsum(0).flip(0).to(xs.dtype)
     else:
-        dxs, dparams = launch_backward(layers_of(dout), xs3, weight, mean, rstd, has_bias, is_layernorm)
+        dxs, dparams = launch_probe_backward(layers_of(dout), xs3, weight, mean, rstd, has_bias, is_layernorm)
     return dxs.view(xs.shape), dparams
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..ops._gemm import GATED
-from ..ops.linear_act_accumulate import ACTIVATIONS
+from ..ops._gemm import ACTIVATIONS
 
 KERNEL_OPS = ("accumulate_norm", "hybrid_accumulate_norm", "probe_norm", "linear_act_accumulate",  # both backends
               "depth_cross_entropy")

@@ -57,7 +57,7 @@ def norm_builds():
     """Every row tile the norm launchers can pick (all powers of two up to the widest row that
     fits in registers) and the chunked kernels for wider rows."""
     from ..ops._common import chunk_tile, launch_options, row_tile
-    from ..ops.accumulate_norm import BWD_PER_THREAD, FWD_PER_THREAD
+    from ..ops._rows import BWD_PER_THREAD, FWD_PER_THREAD
     from ..ops.probe_norm import BWD_PER_THREAD as PROBE_BWD, FWD_PER_THREAD as PROBE_FWD, bwd_per_thread
 
     stats = ("w_ptr", "b_ptr", "mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr")
@@ -73,7 +73,7 @@ def norm_builds():
                     ({**plain_bwd, "STORE_DY": False, "HYBRID": True, "LONG_WEIGHT": True, "HAS_DSHORT_OUT": True},
                      stats + scalars + ("dy_out_ptr",)))
     probe = ((dict(HAS_BIAS=True, IS_LAYERNORM=True), stats),)
-    norm, probe_module = "acn_kernels.ops.accumulate_norm", "acn_kernels.ops.probe_norm"
+    norm, probe_module = "acn_kernels.ops._rows", "acn_kernels.ops.probe_norm"
     # (module, kernel, variants of flags and float32 pointers, elements per thread by dtype, widest row in registers)
     row_kernels = (
         (norm, "accumulate_norm_fwd_kernel", boundary_fwd, lambda _: FWD_PER_THREAD, FWD_PER_THREAD),
@@ -97,7 +97,8 @@ def norm_builds():
 
 def linear_builds():
     from ..ops._gemm import TILE_KEYS, tile_configs
-    from ..ops.linear_act_accumulate import ACTIVATIONS, ELEMENTWISE_BLOCK
+    from ..ops._gemm import ACTIVATIONS
+    from ..ops.linear_act_accumulate import ELEMENTWISE_BLOCK
 
     gemm = "acn_kernels.ops._gemm"
     for dtype, gated in product(DTYPES, (False, True)):

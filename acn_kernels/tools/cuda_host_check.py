@@ -3,8 +3,10 @@
 The `.cu` files are compiled, unmodified, with the host C++ compiler through the SIMT execution layer
 of csrc/host/ (one fiber per CUDA thread, block barriers, checked warp shuffles, shared memory; see
 simt.h), and launched through the host entry points of kernels.h, the same code that picks the grid,
-the block size and the pack width on a GPU. `HostOps` mirrors csrc/bindings.cpp (its allocations, the
-number of backward programs, the partial-row sums and the cuBLAS GEMMs, which torch runs here), and
+the block size and the pack width on a GPU. `HostOps` mirrors csrc/bindings.cpp (its allocations and
+the cuBLAS GEMMs, which torch runs here), its launch plan (the number of backward programs, the partial
+rows' widths and sums, the probe's scratch) computed by csrc/launch_plan.h itself, as the extension
+computes it; and
 the ops run through each op module's registered autograd formula and public-function tail, so every
 case checks forward and backward of what `backend="cuda"` runs against `acn_kernels.reference` with
 the tests' tolerance rule.
@@ -33,15 +35,20 @@ from typing import Callable
 
 import torch
 
-from ..ops._common import partial_width
 from ..ops._gemm import GATED, output_width, saves_preactivation
-from ..ops.linear_act_accumulate import ACTIVATIONS  # row_math.h's codes, in order
+from ..ops._gemm import ACTIVATIONS  # row_math.h's codes, in order
 from .cache import cache_dir, digest, file_digest
-from .cases import DEPTH_CHUNK_ROWS, DTYPES, KERNEL_OPS, Case, case_inputs, depth_loss, draw_case, op_options
+from .cases import Case, DEPTH_CHUNK_ROWS, DTYPES, KERNEL_OPS, case_inputs, depth_loss, draw_case, op_options
 
 CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # kernels.h's DType
 GUARD_BYTES = 64
+
+
+def guard_bytes(nbytes: int) -> int:
+    """The guard on each side of a buffer: GUARD_BYTES, or as many bytes as the buffer holds where that is
+    more, so that an overrun of up to its own size lands in a guard (reported), not in other memory."""
+    return max(GUARD_BYTES, nbytes)
 FP32_RTOL = 1e-5  # the host computes exact float32, as the interpreter does
 
 
@@ -158,11 +165,18 @@ class HostKernels:
         library.acn_simt_launch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
                                             ctypes.POINTER(ctypes.c_longlong)]
         library.acn_simt_error.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        library.acn_plan_reduction_programs.argtypes = [ctypes.c_longlong, ctypes.c_int]
+        for name in ("acn_plan_partial_width", "acn_plan_partial_sums"):
+            getattr(library, name).argtypes = [ctypes.c_longlong, ctypes.c_int, ctypes.c_int]
+            getattr(library, name).restype = ctypes.c_longlong
+        library.acn_plan_probe_scratch_floats.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong]
+        library.acn_plan_probe_scratch_floats.restype = ctypes.c_longlong
         return cls(library, **kwargs)
 
-    def _register(self, name: str, t: torch.Tensor, guard: int, writable: bool) -> None:
-        self.library.acn_simt_register(name.encode(), t.data_ptr(), t.numel() * t.element_size(),
-                                       guard if self.placement.checked else 0, int(writable))
+    def _register(self, name: str, t: torch.Tensor, writable: bool) -> None:
+        nbytes = t.numel() * t.element_size()
+        self.library.acn_simt_register(name.encode(), t.data_ptr(), nbytes,
+                                       guard_bytes(nbytes) if self.placement.checked else 0, int(writable))
 
     def place(self, name: str, t: torch.Tensor | None, writable: bool = False) -> torch.Tensor | None:
         """t as the kernel reads it: contiguous (as the binding makes it) and, when checked, copied
@@ -174,20 +188,20 @@ class HostKernels:
             placed = self.allocate(t.shape, t.dtype)
             placed.copy_(t)
             t = placed
-        self._register(name, t, GUARD_BYTES, writable)
+        self._register(name, t, writable)
         return t
 
     def output(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
         """A NaN-filled output (when checked), so an element the kernel does not write shows."""
         t = self.allocate(shape, dtype)
-        self._register(name, t, GUARD_BYTES, True)
+        self._register(name, t, True)
         return t
 
     def allocate(self, shape, dtype: torch.dtype) -> torch.Tensor:
         if not self.placement.checked:
             return torch.empty(shape, dtype=dtype)
-        size = torch.Size(shape).numel()
-        guard = GUARD_BYTES // torch.tensor([], dtype=dtype).element_size()
+        size, element = torch.Size(shape).numel(), torch.tensor([], dtype=dtype).element_size()
+        guard = guard_bytes(size * element) // element
         poison = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min  # integers: the targets
         backing = torch.full((size + 2 * guard + self.placement.shift,), poison, dtype=dtype)
         self._keep.append(backing)
@@ -221,16 +235,23 @@ class HostKernels:
         self.library.acn_simt_error(i, text, 600)
         return text.value.decode()
 
+    # The launch plan, csrc/launch_plan.h's functions as bindings.cpp calls them (the host layer exports
+    # them): the extension's own arithmetic, not a copy of it.
+
     def reduction_programs(self, rows: int) -> int:
-        """bindings.cpp: two programs per SM, at most one per row."""
-        return max(1, min(rows, 2 * self.sm_count))
+        return self.library.acn_plan_reduction_programs(rows, self.sm_count)
+
+    def partial_width(self, dim: int, has_bias: bool, scalars: int = 0) -> int:
+        return self.library.acn_plan_partial_width(dim, int(has_bias), scalars)
+
+    def partial_sums(self, dim: int, has_bias: bool, scalars: int) -> int:
+        return self.library.acn_plan_partial_sums(dim, int(has_bias), scalars)
 
     def probe_scratch(self, dim: int, backward: bool, programs: int) -> torch.Tensor | None:
-        """bindings.cpp: the probe kernels' float rows in global memory where they do not fit the
-        target's opt-in shared memory (NaN-filled, like every output here, so the kernels must set them)."""
-        floats = (5 if backward else 2) * dim
-        return None if 4 * floats <= SHARED_OPT_IN[self.target] else self.output("scratch", (programs, floats),
-                                                                                   torch.float32)
+        """The probe kernels' float rows in global memory where they do not fit the target's opt-in
+        shared memory (NaN-filled, like every output here, so the kernels must set them)."""
+        floats = self.library.acn_plan_probe_scratch_floats(dim, int(backward), SHARED_OPT_IN[self.target])
+        return self.output("scratch", (programs, floats), torch.float32) if floats else None
 
 
 def _ptr(t: torch.Tensor | None):
@@ -280,7 +301,7 @@ class HostOps:
         k, dim = self.k, normalized.shape[-1]
         rows = normalized.numel() // dim
         programs = k.reduction_programs(rows)
-        width = partial_width(dim, has_bias)
+        width = k.partial_width(dim, has_bias)
         y_dtype = dy_out.dtype if dy_out is not None else (torch.float32 if dy_dtype is not None else dout.dtype)
         with k.call():
             dout2, v2 = k.place("dout", dout.reshape(-1, dim)), k.place("normalized", normalized.reshape(-1, dim))
@@ -323,7 +344,8 @@ class HostOps:
         k, dim = self.k, x_next.shape[-1]
         rows = x_next.numel() // dim
         programs = k.reduction_programs(rows)
-        width = partial_width(dim, has_bias, 1 + (long_weight is not None))
+        scalars = 1 + (long_weight is not None)
+        width = k.partial_width(dim, has_bias, scalars)
         with k.call():
             placed = [k.place(name, t.reshape(-1, dim) if t is not None else None) for name, t in
                       (("dout", dout), ("dx_next", dx_next), ("dy_out", dy_out), ("x", x), ("f", f),
@@ -337,8 +359,7 @@ class HostOps:
                 *map(_ptr, placed), _ptr(g), _ptr(lw), _ptr(w), _ptr(mean_c if is_layernorm else None), _ptr(rstd_c),
                 _ptr(dx), _ptr(df), _ptr(partials), ctypes.c_longlong(width), int(has_bias), ctypes.c_longlong(rows),
                 dim, programs)
-        sums = (1 + has_bias) * dim + 1 + (long_weight is not None)  # the padding is not summed
-        return dx.view(x.shape), df.view(f.shape), partials[:, :sums].sum(0)
+        return dx.view(x.shape), df.view(f.shape), partials[:, :k.partial_sums(dim, has_bias, scalars)].sum(0)
 
     def probe_norm_fwd(self, xs, weight, bias, eps, is_layernorm):
         k, depth, dim = self.k, xs.shape[0], xs.shape[-1]
@@ -365,7 +386,7 @@ class HostOps:
             xs3, dout3 = k.place("xs", xs), k.place("dout", dout.to(xs.dtype))
             w, mean_c, rstd_c = k.place("weight", weight.float()), k.place("mean", mean), k.place("rstd", rstd)
             dxs = k.output("dxs", xs.shape, xs.dtype)
-            width = partial_width(dim, has_bias)
+            width = k.partial_width(dim, has_bias)
             partials = k.output("partial_rows", (programs, width), torch.float32)
             k.library.acn_host_probe_norm_backward(
                 _code(xs.dtype), _ptr(dout3), _ptr(xs3), _ptr(w), _ptr(mean_c if is_layernorm else None),

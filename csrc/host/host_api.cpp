@@ -1,10 +1,23 @@
 // The host entry points of kernels.h with C linkage, for tools/cuda_host_check.py (ctypes): the
 // same functions the extension calls, so the host execution launches exactly what a GPU would.
 #include "kernels.h"
+#include "launch_plan.h"
 
 using acn::DType;
 
 extern "C" {
+
+// launch_plan.h, for the Python mirror of bindings.cpp's allocations (tools/cuda_host_check.py).
+int acn_plan_reduction_programs(long long rows, int sms) { return acn::plan::reduction_programs(rows, sms); }
+long long acn_plan_partial_width(long long dim, int has_bias, int scalars) {
+  return acn::plan::partial_width(dim, has_bias != 0, scalars);
+}
+long long acn_plan_partial_sums(long long dim, int has_bias, int scalars) {
+  return acn::plan::partial_sums(dim, has_bias != 0, scalars);
+}
+long long acn_plan_probe_scratch_floats(int dim, int backward, long long shared_opt_in_bytes) {
+  return acn::plan::probe_scratch_floats(dim, backward != 0, shared_opt_in_bytes);
+}
 
 void acn_host_accumulate_norm_forward(int x_dtype, int y_dtype, const void* x, const void* y, const float* w,
                                       const float* b, void* y_out, void* out, float* mean, float* rstd,
