@@ -205,8 +205,8 @@ def _run_bench(args) -> int:
         run_loss_bench(args.quick, args.out)
     if "speculative" in suites:
         from tqdm.auto import tqdm
-        from .experiments.language import FULL, QUICK, ModelsDirError
-        from .experiments.speculative_bench import speculative_bench, user_settings
+        from .experiments.lm import FULL, QUICK, ModelsDirError
+        from .tools.speculative_bench import speculative_bench, user_settings
         try:
             settings = QUICK if args.quick else FULL
             speculative_bench(settings, args.out, args.lm_models, tqdm, args.quick,

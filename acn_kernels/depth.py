@@ -44,12 +44,6 @@ class Compression:
     speculation: "Speculation | None" = None  # the fastest self-speculative decoding of the full model
 
     @property
-    def accuracies(self) -> list:
-        if self.metric != "accuracy":
-            raise AttributeError(f"this compression scored the depths by {self.metric}: see scores")
-        return self.scores
-
-    @property
     def speedup(self) -> float:
         return self.latency_ms[0] / self.latency_ms[1]
 

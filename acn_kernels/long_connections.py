@@ -44,7 +44,7 @@ y + x_L only (keep_output=False: x_next may be None, never written), since the f
 nothing else.
 
 layer_dropout (a rate per depth, training.LayerDropout's) skips, in training, each depth with its rate
-for the whole batch: the chain walks the kept units only, as if the skipped ones were not there (the
+for the whole batch (coins from `coins`, a generator of its own: LayerDropout's, the same on every rank): the chain walks the kept units only, as if the skipped ones were not there (the
 next kept unit reads the last kept one's output, or its gated short state; nothing enters the sum).
 
 Norms: nn.LayerNorm, nn.RMSNorm, and LayerNorm-like modules with `weight`, `bias` and `eps` over the
@@ -402,6 +402,7 @@ class LongConnections(nn.Module):
         self.backend = backend
         self.gradient_checkpointing = False
         self.layer_dropout: list | None = None  # per depth, set by training.LayerDropout
+        self.coins = torch.Generator().manual_seed(0)  # its draws (LayerDropout's generator where it set them)
         self._active_depth = None
 
     # ------------------------------------------------------------------ shape
@@ -539,7 +540,7 @@ class LongConnections(nn.Module):
         units = list(range(self.units))
         if not (self.training and self.layer_dropout and self.units):
             return units
-        kept = (torch.rand(self.depth) >= torch.tensor(self.layer_dropout[:self.depth])).tolist()
+        kept = (torch.rand(self.depth, generator=self.coins) >= torch.tensor(self.layer_dropout[:self.depth])).tolist()
         return [i for i in units if kept[i // self.units_per_block]]
 
     def chain(self, x0: torch.Tensor, **block_kwargs):

@@ -215,12 +215,15 @@ class LayerDropout(StepSchedule):
     `progress()`); None keeps them at p_max D(l). per "sample" (LayerSkip's: residual and ffn models) or
     "batch" (every connectivity, as stochastic depth drops layers: the whole batch skips a block, as if
     it were not there; the only way for an ACN's long connections, whose fused boundaries run each depth
-    for the whole batch). Create it before training starts: it drops from the first step on."""
+    for the whole batch). Its coins come from a generator of its own, seeded by `seed` and the step,
+    never the global one: every rank skips the same blocks. Create it before training starts: it drops
+    from the first step on."""
 
     def __init__(self, model, total_steps: int | None = None, p_max: float = 0.1,
                  curriculum: str | None = "exponential", per: str = "sample",
-                 progress: Callable[[], float] | None = None):
+                 progress: Callable[[], float] | None = None, seed: int = 0):
         super().__init__(total_steps, progress)
+        check_positive_int("seed", seed, minimum=0)
         check_real("p_max", p_max, "a real number in [0, 1] (the last block's rate)", minimum=0)
         if p_max > 1:
             raise ValueError(f"p_max must be a real number in [0, 1] (the last block's rate), got {p_max!r}")
@@ -233,7 +236,8 @@ class LayerDropout(StepSchedule):
             raise ValueError(f"per='sample' skips blocks sample by sample, which residual and ffn chains can; an "
                              f"ACN's long connections skip a depth for the whole batch: per='batch' for "
                              f"connectivity={model.connectivity!r}")
-        self.model, self.p_max, self.curriculum, self.per = model, p_max, curriculum, per
+        self.model, self.p_max, self.curriculum, self.per, self.seed = model, p_max, curriculum, per, seed
+        self.coins = torch.Generator()
         self.apply()
 
     def rates(self, done: float) -> list:
@@ -243,4 +247,7 @@ class LayerDropout(StepSchedule):
         return [self.p_max * scale * (2 ** (i / max(depth - 1, 1)) - 1) for i in range(depth)]
 
     def apply(self) -> None:
-        self.model.set_layer_dropout(self.rates(self.done()), self.per)
+        """The rates for the fraction done, and the coins seeded by the seed and the step: the same blocks
+        skipped on every rank (processes seeded apart included), and again on a resumed run."""
+        self.coins.manual_seed((self.seed << 32) + self.steps)
+        self.model.set_layer_dropout(self.rates(self.done()), self.per, self.coins)

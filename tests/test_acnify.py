@@ -788,7 +788,7 @@ def test_the_benchs_llama_copy_of_a_package_gpt_has_its_logits_and_speculates_al
     speculative_generate and plain generate keep the same tokens."""
     pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
     from acn_kernels import GPT, speculative_generate
-    from acn_kernels.experiments.speculative_bench import as_hf_llama
+    from acn_kernels.tools.speculative_bench import as_hf_llama
 
     torch.manual_seed(0)
     gpt = GPT(40, 24, 32, 3, 4, norm="rmsnorm", mlp="swiglu", positions="rotary", bias=False,

@@ -2,6 +2,7 @@
 split, Synaptic Intelligence on a problem worked by hand, the continual-learning arithmetic, the
 verdict rule, and `paper --quick` end to end."""
 import dataclasses
+import hashlib
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from torch import nn
 
 from acn_kernels.experiments import continual, noise, text
 from acn_kernels.experiments.paper import hybrid_verdict, verdict
+
+CORPUS_SHA256 = "eb9fd6be52e40f0562d6576f3130337c757fff7402b906d2dab9296e6dc4eaed"  # the default corpus, pinned
 
 
 def test_noise_of_strength_zero_is_the_identity():
@@ -81,7 +84,7 @@ def test_average_accuracy_and_forgetting_of_a_given_matrix():
 
 def test_the_corpus_is_the_same_bytes_everywhere_and_a_million_tokens():
     data = text.corpus()
-    assert len(data) >= 1_000_000 and text.corpus_sha256(data) == text.CORPUS_SHA256
+    assert len(data) >= 1_000_000 and hashlib.sha256(data).hexdigest() == CORPUS_SHA256
     assert data.isascii() and b'"' in data and b"(" in data and b"counted: " in data
 
 
@@ -153,23 +156,23 @@ TIMINGS = ("tokens/s", "us/token", "speedup", "length")  # measured by the clock
 
 def quick_language():
     """table 6's quick settings on the reference backend (under the interpreter auto would pick Triton's)."""
-    from acn_kernels.experiments import language
-    return dataclasses.replace(language.QUICK, backend="reference")
+    from acn_kernels.experiments import lm
+    return dataclasses.replace(lm.QUICK, backend="reference")
 
 
 def test_the_authors_recipe_decays_the_linear_weights_alone_and_runs_one_cycle():
-    from acn_kernels.experiments import language
+    from acn_kernels.experiments import lm
 
     settings = quick_language()
-    model = language.build(settings, "hybrid", language.task_of(settings, "addition"))
-    recipe = language.RECIPES["authors"]
-    decayed, rest = language.parameter_groups(model, recipe)
+    model = lm.train.build(settings, "hybrid", lm.tasks.task_of(settings, "addition"))
+    recipe = lm.rows.RECIPES["authors"]
+    decayed, rest = lm.train.parameter_groups(model, recipe)
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     assert {id(p) for p in decayed["params"]} == linear - {id(model.token_embed.weight)}  # the tied head: not decayed
     assert rest["weight_decay"] == 0.0 and any(p.dim() == 0 for p in rest["params"])  # gates, norms, embedding
     assert not any(n.endswith("bias") for n, _ in model.named_parameters())
-    optimizer = torch.optim.AdamW(language.parameter_groups(model, recipe), lr=recipe.lr)
-    schedule = language.schedule(optimizer, recipe, 100)
+    optimizer = torch.optim.AdamW(lm.train.parameter_groups(model, recipe), lr=recipe.lr)
+    schedule = lm.train.schedule(optimizer, recipe, 100)
     rates = []
     for _ in range(100):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -181,9 +184,9 @@ def test_the_authors_recipe_decays_the_linear_weights_alone_and_runs_one_cycle()
 
 def run_twice(settings, task_name: str, row: str, save_dir=None) -> list:
     """Two runs of a row, every value but the clock's (the first one's model saved in save_dir)."""
-    from acn_kernels.experiments import language
+    from acn_kernels.experiments import lm
 
-    runs = [language.run_one(settings, task_name, row, 0, save_dir if i == 0 else None) for i in range(2)]
+    runs = [lm.evaluate.run_one(settings, task_name, row, 0, save_dir if i == 0 else None) for i in range(2)]
     return [{k: v for k, v in run.items() if not any(t in k for t in TIMINGS)} for run in runs]
 
 
@@ -197,21 +200,21 @@ def test_a_language_run_is_the_same_twice_and_its_hybrid_gates_stay_clamped(tmp_
 
 
 def test_the_unigram_loss_and_the_plateau_exit_by_hand():
-    from acn_kernels.experiments import language
+    from acn_kernels.experiments import lm
 
     train = torch.tensor([[1, 1, 2, -100]])
     held_out = torch.tensor([[1, 2]])
     counts = torch.ones(256)
     counts[1], counts[2] = 3.0, 2.0
     p = counts / counts.sum()
-    assert language.unigram_loss(train, held_out) == pytest.approx(-(p[1].log() + p[2].log()).item() / 2)
-    task = language.Task("t", 4, None, None, None, unigram_loss=3.0)
-    assert language.plateau_exit([(50, 3.0), (100, 2.71), (150, 2.69)], task, 150) == 150
-    assert language.plateau_exit([(50, 3.0)], task, 50) == 51
+    assert lm.tasks.unigram_loss(train, held_out) == pytest.approx(-(p[1].log() + p[2].log()).item() / 2)
+    task = lm.tasks.Task("t", 4, None, None, None, unigram_loss=3.0)
+    assert lm.evaluate.plateau_exit([(50, 3.0), (100, 2.71), (150, 2.69)], task, 150) == 150
+    assert lm.evaluate.plateau_exit([(50, 3.0)], task, 50) == 51
 
 
 def trained_once(trained):
-    """language.trained, each (settings, task, row, seed) trained once (its runs are deterministic)."""
+    """lm.train.trained, each (settings, task, row, seed) trained once (its runs are deterministic)."""
     models = {}
 
     def once(settings, *args):
@@ -229,9 +232,10 @@ def test_the_speculative_bench_checks_every_row_and_reads_saved_models(tmp_path,
     import csv
     import importlib.util
 
-    from acn_kernels.experiments import language, speculative_bench
+    from acn_kernels.experiments import lm
+    from acn_kernels.tools import speculative_bench
 
-    monkeypatch.setattr(language, "trained", trained_once(language.trained))  # each twin trained once here
+    monkeypatch.setattr(lm.train, "trained", trained_once(lm.train.trained))  # each twin trained once here
     settings = quick_language()
     no_bar = lambda items, **_: items  # noqa: E731
     rows = speculative_bench.speculative_bench(settings, str(tmp_path / "out"), None, no_bar)
@@ -249,13 +253,13 @@ def test_the_speculative_bench_checks_every_row_and_reads_saved_models(tmp_path,
     models = tmp_path / "models"
     models.mkdir()
     for twin in speculative_bench.SPECULATIVE_TWINS:
-        torch.save(language.trained(settings, "addition", twin, 0)[0].state_dict(), models / f"addition-{twin}-seed0.pt")
+        torch.save(lm.train.trained(settings, "addition", twin, 0)[0].state_dict(), models / f"addition-{twin}-seed0.pt")
     loaded = speculative_bench.speculative_bench(settings, str(tmp_path / "again"), str(models), no_bar, quick=True)
     assert {k: v["accepted %"] for k, v in loaded.items()} == {k: v["accepted %"] for k, v in rows.items()}
     smoke = capsys.readouterr().out  # bench --quick: a smoke run of the harness, no verdict
     assert "SMOKE RUN of the harness" in smoke and "higher acceptance" not in smoke
     deeper = dataclasses.replace(settings, depth=settings.depth + 1)
-    with pytest.raises(language.ModelsDirError, match=r"addition-acn-seed0.pt holds a model of other settings"):
+    with pytest.raises(lm.ModelsDirError, match=r"addition-acn-seed0.pt holds a model of other settings"):
         speculative_bench.speculative_bench(deeper, str(tmp_path / "x"), str(models), no_bar)
 
 
@@ -268,14 +272,14 @@ def test_table_6c_is_the_same_twice_where_layer_dropout_and_the_exit_curriculum_
 def test_table_6c_rows_train_as_their_methods_say():
     """The annealed row ends an ACN outright (as_acn), the LayerSkip row trains with layer dropout and
     ends without it, and an equal-time budget gives a row that costs twice the acn's step half its steps."""
-    from acn_kernels.experiments import language
+    from acn_kernels.experiments import lm
 
     settings = quick_language()
-    annealed, curve = language.trained(settings, "addition", "anneal", 0)
+    annealed, curve = lm.train.trained(settings, "addition", "anneal", 0)
     assert annealed.connectivity == "acn" and annealed.gates is None and len(curve) == 4
-    layerskip, _ = language.trained(settings, "addition", "residual+layerskip", 0)
+    layerskip, _ = lm.train.trained(settings, "addition", "residual+layerskip", 0)
     assert layerskip.layer_dropout is None and layerskip.connectivity == "residual"
-    annealed_layerskip, _ = language.trained(settings, "addition", "anneal+layerskip", 0)  # per batch, then an ACN
+    annealed_layerskip, _ = lm.train.trained(settings, "addition", "anneal+layerskip", 0)  # per batch, then an ACN
     assert annealed_layerskip.connectivity == "acn" and annealed_layerskip.long_connections.layer_dropout is None
     times = {("corpus", "acn"): 0.1, ("corpus", "acn+ee"): 0.2, ("corpus", "residual"): 0.1}
-    assert language.equal_time_steps(settings, times) == {("corpus", "acn+ee"): 20}
+    assert lm.run.equal_time_steps(settings, times) == {("corpus", "acn+ee"): 20}

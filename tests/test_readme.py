@@ -55,6 +55,34 @@ def test_overview_snippets_run_as_written(section, checks):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def subsection(section: str, title: str) -> str:
+    """The python snippet of a `### title` subsection of a section."""
+    text = README.read_text()
+    start = text.index(f"### {title}\n", text.index(f"## {section}\n"))
+    return re.search(r"```python\n(.*?)```", text[start:], flags=re.S).group(1)
+
+
+def test_the_fast_training_snippet_is_the_recipe_and_drops_blocks_from_the_start():
+    """The README's recipe as table 6c trains it: the annealed hybrid with layer dropout from its first
+    step (blocks dropped while it trains, the same coins on every run) and the recommended exit loss."""
+    count = """
+from acn_kernels.long_connections import LongConnections
+dropped = []
+kept_units = LongConnections.kept_units
+LongConnections.kept_units = lambda self: (lambda kept: dropped.append(self.units - len(kept)) or kept)(kept_units(self))
+"""
+    snippet = subsection("Models", "Training an ACN language model fast")
+    assert 'weights="uniform", curriculum="rotational"' in snippet  # training.RECOMMENDED
+    checks = """
+from acn_kernels.training import RECOMMENDED
+assert RECOMMENDED == dict(weights="uniform", curriculum="rotational")
+assert len(dropped) == 20 and sum(dropped) > 0, dropped
+assert fast.connectivity == "acn" and dropout.steps == 20
+"""
+    result = run_as_a_user("import torch\nfrom acn_kernels import GPT\n" + count + snippet + checks)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def test_depth_on_demand_snippet_runs_as_written():
     code = snippets("Spend compute only on the depth the ACN uses")
     assert len(code) == 1

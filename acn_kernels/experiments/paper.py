@@ -11,7 +11,7 @@
    compressing like the ACN, and where do its learned gates end, layer by layer.
 5. Depth on demand (the ACN's own answer to 4): training with ShrinkOnCompression against the full
    ACN and the residual twin, and per-sample early exit at inference, acn against residual.
-6. Language models (language.py): AC-GPT and its twins on a byte-level grammar corpus and on n-digit
+6. Language models (lm/): AC-GPT and its twins on a byte-level grammar corpus and on n-digit
    addition, loss at every depth, effective depth, steps to a target loss, and the generation speed
    of the model truncated to its effective depth; 6b. self-speculative decoding; 6c. training an ACN
    LM fast (the authors' LSN, gate annealing, early-exit losses, against the residual twin with
@@ -37,7 +37,7 @@ import torch
 from .._extras import require
 from ..depth import ShrinkOnCompression, compress, depth_accuracies, early_exit_sweep, smallest_depth_within
 from ..models import MLP, Mixer, ViT
-from . import continual, language, noise
+from . import continual, lm, noise
 from .data import Dataset, load
 from .demo import BATCH_SIZE, LEARNING_RATE, train
 from .report import cell, mean_std, per_seed, plot_lines, print_table, series, verdict, write_csv
@@ -58,7 +58,7 @@ class Settings:
     continual_models: tuple
     continual_depths: tuple
     continual_epochs: int
-    language: language.LanguageSettings
+    language: lm.LanguageSettings
     # Chosen on seed 100, which no table reports: c in {0.01, 0.1, 0.5, 1, 5} x xi in {0.01, 0.1, 1}, MLP and
     # Mixer at L=10 on Split-digits, the mean average accuracy of both twins (94.1% at c=1, xi=1).
     si_c: float = 1.0
@@ -69,10 +69,10 @@ FULL = Settings(seeds=3, datasets=("digits", "mnist1d"),
                 models={"digits": (("mlp", 12, 25), ("mixer", 8, 12), ("vit", 6, 10)),
                         "mnist1d": (("mlp", 12, 20), ("mixer", 8, 8))},
                 continual_models=("mixer", "mlp"), continual_depths=(5, 10, 15), continual_epochs=2,
-                language=language.FULL)
+                language=lm.FULL)
 QUICK = Settings(seeds=2, datasets=("digits", "mnist1d"),
                  models={"digits": (("mlp", 6, 6), ("mixer", 4, 4)), "mnist1d": (("mlp", 6, 4),)},
-                 continual_models=("mlp",), continual_depths=(5,), continual_epochs=1, language=language.QUICK)
+                 continual_models=("mlp",), continual_depths=(5,), continual_epochs=1, language=lm.QUICK)
 
 
 def build(model: str, data: Dataset, depth: int, connectivity: str) -> torch.nn.Module:
@@ -413,7 +413,7 @@ def run_paper(quick: bool = False, seeds: int | None = None, out: str = "paper_r
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(out, exist_ok=True)
     print(f"paper{' --quick' if quick else ''}: tables {tables}, {settings.seeds} seeds on {device} (table 6: "
-          f"{settings.language.seeds}, {language.RECIPE_NAMES[lm_recipe]}), SI c={settings.si_c:g} "
+          f"{settings.language.seeds}, {lm.RECIPE_NAMES[lm_recipe]}), SI c={settings.si_c:g} "
           f"xi={settings.si_xi:g}; CSVs and PNGs in {out}/")
     if tables in ("all", "classification"):
         runs = train_twins(settings, device, tqdm)
@@ -425,5 +425,5 @@ def run_paper(quick: bool = False, seeds: int | None = None, out: str = "paper_r
         shrinking(settings, runs, out, device, tqdm)
         early_exit(runs, out)
     if tables in ("all", "language"):
-        language.run_language(settings.language, out, tqdm, lm_workers, lm_models)
+        lm.run_language(settings.language, out, tqdm, lm_workers, lm_models)
     return 0

@@ -64,6 +64,7 @@ class DepthModel(nn.Module):
         self._checkpointing = False
         self.layer_dropout: list | None = None  # per block: set_layer_dropout
         self.layer_dropout_per = "sample"
+        self.coins = torch.Generator().manual_seed(0)  # layer dropout's: never the global generator
         self.scalars = None if options is None else HybridScalars(options, depth * self.units_per_block,
                                                                   self.units_per_block)
         register_scalars(self, self.scalars)
@@ -84,7 +85,7 @@ class DepthModel(nn.Module):
                                            self.requested_backend, units_per_block=self.units_per_block,
                                            scalars=self.scalars)
         long_connections.gradient_checkpointing = self._checkpointing
-        long_connections.layer_dropout = self.layer_dropout
+        long_connections.layer_dropout, long_connections.coins = self.layer_dropout, self.coins
         attach(self, long_connections.train(self.training))
 
     def train(self, mode: bool = True) -> "DepthModel":
@@ -93,16 +94,19 @@ class DepthModel(nn.Module):
         self.long_connections.train(mode)
         return self
 
-    def set_layer_dropout(self, rates: list | None, per: str = "sample") -> None:
+    def set_layer_dropout(self, rates: list | None, per: str = "sample", coins: torch.Generator | None = None) -> None:
         """Each block skipped in training with its rate (training.LayerDropout sets them), per "sample"
         (the residual and ffn chains) or per "batch" (every connectivity: an ACN's long connections skip
-        a depth for the whole batch); None skips none."""
+        a depth for the whole batch); None skips none. The coins come from `coins` (a CPU generator:
+        LayerDropout's, seeded by its seed and the step, so that every rank skips the same), else the
+        model's own."""
         check_choice("per", per, LAYER_DROPOUT_PER)
         if rates is not None and (len(rates) != self.depth or per == "sample" and self.connectivity in LONG):
             raise ValueError(f"rates must be one per block ({self.depth}) and per='batch' for connectivity "
                              f"{self.connectivity!r}, got {len(rates)} rates per={per!r}")
         self.layer_dropout, self.layer_dropout_per = rates, per
-        self.long_connections.layer_dropout = rates
+        self.coins = coins if coins is not None else self.coins
+        self.long_connections.layer_dropout, self.long_connections.coins = rates, self.coins
 
     def as_acn(self) -> "DepthModel":
         """This hybrid as an ACN, in place (every gate 0, nothing else hybrid, or a ValueError): connectivity
@@ -143,10 +147,10 @@ class DepthModel(nn.Module):
         (set_layer_dropout) skipped with that probability, per sample (those samples' x passed on, their
         compute saved) or for the whole batch."""
         rate = self.layer_dropout[index] if self.training and self.layer_dropout and index is not None else 0.0
-        if rate > 0 and self.layer_dropout_per == "batch" and torch.rand(()).item() < rate:  # on the CPU: no sync
+        if rate > 0 and self.layer_dropout_per == "batch" and torch.rand((), generator=self.coins).item() < rate:
             return x
         if rate > 0 and self.layer_dropout_per == "sample":
-            kept = torch.rand(x.shape[0], device=x.device) >= rate
+            kept = (torch.rand(x.shape[0], generator=self.coins) >= rate).to(x.device)
             if not bool(kept.all()):
                 out = x.clone()
                 if bool(kept.any()):

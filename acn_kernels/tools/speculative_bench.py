@@ -15,7 +15,7 @@
    the draft's cache is worth. Needs the [hf] extra; without it this part says so and is left out.
 
 Every row's tokens are checked against the plain generate's (depth.speculations, and here for part 3).
-All on one CPU thread (language.deterministic). `--quick` is a smoke run of the harness: models trained
+All on one CPU thread (experiments/lm/train.deterministic). `--quick` is a smoke run of the harness: models trained
 for seconds, so it says so and draws no verdict.
 """
 from __future__ import annotations
@@ -28,12 +28,13 @@ import statistics
 import torch
 
 from ..depth import generation_tokens_per_second, median_ms, speculations
+from ..experiments import text
+from ..experiments.lm.rows import PROMPT, RECIPES, ROWS, LanguageSettings
+from ..experiments.lm.tasks import task_of
+from ..experiments.lm.train import deterministic, loaded_or_trained, saved_model_path, train
+from ..experiments.report import print_table, write_csv
 from ..models import GPT
 from ..speculative import speculative_generate
-from . import text
-from .language import (PROMPT, RECIPES, LanguageSettings, Method, deterministic, loaded_or_trained, saved_model_path,
-                       task_of, train)
-from .report import print_table, write_csv
 
 SPECULATIVE_TWINS = ("acn", "hybrid", "residual")
 COLUMNS = ("accepted %", "tokens/s", "plain tokens/s", "speedup")
@@ -148,7 +149,7 @@ def user_model(settings: LanguageSettings) -> tuple:
         model = GPT(text.VOCAB, max(task.max_len, PROMPT + settings.new_tokens), settings.dim, settings.depth,
                     settings.heads, backend=settings.backend, **{**RECIPES["authors"].model, "norm": "rmsnorm",
                                                                 "mlp": "swiglu"})
-        train(model, task, settings, 0, Method("acn"), settings.steps["corpus"])
+        train(model, task, settings, 0, ROWS["acn"], settings.steps["corpus"])
     return model.eval(), task.validation[0][:8, :PROMPT]
 
 
