@@ -2,7 +2,7 @@
 
 The install is pure Python unless ACN_KERNELS_BUILD_CUDA=1 asks for the CUDA extension
 `acn_kernels._C` (sources in csrc/) and a CUDA compiler is found; torch must then be importable at
-build time (pip install --no-build-isolation). Flags, also in the README's table:
+build time (pip install --no-build-isolation). Flags (docs/ops.md's table has every flag of the package):
 
     ACN_KERNELS_BUILD_CUDA=1            build the extension
     ACN_KERNELS_CUDA_ARCHS="80;90"      SM architectures to compile for

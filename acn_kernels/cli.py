@@ -1,4 +1,5 @@
-"""Command line: `python -m acn_kernels {demo,paper,info,compile-report,cuda-report,cuda-host-check,traffic,bench}`."""
+"""Command line: `python -m acn_kernels {demo,paper,info,stacks,compile-report,cuda-report,cuda-host-check,traffic,
+bench}`."""
 from __future__ import annotations
 
 import argparse
@@ -136,6 +137,8 @@ def main(argv=None) -> int:
                        help="also save table 6's trained models' state_dicts in DIR (<task>-<twin>-seed<n>.pt)")
     _add_page_options(paper, check=False)
     commands.add_parser("info", help="versions and available backends")
+    _add_page_options(commands.add_parser("stacks", help="the software stacks CI tests (acn_kernels/versions.py), "
+                                          "as a table"), check=True)
     report = commands.add_parser("compile-report", help="compile every Triton kernel for sm_80 and sm_90; "
                                  "registers, spills, shared memory")
     report.add_argument("--only", default=None, help="one kernel, by its function name")
@@ -238,5 +241,9 @@ def run_command(args, argv: list[str]) -> int:
         from .experiments.demo import run_demo
         return run_demo(args.model, depth=args.depth, epochs=args.epochs, seed=args.seed, plot=args.plot,
                         backend=args.backend)
+    if args.command == "stacks":
+        from .versions import stacks_table
+        print(stacks_table())
+        return 0
     from .info import print_info
     return print_info()

@@ -5,7 +5,7 @@ import platform
 
 import torch
 
-from . import __version__
+from .versions import __version__
 from .backend import (AUTO_TABLE, CUDA_EXTENSION, CUDA_EXTENSION_ERROR, OPS, TRITON_AVAILABLE, TRITON_INTERPRETED,
                       auto_choices, default_backend)
 

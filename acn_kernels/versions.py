@@ -9,6 +9,8 @@ import importlib.metadata
 import os
 import sys
 
+__version__ = "0.1.0"  # the package's (pyproject.toml reads it here)
+
 # (python, torch, triton) as CI installs them (.ci/run's three venvs); the first is the lent GPU
 # machine's. Versions compare by major.minor.
 TESTED = (
@@ -16,6 +18,19 @@ TESTED = (
     ("3.11", "2.13", "3.9"),
     ("3.11", "2.14", "3.8"),
 )
+# Each stack's (build, where it runs, what runs on it): the table `python -m acn_kernels stacks` prints
+# into docs/testing.md.
+ROLES = {
+    TESTED[0]: ("", "the lent GPU machine's; `.venv-gpu-stack` in CI",
+                "`tests/test_ops.py` under the interpreter (every op, path and dtype), `compile-report --target 90` "
+                "clean (the lent machine's sm_90)"),
+    TESTED[1]: (" (CPU)", "`.venv` in CI, the README's commands",
+                "the whole suite; `compile-report --check docs/compile-report.md`"),
+    TESTED[2]: (".1 (CUDA build)", "`.venv-cuda` in CI",
+                "the extension (setup.py for sm_80 and sm_90, CMake configured for sm_90), timm / Hugging Face tests "
+                "(their fused paths under 3.8's interpreter); `compile-report --target 90` clean (the interpreter "
+                "runs every op on 3.6 and 3.9, which bracket it)"),
+}
 PACKAGES = ("python", "torch", "triton")
 # The oldest versions tested; below them nothing was ever run, so the import refuses.
 MINIMUM = {"torch": (2, 11), "triton": (3, 6)}
@@ -80,6 +95,18 @@ def unsupported(versions: dict[str, str | None] | None = None, interpreted: bool
         return (f"Triton {triton}'s interpreter (TRITON_INTERPRET=1) needs numpy < 2.4, found numpy {numpy}: "
                 "pip install 'numpy<2.4', or Triton >= 3.7")
     return None
+
+
+def stacks_table() -> str:
+    """The tested stacks as a markdown table, with the range pyproject.toml declares."""
+    pythons, torches, tritons = (tested(package) for package in PACKAGES)
+    lines = [f"Python {pythons[0]}-{pythons[-1]}, torch {torches[0]}-{torches[-1]}, Triton {', '.join(tritons)}: "
+             "CI runs each stack below; an older torch or Triton is refused at import, in one line.", "",
+             "| stack | where | what runs on it |", "|---|---|---|"]
+    for stack in TESTED:
+        build, where, runs = ROLES[stack]
+        lines.append(f"| Python {stack[0]}, torch {stack[1]}{build}, Triton {stack[2]} | {where} | {runs} |")
+    return "\n".join(lines)
 
 
 def report() -> str:

@@ -37,3 +37,18 @@ def test_triton_3_6_interpreter_with_numpy_2_4_is_refused():
 def test_the_report_runs_without_the_package_imported():
     result = subprocess.run([sys.executable, versions.__file__], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.startswith("versions found: python ")
+
+
+def test_the_tested_stacks_table_of_docs_testing_md_is_generated_from_versions_py(capsys):
+    """One home for the tested stacks: versions.py; docs/testing.md shows `stacks`' output, pyproject.toml
+    declares their range."""
+    import pathlib
+    import re
+
+    from acn_kernels.tools.pages import block_difference
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert block_difference(str(root / "docs" / "testing.md"), "stacks", versions.stacks_table()) is None
+    declared = re.search(r'"torch>=([\d.]+),<([\d.]+)"', (root / "pyproject.toml").read_text())
+    assert declared.group(1) == versions.tested("torch")[0] and declared.group(2) > versions.tested("torch")[-1]
+    assert sorted(versions.ROLES) == sorted(versions.TESTED)
