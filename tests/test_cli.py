@@ -39,6 +39,7 @@ def test_demo_prints_a_table_and_writes_a_plot(model, tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_demo_is_repeatable(tmp_path, capsys):
     tables = []
     for _ in range(2):

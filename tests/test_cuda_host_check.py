@@ -32,6 +32,7 @@ def every_case():
     return every_case_results()
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("every_case")
 @pytest.mark.parametrize("op", KERNEL_OPS)
 def test_every_cuda_kernel_matches_the_reference(op, every_case):
@@ -40,6 +41,7 @@ def test_every_cuda_kernel_matches_the_reference(op, every_case):
     assert results and not failed, failed[:8]
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("every_case")
 def test_the_summary_is_the_one_docs_cuda_md_shows(every_case, capsys):
     """`cuda-host-check --check docs/cuda.md`, from the cases run once: every kernel's launches, access

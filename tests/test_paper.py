@@ -225,6 +225,7 @@ def trained_once(trained):
     return once
 
 
+@pytest.mark.slow
 def test_the_speculative_bench_checks_every_row_and_reads_saved_models(tmp_path, capsys, monkeypatch):
     """bench --suite speculative: every twin, draft depth and length (each row's tokens checked against
     generate's inside depth.speculations), the same acceptance from the models paper --lm-models saved,

@@ -61,6 +61,7 @@ def test_hybrid_vit_training_step_moves_at_most_0_85_of_eager_bytes(dtype, capsy
     assert row["fused"].total <= 0.85 * row["eager"].total, (row["fused"], row["eager"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_ac_gpt_training_step_moves_at_most_0_85_of_eager_bytes_and_launches(dtype):
     (row,) = model_rows(dtypes=(dtype,), names=("GPT",), connectivities=("acn",))
