@@ -22,6 +22,7 @@ from torch import nn
 from ._validation import check_choice, check_positive_int, check_real
 from .long_connections import IGNORE_INDEX, LongConnections, depth_of, long_connections_of
 from .long_connections import check_labels as check_lm_labels
+from .reference import ExitStatistics
 from .speculative import speculative_generate, synchronize
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Compression:
     metric: str = "accuracy"
     tokens_per_second: tuple | None = None  # (full, truncated): greedy generation with the KV cache
     speculation: "Speculation | None" = None  # the fastest self-speculative decoding of the full model
+    statistics: ExitStatistics | None = None  # metric "loss" on a causal LM: every depth's, from depth_scores
 
     @property
     def speedup(self) -> float:
@@ -51,6 +53,9 @@ class Compression:
         score = (f"{self.scores[self.depth]:.1f}% (best {max(self.scores):.1f}%, tolerance {self.tolerance:g} pt)"
                  if self.metric == "accuracy" else
                  f"loss {self.scores[self.depth]:.4f} (best {min(self.scores):.4f}, tolerance {self.tolerance:g}%)")
+        if self.statistics is not None:
+            score += (f", its argmax the full depth's on {100 * self.statistics.agreement[self.depth]:.1f}% of "
+                      f"tokens")
         if self.depth == len(self.scores) - 1:  # the model itself: a second timing of it is only noise
             text = (f"depth {self.depth} of {self.depth}: {score}; unchanged (the model's own depth): parameters "
                     f"{self.parameters[0]:,}, latency {self.latency_ms[0]:.3f} ms")
@@ -177,22 +182,32 @@ def aligned(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> tu
 
 
 def depth_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, metric: str = "accuracy",
-                 batch_size: int = 512) -> list:
+                 batch_size: int = 512, statistics: bool = False):
     """Every depth's score (model.probe's outputs, (L+1, batch, ..., classes)) on `targets` (batch, ...):
     the percent right, the mean cross-entropy, or the mean squared error of regression outputs; class
     targets equal to IGNORE_INDEX count in neither. A causal language model's targets are its labels
-    (batch, positions), Hugging Face's convention: the input ids, shifted inside (check_labels)."""
+    (batch, positions), Hugging Face's convention: the input ids, shifted inside (check_labels); its
+    losses come from probe(output="loss"), and with statistics=True (scores, ExitStatistics): every
+    depth's accuracy, agreement with the full depth's argmax and entropy over the same tokens."""
     check_choice("metric", metric, METRICS)
     check_labels(model, inputs, targets)
-    total, count = None, 0
+    loss_pass = metric == "loss" and is_causal_lm(model)
+    if statistics and not loss_pass:
+        raise ValueError(f"statistics=True needs metric='loss' on a causal language model, got metric={metric!r} "
+                         f"on {type(model).__name__}")
+    total, count, stats_total = None, 0, 0
     with torch.inference_mode():
         for start in range(0, len(targets), batch_size):
             rows, chunk = batch_rows(inputs, slice(start, start + batch_size)), targets[start:start + batch_size]
-            if metric == "loss" and is_causal_lm(model):  # every depth's loss without its logits
-                valid = chunk[:, 1:] != IGNORE_INDEX
-                losses = call_with(functools.partial(model.probe, labels=chunk, output="loss"), rows)
-                total = losses.double() * int(valid.sum()) + (0 if total is None else total)
-                count += int(valid.sum())
+            if loss_pass:  # every depth's loss without its logits
+                counted = int((chunk[:, 1:] != IGNORE_INDEX).sum())
+                losses = call_with(functools.partial(model.probe, labels=chunk, output="loss", statistics=statistics),
+                                   rows)
+                if statistics:
+                    losses, stats = losses
+                    stats_total = torch.stack(list(stats), 1).double() * counted + stats_total
+                total = losses.double() * counted + (0 if total is None else total)
+                count += counted
                 continue
             outputs = call_with(model.probe, rows)
             if metric == "squared_error":
@@ -211,7 +226,10 @@ def depth_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
                                          for depth_logits in logits])
             total = per_depth if total is None else total + per_depth
             count += int(valid.sum())
-    return ((100.0 if metric == "accuracy" else 1.0) * total / max(count, 1)).tolist()
+    scores = ((100.0 if metric == "accuracy" else 1.0) * total / max(count, 1)).tolist()
+    if not statistics:
+        return scores
+    return scores, ExitStatistics(*(stats_total / max(count, 1)).t().tolist())
 
 
 def depth_accuracies(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 512) -> list:
@@ -321,7 +339,8 @@ def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tole
     was_training = model.training
     model.eval()
     try:
-        scores = depth_scores(model, inputs, targets, metric)
+        scores, exit_statistics = depth_scores(model, inputs, targets, metric, statistics=True) \
+            if metric == "loss" and is_causal_lm(model) else (depth_scores(model, inputs, targets, metric), None)
         depth = smallest_depth_within(scores, tolerance, metric)
         truncated = model.truncate(depth)
         parameters = tuple(sum(p.numel() for p in m.parameters()) for m in (model, truncated))
@@ -335,7 +354,8 @@ def compress(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, tole
             speculation = max(speculations(model, prompts, generate_tokens), key=lambda s: s.tokens_per_second)
     finally:
         model.train(was_training)
-    return Compression(scores, depth, tolerance, truncated, parameters, latency, metric, speeds, speculation)
+    return Compression(scores, depth, tolerance, truncated, parameters, latency, metric, speeds, speculation,
+                       exit_statistics)
 
 
 # ----------------------------------------------------------------------------- shrinking while training

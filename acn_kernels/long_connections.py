@@ -117,16 +117,24 @@ class Readout:
     backend: str = "auto"
 
     def losses(self, states: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-               weights: torch.Tensor | None = None) -> tuple:
-        """(loss, per_exit) of the states at E depths (E, batch, positions, D) of input_ids against labels
-        (batch, positions) in Hugging Face's convention (the input ids, -100 where nothing counts; position
-        t's state predicts label t + 1; check_labels): depth_cross_entropy on the model's backend, so no
-        (E, tokens, vocabulary) logits exist; a "reference" model's on the chunked path (plain PyTorch too)."""
+               weights: torch.Tensor | None = None, statistics: bool = False) -> tuple:
+        """(loss, per_exit[, ExitStatistics]) of the states at E depths (E, batch, positions, D) of input_ids
+        against labels (batch, positions) in Hugging Face's convention (the input ids, -100 where nothing
+        counts; position t's state predicts label t + 1; check_labels): depth_cross_entropy on the model's
+        backend, so no (E, tokens, vocabulary) logits exist; a "reference" model's on the chunked path
+        (plain PyTorch too)."""
         check_labels(input_ids, labels, self.head_weight.shape[0])
         weight, bias, eps = norm_parameters(self.norm, states)
         return depth_cross_entropy(states[:, :, :-1], labels[:, 1:].to(states.device), weight, bias, self.head_weight,
                                    weights=weights, head_bias=self.head_bias, norm=norm_kind(self.norm, "the final norm"),
-                                   eps=eps, backend="chunked" if self.backend == "reference" else self.backend)
+                                   eps=eps, backend="chunked" if self.backend == "reference" else self.backend,
+                                   statistics=statistics)
+
+    def depth_losses(self, states: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+                     statistics: bool = False):
+        """What probe(output="loss") gives: every depth's mean loss (E,), or (losses, ExitStatistics)."""
+        _, per_exit, *stats = self.losses(states, input_ids, labels, statistics=statistics)
+        return (per_exit, *stats) if statistics else per_exit
 
 
 IGNORE_INDEX = -100  # a label that counts in no loss, as in F.cross_entropy and Hugging Face's labels

@@ -6,6 +6,8 @@ fused ops: y_out keeps y's dtype, every other output keeps x's dtype.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -88,31 +90,62 @@ def probe_norm(xs, weight, bias=None, *, eps=1e-5, norm="layernorm"):
     return torch.stack(outs)
 
 
+class ExitStatistics(NamedTuple):
+    """Each exit's (E,) float32 statistics over its counted rows (0 where none): the token accuracy (the
+    argmax is the target; the lower index on a tie, as torch.argmax), the agreement of its argmax with the
+    last exit's (the acceptance of a greedy self-speculative draft at that depth) and the mean entropy."""
+    accuracy: torch.Tensor
+    agreement: torch.Tensor
+    entropy: torch.Tensor
+
+
+def exit_param(param: torch.Tensor | None, exit: int) -> torch.Tensor | None:
+    """A norm parameter shared by every exit (D,), or exit's row of a per-exit one (E, D)."""
+    return param if param is None or param.dim() == 1 else param[exit]
+
+
 def depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, *, weights=None, head_bias=None,
-                        ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, norm="layernorm", eps=1e-5):
-    """(loss, per_exit): every exit's mean next-token loss through one final norm and head, every logit
-    materialized. states (E, ..., D), targets (...): for exit e, logits = head(norm(states[e])) (in
-    float32, float64 for float64 states), capped as softcap tanh(logits / softcap) where given; per
-    counted row (target != ignore_index), with lse the log-partition,
+                        ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, norm="layernorm", eps=1e-5,
+                        statistics=False):
+    """(loss, per_exit), with statistics (loss, per_exit, ExitStatistics): every exit's mean next-token
+    loss through one final norm and head, every logit materialized. states (E, ..., D), targets (...)
+    shared by every exit or (E, ...) one set an exit (multi-token prediction), the norm's weight and bias
+    (D,) or one an exit (E, D): for exit e, logits = head(norm_e(states[e])) (in float32, float64 for
+    float64 states), capped as softcap tanh(logits / softcap) where given; per counted row (target !=
+    ignore_index), with lse the log-partition,
 
         (1 - s) (lse - logit_target) + s (lse - mean(logits)) + z_loss lse^2      (s = label_smoothing)
 
-    per_exit[e] the mean over the counted rows (0 without any), detached, float32; loss = sum_e
+    per_exit[e] the mean over exit e's counted rows (0 without any), detached, float32; loss = sum_e
     weights[e] per_exit[e], weights uniform 1/E by default."""
     exits = states.shape[0]
     compute = torch.promote_types(states.dtype, torch.float32)
-    hidden = apply_norm(states, norm_weight, norm_bias, eps, norm).to(compute)
-    logits = F.linear(hidden, head_weight.to(compute), None if head_bias is None else head_bias.to(compute))
+    if norm_weight.dim() == 1 and (norm_bias is None or norm_bias.dim() == 1):
+        hidden = apply_norm(states, norm_weight, norm_bias, eps, norm)
+    else:
+        hidden = torch.stack([apply_norm(states[e], exit_param(norm_weight, e), exit_param(norm_bias, e), eps, norm)
+                              for e in range(exits)])
+    logits = F.linear(hidden.to(compute), head_weight.to(compute), None if head_bias is None else head_bias.to(compute))
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits.flatten(1, -2)                                   # (E, N, V)
-    rows = targets.flatten().long().expand(exits, -1)
+    shared = targets.dim() == states.dim() - 2
+    rows = targets.flatten().long().expand(exits, -1) if shared else targets.reshape(exits, -1).long()
     counted = rows != ignore_index
+    counts = counted.sum(-1).clamp(min=1)
     lse = torch.logsumexp(logits, -1)
     target_logit = logits.gather(-1, torch.where(counted, rows, 0)[..., None])[..., 0]  # ignore_index: any integer
     losses = (1 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logits.mean(-1)) \
         + z_loss * lse ** 2
-    per_exit = (losses * counted).sum(-1) / counted.sum(-1).clamp(min=1)
+    per_exit = (losses * counted).sum(-1) / counts
     weights = torch.full((exits,), 1.0 / exits, dtype=compute, device=states.device) if weights is None \
         else weights.detach().to(device=states.device, dtype=compute)  # a schedule's, not learned
-    return (weights * per_exit).sum(), per_exit.detach().float()
+    loss = (weights * per_exit).sum(), per_exit.detach().float()
+    if not statistics:
+        return loss
+    with torch.no_grad():
+        argmax = logits.argmax(-1)
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        means = [((value * counted).sum(-1) / counts).float()
+                 for value in (argmax == rows, argmax == argmax[-1], entropy)]
+    return (*loss, ExitStatistics(*means))

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from ._validation import check_choice, check_positive_int, check_real
+from ._validation import check_bool, check_choice, check_positive_int, check_real
 from .long_connections import check_labels, long_connections_of
 from .models.base import LAYER_DROPOUT_PER, LONG
 
@@ -87,16 +87,19 @@ def training_done(step: int | None, total_steps: int | None, progress: float | N
 
 def early_exit_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, weights="authors",
                     curriculum: str | None = None, step: int | None = None, total_steps: int | None = None,
-                    progress: float | None = None, **inputs) -> torch.Tensor:
+                    progress: float | None = None, statistics: bool = False, **inputs):
     """The weighted next-token loss of the exits at depths 1..L (see the module docstring). labels
     follow Hugging Face's convention: the input ids (-100 where nothing counts), shifted inside,
     as model(labels=) does. The "gradual" curriculum follows step / total_steps, or `progress` (the
     fraction of training done, for a budget of time rather than steps). `inputs` reach the model's
-    forward (an attention_mask)."""
+    forward (an attention_mask). With statistics=True: (loss, depths, ExitStatistics), the depths this
+    step trains (the full depth always among them) and each one's accuracy, agreement with the full
+    depth and entropy, from the same pass (no logits)."""
     if not callable(getattr(model, "exit_states", None)):
         raise TypeError(f"model must offer exit_states() (the package's GPT, an acnify'd Hugging Face causal LM), "
                         f"got {type(model).__name__}")
     check_labels(input_ids, labels)  # before the model runs
+    check_bool("statistics", statistics)
     states, readout = model.exit_states(input_ids, **inputs)
     depth = states.shape[0] - 1
     all_weights = exit_weights(depth, weights)
@@ -106,7 +109,8 @@ def early_exit_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, wei
         raise ValueError(f"weights of the exits this step trains ({chosen}) must not all be 0, got "
                          f"{chosen_weights.tolist()}")
     chosen_weights = (chosen_weights / chosen_weights.sum()).to(states.device)
-    return readout.losses(states[chosen], input_ids, labels, chosen_weights)[0]
+    loss, _, *stats = readout.losses(states[chosen], input_ids, labels, chosen_weights, statistics)
+    return (loss, chosen, *stats) if statistics else loss
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -368,6 +368,9 @@ def test_an_acnified_lms_depth_scores_take_its_labels_as_its_loss_does(family):
     scores = depth_scores(model, ids, ids, "loss")
     assert scores[-1] == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), rel=1e-6)  # its loss: float32
     assert scores == pytest.approx(model.probe(input_ids=ids, labels=ids, output="loss").tolist(), rel=1e-6)
+    losses, stats = model.probe(input_ids=ids, labels=ids, output="loss", statistics=True)
+    right = (model.probe(input_ids=ids)[:, :, :-1].argmax(-1) == ids[:, 1:]).double().mean((1, 2))
+    assert losses.tolist() == pytest.approx(scores, rel=1e-6) and stats.accuracy.tolist() == pytest.approx(right.tolist())
     with pytest.raises(ValueError, match=r"got the next tokens already shifted"):
         compress(model, ids[:, :-1], ids[:, 1:], metric="loss")
     base = base_of(model)

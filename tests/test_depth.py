@@ -119,6 +119,22 @@ def test_a_language_models_targets_are_its_labels_shifted_inside():
     assert depth_scores(model, ids, labels, "accuracy") == pytest.approx(right)
     deepest = early_exit_sweep(model, ids, labels, [2.0])[0]
     assert deepest["accuracy"] == pytest.approx(right[-1]) and deepest["depth"] == 3
+    # every depth's accuracy, agreement with the full depth and entropy from the same pass, no logits
+    agree = [100.0 * ((depth.argmax(-1) == logits[-1].argmax(-1)) & counted).sum().item() / counted.sum().item()
+             for depth in logits]
+    entropy = [(torch.distributions.Categorical(logits=depth.double()).entropy() * counted).sum().item()
+               / counted.sum().item() for depth in logits]
+    scores, stats = depth_scores(model, ids, labels, "loss", statistics=True)
+    assert scores == pytest.approx(expected, rel=1e-6) and stats == compress(model, ids, labels, metric="loss",
+                                                                             repeats=1).statistics
+    assert [100 * a for a in stats.accuracy] == pytest.approx(right, rel=1e-6)
+    assert [100 * a for a in stats.agreement] == pytest.approx(agree, rel=1e-6) and stats.agreement[-1] == 1
+    assert stats.entropy == pytest.approx(entropy, rel=1e-5)
+    losses, probed = model.probe(ids, labels=labels, output="loss", statistics=True)
+    assert losses.tolist() == pytest.approx(expected, rel=1e-6) and probed.accuracy.tolist() == stats.accuracy
+    with pytest.raises(ValueError, match=r"statistics=True needs metric='loss' on a causal language model, got "
+                                         r"metric='accuracy' on GPT"):
+        depth_scores(model, ids, labels, "accuracy", statistics=True)
 
 
 @pytest.mark.parametrize("entry", ["compress", "depth_scores", "early_exit_sweep", "ShrinkOnCompression"])

@@ -65,6 +65,65 @@ def test_chunks_smaller_and_larger_than_the_rows(chunk_rows, backend):
     assert_agrees(args, torch.float32, chunk_rows=chunk_rows, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ROW_WORK)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_exit", ("targets", "norms", "targets and norms"))
+def test_per_exit_targets_and_norms_as_multi_token_prediction_uses_them(per_exit, dtype, backend):
+    """Exit e predicting the token e + 1 ahead through the shared head (per-exit targets, each with its own
+    ignored rows and count), each exit with its own final norm (DeepSeek-V3's MTP modules)."""
+    states, targets, nw, nb, head, weights, bias = inputs(exits=3, dtype=dtype)
+    if "targets" in per_exit:
+        targets = torch.stack([targets.roll(-e, -1) for e in range(3)])
+        targets[1, 0] = -100
+    if "norms" in per_exit:
+        nw, nb = (p + 0.1 * torch.randn(3, p.shape[0], device=DEVICE).to(dtype) for p in (nw, nb))
+    assert_agrees((states, targets, nw, nb, head, weights, bias), dtype, chunk_rows=7, backend=backend,
+                  label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", ROW_WORK)
+@pytest.mark.parametrize("options", OPTIONS[:1] + OPTIONS[-1:], ids=("plain", "every option"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_split_row_pass_that_statistics_take_agrees_with_the_reference(options, dtype, backend):
+    """statistics=True runs the split pass (the statistics kernel, then the gradient kernel), the path a
+    tensor-parallel group takes: its loss and gradients against the reference, and its statistics."""
+    args = inputs(dtype=dtype, norm=options.get("norm", "layernorm"))
+    assert_agrees(args, dtype, chunk_rows=7, backend=backend, statistics=True, **options)
+    states, targets, nw, nb, head, weights, bias = (a.double() if a is not None and a.is_floating_point() else a
+                                                    for a in args)
+    exact = reference.depth_cross_entropy(states, targets, nw, nb, head, weights=weights, head_bias=bias,
+                                          statistics=True, **options)[2]
+    ours = depth_cross_entropy(*args[:5], weights=args[5], head_bias=args[6], statistics=True, backend=backend,
+                               chunk_rows=7, **options)[2]
+    assert all(value.dtype == torch.float32 and value.shape == (3,) for value in ours)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05  # a 16-bit input may move an argmax past a near-tie
+    for name, value, expected in zip(ours._fields, ours, exact):
+        torch.testing.assert_close(value.double(), expected.double(), rtol=tolerance, atol=tolerance, msg=name)
+
+
+def test_the_references_statistics_by_hand():
+    """Accuracy, agreement with the last exit and entropy over the counted rows, from every logit; a tie
+    goes to the lower index, as torch.argmax."""
+    states, targets, nw, nb, head, weights, bias = inputs(exits=2, lead=(6,), vocab=5)
+    head[3] = head[1]  # logits 1 and 3 tie in every row: argmax picks 1 where they are the largest
+    bias[3] = bias[1]
+    targets[0], targets[1] = -100, 3
+    logits = torch.nn.functional.linear(torch.nn.functional.layer_norm(states, (24,), nw, nb), head, bias)
+    stats = reference.depth_cross_entropy(states, targets, nw, nb, head, weights=weights, head_bias=bias,
+                                          statistics=True)[2]
+    counted = targets != -100
+    argmax = [[max(range(5), key=lambda j, row=row: (row[j].item(), -j)) for row in exit] for exit in logits]
+    assert 3 not in sum(argmax, [])
+    for e in range(2):
+        hits = [argmax[e][n] == targets[n].item() for n in range(6) if counted[n]]
+        agree = [argmax[e][n] == argmax[1][n] for n in range(6) if counted[n]]
+        p = logits[e].softmax(-1)
+        entropy = (-(p * p.log()).sum(-1))[counted].mean()
+        assert stats.accuracy[e].item() == pytest.approx(sum(hits) / len(hits))
+        assert stats.agreement[e].item() == pytest.approx(sum(agree) / len(agree))
+        assert stats.entropy[e].item() == pytest.approx(entropy.item(), rel=1e-5)
+
+
 def test_non_contiguous_states_and_head():
     states, targets, nw, nb, head, weights, bias = inputs(exits=2, lead=(4, 3), dim=16)
     states = states.transpose(1, 2).contiguous().transpose(1, 2)  # lead dims strided
@@ -107,8 +166,8 @@ def test_gradients_are_bitwise_the_same_on_a_rerun():
 def test_without_gradients_nothing_of_the_backward_is_computed():
     states, targets, nw, nb, head, weights, bias = inputs()
     outputs = depth_cross_entropy_chunked(states, targets, nw, nb, head, bias, weights, -100, 0.0, 0.0, 0.0, True,
-                                          1e-5, 16, False, "triton")
-    assert all(g.numel() == 0 for g in outputs[2:])  # no dstates, no head gradient
+                                          1e-5, 16, False, "", head.shape[0], 0, False, False, "triton")
+    assert all(g.numel() == 0 for g in outputs[2:])  # no statistics, no dstates, no head gradient
     states.requires_grad_()
     with torch.no_grad():
         loss, _ = depth_cross_entropy(states, targets, nw, nb, head, weights=weights, head_bias=bias)
@@ -146,20 +205,27 @@ def test_randomized_shapes_and_options(exits, rows, dim, vocab, chunk_rows, opti
 
 
 BAD = [
-    (lambda a: {**a, "states": a["states"][0]}, r"states must have shape \(exits >= 1, \.\.\., D >= 1\), got "
-     r"\(5, 24\)|targets must be an integer tensor of shape"),
+    (lambda a: {**a, "states": a["states"][:, 0, 0, 0]}, r"states must have shape \(exits >= 1, \.\.\., D >= 1\), "
+     r"got \(3,\)"),
     (lambda a: {**a, "states": a["states"][..., :0], "norm_weight": a["norm_weight"][:0],
                 "norm_bias": a["norm_bias"][:0], "head_weight": a["head_weight"][:, :0]},
      r"states must have shape \(exits >= 1, \.\.\., D >= 1\), got \(3, 2, 5, 0\)"),
     (lambda a: {**a, "targets": a["targets"][:, :3]}, r"targets must be an integer tensor of shape \(2, 5\) "
-     r"\(states' shape without the exits and the width\), got dtype torch.int64 and shape \(2, 3\)"),
+     r"\(states' shape without the exits and the width: every exit's\) or \(3, 2, 5\) \(one an exit\), got dtype "
+     r"torch.int64 and shape \(2, 3\)"),
+    (lambda a: {**a, "targets": a["targets"].expand(4, 2, 5)}, r"targets must be an integer tensor of shape \(2, 5\) "
+     r".* or \(3, 2, 5\) \(one an exit\), got dtype torch.int64 and shape \(4, 2, 5\)"),
+    (lambda a: {**a, "norm_weight": a["norm_weight"].expand(2, 24)}, r"norm_weight must have shape \(24,\) or "
+     r"\(3, 24\) \(states' width, or one an exit\), got \(2, 24\)"),
+    (lambda a: {**a, "vocab_size": 38}, r"vocab_size must be an integer in \[1, 37\] \(head_weight's rows"),
+    (lambda a: {**a, "sequence_parallel": True}, r"sequence_parallel=True needs tp_group"),
     (lambda a: {**a, "targets": a["targets"].float()}, r"targets must be an integer tensor .*got dtype torch.float32"),
-    (lambda a: {**a, "targets": a["targets"].clamp(min=0) + 40}, r"targets must be in \[0, 37\) \(head_weight's rows\) "
+    (lambda a: {**a, "targets": a["targets"].clamp(min=0) + 40}, r"targets must be in \[0, 37\) \(the vocabulary\) "
      r"or ignore_index=-100, got values in"),
     (lambda a: {**a, "weights": a["weights"][:2]}, r"weights must be a floating-point tensor of shape \(3,\) \(one per "
      r"exit of states, \(3, 2, 5, 24\)\), got dtype torch.float32 and shape \(2,\)"),
     (lambda a: {**a, "weights": -a["weights"]}, r"weights must be finite and >= 0, got"),
-    (lambda a: {**a, "head_weight": a["head_weight"][:, :7]}, r"head_weight must have shape \(vocabulary >= 1, 24\) "
+    (lambda a: {**a, "head_weight": a["head_weight"][:, :7]}, r"head_weight must have shape \(vocabulary rows, 24\) "
      r"\(states' width\), got \(37, 7\)"),
     (lambda a: {**a, "softcap": 0.0}, r"softcap must be None or a positive finite real number, got 0.0"),
     (lambda a: {**a, "softcap": -1.0}, r"softcap must be None or a positive real number"),

@@ -49,6 +49,24 @@ def test_the_gpts_early_exit_loss_is_the_exits_losses_by_hand(connectivity, opti
     check_against_probe(model, model.probe, ids, labels, **options)
 
 
+def test_the_exit_losss_statistics_are_the_trained_depths_from_their_logits():
+    torch.manual_seed(0)
+    model = GPT(31, 16, 24, 4, 4, backend="reference").double()
+    ids = torch.randint(0, 31, (3, 9))
+    loss, depths, stats = early_exit_loss(model, ids, ids, curriculum="rotational", step=1, statistics=True)
+    assert depths == [1, 4] and loss == early_exit_loss(model, ids, ids, curriculum="rotational", step=1)
+    with torch.no_grad():
+        logits = model.probe(ids)[depths, :, :-1]
+    predicted = logits.argmax(-1)
+    right = (predicted == ids[:, 1:]).double().mean((1, 2))
+    agree = (predicted == predicted[-1]).double().mean((1, 2))
+    entropy = torch.distributions.Categorical(logits=logits).entropy().mean((1, 2))
+    for got, want in zip(stats, (right, agree, entropy)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match=r"statistics must be True or False, got 1"):
+        early_exit_loss(model, ids, ids, statistics=1)
+
+
 def test_curricula_keep_the_final_exit_and_bad_arguments_are_named():
     assert exits_in(8, "rotational", 1, None) == [1, 5, 8] and exits_in(8, "rotational", 4, None) == [4, 8]
     assert exits_in(8, "gradual", 0, 80) == [8] and exits_in(8, "gradual", 79, 80) == list(range(1, 9))

@@ -54,17 +54,21 @@ def model_output(output, what: str = "logits"):
     return output[0]
 
 
-def probe(model: nn.Module, *args, output: str = "logits", **kwargs) -> torch.Tensor:
+def probe(model: nn.Module, *args, output: str = "logits", statistics: bool = False, **kwargs):
     """(L+1, ...): the model's output (its logits, or its loss with output="loss" and labels=) with
     the first k layers, k = 0..L. The layers run once, recording every depth's sum; then the model's
     own forward runs once more on the inputs repeated for the L+1 depths, the long connections' output
     replaced by those depths' sums (no layer runs again), so that its head, masks and pooling apply to
     every depth at once and its output is the result. A loss is one number per batch: output="loss"
     runs that second forward once per shallower depth instead, except for a causal LM, whose layers
-    run once and whose depths' losses are read through depth_cross_entropy (causal_lm_depth_losses)."""
+    run once and whose depths' losses are read through depth_cross_entropy (causal_lm_depth_losses;
+    with statistics=True also every depth's accuracy, agreement and entropy, as the GPT's probe)."""
     check_choice("output", output, ("logits", "loss"))
     if output == "loss" and callable(getattr(model, "exit_states", None)):
-        return causal_lm_depth_losses(model, args, kwargs)
+        return causal_lm_depth_losses(model, args, kwargs, statistics)
+    if statistics:
+        raise ValueError("statistics=True needs output='loss' on a causal LM (acnify'd, with exit_states), got "
+                         f"output={output!r} on {type(model).__name__}")
     _, owner = owner_of(model)
     owner.recording = True
     try:
@@ -85,7 +89,7 @@ def probe(model: nn.Module, *args, output: str = "logits", **kwargs) -> torch.Te
     return repeated.unflatten(0, (depths, batch))
 
 
-def causal_lm_depth_losses(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+def causal_lm_depth_losses(model: nn.Module, args: tuple, kwargs: dict, statistics: bool = False):
     """(L+1,) a causal LM's next-token loss at every depth, its layers run once and every depth read
     through depth_cross_entropy (long_connections.Readout.losses: no logits kept), float32."""
     inputs = dict(kwargs)
@@ -94,7 +98,7 @@ def causal_lm_depth_losses(model: nn.Module, args: tuple, kwargs: dict) -> torch
         raise ValueError("probe(..., output='loss') needs labels=, as the model's loss does")
     input_ids = inputs.pop("input_ids", args[0] if args else None)
     states, readout = model.exit_states(input_ids, *args[1:], **inputs)
-    return readout.losses(states, input_ids, labels)[1]
+    return readout.depth_losses(states, input_ids, labels, statistics)
 
 
 def repeat_batch(inputs, batch: int, times: int):

@@ -259,17 +259,22 @@ class GPT(DepthModel):
             cache.length = start + tokens.shape[1]
         return self.readout(hidden)
 
-    def probe(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, output: str = "logits") -> torch.Tensor:
+    def probe(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, output: str = "logits",
+              statistics: bool = False):
         """(L+1, batch, positions, vocab_size): the logits after 0..L blocks, through the shared final
         norm and head (a block's two branches both added). output="loss" with labels (Hugging Face's
         convention: the input ids, shifted inside): (L+1,) every depth's mean next-token loss, float32,
-        through depth_cross_entropy (no logits kept; for training, acn_kernels.early_exit_loss)."""
+        through depth_cross_entropy (no logits kept; for training, acn_kernels.early_exit_loss); with
+        statistics=True (losses, ExitStatistics): every depth's accuracy, agreement with the full depth's
+        argmax and entropy from the same pass."""
         check_choice("output", output, ("logits", "loss"))
         if output == "loss":
             if labels is None:
                 raise ValueError("probe(..., output='loss') needs labels= (the input ids, shifted inside)")
             states, readout = self.exit_states(tokens)
-            return readout.losses(states, tokens, labels)[1]
+            return readout.depth_losses(states, tokens, labels, statistics)
+        if statistics:
+            raise ValueError("statistics=True needs output='loss' (the logits are the statistics' source)")
         if self.connectivity not in LONG:
             return torch.stack([self.head(hidden) for hidden in self.states(tokens)])
         return torch.stack([self.readout(hidden) for hidden in self.long_connections.probe(self.embed(tokens))])

@@ -199,7 +199,7 @@ PARAM_LOAD = re.compile(r"ld\.param\.\w+\s+(%\w+),\s*\[\w+_param_(\d+)\]")
 REGISTER = re.compile(r"%[a-z]+\d+")
 # Norm parameters, statistics and partial rows: every other pointer a kernel takes is row data.
 NOT_ROW_DATA = ("w_ptr", "b_ptr", "mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr", "gate_ptr", "long_weight_ptr",
-                "dscalars_ptr", "targets_ptr", "scale_ptr", "loss_ptr", "lse_ptr")
+                "dscalars_ptr", "targets_ptr", "scale_ptr", "loss_ptr", "lse_ptr", "stats_ptr", "argmax_ptr")
 
 
 def _instruction(line: str) -> str:
@@ -332,15 +332,20 @@ def wgmma_expected(build: Build, capability: int) -> bool:
 
 
 def loss_builds():
-    """depth_cross_entropy's row kernel on its float32 logits: every tile its launcher can pick, the
-    softcap and the gradient on."""
+    """depth_cross_entropy's row kernels on their float32 logits: every tile their launcher can pick, the
+    softcap (and the fused pass's gradient) on; the fused pass and the split pass's statistics and
+    gradient kernels."""
     from ..ops.depth_cross_entropy import ROW_BLOCK, row_launch
 
-    scalars = {"targets_ptr": "*i64", "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32"}
-    for block in (2 ** p for p in range(7, ROW_BLOCK.bit_length())):
-        block, num_warps = row_launch(block)
-        yield Build("acn_kernels.ops.depth_cross_entropy", "cross_entropy_rows_kernel", torch.float32,
-                    dict(HAS_SOFTCAP=True, NEEDS_GRAD=True, BLOCK=block), num_warps=num_warps, other_types=scalars)
+    scalars = {"targets_ptr": "*i64", "argmax_ptr": "*i64", "label_smoothing": "fp32", "z_loss": "fp32",
+               "softcap": "fp32"}
+    kernels = (("cross_entropy_rows_kernel", dict(NEEDS_GRAD=True)), ("cross_entropy_statistics_kernel", {}),
+               ("cross_entropy_gradient_kernel", {}))
+    for kernel, flags in kernels:
+        for block in (2 ** p for p in range(7, ROW_BLOCK.bit_length())):
+            block, num_warps = row_launch(block)
+            yield Build("acn_kernels.ops.depth_cross_entropy", kernel, torch.float32,
+                        dict(HAS_SOFTCAP=True, **flags, BLOCK=block), num_warps=num_warps, other_types=scalars)
 
 
 def all_builds(only: str | None):

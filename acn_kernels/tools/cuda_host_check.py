@@ -482,8 +482,9 @@ def public_ops(host: HostOps) -> dict:
     probe_fwd = autograd_twin(host.probe_norm_fwd, host.probe_norm_bwd, pn.make_backward, pn.setup_context)
     linear_fwd = autograd_twin(host.linear_act_accumulate_fwd, host.activation_backward, la.make_backward,
                                la.setup_context)
-    depth_fwd = autograd_twin(lambda *inputs: dce.chunked_loss(*inputs[:-1], host.cross_entropy_rows), None,
-                              lambda _: dce.backward, dce.setup_context)
+    depth_fwd = autograd_twin(lambda *inputs: dce.chunked_loss(*inputs[:7], dce.LossOptions(*inputs[7:-1]),
+                                                               dce.RowKernels(host.cross_entropy_rows, None, None)),
+                              None, lambda _: dce.backward, dce.setup_context)
 
     def depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, *, weights, head_bias,
                             norm="layernorm", label_smoothing=0.0, z_loss=0.0, softcap=None,
