@@ -55,6 +55,7 @@ def worker(rank: int, world: int, port: int, cases: list, run_case, tmp: str) ->
             result = ("raised", f"{type(error).__name__}: {error}")
         results.append(result)
     torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
+    dist.barrier()  # the ranks leave together: gloo torn down while another rank still talks aborts
     dist.destroy_process_group()
 
 

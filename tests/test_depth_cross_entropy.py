@@ -163,6 +163,15 @@ def test_gradients_are_bitwise_the_same_on_a_rerun():
     assert torch.equal(outputs[0], again[0][0]) and all(torch.equal(a, b) for a, b in zip(first, again[1]) if a is not None)
 
 
+def test_a_second_backward_through_the_same_graph_is_refused_not_wrong():
+    """backward scales the gradients forward computed in place (no second copy at the peak)."""
+    states, targets, nw, nb, head, weights, bias = inputs()
+    loss, _ = depth_cross_entropy(states.requires_grad_(), targets, nw, nb, head, weights=weights, head_bias=bias)
+    (2 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_without_gradients_nothing_of_the_backward_is_computed():
     states, targets, nw, nb, head, weights, bias = inputs()
     outputs = depth_cross_entropy_chunked(states, targets, nw, nb, head, bias, weights, -100, 0.0, 0.0, 0.0, True,
@@ -325,6 +334,9 @@ def test_the_loss_bench_measures_every_path_in_its_own_process(tmp_path, capsys)
     assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5)
     assert all(row["peak_gib"] > 0 and row["seconds"] > 0 for row in rows)
     assert "SMOKE RUN" in capsys.readouterr().out and (tmp_path / "loss.csv").exists()
+    tensor_parallel = {row["way"]: row for row in rows if row["path"].startswith("tp ")}
+    ours, theirs = tensor_parallel["depth_cross_entropy"], tensor_parallel["per-exit Megatron"]
+    assert ours["collectives"] == 2 * ours["chunks"] + 1 and theirs["collectives"] == 4 * 13  # 13 exits
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors")
