@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import itertools
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -62,6 +64,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+try:
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+except ImportError:  # a torch without distributed
+    FSDPModule = register_fsdp_forward_method = None
 
 from ._validation import check_bool, check_choice, check_positive_int, check_real
 from .backend import BACKENDS, resolve_backend
@@ -235,13 +242,28 @@ class HybridOptions:
         return record
 
 
-def scalar_list(count: int, init: float, trainable: bool) -> nn.ParameterList:
-    return nn.ParameterList(nn.Parameter(torch.tensor(float(init)), requires_grad=trainable) for _ in range(count))
+class Scalars(nn.ParameterList):
+    """The hybrid's gates, long weights or x_0 weight: one-element parameters (shape (1,): FSDP2 shards no
+    0-dim parameter), read as 0-dim values (`value(i)`). A state_dict saved when they were 0-dim loads."""
+
+    @staticmethod
+    def of(count: int, init: float, trainable: bool) -> "Scalars":
+        return Scalars(nn.Parameter(torch.full((1,), float(init)), requires_grad=trainable) for _ in range(count))
+
+    def value(self, i: int) -> torch.Tensor:
+        return self[i][0]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for i in range(len(self)):
+            saved = state_dict.get(f"{prefix}{i}")
+            if isinstance(saved, torch.Tensor) and saved.dim() == 0:
+                state_dict[f"{prefix}{i}"] = saved.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class HybridScalars:
-    """The hybrid's gates, long weights and x_0 weight (0-dim parameters in ParameterLists, None where the
-    form has none), built once by the owner of the long connections, which registers the lists under
+    """The hybrid's gates, long weights and x_0 weight (one-element parameters in Scalars lists, None where
+    the form has none), built once by the owner of the long connections, which registers the lists under
     their names (`owned()`), and read by the chain: gate(i), term(i, x), short_state(i, s, x)."""
 
     NAMES = ("gates", "long_weights", "x0_weight")
@@ -251,10 +273,10 @@ class HybridScalars:
         if lists is None:
             counts = self.counts(units)
             lists = {"gates": None if options.gates_from_long_weights else
-                     scalar_list(counts["gates"], options.gate_init, options.learn_gates),
-                     "long_weights": scalar_list(counts["long_weights"], options.long_weight_init, True)
+                     Scalars.of(counts["gates"], options.gate_init, options.learn_gates),
+                     "long_weights": Scalars.of(counts["long_weights"], options.long_weight_init, True)
                      if options.long_weights else None,
-                     "x0_weight": scalar_list(1, options.long_weight_init, True) if options.x0_weight else None}
+                     "x0_weight": Scalars.of(1, options.long_weight_init, True) if options.x0_weight else None}
         self.gates, self.long_weights, self.x0_weight = (lists[name] for name in self.NAMES)
 
     @property
@@ -285,7 +307,7 @@ class HybridScalars:
         counts = self.counts(units)
         return HybridScalars(self.options, units, self.units_per_block,
                              {name: None if getattr(self, name) is None else
-                              nn.ParameterList(list(getattr(self, name))[:counts[name]]) for name in self.NAMES})
+                              Scalars(list(getattr(self, name))[:counts[name]]) for name in self.NAMES})
 
     @property
     def weighs_the_sum(self) -> bool:
@@ -298,16 +320,16 @@ class HybridScalars:
             return torch.ones((), dtype=like.dtype, device=like.device)
         owner = i // self.units_per_scalar
         if self.gates is not None:
-            return self.gates[owner]
-        return 1 - (self.x0_weight[0] if owner == 0 else self.long_weights[owner - 1])
+            return self.gates.value(owner)
+        return 1 - (self.x0_weight.value(0) if owner == 0 else self.long_weights.value(owner - 1))
 
     def long_weight(self, i: int) -> torch.Tensor | None:
-        return None if self.long_weights is None else self.long_weights[i // self.units_per_scalar]
+        return None if self.long_weights is None else self.long_weights.value(i // self.units_per_scalar)
 
     def term(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Unit i's output as the sum takes it (i = -1: x_0): times its weight, where it has one."""
         if i < 0:
-            return x if self.x0_weight is None else self.x0_weight[0] * x
+            return x if self.x0_weight is None else self.x0_weight.value(0) * x
         return x if self.long_weights is None else self.long_weight(i) * x
 
     def short_state(self, i: int, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -349,6 +371,32 @@ class Walk(NamedTuple):
     x_in_y: bool
 
 
+def passing_inputs_on(steps, *args):
+    """A block's steps under FSDP2, which warns of an output that is a view (its inputs come back as
+    views): the walk passes its input on as the next unit's state, and nothing changes it in place."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        return steps(*args)
+
+
+class Outputs:
+    """Where a walk records each unit's output (a list, or nowhere): an object, so that FSDP2's hooks
+    around a block's steps pass it through as it is (they rebuild lists and dicts)."""
+
+    def __init__(self, outputs: list | None):
+        self.outputs = outputs
+
+    def record(self, index: int, x: torch.Tensor | None) -> None:
+        if self.outputs is not None:
+            self.outputs[index] = x
+
+
+def unhooked(block: nn.Module):
+    """How a step calls its block: the block, or where FSDP2 shards it its forward without module hooks
+    (FSDP2's ran around the whole step: LongConnections.step_of)."""
+    return block.forward if FSDPModule is not None and isinstance(block, FSDPModule) else block
+
+
 def add(y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return x if y is None else y + x
 
@@ -377,7 +425,7 @@ class LongConnections(nn.Module):
 
     def __init__(self, blocks, input_norms=None, final_norm: nn.Module | None = None, backend: str = "auto",
                  gates: str | None = None, units_per_block: int = 1, scalars: HybridScalars | None = None,
-                 **hybrid_options):
+                 owners: list | None = None, **hybrid_options):
         super().__init__()
         check_choice("backend", backend, BACKENDS)
         if gates not in (None, "learned"):
@@ -388,6 +436,12 @@ class LongConnections(nn.Module):
             raise ValueError(f"blocks must be a whole number of blocks of units_per_block={units_per_block} units, "
                              f"got {len(self.blocks)}")
         self.units_per_block = units_per_block
+        # the module holding each block's units and norms (what FSDP2 shards per block: step_of); the units
+        # themselves where a block is one unit
+        self.owners = list(owners) if owners is not None else list(self.blocks) if units_per_block == 1 else None
+        if self.owners is not None and len(self.owners) * units_per_block != len(self.blocks):
+            raise ValueError(f"owners must have one module per block ({len(self.blocks) // units_per_block}), got "
+                             f"{len(self.owners)}")
         if scalars is None:
             options = HybridOptions.of(gates is not None, "gates=None", **hybrid_options)
             scalars = None if options is None else HybridScalars(options, len(self.blocks), units_per_block)
@@ -503,27 +557,52 @@ class LongConnections(nn.Module):
             state = self.next_input(walk)
             y = walk.y if walk.x_in_y else add(walk.y, self.pending_term(walk))
             h = state if norm is None else norm(state)
-        x_next = block(h, **block_kwargs) if norm is None else self.run_normed(i, state, h, block_kwargs)
+        x_next = unhooked(block)(h, **block_kwargs) if norm is None else self.run_normed(i, state, h, block_kwargs)
         return Walk(state, x_next, y, i, False)
+
+    def steps_of(self, block: int):
+        """What runs a block's units (run_steps): itself, or where FSDP2 shards the block's owner
+        (fully_shard on each block, as every recipe applies it) the owner's forward method for FSDP2
+        running the same steps: one all-gather of the block's parameters before its first boundary reads
+        its input norm's, its gradients reduced only after that boundary's backward has added the norm's
+        (the units' own forwards then run unhooked: unhooked)."""
+        owner = None if self.owners is None else self.owners[block]
+        if FSDPModule is None or not isinstance(owner, FSDPModule):
+            return self.run_steps
+        if "acn_steps" not in vars(owner):
+            vars(owner)["acn_steps"] = self.run_steps
+            register_fsdp_forward_method(owner, "acn_steps")
+        return functools.partial(passing_inputs_on, owner.acn_steps)
+
+    def run_steps(self, walk: Walk, units: list, fused: bool, block_kwargs: dict, last: int, keep_last_output: bool,
+                  outputs: "Outputs") -> Walk:
+        """The walk after `units` (each one's output into outputs, where it records), each step recomputed
+        in backward under gradient checkpointing."""
+        for i in units:
+            arguments = (i, walk, fused, block_kwargs, i == last, keep_last_output)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                walk = checkpoint(self.step, *arguments, use_reentrant=False)
+            else:
+                walk = self.step(*arguments)
+            outputs.record(i + 1, walk.x)
+        return walk
 
     def run_normed(self, i: int, x: torch.Tensor, h: torch.Tensor, block_kwargs: dict) -> torch.Tensor:
         """Unit i's output from its input x and h = input_norms[i](x)."""
         run_normed = getattr(self.blocks[i], "run_normed", None)
-        return run_normed(x, h, **block_kwargs) if run_normed is not None else self.blocks[i](h, **block_kwargs)
+        if run_normed is not None:
+            return run_normed(x, h, **block_kwargs)
+        return unhooked(self.blocks[i])(h, **block_kwargs)
 
     def walk(self, walk: Walk, units: list, block_kwargs: dict, keep_last_output: bool = True,
              outputs: list | None = None) -> Walk:
         """The walk after `units` (in order; each one's output into `outputs[unit + 1]` where given), each
         step recomputed in backward under gradient checkpointing."""
         fused = self.fused(walk.x.device)
-        for n, i in enumerate(units):
-            arguments = (i, walk, fused, block_kwargs, n == len(units) - 1, keep_last_output)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                walk = checkpoint(self.step, *arguments, use_reentrant=False)
-            else:
-                walk = self.step(*arguments)
-            if outputs is not None:
-                outputs[i + 1] = walk.x
+        recorded = Outputs(outputs)
+        for block, block_units in itertools.groupby(units, key=lambda i: i // self.units_per_block):
+            walk = self.steps_of(block)(walk, list(block_units), fused, block_kwargs, units[-1], keep_last_output,
+                                        recorded)  # units[-1]: the groups exist only where units do
         return walk
 
     # ------------------------------------------------------------------ the whole chain
@@ -723,13 +802,14 @@ def register_scalars(owner: nn.Module, scalars: HybridScalars | None) -> None:
 
 
 def build_long_connections(owner: nn.Module, blocks: list, input_norms: list | None, final_norm: nn.Module | None,
-                           backend: str, hybrid: HybridOptions | None, units_per_block: int = 1) -> LongConnections:
+                           backend: str, hybrid: HybridOptions | None, units_per_block: int = 1,
+                           owners: list | None = None) -> LongConnections:
     """Long connections for `owner` (an acnify'd model's module that held the blocks): the hybrid's
     scalars built once and registered on it, the long connections attached to it."""
     scalars = None if hybrid is None else HybridScalars(hybrid, len(blocks), units_per_block)
     register_scalars(owner, scalars)
     long_connections = LongConnections(blocks, input_norms, final_norm, backend, units_per_block=units_per_block,
-                                       scalars=scalars)
+                                       scalars=scalars, owners=owners)
     attach(owner, long_connections)
     return long_connections
 

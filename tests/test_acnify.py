@@ -554,14 +554,14 @@ def test_an_acnified_lm_takes_the_authors_hybrid_forms_and_saves_them(family, fo
         options.update(long_weights=True, x0_weight=True, gates_from_long_weights=True, long_weight_init=0.8,
                        skip_attention=form == "lsn")
     model = acnify(decoder(family), backend="reference", **options).double().eval()
-    scalars = sorted(n for n, p in model.named_parameters() if p.dim() == 0)
+    scalars = sorted(n for n, p in model.named_parameters() if p.shape == (1,))
     prefix = "transformer." if family == "gpt2" else "model."
     expected = ([f"long_weights.{i}" for i in range(3)] + ["x0_weight.0"] if form != "h-acn"
                 else [f"gates.{i}" for i in range(3)])
     assert scalars == [prefix + n for n in expected]
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if p.dim() == 0:
+            if p.shape == (1,):
                 p.uniform_(0.1, 0.9)
     long = base_of(model).long_connections
     alphas = [long.x0_weight[0], *long.long_weights] if form != "h-acn" else [1 - g for g in long.gates]

@@ -2,7 +2,6 @@
 forward and backward, against the reference; the execution layer's own semantics; and breakages
 made on purpose in a copy of csrc/, which the check must report."""
 import ctypes
-import functools
 import pathlib
 import shutil
 
@@ -19,33 +18,18 @@ pytestmark = pytest.mark.skipif(isinstance(FOUND, str), reason=f"cuda-host-check
 HERE = pathlib.Path(__file__).parent
 
 
-@functools.cache
-def every_case_results() -> tuple:
-    """Every fixed case run once in a process, as `cuda-host-check` runs them (its seed), for the two tests
-    below: one xdist group, so one worker runs them, whatever it runs between them."""
+@pytest.mark.slow
+def test_every_cuda_kernel_matches_the_reference_and_the_summary_is_docs_cuda_mds(capsys):
+    """Every fixed case run once, as `cuda-host-check --check docs/cuda.md` runs them (its seed): every
+    op's kernels against the reference, then every kernel's launches, access widths and bytes and the
+    case count as the page shows them. One test: pytest-xdist's loadgroup split the two tests' group
+    over both workers, and each ran the 90 s of cases."""
     torch.manual_seed(0)
-    return tuple(check(all_cases()))
-
-
-@pytest.fixture
-def every_case():
-    return every_case_results()
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("every_case")
-@pytest.mark.parametrize("op", KERNEL_OPS)
-def test_every_cuda_kernel_matches_the_reference(op, every_case):
-    results = [result for result in every_case if result.case.op == op]
-    failed = [f"{result.case}: {result.problems[:2]}" for result in results if result.problems]
-    assert results and not failed, failed[:8]
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("every_case")
-def test_the_summary_is_the_one_docs_cuda_md_shows(every_case, capsys):
-    """`cuda-host-check --check docs/cuda.md`, from the cases run once: every kernel's launches, access
-    widths and bytes, and the case count, as the page shows them."""
+    every_case = tuple(check(all_cases()))
+    for op in KERNEL_OPS:
+        results = [result for result in every_case if result.case.op == op]
+        failed = [f"{result.case}: {result.problems[:2]}" for result in results if result.problems]
+        assert results and not failed, (op, failed[:8])
     assert report(every_case) == 0
     assert block_difference(str(HERE.parent / "docs" / "cuda.md"), "cuda-host-check", capsys.readouterr().out) is None
 

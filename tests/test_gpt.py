@@ -186,7 +186,7 @@ def authors_model(form: str, depth: int = 4) -> tuple:
     model = GPT(VOCAB, MAX_LEN, 32, depth, 4, backend="reference", **AUTHORS, **FORMS[form]).double()
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 0:
+            if p.shape == (1,):  # the hybrid's scalars
                 p.uniform_(0.1, 0.9)
     if form == "h-acn":  # one gate per block, 1 - alpha
         alphas = [1 - g for g in model.gates]
@@ -212,7 +212,7 @@ def test_the_package_gpt_with_the_authors_options_is_their_forward_and_gradients
     scalars = {"ac-gpt": [], "h-acn": ["gates.0", "gates.1", "gates.2", "gates.3"],
                "long-short": ["long_weights.0", "long_weights.1", "long_weights.2", "long_weights.3", "x0_weight.0"]}
     scalars["lsn"] = scalars["long-short"]
-    assert sorted(n for n, p in model.named_parameters() if p.dim() == 0) == scalars[form]
+    assert sorted(n for n, p in model.named_parameters() if p.shape == (1,)) == scalars[form]
 
 
 def test_the_scaled_output_projections_and_the_h_acn_start_as_the_authors_do():

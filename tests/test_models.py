@@ -111,6 +111,23 @@ def test_hybrid_at_gate_zero_is_its_acn_twin_and_their_checkpoints_load_both_way
     assert set(hybrid.state_dict()) - set(acn.state_dict()) == {"gates.0", "gates.1"}
 
 
+def test_a_hybrid_saved_with_0_dim_scalars_loads_into_the_one_element_ones():
+    """The scalars were 0-dim parameters before FSDP2 support; such a checkpoint still loads, strictly."""
+    torch.manual_seed(0)
+    saved, inputs = make("mlp", "hybrid", long_weights=True, x0_weight=True, gate_init=0.3)
+    with torch.no_grad():
+        for p in saved.parameters():
+            if p.shape == (1,):
+                p.uniform_(0.1, 0.9)
+    old = {name: value.reshape(()) if value.shape == (1,) else value for name, value in saved.state_dict().items()}
+    assert {name for name, value in old.items() if value.dim() == 0} >= {"gates.0", "long_weights.0", "x0_weight.0"}
+    fresh, _ = make("mlp", "hybrid", long_weights=True, x0_weight=True, gate_init=0.3)
+    fresh.load_state_dict(old)
+    assert all(p.shape == (1,) for name, p in fresh.named_parameters() if name.split(".")[0] in
+               ("gates", "long_weights", "x0_weight"))
+    assert torch.equal(fresh(inputs), saved(inputs))
+
+
 def test_hybrid_gate_gradients_agree_with_central_finite_differences():
     torch.manual_seed(0)
     model, inputs = make("vit", "hybrid", depth=4, long_weights=True, backend="reference")  # float64
@@ -130,7 +147,7 @@ def test_hybrid_gate_gradients_agree_with_central_finite_differences():
             p -= 2 * step
             below = loss()
             p += step
-        torch.testing.assert_close(grad, (above - below) / (2 * step), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(grad, ((above - below) / (2 * step)).reshape(1), rtol=1e-6, atol=1e-9)
 
 
 def test_hybrid_gates_can_be_frozen():

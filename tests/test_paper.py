@@ -169,7 +169,7 @@ def test_the_authors_recipe_decays_the_linear_weights_alone_and_runs_one_cycle()
     decayed, rest = lm.train.parameter_groups(model, recipe)
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     assert {id(p) for p in decayed["params"]} == linear - {id(model.token_embed.weight)}  # the tied head: not decayed
-    assert rest["weight_decay"] == 0.0 and any(p.dim() == 0 for p in rest["params"])  # gates, norms, embedding
+    assert rest["weight_decay"] == 0.0 and any(p.numel() == 1 for p in rest["params"])  # gates, norms, embedding
     assert not any(n.endswith("bias") for n, _ in model.named_parameters())
     optimizer = torch.optim.AdamW(lm.train.parameter_groups(model, recipe), lr=recipe.lr)
     schedule = lm.train.schedule(optimizer, recipe, 100)

@@ -280,7 +280,7 @@ def convert_decoder(model: nn.Module, base_model: nn.Module, mixin: type, backen
         units = [unit for layer in layers for unit in base_model.units_of(layer)]
         base_model._modules[base_model.LAYERS] = LongConnectionLayers(layers, Runner(base_model))
         build_long_connections(base_model, [u for u, _ in units], [n for _, n in units], None, backend, hybrid,
-                               units_per_block=2)
+                               units_per_block=2, owners=layers)
     bind(model)
     return model
 

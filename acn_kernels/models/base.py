@@ -83,7 +83,7 @@ class DepthModel(nn.Module):
         final = None if isinstance(self.final_norm, nn.Identity) else self.final_norm
         long_connections = LongConnections(list(modules), None if None in norms else list(norms), final,
                                            self.requested_backend, units_per_block=self.units_per_block,
-                                           scalars=self.scalars)
+                                           scalars=self.scalars, owners=list(self.blocks))
         long_connections.gradient_checkpointing = self._checkpointing
         long_connections.layer_dropout, long_connections.coins = self.layer_dropout, self.coins
         attach(self, long_connections.train(self.training))
