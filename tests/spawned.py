@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-COUNTED = ("all_reduce", "all_gather_single", "all_gather_into_tensor", "reduce_scatter_single",
-           "reduce_scatter_tensor")
+from acn_kernels.tools.parallel_loss_bench import COUNTED, counted  # the bench counts them the same way
+
 TIMEOUT = datetime.timedelta(seconds=120)
 
 
@@ -42,10 +42,10 @@ def worker(rank: int, world: int, port: int, cases: list, run_case, tmp: str) ->
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=TIMEOUT)
-    calls = Counter()
+    calls, sent = Counter(), Counter()
     for name in COUNTED:
         if hasattr(dist, name):
-            setattr(dist, name, counting(getattr(dist, name), name, calls))
+            setattr(dist, name, counted(getattr(dist, name), name, calls, sent))
     results = []
     for case in cases:
         calls.clear()
@@ -57,10 +57,3 @@ def worker(rank: int, world: int, port: int, cases: list, run_case, tmp: str) ->
     torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
     dist.barrier()  # the ranks leave together: gloo torn down while another rank still talks aborts
     dist.destroy_process_group()
-
-
-def counting(collective, name: str, calls: Counter):
-    def counted(*args, **kwargs):
-        calls[name] += 1
-        return collective(*args, **kwargs)
-    return counted
