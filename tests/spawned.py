@@ -1,9 +1,11 @@
-"""Tests that need processes: one spawn per world size runs every case a test file gives it (a spawn of
-2-4 processes costs about a minute on 2 cores, the cases seconds), each rank's results saved for the
-test process to compare with its own single-process run.
+"""Tests that need processes: one spawn per world size a session runs every case of every module in
+SPAWNED (a spawn of 2-4 processes costs 10-20 s on 2 cores, the cases seconds), each rank's results saved
+for the test process to compare with its own single-process run. The first pytest-xdist worker that asks
+for a world size spawns it under a file lock; the other reads the saved results.
 
-`spawn(world, cases, run_case, tmp)` starts `world` processes on the gloo backend; each runs
-`run_case(case, rank, world)` for every case in order and returns the list of its results, rank by rank.
+A module in SPAWNED gives `WORLDS` (the world sizes its cases run at), `cases(world)` and
+`run_on_rank(case, rank, world, calls)`; its tests take `session_results(module, world, tmp_path_factory)`:
+one list a rank, one entry a case, in `cases(world)`'s order.
 A case that raises on a rank gives ("raised", "<type>: <message>") there, so bad input is tested the
 same way (a case must raise on every rank or on none, or the others would wait in a collective).
 Collectives are counted per case: `calls` in each result is {name: count} of torch.distributed's
@@ -12,6 +14,7 @@ all_reduce, all-gather and reduce-scatter calls the case made.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import socket
 from collections import Counter
@@ -19,10 +22,13 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from filelock import FileLock
 
 from acn_kernels.tools.parallel_loss_bench import COUNTED, counted  # the bench counts them the same way
 
 TIMEOUT = datetime.timedelta(seconds=120)
+SPAWNED = ("test_vocabulary_parallel", "test_distributed")
+_loaded = {}  # world -> every rank's results of this session's spawn
 
 
 def free_port() -> int:
@@ -31,11 +37,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(world: int, cases: list, run_case, tmp) -> list:
-    """[rank's results] for rank in range(world): each a list, one entry a case."""
-    port = free_port()
-    mp.start_processes(worker, args=(world, port, cases, run_case, str(tmp)), nprocs=world, start_method="spawn")
-    return [torch.load(os.path.join(tmp, f"rank{rank}.pt"), weights_only=False) for rank in range(world)]
+def session_results(module: str, world: int, tmp_path_factory) -> list:
+    """[rank's results for module's cases(world)] for rank in range(world), from the session's one spawn."""
+    everything = _loaded.get(world) or _loaded.setdefault(world, spawned_once(world, tmp_path_factory))
+    keys = session_cases(world)
+    return [[result for key, result in zip(keys, ranks) if key[0] == module] for ranks in everything]
+
+
+def session_cases(world: int) -> list:
+    return [(name, i) for name in SPAWNED if world in (module := importlib.import_module(name)).WORLDS
+            for i in range(len(module.cases(world)))]
+
+
+def run_session_case(key: tuple, rank: int, world: int, calls):
+    module = importlib.import_module(key[0])
+    return module.run_on_rank(module.cases(world)[key[1]], rank, world, calls)
+
+
+def spawned_once(world: int, tmp_path_factory) -> list:
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder the run's workers share
+    folder = root / f"spawned-world{world}"
+    with FileLock(str(root / f"spawned-world{world}.lock")):
+        if not (folder / "done").exists():
+            folder.mkdir(exist_ok=True)
+            mp.start_processes(worker, args=(world, free_port(), session_cases(world), run_session_case, str(folder)),
+                               nprocs=world, start_method="spawn")
+            (folder / "done").touch()
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
 def worker(rank: int, world: int, port: int, cases: list, run_case, tmp: str) -> None:

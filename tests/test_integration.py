@@ -1,12 +1,10 @@
-"""Drop-in use: backends, torch.library registration, torch.compile, autocast, checkpointing,
-distributed training, and end-to-end training steps of AC models on the fused ops."""
+"""Drop-in use: backends, torch.library registration, torch.compile, autocast, checkpointing, and
+end-to-end training steps of AC models on the fused ops (training across processes: test_distributed)."""
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import distributed_worker
 from acn_kernels import GPT, MLP, Encoder, Mixer, ViT, linear_act_accumulate
 from acn_kernels.ops import feed_forward
 from acn_kernels.backend import TRITON_INTERPRETED
@@ -225,35 +223,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
     _, checkpointed = loss_and_grads(model, inputs, labels)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
-
-
-# ----------------------------------------------------------------------------- distributed
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="the gloo test runs on CPU")
-@pytest.mark.parametrize("wrapper, connectivity", [("ddp", "acn"), ("fsdp", "acn"), ("fsdp", "hybrid")])
-def test_two_process_training_matches_one_process(wrapper, connectivity, tmp_path):
-    mp.spawn(distributed_worker.run_rank, args=(2, wrapper, str(tmp_path), connectivity), nprocs=2, join=True)
-    distributed = torch.load(tmp_path / f"{wrapper}-{connectivity}.pt")
-    inputs, labels = distributed_worker.global_batch()
-    single = distributed_worker.train(distributed_worker.make_model(connectivity), inputs, labels)
-    for name, value in single.state_dict().items():
-        torch.testing.assert_close(distributed[name], value, rtol=1e-5, atol=1e-6, msg=name)
-
-
-GPT_CONNECTIVITIES = ("acn", "hybrid", "lsn", "residual", "ffn")
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="the gloo test runs on CPU")
-def test_fsdp2_on_each_gpt_block_then_the_root_trains_as_one_process(tmp_path):
-    """Every connectivity in one spawn: the fused boundary reads each block's norm where FSDP2 has
-    gathered it, and the hybrid's scalars shard."""
-    mp.spawn(distributed_worker.run_rank_gpt_per_block, args=(2, str(tmp_path), GPT_CONNECTIVITIES), nprocs=2,
-             join=True)
-    for connectivity in GPT_CONNECTIVITIES:
-        distributed = torch.load(tmp_path / f"gpt-{connectivity}.pt")
-        single = distributed_worker.train_gpt(distributed_worker.make_gpt(connectivity), distributed_worker.gpt_batch())
-        for name, value in single.state_dict().items():
-            torch.testing.assert_close(distributed[name], value, rtol=1e-5, atol=1e-6, msg=f"{connectivity}: {name}")
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -9,9 +9,9 @@ import torch
 
 from acn_kernels import depth_cross_entropy
 from acn_kernels.tools.agreement import mismatch
-from spawned import spawn
+from spawned import session_results
 
-pytestmark = pytest.mark.xdist_group("spawned")
+WORLDS = (2, 4)
 
 CASES = [
     dict(name="one exit, statistics", exits=1, lead=(4, 3), dim=8, vocab=37, chunk_rows=5, statistics=True),
@@ -42,6 +42,10 @@ DEFAULTS = dict(dtype=torch.float64, backend="chunked", statistics=False, per_ex
                 per_exit_norms=False, norm_bias=True, head_bias=True, weights=False, options={},
                 sequence_parallel=False, dtensor=False, no_grad=False, targets_from=None, twice=False, bad=None)
 GRADIENTS = ("states", "norm_weight", "norm_bias", "head_weight", "head_bias")
+
+
+def cases(world: int) -> list:
+    return CASES
 
 
 def settings(case: dict) -> dict:
@@ -122,10 +126,9 @@ def run_on_rank(case: dict, rank: int, world: int, calls) -> dict:
     return result
 
 
-@pytest.fixture(scope="module", params=(2, 4), ids=("2-processes", "4-processes"))
+@pytest.fixture(scope="module", params=WORLDS, ids=("2-processes", "4-processes"))
 def spawned(request, tmp_path_factory):
-    world = request.param
-    return world, spawn(world, CASES, run_on_rank, tmp_path_factory.mktemp(f"world{world}"))
+    return request.param, session_results(__name__, request.param, tmp_path_factory)
 
 
 def one_process(case: dict, world: int) -> tuple:

@@ -19,6 +19,8 @@ sends 2 (T - 1) / T of them), chunks.
 """
 from __future__ import annotations
 
+import inspect
+
 from collections import Counter
 from dataclasses import dataclass
 
@@ -138,16 +140,21 @@ def run_parallel_case(case: ParallelCase) -> dict:
     chunks = case.exits if case.way == "per-exit Megatron" else \
         -(-case.exits * case.tokens // chunk_rows_for(case.exits * case.tokens, rows, case.width, head.device))
     return dict(way=case.way, vocab=case.vocab, world=case.world, seconds=seconds, peak_gib=peak / 2 ** 30,
-                beyond_gradients_gib=(peak - gradients) / 2 ** 30, chunks=chunks, collectives=sum(calls.values()), sent_mib=sum(sent.values()) / 2 ** 20,
+                beyond_gradients_gib=(peak - gradients) / 2 ** 30, chunks=chunks, collectives=sum(calls.values()),
+                sent_mib=sum(sent.values()) / 2 ** 20,
                 **{f"calls_{name}": count for name, count in calls.items()})
 
 
 def counted(collective, name: str, calls: Counter, sent: Counter):
-    def counting(tensor_or_output, *args, **kwargs):
+    """`collective`, counting its calls and the bytes of the tensor it sends (all_reduce's only tensor, the
+    input of the others, however the caller names them: FSDP2 passes keywords)."""
+    signature = inspect.signature(collective)
+
+    def counting(*args, **kwargs):
         calls[name] += 1
-        payload = args[0] if name != "all_reduce" and args else tensor_or_output
+        payload = list(signature.bind(*args, **kwargs).arguments.values())[0 if name == "all_reduce" else 1]
         sent[name] += payload.numel() * payload.element_size()
-        return collective(tensor_or_output, *args, **kwargs)
+        return collective(*args, **kwargs)
     return counting
 
 

@@ -119,5 +119,5 @@ class LanguageSettings:
 FULL = LanguageSettings(seeds=4, depth=8, dim=64, heads=4, steps={"corpus": 600, "addition": 1500}, batch=32,
                         context=64, digits=2, eval_every=50, new_tokens=32)
 # --quick proves every path runs: one draft length (table 6b's 4 drafts a round), each timing run once.
-QUICK = LanguageSettings(seeds=1, depth=4, dim=64, heads=4, steps={"corpus": 40, "addition": 40}, batch=16,
+QUICK = LanguageSettings(seeds=1, depth=4, dim=64, heads=4, steps={"corpus": 40, "addition": 40}, batch=8,
                          context=32, digits=2, eval_every=10, new_tokens=8, draft_lengths=(4,), repeats=1)
