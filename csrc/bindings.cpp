@@ -310,6 +310,12 @@ Tensor activation_backward(const OptionalTensor& dh, const OptionalTensor& dy_ou
   return dz;
 }
 
+void check_logit_rows(const Tensor& logits, const char* op) {
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.stride(1) == 1, op,
+              ": logits must be float32 rows (rows, vocab) with unit column stride, got ", logits.scalar_type(),
+              " of shape ", logits.sizes(), " and strides ", logits.strides());
+}
+
 // depth_cross_entropy's row work, in place on a chunk of float32 logits (rows, vocab) with unit column
 // stride: (loss per row, lse per row); with needs_grad the logits become their gradient.
 std::tuple<Tensor, Tensor> cross_entropy_rows(Tensor logits, const Tensor& targets, const Tensor& scale,
@@ -318,9 +324,7 @@ std::tuple<Tensor, Tensor> cross_entropy_rows(Tensor logits, const Tensor& targe
   const char* op = "acn_kernels_cuda::cross_entropy_rows";
   check_cuda(logits, op, "logits"), check_cuda(targets, op, "targets"), check_cuda(scale, op, "scale");
   const c10::cuda::CUDAGuard guard(logits.device());
-  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.stride(1) == 1, op,
-              ": logits must be float32 rows (rows, vocab) with unit column stride, got ", logits.scalar_type(),
-              " of shape ", logits.sizes(), " and strides ", logits.strides());
+  check_logit_rows(logits, op);
   const int64_t rows = logits.size(0);
   TORCH_CHECK(targets.numel() == rows && scale.numel() == rows, op, ": targets and scale must have ", rows,
               " elements (one a row), got ", targets.numel(), " and ", scale.numel());
@@ -333,6 +337,46 @@ std::tuple<Tensor, Tensor> cross_entropy_rows(Tensor logits, const Tensor& targe
                           static_cast<float>(z_loss), static_cast<float>(softcap), needs_grad, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, lse};
+}
+
+// The split pass (a vocabulary over ranks) on float32 logits (rows, vocab) with unit column stride, targets
+// the column here or -1: (stats (rows, 5), argmax (rows,)) as kernels.h states them.
+std::tuple<Tensor, Tensor> cross_entropy_statistics(const Tensor& logits, const Tensor& targets, double softcap) {
+  const char* op = "acn_kernels_cuda::cross_entropy_statistics";
+  check_cuda(logits, op, "logits"), check_cuda(targets, op, "targets");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  check_logit_rows(logits, op);
+  const int64_t rows = logits.size(0);
+  TORCH_CHECK(targets.numel() == rows, op, ": targets must have ", rows, " elements (one a row), got ",
+              targets.numel());
+  Tensor targets_c = targets.to(at::kLong).contiguous();
+  Tensor stats = at::empty({rows, 5}, logits.options()), argmax = at::empty({rows}, targets_c.options());
+  acn::cross_entropy_statistics(logits.data_ptr<float>(), logits.stride(0), targets_c.data_ptr<int64_t>(),
+                                stats.data_ptr<float>(), argmax.data_ptr<int64_t>(), rows,
+                                static_cast<int>(logits.size(1)), static_cast<float>(softcap), stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {stats, argmax};
+}
+
+// The split pass's gradient, in place on the logits, from each row's scale and the whole vocabulary's lse.
+void cross_entropy_gradient(Tensor logits, const Tensor& targets, const Tensor& scale, const Tensor& lse,
+                            int64_t vocab_size, double label_smoothing, double z_loss, double softcap) {
+  const char* op = "acn_kernels_cuda::cross_entropy_gradient";
+  check_cuda(logits, op, "logits"), check_cuda(targets, op, "targets"), check_cuda(scale, op, "scale");
+  check_cuda(lse, op, "lse");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  check_logit_rows(logits, op);
+  const int64_t rows = logits.size(0);
+  TORCH_CHECK(targets.numel() == rows && scale.numel() == rows && lse.numel() == rows, op,
+              ": targets, scale and lse must have ", rows, " elements (one a row), got ", targets.numel(), ", ",
+              scale.numel(), " and ", lse.numel());
+  Tensor targets_c = targets.to(at::kLong).contiguous(), scale_c = float_row(scale), lse_c = float_row(lse);
+  acn::cross_entropy_gradient(logits.data_ptr<float>(), logits.stride(0), targets_c.data_ptr<int64_t>(),
+                              scale_c.data_ptr<float>(), lse_c.data_ptr<float>(), rows,
+                              static_cast<int>(logits.size(1)), static_cast<int>(vocab_size),
+                              static_cast<float>(label_smoothing), static_cast<float>(z_loss),
+                              static_cast<float>(softcap), stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -356,6 +400,9 @@ TORCH_LIBRARY(acn_kernels_cuda, m) {
   m.def("activation_backward(Tensor? dh, Tensor? dy_out, Tensor? saved, str activation, ScalarType dtype) -> Tensor");
   m.def("cross_entropy_rows(Tensor(a!) logits, Tensor targets, Tensor scale, int ignore_index, float label_smoothing, "
         "float z_loss, float softcap, bool needs_grad) -> (Tensor, Tensor)");
+  m.def("cross_entropy_statistics(Tensor logits, Tensor targets, float softcap) -> (Tensor, Tensor)");
+  m.def("cross_entropy_gradient(Tensor(a!) logits, Tensor targets, Tensor scale, Tensor lse, int vocab_size, "
+        "float label_smoothing, float z_loss, float softcap) -> ()");
 }
 
 // CUDA runs the kernels; CPU gets the same functions, whose checks reject CPU tensors by name.
@@ -368,7 +415,9 @@ TORCH_LIBRARY(acn_kernels_cuda, m) {
   m.impl("probe_norm_bwd", &probe_norm_bwd);                        \
   m.impl("linear_act_accumulate_fwd", &linear_act_accumulate_fwd);  \
   m.impl("activation_backward", &activation_backward);              \
-  m.impl("cross_entropy_rows", &cross_entropy_rows);
+  m.impl("cross_entropy_rows", &cross_entropy_rows);                \
+  m.impl("cross_entropy_statistics", &cross_entropy_statistics);    \
+  m.impl("cross_entropy_gradient", &cross_entropy_gradient);
 
 TORCH_LIBRARY_IMPL(acn_kernels_cuda, CUDA, m) { ACN_REGISTER(m) }
 TORCH_LIBRARY_IMPL(acn_kernels_cuda, CPU, m) { ACN_REGISTER(m) }

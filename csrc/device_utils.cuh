@@ -56,6 +56,9 @@ struct Add {
 struct Max {
   __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
+struct Min {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
+};
 
 // `combine` over the block, in a fixed order (deterministic); every thread gets the result. `identity`
 // fills the lanes of a last, partial warp.
@@ -82,6 +85,7 @@ __device__ __forceinline__ float block_reduce(float v, float identity, Combine c
 
 __device__ __forceinline__ float block_sum(float v) { return block_reduce(v, 0.0f, Add()); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce(v, -INFINITY, Max()); }
+__device__ __forceinline__ float block_min(float v) { return block_reduce(v, INFINITY, Min()); }
 
 __host__ __forceinline__ bool aligned(const void* p, int bytes) {
   return p == nullptr || reinterpret_cast<std::uintptr_t>(p) % bytes == 0;

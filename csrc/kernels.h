@@ -65,5 +65,16 @@ void activation_backward(DType dtype, DType y_dtype, const void* dh, const void*
 void cross_entropy_rows(float* logits, int64_t stride, const int64_t* targets, const float* scale, float* loss,
                         float* lse, int64_t rows, int vocab, int64_t ignore_index, float label_smoothing, float z_loss,
                         float softcap, bool needs_grad, cudaStream_t stream);
+// The split pass over a vocabulary shared by ranks, each row's first `vocab` columns of the vocab_size
+// words; targets[row] the target's column here, -1 where another rank holds it. Statistics: per row
+// the capped maximum m, sum exp(c - m), sum exp(c - m)(c - m), target logit (0 for -1) and sum of the
+// capped logits into stats (rows, 5), the first maximum's column into argmax. Gradient: given the whole
+// vocabulary's lse and each row's scale (0 for an ignored row), the gradient of scale x loss written
+// over the logits.
+void cross_entropy_statistics(const float* logits, int64_t stride, const int64_t* targets, float* stats,
+                              int64_t* argmax, int64_t rows, int vocab, float softcap, cudaStream_t stream);
+void cross_entropy_gradient(float* logits, int64_t stride, const int64_t* targets, const float* scale,
+                            const float* lse, int64_t rows, int vocab, int vocab_size, float label_smoothing,
+                            float z_loss, float softcap, cudaStream_t stream);
 
 }  // namespace acn

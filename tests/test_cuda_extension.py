@@ -34,7 +34,10 @@ def test_compiled_architectures():
     lambda ops, x, w: ops.linear_act_accumulate_fwd(x, w.unsqueeze(0), None, None, "gelu"),
     lambda ops, x, w: ops.activation_backward(x, None, x, "gelu", torch.float32),
     lambda ops, x, w: ops.cross_entropy_rows(x, w.long()[:4], w[:4], -100, 0.0, 0.0, 0.0, True),
-], ids=OPS + ("cross_entropy_rows",))  # depth_cross_entropy's row kernel: the chunk loop is Python, no Triton op
+    lambda ops, x, w: ops.cross_entropy_statistics(x, w.long()[:4], 0.0),
+    lambda ops, x, w: ops.cross_entropy_gradient(x, w.long()[:4], w[:4], w[:4], 8, 0.0, 0.0, 0.0),
+], ids=OPS + ("cross_entropy_rows", "cross_entropy_statistics", "cross_entropy_gradient"))
+# depth_cross_entropy's row kernels: the chunk loop is Python, no Triton op
 def test_cpu_tensors_are_rejected_with_a_clear_error(call):
     with pytest.raises(RuntimeError, match=r"acn_kernels_cuda::\w+: \w+ must be a CUDA tensor, got a tensor on cpu"):
         call(torch.ops.acn_kernels_cuda, torch.randn(4, 8), torch.ones(8))

@@ -79,7 +79,10 @@ BREAKAGES = {  # what is broken: (file, text, its replacement, the ops whose cas
         "probe_norm.cu", "for (int k = 0; k < depth; ++k) add_compensated(hi[i], lo[i], to_float(xs[k * layer + row",
         "for (int k = 0; k < depth; ++k) hi[i] += (to_float(xs[k * layer + row", ("probe_norm",)),
     "the cross-entropy merges the threads' exp-sums without rescaling them to the row's max": (
-        "depth_cross_entropy.cu", "block_sum(exp_sum * expf(running_max - row_max))", "block_sum(exp_sum)",
+        "depth_cross_entropy.cu", "block_sum(s.exp_sum * expf(s.max - row_max))", "block_sum(s.exp_sum)",
+        ("depth_cross_entropy",)),
+    "the statistics merge the threads' entropy sums without shifting them to the row's max": (
+        "depth_cross_entropy.cu", "rescale * (s.entropy + (s.max - row_max) * s.exp_sum)", "rescale * s.entropy",
         ("depth_cross_entropy",)),
     "the cross-entropy gradient leaves out the target's -1": (
         "row_math.h", "(is_target ? 1.0f - label_smoothing : 0.0f)", "0.0f", ("depth_cross_entropy",)),

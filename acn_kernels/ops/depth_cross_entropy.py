@@ -35,7 +35,8 @@ The chunk loop is PyTorch (its GEMMs on cuBLAS on a GPU, BLAS on a CPU, on every
 is "triton" here); the row work (the cap, the online log-sum-exp, the target logit, smoothing, z-loss
 and the gradient written in place) is one kernel: Triton's (backend "triton"; "auto" where the fused
 ops run, on float32 and 16-bit states), its CUDA twin in csrc/depth_cross_entropy.cu ("cuda", the
-extension's `cross_entropy_rows`), or the same in PyTorch ("chunked"; "auto" on a CPU and for
+extension's `cross_entropy_rows`, and its split pass's `cross_entropy_statistics` and
+`cross_entropy_gradient`), or the same in PyTorch ("chunked"; "auto" on a CPU and for
 float64). Row kernel bytes per logit: 4 read for the loss alone; 8 read and 4 written with the gradient.
 
 Per exit: targets (E, ...) give exit e its own targets (multi-token prediction: exit e predicts the
@@ -235,19 +236,26 @@ def set_logits_grad(logits, rows_logits, unit, lse, rows_targets, hits, scale, l
         logits.copy_(grad.mul_(1 - unit.square_()))
 
 
+STATISTICS_SLICES = 8  # exp(c - m) formed for an eighth of a chunk's rows at a time: not a chunk-sized buffer
+
+
 def plain_statistics(logits: torch.Tensor, local_targets: torch.Tensor, softcap: float, entropy: bool) -> tuple:
-    """triton_statistics in PyTorch (without `entropy` its column is 0 and one chunk-sized buffer fewer
-    is held)."""
+    """triton_statistics in PyTorch, exp(c - m) a slice of rows at a time (without `entropy` its column is
+    0 and one slice-sized buffer fewer is held)."""
     c, _ = capped(logits, softcap)
     peak, argmax = c.max(-1)  # the first of equal maxima, as torch.argmax
     here = local_targets >= 0
     target_logit = c.gather(-1, torch.where(here, local_targets, 0)[:, None])[:, 0] * here
-    shifted = c - peak[:, None]
-    if entropy:
-        e = shifted.exp()
-        exp_sum, entropy_sum = e.sum(-1), e.mul_(shifted).sum(-1)
-    else:
-        exp_sum, entropy_sum = shifted.exp_().sum(-1), torch.zeros_like(peak)
+    exp_sum, entropy_sum = torch.empty_like(peak), torch.zeros_like(peak)
+    step = max(1, -(-c.shape[0] // STATISTICS_SLICES))
+    for start in range(0, c.shape[0], step):
+        rows = slice(start, start + step)
+        shifted = c[rows] - peak[rows, None]
+        if entropy:
+            e = shifted.exp()
+            exp_sum[rows], entropy_sum[rows] = e.sum(-1), e.mul_(shifted).sum(-1)
+        else:
+            exp_sum[rows] = shifted.exp_().sum(-1)
     return torch.stack([peak, exp_sum, entropy_sum, target_logit, c.sum(-1)], 1), argmax
 
 
@@ -448,17 +456,29 @@ def cuda_rows(logits: torch.Tensor, rows_targets: torch.Tensor, scale: torch.Ten
                                                          z_loss, softcap, needs_grad)
 
 
+def cuda_statistics(logits: torch.Tensor, local_targets: torch.Tensor, softcap: float, entropy: bool) -> tuple:
+    """triton_statistics by the CUDA extension's kernel."""
+    return torch.ops.acn_kernels_cuda.cross_entropy_statistics(logits, local_targets, softcap)
+
+
+def cuda_gradient(logits: torch.Tensor, local_targets: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor,
+                  label_smoothing: float, z_loss: float, softcap: float, vocab_size: int) -> None:
+    """triton_gradient by the CUDA extension's kernel."""
+    torch.ops.acn_kernels_cuda.cross_entropy_gradient(logits, local_targets, scale, lse, vocab_size, label_smoothing,
+                                                      z_loss, softcap)
+
+
 class RowKernels(NamedTuple):
     """A backend's row work: `rows` the fused pass (loss and gradient in one program a row), `statistics`
     and `gradient` the split one (the statistics, then, once the group has summed them, the gradient)."""
     rows: Callable
-    statistics: Optional[Callable]
-    gradient: Optional[Callable]
+    statistics: Callable
+    gradient: Callable
 
 
 ROW_KERNELS = {"chunked": RowKernels(plain_rows, plain_statistics, plain_gradient),
                "triton": RowKernels(triton_rows, triton_statistics, triton_gradient),
-               "cuda": RowKernels(cuda_rows, None, None)}
+               "cuda": RowKernels(cuda_rows, cuda_statistics, cuda_gradient)}
 
 
 class LossOptions(NamedTuple):
@@ -559,6 +579,7 @@ def chunked_loss(states, targets, norm_weight, norm_bias, head_weight, head_bias
             losses[chunk] = split(logits, chunk)
         if grads is not None:  # the row work left the logits' gradient in their buffer
             grads.add_chunk(logits, hidden, normed, rstd, row_weight, exit_of_row, chunk)
+        del logits  # freed before the next chunk's are formed: one chunk of logits alive at a time, not two
     per_exit = losses.view(exits, -1).sum(1, dtype=torch.float64) / rows.counts
     loss = (weights.double() * per_exit).sum().to(compute)
     statistics = split.statistics(exits) if options.statistics else states.new_empty(0, dtype=torch.float32)
@@ -838,9 +859,6 @@ def depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, *,
                                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                                              norm=norm, eps=eps, statistics=statistics)
     row_kernel = row_kernel_for(backend, states)
-    if (group is not None or statistics) and ROW_KERNELS[row_kernel].statistics is None:
-        raise ValueError(f"backend={backend!r} runs the fused row kernel only: tp_group and statistics=True run on "
-                         f"backend='triton' or 'chunked'")
     return run_forward(depth_cross_entropy_chunked, states, targets, norm_weight, norm_bias, head_weight, weights,
                        head_bias, ignore_index, label_smoothing, z_loss, softcap, norm, eps, chunk_rows, row_kernel,
                        statistics=statistics, group=group, split=split, sequence_parallel=sequence_parallel)

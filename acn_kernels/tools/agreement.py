@@ -27,15 +27,17 @@ def _leaves(args, convert):
 
 def run(fn, args, out_grads=None, convert=lambda t: t.detach()):
     """(outputs, input grads, out_grads): fn(*leaves) and the gradients of every floating input
-    for fixed output gradients (drawn at random on the first call)."""
+    for fixed output gradients (drawn at random on the first call; outputs without a gradient, such
+    as statistics, compared forward only)."""
     leaves = _leaves(args, convert)
     outputs = fn(*leaves)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     if out_grads is None:
         out_grads = [torch.randn(o.shape, device=o.device).to(o.dtype) for o in outputs]
-    grads_in = [g.to(o.dtype) for g, o in zip(out_grads, outputs)]
+    differentiable = [(o, g.to(o.dtype)) for g, o in zip(out_grads, outputs) if o.requires_grad]  # not statistics
     wrt = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
-    grads = torch.autograd.grad(outputs, wrt, grads_in, allow_unused=True)
+    grads = torch.autograd.grad([o for o, _ in differentiable], wrt, [g for _, g in differentiable],
+                                allow_unused=True)
     return outputs, grads, out_grads
 
 

@@ -71,7 +71,9 @@ def op_options(op: str, dtype: torch.dtype) -> list[tuple]:
         return [(("norm", "layernorm"), ("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", None)),
                 (("norm", "layernorm"), ("label_smoothing", 0.1), ("z_loss", 1e-3), ("softcap", None)),
                 (("norm", "layernorm"), ("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", 4.0)),
-                (("norm", "rmsnorm"), ("label_smoothing", 0.2), ("z_loss", 1e-2), ("softcap", 2.5))]
+                (("norm", "rmsnorm"), ("label_smoothing", 0.2), ("z_loss", 1e-2), ("softcap", 2.5)),
+                (("norm", "layernorm"), ("label_smoothing", 0.1), ("z_loss", 1e-3), ("softcap", 4.0),
+                 ("statistics", True))]  # the split pass: its statistics, then its gradient
     if op == "linear":
         return [(("bias", True),), (("bias", False),)]
     if op == "feed_forward":
@@ -165,9 +167,11 @@ def depth_cross_entropy_inputs(case: Case):
 
 
 def depth_loss(op, **fixed):
-    """depth_cross_entropy's loss alone (what compare_op differentiates), the exits' weights and the head
-    bias positional, `fixed` keywords (a chunk size) added to the call."""
+    """depth_cross_entropy's loss (what compare_op differentiates) and, with statistics=True, the (3, E)
+    statistics, the exits' weights and the head bias positional, `fixed` keywords (a chunk size) added to
+    the call."""
     def loss(states, targets, norm_weight, norm_bias, head_weight, weights, head_bias, **options):
-        return op(states, targets, norm_weight, norm_bias, head_weight, weights=weights, head_bias=head_bias,
-                  **options, **fixed)[0]
+        outputs = op(states, targets, norm_weight, norm_bias, head_weight, weights=weights, head_bias=head_bias,
+                     **options, **fixed)
+        return (outputs[0], torch.stack(list(outputs[2]))) if options.get("statistics") else outputs[0]
     return loss

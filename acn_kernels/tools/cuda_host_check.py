@@ -448,6 +448,30 @@ class HostOps:
             logits.copy_(placed)
         return loss, lse
 
+    def cross_entropy_statistics(self, logits, local_targets, softcap, entropy):
+        k, (rows, vocab) = self.k, logits.shape
+        with k.call():
+            placed, targets = k.place("logits", logits), k.place("targets", local_targets.long())
+            stats, argmax = k.output("stats", (rows, 5), torch.float32), k.output("argmax", (rows,), torch.int64)
+            k.library.acn_host_cross_entropy_statistics(
+                _ptr(placed), ctypes.c_longlong(placed.stride(0)), _ptr(targets), _ptr(stats), _ptr(argmax),
+                ctypes.c_longlong(rows), vocab, ctypes.c_float(softcap))
+        return stats, argmax
+
+    def cross_entropy_gradient(self, logits, local_targets, scale, lse, label_smoothing, z_loss, softcap, vocab_size):
+        """In place on logits (rows, V), as cross_entropy_rows."""
+        k, (rows, vocab) = self.k, logits.shape
+        with k.call():
+            placed = k.place("logits", logits, writable=True)
+            targets, scale_c = k.place("targets", local_targets.long()), k.place("scale", scale.float())
+            lse_c = k.place("lse", lse.float())
+            k.library.acn_host_cross_entropy_gradient(
+                _ptr(placed), ctypes.c_longlong(placed.stride(0)), _ptr(targets), _ptr(scale_c), _ptr(lse_c),
+                ctypes.c_longlong(rows), vocab, vocab_size, ctypes.c_float(label_smoothing), ctypes.c_float(z_loss),
+                ctypes.c_float(softcap))
+        if placed.data_ptr() != logits.data_ptr():
+            logits.copy_(placed)
+
 
 def autograd_twin(forward, backward, make_backward, setup_context):
     """A forward op with the op module's autograd formula, as register_cuda_twin gives the extension's."""
@@ -483,14 +507,17 @@ def public_ops(host: HostOps) -> dict:
     linear_fwd = autograd_twin(host.linear_act_accumulate_fwd, host.activation_backward, la.make_backward,
                                la.setup_context)
     depth_fwd = autograd_twin(lambda *inputs: dce.chunked_loss(*inputs[:7], dce.LossOptions(*inputs[7:-1]),
-                                                               dce.RowKernels(host.cross_entropy_rows, None, None)),
+                                                               dce.RowKernels(host.cross_entropy_rows,
+                                                                              host.cross_entropy_statistics,
+                                                                              host.cross_entropy_gradient)),
                               None, lambda _: dce.backward, dce.setup_context)
 
     def depth_cross_entropy(states, targets, norm_weight, norm_bias, head_weight, *, weights, head_bias,
-                            norm="layernorm", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                            norm="layernorm", label_smoothing=0.0, z_loss=0.0, softcap=None, statistics=False,
                             chunk_rows=DEPTH_CHUNK_ROWS):
         return dce.run_forward(depth_fwd, states, targets, norm_weight, norm_bias, head_weight, weights, head_bias,
-                               -100, label_smoothing, z_loss, softcap, norm, 1e-5, chunk_rows, "cuda")
+                               -100, label_smoothing, z_loss, softcap, norm, 1e-5, chunk_rows, "cuda",
+                               statistics=statistics)
     return {
         "accumulate_norm": lambda x, y, w, b, eps=1e-5, norm="layernorm", normalize="input":
             an.run_forward(norm_fwd, x, y, w, b, eps, norm, normalize),

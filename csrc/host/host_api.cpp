@@ -84,4 +84,17 @@ void acn_host_cross_entropy_rows(float* logits, long long stride, const long lon
                           ignore_index, label_smoothing, z_loss, softcap, needs_grad != 0, nullptr);
 }
 
+void acn_host_cross_entropy_statistics(const float* logits, long long stride, const long long* targets, float* stats,
+                                       long long* argmax, long long rows, int vocab, float softcap) {
+  acn::cross_entropy_statistics(logits, stride, reinterpret_cast<const int64_t*>(targets), stats,
+                                reinterpret_cast<int64_t*>(argmax), rows, vocab, softcap, nullptr);
+}
+
+void acn_host_cross_entropy_gradient(float* logits, long long stride, const long long* targets, const float* scale,
+                                     const float* lse, long long rows, int vocab, int vocab_size,
+                                     float label_smoothing, float z_loss, float softcap) {
+  acn::cross_entropy_gradient(logits, stride, reinterpret_cast<const int64_t*>(targets), scale, lse, rows, vocab,
+                              vocab_size, label_smoothing, z_loss, softcap, nullptr);
+}
+
 }  // extern "C"
