@@ -293,6 +293,39 @@ def capped_logits(raw, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def walk_row(base, vocab, target, softcap, HAS_SOFTCAP: tl.constexpr, STATISTICS: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """One walk over a row's vocab logits at base, online over BLOCK-wide tiles: (the capped logits'
+    maximum m, sum exp(c - m), with STATISTICS sum exp(c - m)(c - m) (else 0), sum c, the target's
+    logit (0 where the target is not among these columns), with STATISTICS the first maximum's column
+    (else 0))."""
+    running_max = tl.full([], float("-inf"), tl.float32)
+    exp_sum = tl.zeros([], tl.float32)
+    entropy_sum = tl.zeros([], tl.float32)
+    total = tl.zeros([], tl.float32)
+    target_logit = tl.zeros([], tl.float32)
+    best = tl.zeros([], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < vocab
+        c = capped_logits(tl.load(base + cols, mask=mask, other=0.0), softcap, HAS_SOFTCAP)
+        masked = tl.where(mask, c, float("-inf"))
+        block_max = tl.max(masked, 0)
+        new_max = tl.maximum(running_max, block_max)
+        rescale = tl.exp(running_max - new_max)
+        e = tl.where(mask, tl.exp(c - new_max), 0.0)
+        if STATISTICS:
+            shift = tl.where(exp_sum > 0.0, running_max - new_max, 0.0)  # where nothing is summed yet, -inf x 0
+            entropy_sum = rescale * (entropy_sum + shift * exp_sum) + tl.sum(e * (c - new_max), 0)
+            best = tl.where(block_max > running_max, start + tl.argmax(masked, 0), best)  # the first of maxima
+        exp_sum = exp_sum * rescale + tl.sum(e, 0)
+        running_max = new_max
+        total += tl.sum(tl.where(mask, c, 0.0), 0)
+        target_logit += tl.sum(tl.where(cols == target, c, 0.0), 0)
+    return running_max, exp_sum, entropy_sum, total, target_logit, best
+
+
+@triton.jit
 def store_row_gradient(base, vocab, target, lse, scale, smoothing_vocab, label_smoothing, z_loss, softcap,
                        HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
     """A row's logits (vocab of them at base) become the gradient of scale x its loss with respect to the
@@ -321,20 +354,8 @@ def cross_entropy_rows_kernel(logits_ptr, stride, targets_ptr, scale_ptr, loss_p
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
     target = tl.load(targets_ptr + row)
-    running_max = tl.full([], float("-inf"), tl.float32)
-    exp_sum = tl.zeros([], tl.float32)
-    total = tl.zeros([], tl.float32)
-    target_logit = tl.zeros([], tl.float32)
-    for start in range(0, vocab, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < vocab
-        c = capped_logits(tl.load(base + cols, mask=mask, other=0.0), softcap, HAS_SOFTCAP)
-        block_max = tl.max(tl.where(mask, c, float("-inf")), 0)
-        new_max = tl.maximum(running_max, block_max)
-        exp_sum = exp_sum * tl.exp(running_max - new_max) + tl.sum(tl.where(mask, tl.exp(c - new_max), 0.0), 0)
-        running_max = new_max
-        total += tl.sum(tl.where(mask, c, 0.0), 0)
-        target_logit += tl.sum(tl.where(cols == target, c, 0.0), 0)
+    running_max, exp_sum, _, total, target_logit, _ = walk_row(base, vocab, target, softcap, HAS_SOFTCAP, False,
+                                                               BLOCK)
     lse = running_max + tl.log(exp_sum)
     counted = target != ignore_index
     loss = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - total / vocab) \
@@ -350,36 +371,14 @@ def cross_entropy_rows_kernel(logits_ptr, stride, targets_ptr, scale_ptr, loss_p
 @triton.jit
 def cross_entropy_statistics_kernel(logits_ptr, stride, targets_ptr, stats_ptr, argmax_ptr, vocab, softcap,
                                     HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """One row of float32 logits a program, read once: its capped logits' maximum m, sum of exp(c - m),
-    sum of exp(c - m) (c - m) (the entropy's), target logit (0 where the target is not among these
-    columns: target -1) and sum, online over BLOCK-wide tiles, into stats (rows, 5); the first
-    maximum's column into argmax."""
+    """One row of float32 logits a program, read once (walk_row): its capped logits' maximum m, sum of
+    exp(c - m), sum of exp(c - m) (c - m) (the entropy's), target logit (0 where the target is not among
+    these columns: target -1) and sum into stats (rows, 5); the first maximum's column into argmax."""
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
     target = tl.load(targets_ptr + row)
-    running_max = tl.full([], float("-inf"), tl.float32)
-    exp_sum = tl.zeros([], tl.float32)
-    entropy_sum = tl.zeros([], tl.float32)
-    total = tl.zeros([], tl.float32)
-    target_logit = tl.zeros([], tl.float32)
-    best = tl.zeros([], tl.int32)
-    for start in range(0, vocab, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < vocab
-        c = capped_logits(tl.load(base + cols, mask=mask, other=0.0), softcap, HAS_SOFTCAP)
-        masked = tl.where(mask, c, float("-inf"))
-        block_max = tl.max(masked, 0)
-        block_best = tl.argmax(masked, 0)  # the first of equal maxima
-        new_max = tl.maximum(running_max, block_max)
-        rescale = tl.exp(running_max - new_max)
-        shift = tl.where(exp_sum > 0.0, running_max - new_max, 0.0)  # where nothing is summed yet, -inf x 0
-        e = tl.where(mask, tl.exp(c - new_max), 0.0)
-        entropy_sum = rescale * (entropy_sum + shift * exp_sum) + tl.sum(e * (c - new_max), 0)
-        exp_sum = rescale * exp_sum + tl.sum(e, 0)
-        best = tl.where(block_max > running_max, start + block_best, best)
-        running_max = new_max
-        total += tl.sum(tl.where(mask, c, 0.0), 0)
-        target_logit += tl.sum(tl.where(cols == target, c, 0.0), 0)
+    running_max, exp_sum, entropy_sum, total, target_logit, best = walk_row(base, vocab, target, softcap,
+                                                                            HAS_SOFTCAP, True, BLOCK)
     out = stats_ptr + row * 5
     tl.store(out, running_max)
     tl.store(out + 1, exp_sum)
