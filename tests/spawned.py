@@ -17,6 +17,7 @@ import datetime
 import importlib
 import os
 import socket
+import sys
 from collections import Counter
 
 import torch
@@ -27,7 +28,7 @@ from filelock import FileLock
 from acn_kernels.tools.parallel_loss_bench import COUNTED, counted  # the bench counts them the same way
 
 TIMEOUT = datetime.timedelta(seconds=120)
-SPAWNED = ("test_vocabulary_parallel", "test_distributed")
+SPAWNED = ("test_vocabulary_parallel", "test_distributed", "test_acnify")
 _loaded = {}  # world -> every rank's results of this session's spawn
 
 
@@ -45,8 +46,10 @@ def session_results(module: str, world: int, tmp_path_factory) -> list:
 
 
 def session_cases(world: int) -> list:
-    return [(name, i) for name in SPAWNED if world in (module := importlib.import_module(name)).WORLDS
-            for i in range(len(module.cases(world)))]
+    """Every case of the modules in SPAWNED that this session collected (all of them for the whole suite;
+    a file run alone spawns for its own cases), the same list on every xdist worker."""
+    return [(name, i) for name in SPAWNED if name in sys.modules
+            and world in (module := importlib.import_module(name)).WORLDS for i in range(len(module.cases(world)))]
 
 
 def run_session_case(key: tuple, rank: int, world: int, calls):

@@ -838,3 +838,72 @@ def test_an_acnified_lm_anneals_then_saves_and_reloads_as_an_acn(tmp_path):
     assert not loaded.transformer.long_connections.hybrid
     loaded.transformer.long_connections.backend = "reference"
     torch.testing.assert_close(loaded(ids).logits, before, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- across processes
+
+WORLDS = (2,)  # tests/spawned.py runs cases(2) in the session's spawn of 2 processes
+FSDP_STEPS = 3
+
+
+def cases(world: int) -> list:
+    """An acnify'd Llama of each long connectivity, FSDP2 on each decoder layer then the root."""
+    import importlib.util
+    if importlib.util.find_spec("transformers") is None:
+        return []
+    return [dict(name=f"fsdp2 per layer llama {connectivity}", connectivity=connectivity)
+            for connectivity in ("acn", "hybrid", "lsn")]
+
+
+def fsdp_llama(case: dict):
+    """A small Llama acnify'd (the LSN: the authors' long weights and attention skip), on the fused ops."""
+    forms = {"hybrid": dict(connectivity="hybrid", gate_scope="block", long_weights=True, x0_weight=True),
+             "lsn": dict(connectivity="hybrid", gate_scope="block", long_weights=True, x0_weight=True,
+                         gates_from_long_weights=True, long_weight_init=0.8, skip_attention=True)}
+    model = acnify(decoder("llama"), backend="auto", **forms.get(case["connectivity"], dict(connectivity="acn")))
+    return model
+
+
+def train_llama(model, ids) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(FSDP_STEPS):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+
+
+def llama_batch():
+    return torch.randint(1, 50, (4, 12), generator=torch.Generator().manual_seed(3))
+
+
+def run_on_rank(case: dict, rank: int, world: int, calls) -> dict:
+    """fully_shard on each decoder layer, then the root, as every recipe does; this rank's share of the
+    batch; the whole state after training."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = fsdp_llama(case)
+    for layer in base_of(model).layer_list():
+        fully_shard(layer)
+    fully_shard(model)
+    ids = llama_batch()
+    train_llama(model, ids[rank * len(ids) // world:(rank + 1) * len(ids) // world])
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    from spawned import session_results
+    return session_results(__name__, 2, tmp_path_factory)
+
+
+@pytest.mark.parametrize("case", cases(2) or [pytest.param(None, marks=pytest.mark.skip(
+    reason="needs the [hf] extra: pip install 'acn-kernels[hf]'"))], ids=lambda case: case and case["name"])
+def test_fsdp2_on_each_decoder_layer_then_the_root_trains_as_one_process(spawned, case):
+    model = fsdp_llama(case)
+    train_llama(model, llama_batch())
+    for rank, results in enumerate(spawned):
+        result = results[cases(2).index(case)]
+        assert not isinstance(result, tuple), f"rank {rank} raised {result[1]}"
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(result[name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")

@@ -1,7 +1,8 @@
 """Training across processes (gloo, on the CPU) equal to one process: DDP and FSDP2 on the MLP, FSDP2 as
 every recipe applies it (each block, then the root) on every connectivity of the GPT, and with layer
-dropout on ranks seeded apart (the same blocks skipped on every rank, no hang). Every case of a world size
-runs in the session's one spawn (tests/spawned.py)."""
+dropout on ranks seeded apart (the same blocks skipped on every rank, no hang); a distributed checkpoint
+saved at step 2 resumes to step 3 bit for bit, and loads into one process. Every case of a world size runs
+in the session's one spawn (tests/spawned.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,10 +23,12 @@ CASES = ([dict(name=f"{wrapper} mlp {connectivity}", model="mlp", wrapper=wrappe
          + [dict(name=f"{wrapper} gpt {connectivity}, layer dropout", model="gpt", wrapper=wrapper,
                  connectivity=connectivity, dropout=True)
             for wrapper, connectivity in (("fsdp per block", "acn"), ("ddp", "hybrid"))])
+RESUMED = [dict(name=f"dcp checkpoint at step 2, resumed, gpt {connectivity}", connectivity=connectivity)
+           for connectivity in ("acn", "hybrid")]
 
 
 def cases(world: int) -> list:
-    return CASES
+    return CASES + RESUMED
 
 
 def make_mlp(connectivity: str):
@@ -86,9 +89,63 @@ def one_process(case: dict) -> tuple:
     return model.state_dict(), ran
 
 
+def whole(model) -> dict:
+    """The model's state, its shards gathered (every rank takes part)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+
+
+def sharded_gpt(connectivity: str) -> tuple:
+    """(the GPT with FSDP2 on each block, then the root, its AdamW)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_gpt(connectivity)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def adamw_steps(model, optimizer, ids, steps: int) -> None:
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+        optimizer.step()
+
+
+def run_resumed(case: dict, rank: int, world: int) -> dict:
+    """Two AdamW steps, a torch.distributed.checkpoint of the model and optimizer, a third step; a fresh
+    model and optimizer loaded from the checkpoint take the third step again."""
+    import tempfile
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = [tempfile.mkdtemp(prefix="acn-dcp-") if rank == 0 else None]
+    dist.broadcast_object_list(folder)
+    ids = torch.randint(0, 29, (2, 12), generator=torch.Generator().manual_seed(7 + rank))  # each rank its own
+    model, optimizer = sharded_gpt(case["connectivity"])
+    adamw_steps(model, optimizer, ids, 2)
+    at_two = whole(model)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder[0])
+    adamw_steps(model, optimizer, ids, 1)
+    again, again_optimizer = sharded_gpt(case["connectivity"])
+    model_state, optimizer_state = get_state_dict(again, again_optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=folder[0])
+    set_state_dict(again, again_optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    adamw_steps(again, again_optimizer, ids, 1)
+    return dict(at_two=at_two, uninterrupted=whole(model), resumed=whole(again), folder=folder[0])
+
+
 def run_on_rank(case: dict, rank: int, world: int, calls) -> dict:
     """The case's model trained on this rank's share of the batch; its whole state (shards gathered)."""
     from torch.distributed.fsdp import fully_shard
+
+    if case in RESUMED:
+        return run_resumed(case, rank, world)
 
     model = (make_gpt if case["model"] == "gpt" else make_mlp)(case["connectivity"])
     inputs, labels = batch(case["model"])
@@ -101,9 +158,7 @@ def run_on_rank(case: dict, rank: int, world: int, calls) -> dict:
         wrapped = fully_shard(model)
     torch.manual_seed(1000 + rank)
     ran = train(wrapped, inputs[share], labels[share], case, model)
-    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-             for k, v in model.state_dict().items()}
-    return dict(state=state, ran=ran)
+    return dict(state=whole(model), ran=ran)
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +179,25 @@ def test_training_across_two_processes_matches_one_process(spawned, case):
         assert result["ran"] == ran, f"rank {rank} ran the blocks {result['ran']}, one process {ran}"
         for name, value in single.items():
             torch.testing.assert_close(result["state"][name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process loads on purpose
+@pytest.mark.parametrize("case", RESUMED, ids=lambda case: case["name"])
+def test_a_distributed_checkpoint_resumes_bit_for_bit_and_loads_in_one_process(spawned, case):
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    results = [ranks[len(CASES) + RESUMED.index(case)] for ranks in spawned]
+    for rank, result in enumerate(results):
+        assert not isinstance(result, tuple), f"rank {rank} raised {result[1]}"
+        for name, value in result["uninterrupted"].items():
+            assert torch.equal(result["resumed"][name], value), f"rank {rank}: {name} differs after resuming"
+    one = make_gpt(case["connectivity"])  # the package's GPT of the same form, in this process, no group
+    state = {"model": one.state_dict()}
+    dcp.load(state, checkpoint_id=results[0]["folder"])
+    one.load_state_dict(state["model"])
+    shutil.rmtree(results[0]["folder"])
+    assert one.connectivity == ("hybrid" if case["connectivity"] == "hybrid" else "acn")
+    for name, value in results[0]["at_two"].items():
+        assert torch.equal(one.state_dict()[name], value), name
