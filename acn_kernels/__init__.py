@@ -15,6 +15,10 @@ from .speculative import SpeculativeStats, speculative_generate  # noqa: E402
 from .training import GateAnnealing, LayerDropout, as_acn, early_exit_loss  # noqa: E402
 from .ops import (accumulate_norm, depth_cross_entropy, feed_forward, hybrid_accumulate_norm, linear,  # noqa: E402
                   linear_act_accumulate, probe_norm)
+import torch.distributed as _distributed  # noqa: E402
+
+if _distributed.is_available():
+    from . import parallel  # noqa: E402,F401  (the fused ops' DTensor sharding rules, registered on import)
 
 __all__ = ["CONNECTIVITIES", "Compression", "Encoder", "ExitStatistics", "GPT", "GateAnnealing", "LayerDropout",
            "LongConnections", "MLP", "Mixer", "ShrinkOnCompression", "SpeculativeStats", "ViT", "__version__",

@@ -27,8 +27,19 @@ RESUMED = [dict(name=f"dcp checkpoint at step 2, resumed, gpt {connectivity}", c
            for connectivity in ("acn", "hybrid")]
 
 
+PLACEMENTS = ("replicate", "shard 0", "shard 1")
+DTENSOR_OPS = [dict(name=f"dtensor {op} {placement}", op=op, placement=placement)
+               for op in ("accumulate_norm", "accumulate_norm sum rmsnorm", "hybrid_accumulate_norm", "probe_norm")
+               for placement in PLACEMENTS]
+REFUSED = [dict(name="dtensor refused: the normalized dimension split", op="accumulate_norm", placement="shard 2"),
+           dict(name="dtensor refused: a sharded norm weight", op="accumulate_norm", placement="shard 1",
+                weight="shard 0"),
+           dict(name="dtensor refused: row tensors split apart", op="hybrid_accumulate_norm", placement="shard 1",
+                f="shard 0")]
+
+
 def cases(world: int) -> list:
-    return CASES + RESUMED
+    return CASES + RESUMED + DTENSOR_OPS + REFUSED
 
 
 def make_mlp(connectivity: str):
@@ -140,12 +151,66 @@ def run_resumed(case: dict, rank: int, world: int) -> dict:
     return dict(at_two=at_two, uninterrupted=whole(model), resumed=whole(again), folder=folder[0])
 
 
+def op_inputs(op: str) -> tuple:
+    """(the op's call on its inputs, its row inputs, its parameters): fresh inputs of odd sizes, the
+    running sums (batch 2, 6 tokens, width 24) the rows, the gradients of every output drawn too."""
+    import acn_kernels
+
+    generator = torch.Generator().manual_seed(sum(map(ord, op)))
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator)
+    rows, params = dict(x=draw(2, 6, 24), y=draw(2, 6, 24) * 3), dict(weight=1 + draw(24) / 10, bias=draw(24))
+    if op == "probe_norm":
+        return (lambda r, p: (acn_kernels.probe_norm(r["xs"], p["weight"], p["bias"], backend="triton"),),
+                dict(xs=draw(4, 2, 6, 24)), params)
+    if op == "hybrid_accumulate_norm":
+        rows["f"] = draw(2, 6, 24)
+        params.update(gate=torch.rand((), generator=generator), long_weight=1 + draw(()) / 5)
+        return (lambda r, p: acn_kernels.hybrid_accumulate_norm(r["x"], r["f"], r["y"], p["gate"], p["weight"],
+                                                                 p["bias"], long_weight=p["long_weight"],
+                                                                 backend="triton"), rows, params)
+    if op == "accumulate_norm sum rmsnorm":
+        del params["bias"]
+        return (lambda r, p: acn_kernels.accumulate_norm(r["x"], r["y"], p["weight"], None, norm="rmsnorm",
+                                                          normalize="sum", backend="triton"), rows, params)
+    return (lambda r, p: acn_kernels.accumulate_norm(r["x"], r["y"], p["weight"], p["bias"], backend="triton"),
+            rows, params)
+
+
+def op_run(case: dict, mesh=None) -> list:
+    """[every output, then every input's gradient] of the op, on DTensors placed as the case says where a
+    mesh is given (gathered whole), else on plain tensors."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    call, rows, params = op_inputs(case["op"])
+
+    def placed(value, placement: str):
+        if mesh is None:
+            return value.clone().requires_grad_()
+        dim = placement.removeprefix("shard ")
+        where = Replicate() if placement == "replicate" else Shard(int(dim) + (value.dim() == 4))  # probe's depths
+        return distribute_tensor(value, mesh, [where]).requires_grad_()
+    rows = {k: placed(v, case.get(k, case["placement"])) for k, v in rows.items()}
+    params = {k: placed(v, case.get(k, "replicate")) for k, v in params.items()}
+    outputs = call(rows, params)
+    grads = [torch.randn(o.shape, generator=torch.Generator().manual_seed(5)) for o in outputs]
+    if mesh is not None:
+        grads = [distribute_tensor(g, mesh, o.placements) for g, o in zip(grads, outputs)]
+    torch.autograd.backward(outputs, grads)
+    values = [*outputs, *(t.grad for t in (*rows.values(), *params.values()))]
+    return [v.full_tensor() if hasattr(v, "full_tensor") else v.detach() for v in values]
+
+
 def run_on_rank(case: dict, rank: int, world: int, calls) -> dict:
     """The case's model trained on this rank's share of the batch; its whole state (shards gathered)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     if case in RESUMED:
         return run_resumed(case, rank, world)
+    if "op" in case:
+        return op_run(case, init_device_mesh("cpu", (world,)))
 
     model = (make_gpt if case["model"] == "gpt" else make_mlp)(case["connectivity"])
     inputs, labels = batch(case["model"])
@@ -201,3 +266,29 @@ def test_a_distributed_checkpoint_resumes_bit_for_bit_and_loads_in_one_process(s
     assert one.connectivity == ("hybrid" if case["connectivity"] == "hybrid" else "acn")
     for name, value in results[0]["at_two"].items():
         assert torch.equal(one.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("case", DTENSOR_OPS, ids=lambda case: case["name"])
+def test_the_boundary_ops_on_dtensors_equal_the_op_on_whole_tensors(spawned, case):
+    """Replicated, or split on a token dimension (sequence parallelism): every output and every gradient
+    as on whole tensors (the parameters' gradients Partial sums over the ranks' rows)."""
+    expected = op_run(case)
+    for rank, results in enumerate(spawned):
+        result = results[cases(2).index(case)]
+        assert not isinstance(result, tuple), f"rank {rank} raised {result[1]}"
+        for i, (actual, value) in enumerate(zip(result, expected)):
+            torch.testing.assert_close(actual, value, rtol=1e-5, atol=1e-5, msg=f"rank {rank}: value {i}")
+
+
+@pytest.mark.parametrize("case, match", list(zip(REFUSED, (
+    r"accumulate_norm_fwd: row tensors may be Replicate or Shard on a token dimension \(\[0, 1\]\), not on the "
+    r"normalized one, got \(Shard\(dim=2\),\)",
+    r"accumulate_norm_fwd: the norm's parameters \(and the hybrid's scalars\) must be Replicate, got "
+    r"\(Shard\(dim=0\),\)",
+    r"hybrid_accumulate_norm_fwd: every row tensor must have the same placements"))),
+    ids=lambda value: value["name"] if isinstance(value, dict) else "")
+def test_a_placement_the_rules_do_not_cover_is_refused_by_name(spawned, case, match):
+    import re
+    for rank, results in enumerate(spawned):
+        result = results[cases(2).index(case)]
+        assert isinstance(result, tuple) and re.search(match, result[1]), f"rank {rank}: {result}"
