@@ -371,12 +371,20 @@ class Walk(NamedTuple):
     x_in_y: bool
 
 
-def passing_inputs_on(steps, *args):
-    """A block's steps under FSDP2, which warns of an output that is a view (its inputs come back as
-    views): the walk passes its input on as the next unit's state, and nothing changes it in place."""
+def fsdp_forward(module: nn.Module, fn, *args):
+    """fn(*args), run as a forward of `module` where FSDP2 shards it (one all-gather of its parameters
+    before fn, its gradients reduced after the backward of what fn computed: register_fsdp_forward_method
+    on a method that calls its first argument); elsewhere fn(*args) itself. FSDP2 warns of an output
+    that is a view (a block's steps pass their input on as the next unit's state, and nothing changes
+    it in place): not here."""
+    if FSDPModule is None or not isinstance(module, FSDPModule):
+        return fn(*args)
+    if "acn_forward" not in vars(module):
+        vars(module)["acn_forward"] = lambda run, *run_args: run(*run_args)
+        register_fsdp_forward_method(module, "acn_forward")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        return steps(*args)
+        return module.acn_forward(fn, *args)
 
 
 class Outputs:
@@ -567,12 +575,7 @@ class LongConnections(nn.Module):
         its input norm's, its gradients reduced only after that boundary's backward has added the norm's
         (the units' own forwards then run unhooked: unhooked)."""
         owner = None if self.owners is None else self.owners[block]
-        if FSDPModule is None or not isinstance(owner, FSDPModule):
-            return self.run_steps
-        if "acn_steps" not in vars(owner):
-            vars(owner)["acn_steps"] = self.run_steps
-            register_fsdp_forward_method(owner, "acn_steps")
-        return functools.partial(passing_inputs_on, owner.acn_steps)
+        return self.run_steps if owner is None else functools.partial(fsdp_forward, owner, self.run_steps)
 
     def run_steps(self, walk: Walk, units: list, fused: bool, block_kwargs: dict, last: int, keep_last_output: bool,
                   outputs: "Outputs") -> Walk:

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from ._validation import check_bool, check_choice, check_positive_int, check_real
-from .long_connections import check_labels, long_connections_of
+from .long_connections import check_labels, fsdp_forward, long_connections_of
 from .models.base import LAYER_DROPOUT_PER, LONG
 
 WEIGHTS = ("authors", "uniform")
@@ -95,22 +95,43 @@ def early_exit_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, wei
     forward (an attention_mask). With statistics=True: (loss, depths, ExitStatistics), the depths this
     step trains (the full depth always among them) and each one's accuracy, agreement with the full
     depth and entropy, from the same pass (no logits)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError("model must not be a DistributedDataParallel: it synchronizes gradients only through its "
+                        "forward; wrap the loss instead: DistributedDataParallel(EarlyExitLoss(model)), got "
+                        "DistributedDataParallel")
     if not callable(getattr(model, "exit_states", None)):
         raise TypeError(f"model must offer exit_states() (the package's GPT, an acnify'd Hugging Face causal LM), "
                         f"got {type(model).__name__}")
     check_labels(input_ids, labels)  # before the model runs
     check_bool("statistics", statistics)
-    states, readout = model.exit_states(input_ids, **inputs)
-    depth = states.shape[0] - 1
-    all_weights = exit_weights(depth, weights)
-    chosen = exits_in(depth, curriculum, step, total_steps, progress)
-    chosen_weights = all_weights[[k - 1 for k in chosen]]
-    if not bool(chosen_weights.sum() > 0):
-        raise ValueError(f"weights of the exits this step trains ({chosen}) must not all be 0, got "
-                         f"{chosen_weights.tolist()}")
-    chosen_weights = (chosen_weights / chosen_weights.sum()).to(states.device)
-    loss, _, *stats = readout.losses(states[chosen], input_ids, labels, chosen_weights, statistics)
+
+    def exits_loss():
+        states, readout = model.exit_states(input_ids, **inputs)
+        depth = states.shape[0] - 1
+        all_weights = exit_weights(depth, weights)
+        chosen = exits_in(depth, curriculum, step, total_steps, progress)
+        chosen_weights = all_weights[[k - 1 for k in chosen]]
+        if not bool(chosen_weights.sum() > 0):
+            raise ValueError(f"weights of the exits this step trains ({chosen}) must not all be 0, got "
+                             f"{chosen_weights.tolist()}")
+        chosen_weights = (chosen_weights / chosen_weights.sum()).to(states.device)
+        loss, _, *stats = readout.losses(states[chosen], input_ids, labels, chosen_weights, statistics)
+        return loss, chosen, *stats
+    loss, chosen, *stats = fsdp_forward(model, exits_loss)  # FSDP2: the embedding, norm and head gathered once
     return (loss, chosen, *stats) if statistics else loss
+
+
+class EarlyExitLoss(torch.nn.Module):
+    """early_exit_loss as a module's forward, `options` its keywords: forward(input_ids, labels, **more)
+    gives the loss. For wrappers that synchronize through forward: DistributedDataParallel(EarlyExitLoss(
+    model)) (FSDP2 needs no wrapper: early_exit_loss runs a sharded model's exit_states as its forward)."""
+
+    def __init__(self, model: torch.nn.Module, **options):
+        super().__init__()
+        self.model, self.options = model, options
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **more):
+        return early_exit_loss(self.model, input_ids, labels, **self.options, **more)
 
 
 # ----------------------------------------------------------------------------- schedules

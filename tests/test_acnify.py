@@ -852,7 +852,8 @@ def cases(world: int) -> list:
     if importlib.util.find_spec("transformers") is None:
         return []
     return [dict(name=f"fsdp2 per layer llama {connectivity}", connectivity=connectivity)
-            for connectivity in ("acn", "hybrid", "lsn")]
+            for connectivity in ("acn", "hybrid", "lsn")] + [
+        dict(name="fsdp2 per layer llama acn, every exit's loss", connectivity="acn", early_exit=True)]
 
 
 def fsdp_llama(case: dict):
@@ -864,11 +865,14 @@ def fsdp_llama(case: dict):
     return model
 
 
-def train_llama(model, ids) -> None:
+def train_llama(model, ids, case: dict) -> None:
+    from acn_kernels import early_exit_loss
+
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(FSDP_STEPS):
         optimizer.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = early_exit_loss(model, ids, ids) if case.get("early_exit") else model(input_ids=ids, labels=ids).loss
+        loss.backward()
         optimizer.step()
 
 
@@ -886,7 +890,7 @@ def run_on_rank(case: dict, rank: int, world: int, calls) -> dict:
         fully_shard(layer)
     fully_shard(model)
     ids = llama_batch()
-    train_llama(model, ids[rank * len(ids) // world:(rank + 1) * len(ids) // world])
+    train_llama(model, ids[rank * len(ids) // world:(rank + 1) * len(ids) // world], case)
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
             for k, v in model.state_dict().items()}
 
@@ -901,7 +905,7 @@ def spawned(tmp_path_factory):
     reason="needs the [hf] extra: pip install 'acn-kernels[hf]'"))], ids=lambda case: case and case["name"])
 def test_fsdp2_on_each_decoder_layer_then_the_root_trains_as_one_process(spawned, case):
     model = fsdp_llama(case)
-    train_llama(model, llama_batch())
+    train_llama(model, llama_batch(), case)
     for rank, results in enumerate(spawned):
         result = results[cases(2).index(case)]
         assert not isinstance(result, tuple), f"rank {rank} raised {result[1]}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from acn_kernels import GPT, MLP, LayerDropout
+from acn_kernels import GPT, MLP, EarlyExitLoss, LayerDropout, early_exit_loss
 from op_harness import DEVICE
 from spawned import session_results
 
@@ -22,7 +22,10 @@ CASES = ([dict(name=f"{wrapper} mlp {connectivity}", model="mlp", wrapper=wrappe
                  connectivity=connectivity) for connectivity in GPT_CONNECTIVITIES]
          + [dict(name=f"{wrapper} gpt {connectivity}, layer dropout", model="gpt", wrapper=wrapper,
                  connectivity=connectivity, dropout=True)
-            for wrapper, connectivity in (("fsdp per block", "acn"), ("ddp", "hybrid"))])
+            for wrapper, connectivity in (("fsdp per block", "acn"), ("ddp", "hybrid"))]
+         + [dict(name=f"{wrapper} gpt {connectivity}, every exit's loss", model="gpt", wrapper=wrapper,
+                 connectivity=connectivity, early_exit=True)
+            for wrapper, connectivity in (("fsdp per block", "acn"), ("fsdp per block", "hybrid"), ("ddp", "acn"))])
 RESUMED = [dict(name=f"dcp checkpoint at step 2, resumed, gpt {connectivity}", connectivity=connectivity)
            for connectivity in ("acn", "hybrid")]
 
@@ -84,7 +87,11 @@ def train(model, inputs, labels, case: dict, blocks) -> list:
     for _ in range(STEPS):
         ran.append([])
         optimizer.zero_grad()
-        F.cross_entropy(model(inputs).flatten(0, -2), labels.flatten()).backward()
+        if case.get("early_exit"):  # DDP's EarlyExitLoss, or the (FSDP2-sharded) model itself
+            (model(inputs, inputs) if isinstance(model, torch.nn.parallel.DistributedDataParallel)
+             else early_exit_loss(model, inputs, inputs)).backward()
+        else:
+            F.cross_entropy(model(inputs).flatten(0, -2), labels.flatten()).backward()
         optimizer.step()
         if dropout is not None:
             dropout.step()
@@ -216,7 +223,8 @@ def run_on_rank(case: dict, rank: int, world: int, calls) -> dict:
     inputs, labels = batch(case["model"])
     share = slice(rank * len(labels) // world, (rank + 1) * len(labels) // world)
     if case["wrapper"] == "ddp":
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=bool(case.get("dropout")))
+        wrapped = torch.nn.parallel.DistributedDataParallel(EarlyExitLoss(model) if case.get("early_exit") else model,
+                                                            find_unused_parameters=bool(case.get("dropout")))
     else:
         for block in model.blocks if case["wrapper"] == "fsdp per block" else ():
             fully_shard(block)
