@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_choice, check_positive_int, check_real
-from .long_connections import IGNORE_INDEX, LongConnections, depth_of, long_connections_of
+from .long_connections import IGNORE_INDEX, LongConnections, depth_of, fsdp_forward, long_connections_of
 from .long_connections import check_labels as check_lm_labels
 from .reference import ExitStatistics
 from .speculative import speculative_generate, synchronize
@@ -430,13 +430,21 @@ class ShrinkOnCompression:
         return "accuracy" if self.classification else "squared_error"
 
     def scores(self) -> list:
-        """Accuracy (%) or mean squared error of every active depth on the probe data (depth_scores)."""
+        """Accuracy (%) or mean squared error of every active depth on the probe data (depth_scores). Across
+        processes (torch.distributed initialized) each rank scores its own probe data, the mean over the
+        ranks is every rank's scores, so that every rank shrinks at the same step to the same depth; a
+        model FSDP2 shards is probed as one forward of it."""
         was_training = self.model.training
         self.model.eval()
         try:
-            return depth_scores(self.model, self.inputs, self.targets, self.metric)
+            scores = fsdp_forward(self.model, depth_scores, self.model, self.inputs, self.targets, self.metric)
         finally:
             self.model.train(was_training)
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return scores
+        summed = torch.tensor(scores, dtype=torch.float64)
+        torch.distributed.all_reduce(summed)
+        return (summed / torch.distributed.get_world_size()).tolist()
 
     def within(self, score: float, reference: float) -> bool:
         return within(score, reference, self.tolerance, self.metric)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from acn_kernels import GPT, MLP, EarlyExitLoss, LayerDropout, early_exit_loss
+from acn_kernels import GPT, MLP, EarlyExitLoss, LayerDropout, ShrinkOnCompression, early_exit_loss
 from op_harness import DEVICE
 from spawned import session_results
 
@@ -26,6 +26,8 @@ CASES = ([dict(name=f"{wrapper} mlp {connectivity}", model="mlp", wrapper=wrappe
          + [dict(name=f"{wrapper} gpt {connectivity}, every exit's loss", model="gpt", wrapper=wrapper,
                  connectivity=connectivity, early_exit=True)
             for wrapper, connectivity in (("fsdp per block", "acn"), ("fsdp per block", "hybrid"), ("ddp", "acn"))])
+CASES += [dict(name="fsdp2 per block mlp acn, shrink on compression", model="mlp", wrapper="fsdp per block",
+               connectivity="acn", shrink=True)]
 RESUMED = [dict(name=f"dcp checkpoint at step 2, resumed, gpt {connectivity}", connectivity=connectivity)
            for connectivity in ("acn", "hybrid")]
 
@@ -82,6 +84,8 @@ def train(model, inputs, labels, case: dict, blocks) -> list:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5) if sgd else torch.optim.AdamW(model.parameters(), lr=1e-2)
     dropout = LayerDropout(blocks, STEPS, p_max=0.9, curriculum=None, per="batch", seed=5) \
         if case.get("dropout") else None
+    shrinker = ShrinkOnCompression(blocks, *probe_data(case["ranks"]), every=1, patience=1, tolerance=5.0) \
+        if case.get("shrink") else None
     ran, hooks = [], [next(m for m in block.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(
         lambda *_, i=i: ran[-1].append(i)) for i, block in enumerate(getattr(blocks, "blocks", ()))]
     for _ in range(STEPS):
@@ -95,15 +99,24 @@ def train(model, inputs, labels, case: dict, blocks) -> list:
         optimizer.step()
         if dropout is not None:
             dropout.step()
+        if shrinker is not None:
+            shrinker.step()
     for hook in hooks:
         hook.remove()
-    return ran
+    return ran if shrinker is None else [[step, scores] for step, scores, _ in shrinker.history]
+
+
+def probe_data(ranks: list) -> tuple:
+    """ShrinkOnCompression's held-out data: each rank its own, one process all of theirs."""
+    parts = [(torch.randn(6, 10, generator=torch.Generator().manual_seed(20 + rank)),
+              torch.randint(0, 4, (6,), generator=torch.Generator().manual_seed(30 + rank))) for rank in ranks]
+    return torch.cat([inputs for inputs, _ in parts]), torch.cat([targets for _, targets in parts])
 
 
 def one_process(case: dict) -> tuple:
-    """(the state after training in one process, the blocks that ran a step)."""
+    """(the state after training in one process, the blocks that ran a step, or the shrinker's probes)."""
     model = (make_gpt if case["model"] == "gpt" else make_mlp)(case["connectivity"])
-    ran = train(model, *batch(case["model"]), case, model)
+    ran = train(model, *batch(case["model"]), {**case, "ranks": [0, 1]}, model)
     return model.state_dict(), ran
 
 
@@ -230,7 +243,7 @@ def run_on_rank(case: dict, rank: int, world: int, calls) -> dict:
             fully_shard(block)
         wrapped = fully_shard(model)
     torch.manual_seed(1000 + rank)
-    ran = train(wrapped, inputs[share], labels[share], case, model)
+    ran = train(wrapped, inputs[share], labels[share], {**case, "ranks": [rank]}, model)
     return dict(state=whole(model), ran=ran)
 
 
@@ -249,7 +262,12 @@ def test_training_across_two_processes_matches_one_process(spawned, case):
     for rank, results in enumerate(spawned):
         result = results[CASES.index(case)]
         assert not isinstance(result, tuple), f"rank {rank} raised {result[1]}"
-        assert result["ran"] == ran, f"rank {rank} ran the blocks {result['ran']}, one process {ran}"
+        if case.get("shrink"):  # the mean of the ranks' scores: one process's on all their probe data
+            assert [step for step, _ in result["ran"]] == [step for step, _ in ran] == [1, 2, 3]
+            for (_, scores), (_, expected) in zip(result["ran"], ran):
+                assert scores == pytest.approx(expected, rel=1e-12), f"rank {rank}"
+        else:
+            assert result["ran"] == ran, f"rank {rank} ran the blocks {result['ran']}, one process {ran}"
         for name, value in single.items():
             torch.testing.assert_close(result["state"][name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
 
