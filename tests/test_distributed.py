@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from acn_kernels import GPT, MLP, EarlyExitLoss, LayerDropout, ShrinkOnCompression, early_exit_loss
+from acn_kernels import (GPT, MLP, EarlyExitLoss, GateAnnealing, LayerDropout, ShrinkOnCompression,
+                         early_exit_loss)
 from op_harness import DEVICE
 from spawned import session_results
 
@@ -28,7 +29,7 @@ CASES = ([dict(name=f"{wrapper} mlp {connectivity}", model="mlp", wrapper=wrappe
             for wrapper, connectivity in (("fsdp per block", "acn"), ("fsdp per block", "hybrid"), ("ddp", "acn"))])
 CASES += [dict(name="fsdp2 per block mlp acn, shrink on compression", model="mlp", wrapper="fsdp per block",
                connectivity="acn", shrink=True)]
-RESUMED = [dict(name=f"dcp checkpoint at step 2, resumed, gpt {connectivity}", connectivity=connectivity)
+RESUMED = [dict(name=f"dcp checkpoint at step 2 (model, optimizer, schedules), resumed, gpt {connectivity}", connectivity=connectivity)
            for connectivity in ("acn", "hybrid")]
 
 
@@ -127,21 +128,30 @@ def whole(model) -> dict:
 
 
 def sharded_gpt(connectivity: str) -> tuple:
-    """(the GPT with FSDP2 on each block, then the root, its AdamW)."""
+    """(the GPT with FSDP2 on each block, then the root, its AdamW, its schedules: layer dropout, and gate
+    annealing for the hybrid)."""
     from torch.distributed.fsdp import fully_shard
 
     model = make_gpt(connectivity)
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    schedules = [LayerDropout(model, 4, p_max=0.5, curriculum=None, per="batch", seed=3)]
+    schedules += [GateAnnealing(model, total_steps=4)] if connectivity == "hybrid" else []
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    get_state_dict(model, optimizer)  # every parameter's optimizer state now: a block dropped so far has one too
+    return model, optimizer, schedules
 
 
-def adamw_steps(model, optimizer, ids, steps: int) -> None:
+def adamw_steps(model, optimizer, schedules, ids, steps: int) -> None:
     for _ in range(steps):
         optimizer.zero_grad()
         F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
         optimizer.step()
+        for schedule in schedules:
+            schedule.step()
 
 
 def run_resumed(case: dict, rank: int, world: int) -> dict:
@@ -156,18 +166,22 @@ def run_resumed(case: dict, rank: int, world: int) -> dict:
     folder = [tempfile.mkdtemp(prefix="acn-dcp-") if rank == 0 else None]
     dist.broadcast_object_list(folder)
     ids = torch.randint(0, 29, (2, 12), generator=torch.Generator().manual_seed(7 + rank))  # each rank its own
-    model, optimizer = sharded_gpt(case["connectivity"])
-    adamw_steps(model, optimizer, ids, 2)
+    model, optimizer, schedules = sharded_gpt(case["connectivity"])
+    adamw_steps(model, optimizer, schedules, ids, 2)
     at_two = whole(model)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder[0])
-    adamw_steps(model, optimizer, ids, 1)
-    again, again_optimizer = sharded_gpt(case["connectivity"])
+    dcp.save({"model": model_state, "optimizer": optimizer_state,
+              "schedules": [schedule.state_dict() for schedule in schedules]}, checkpoint_id=folder[0])
+    adamw_steps(model, optimizer, schedules, ids, 1)
+    again, again_optimizer, again_schedules = sharded_gpt(case["connectivity"])
     model_state, optimizer_state = get_state_dict(again, again_optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
+    state = {"model": model_state, "optimizer": optimizer_state,
+             "schedules": [schedule.state_dict() for schedule in again_schedules]}
     dcp.load(state, checkpoint_id=folder[0])
     set_state_dict(again, again_optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    adamw_steps(again, again_optimizer, ids, 1)
+    for schedule, saved in zip(again_schedules, state["schedules"]):
+        schedule.load_state_dict(saved)
+    adamw_steps(again, again_optimizer, again_schedules, ids, 1)
     return dict(at_two=at_two, uninterrupted=whole(model), resumed=whole(again), folder=folder[0])
 
 
