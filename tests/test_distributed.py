@@ -29,13 +29,14 @@ CASES = ([dict(name=f"{wrapper} mlp {connectivity}", model="mlp", wrapper=wrappe
             for wrapper, connectivity in (("fsdp per block", "acn"), ("fsdp per block", "hybrid"), ("ddp", "acn"))])
 CASES += [dict(name="fsdp2 per block mlp acn, shrink on compression", model="mlp", wrapper="fsdp per block",
                connectivity="acn", shrink=True)]
-RESUMED = [dict(name=f"dcp checkpoint at step 2 (model, optimizer, schedules), resumed, gpt {connectivity}", connectivity=connectivity)
-           for connectivity in ("acn", "hybrid")]
+RESUMED = [dict(name=f"dcp checkpoint at step 2 (model, optimizer, schedules), resumed, gpt {connectivity}",
+                connectivity=connectivity) for connectivity in ("acn", "hybrid")]
 
 
 PLACEMENTS = ("replicate", "shard 0", "shard 1")
 DTENSOR_OPS = [dict(name=f"dtensor {op} {placement}", op=op, placement=placement)
-               for op in ("accumulate_norm", "accumulate_norm sum rmsnorm", "hybrid_accumulate_norm", "probe_norm")
+               for op in ("accumulate_norm", "accumulate_norm sum rmsnorm", "hybrid_accumulate_norm", "probe_norm",
+                          "linear", "feed_forward", "linear_act_accumulate")
                for placement in PLACEMENTS]
 REFUSED = [dict(name="dtensor refused: the normalized dimension split", op="accumulate_norm", placement="shard 2"),
            dict(name="dtensor refused: a sharded norm weight", op="accumulate_norm", placement="shard 1",
@@ -204,6 +205,19 @@ def op_inputs(op: str) -> tuple:
         return (lambda r, p: acn_kernels.hybrid_accumulate_norm(r["x"], r["f"], r["y"], p["gate"], p["weight"],
                                                                  p["bias"], long_weight=p["long_weight"],
                                                                  backend="triton"), rows, params)
+    if op in ("linear", "feed_forward", "linear_act_accumulate"):  # the GEMM-epilogue ops: 24 -> 20 (-> 24)
+        params = dict(w1=draw(20, 24) / 5, b1=draw(20))
+        rows["y"] = draw(2, 6, 20)  # the running sum linear_act_accumulate adds into; the others take none
+        if op != "linear_act_accumulate":
+            del rows["y"]
+        if op == "linear":
+            return (lambda r, p: (acn_kernels.linear(r["x"], p["w1"], p["b1"], backend="triton"),), rows, params)
+        if op == "feed_forward":
+            params.update(w2=draw(24, 20) / 5, b2=draw(24))
+            return (lambda r, p: (acn_kernels.feed_forward(r["x"], p["w1"], p["b1"], p["w2"], p["b2"],
+                                                           backend="triton"),), rows, params)
+        return (lambda r, p: acn_kernels.linear_act_accumulate(r["x"], p["w1"], p["b1"], r["y"], backend="triton"),
+                rows, params)
     if op == "accumulate_norm sum rmsnorm":
         del params["bias"]
         return (lambda r, p: acn_kernels.accumulate_norm(r["x"], r["y"], p["weight"], None, norm="rmsnorm",
@@ -309,7 +323,7 @@ def test_a_distributed_checkpoint_resumes_bit_for_bit_and_loads_in_one_process(s
 
 
 @pytest.mark.parametrize("case", DTENSOR_OPS, ids=lambda case: case["name"])
-def test_the_boundary_ops_on_dtensors_equal_the_op_on_whole_tensors(spawned, case):
+def test_the_fused_ops_on_dtensors_equal_the_op_on_whole_tensors(spawned, case):
     """Replicated, or split on a token dimension (sequence parallelism): every output and every gradient
     as on whole tensors (the parameters' gradients Partial sums over the ranks' rows)."""
     expected = op_run(case)
@@ -321,9 +335,9 @@ def test_the_boundary_ops_on_dtensors_equal_the_op_on_whole_tensors(spawned, cas
 
 
 @pytest.mark.parametrize("case, match", list(zip(REFUSED, (
-    r"accumulate_norm_fwd: row tensors may be Replicate or Shard on a token dimension \(\[0, 1\]\), not on the "
-    r"normalized one, got \(Shard\(dim=2\),\)",
-    r"accumulate_norm_fwd: the norm's parameters \(and the hybrid's scalars\) must be Replicate, got "
+    r"accumulate_norm_fwd: row tensors may be Replicate or Shard on a token dimension \(\[0, 1\]\), not on their "
+    r"features \(the last\), got \(Shard\(dim=2\),\)",
+    r"accumulate_norm_fwd: the parameters \(norms', linears', the hybrid's scalars\) must be Replicate, got "
     r"\(Shard\(dim=0\),\)",
     r"hybrid_accumulate_norm_fwd: every row tensor must have the same placements"))),
     ids=lambda value: value["name"] if isinstance(value, dict) else "")
