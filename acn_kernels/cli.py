@@ -8,7 +8,7 @@ import sys
 from ._extras import MissingExtra, check_extra
 from .backend import BACKENDS
 
-EXTRAS = {"demo": "demo", "paper": "paper", "bench": "bench"}  # subcommand -> the extra it needs
+EXTRAS = {"demo": "demo", "paper": "paper", "bench": "bench", "train": "train"}  # subcommand -> the extra it needs
 
 
 class UsageError(Exception):
@@ -182,6 +182,7 @@ def main(argv=None) -> int:
     traffic.add_argument("--jobs", type=positive_int, default=None, help="rows measured in parallel (default: "
                          "all cores)")
     _add_page_options(traffic, check=True)
+    _add_train(commands)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
@@ -194,6 +195,35 @@ def main(argv=None) -> int:
     except (MissingExtra, UsageError) as error:  # one line, not a traceback
         print(f"python -m acn_kernels {args.command}: {error}", file=sys.stderr)
         return 2
+
+
+def _add_train(commands) -> None:
+    from .experiments.train import TRAINABLE, TrainOptions
+
+    train = commands.add_parser("train", help="train a byte-level ACN language model on a text file, in one "
+                                "process or under torchrun (FSDP2), with checkpoints to resume from")
+    train.add_argument("--out", required=True, help="folder for the checkpoints, model.pt and config.json")
+    train.add_argument("--text", default=None, help="a text file, read as bytes (default: the package's corpus)")
+    train.add_argument("--row", choices=TRAINABLE, default=TrainOptions.row,
+                       help="the GPT of table 6's row: acn, hybrid (the authors' H-ACN), lsn, residual, hybrid-unit")
+    for name in ("depth", "dim", "heads", "context", "batch", "steps", "eval_every", "checkpoint_every"):
+        train.add_argument(f"--{name.replace('_', '-')}", type=positive_int, default=getattr(TrainOptions, name))
+    train.add_argument("--exit-loss", action="store_true", help="every exit's loss (uniform weights), not the last's")
+    train.add_argument("--seed", type=int, default=TrainOptions.seed)
+    train.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
+    train.add_argument("--backend", choices=BACKENDS, default=TrainOptions.backend,
+                       help="the model's ops (auto: the fused kernels on a GPU, PyTorch on a CPU)")
+
+
+def _run_train(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .experiments.train import options_of, run
+    try:
+        run(options_of(args), progress=lambda steps: tqdm(steps, desc="train", unit="step"))
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(error) from None
+    return 0
 
 
 def _run_bench(args) -> int:
@@ -241,6 +271,8 @@ def run_command(args, argv: list[str]) -> int:
         from .experiments.demo import run_demo
         return run_demo(args.model, depth=args.depth, epochs=args.epochs, seed=args.seed, plot=args.plot,
                         backend=args.backend)
+    if args.command == "train":
+        return _run_train(args)
     if args.command == "stacks":
         from .versions import stacks_table
         print(stacks_table())

@@ -3,6 +3,8 @@ every recipe applies it (each block, then the root) on every connectivity of the
 dropout on ranks seeded apart (the same blocks skipped on every rank, no hang); a distributed checkpoint
 saved at step 2 resumes to step 3 bit for bit, and loads into one process. Every case of a world size runs
 in the session's one spawn (tests/spawned.py)."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,8 +47,11 @@ REFUSED = [dict(name="dtensor refused: the normalized dimension split", op="accu
                 f="shard 0")]
 
 
+TRAIN = dict(name="python -m acn_kernels train across 2 processes, resumed", train=True)
+
+
 def cases(world: int) -> list:
-    return CASES + RESUMED + DTENSOR_OPS + REFUSED
+    return CASES + RESUMED + DTENSOR_OPS + REFUSED + [TRAIN]
 
 
 def make_mlp(connectivity: str):
@@ -250,6 +255,32 @@ def op_run(case: dict, mesh=None) -> list:
     return [v.full_tensor() if hasattr(v, "full_tensor") else v.detach() for v in values]
 
 
+def run_train(rank: int) -> dict:
+    """The train command's run (the hybrid, every exit's loss, FSDP2 on this group), then the same run
+    resumed from its step-2 checkpoint in a second folder."""
+    import os
+    import shutil
+    import tempfile
+
+    import torch.distributed as dist
+
+    from acn_kernels.experiments.train import TrainOptions, run
+
+    folder = [tempfile.mkdtemp(prefix="acn-train-") if rank == 0 else None]
+    dist.broadcast_object_list(folder)
+    whole, resumed = os.path.join(folder[0], "whole"), os.path.join(folder[0], "resumed")
+    options = TrainOptions(out=whole, row="hybrid", depth=2, dim=32, heads=2, context=32, batch=4, steps=4,
+                           eval_every=2, checkpoint_every=2, exit_loss=True, backend="reference")
+    curve = run(options)
+    if rank == 0:
+        shutil.copytree(os.path.join(whole, "step-2"), os.path.join(resumed, "step-2"))
+        with open(os.path.join(resumed, "latest"), "w") as handle:
+            handle.write("step-2\n")
+    dist.barrier()
+    run(dataclasses.replace(options, out=resumed, resume=True))
+    return dict(curve=curve, folder=folder[0])
+
+
 def run_on_rank(case: dict, rank: int, world: int, calls) -> dict:
     """The case's model trained on this rank's share of the batch; its whole state (shards gathered)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -257,6 +288,8 @@ def run_on_rank(case: dict, rank: int, world: int, calls) -> dict:
 
     if case in RESUMED:
         return run_resumed(case, rank, world)
+    if case == TRAIN:
+        return run_train(rank)
     if "op" in case:
         return op_run(case, init_device_mesh("cpu", (world,)))
 
@@ -346,3 +379,22 @@ def test_a_placement_the_rules_do_not_cover_is_refused_by_name(spawned, case, ma
     for rank, results in enumerate(spawned):
         result = results[cases(2).index(case)]
         assert isinstance(result, tuple) and re.search(match, result[1]), f"rank {rank}: {result}"
+
+
+def test_the_train_command_across_processes_resumes_bit_for_bit_and_saves_a_gpt(spawned):
+    import json
+    import shutil
+
+    results = [ranks[cases(2).index(TRAIN)] for ranks in spawned]
+    for rank, result in enumerate(results):
+        assert not isinstance(result, tuple), f"rank {rank} raised {result[1]}"
+        assert [step for step, _ in result["curve"]] == [2, 4]
+        assert all(len(losses) == 3 for _, losses in result["curve"])
+    assert results[0]["curve"] == results[1]["curve"]  # the mean over the ranks, on every rank
+    folder = results[0]["folder"]
+    whole, resumed = (torch.load(f"{folder}/{run}/model.pt") for run in ("whole", "resumed"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    model = GPT(**json.load(open(f"{folder}/whole/config.json")))
+    model.load_state_dict(whole)
+    shutil.rmtree(folder)
+    assert model.connectivity == "hybrid"

@@ -77,10 +77,12 @@ def rows_of(t: torch.Tensor) -> torch.Tensor:
 
 
 def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every kernel output is allocated here. ACN_KERNELS_POISON=1 fills it with NaN first, so an
-    element a kernel fails to write shows up in the result."""
+    """Every kernel output is allocated here. ACN_KERNELS_POISON=1 fills it first, with NaN (with the
+    lowest integer for an integer output: an index no row has), so an element a kernel fails to write
+    shows up in the result."""
     if os.environ.get("ACN_KERNELS_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        poison = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+        return torch.full(shape, poison, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
