@@ -840,6 +840,26 @@ def test_an_acnified_lm_anneals_then_saves_and_reloads_as_an_acn(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, before, rtol=1e-12, atol=1e-12)
 
 
+def test_a_find_spec_of_transformers_after_importing_the_package_leaves_reloading_as_an_acn(tmp_path):
+    """A library's check for an optional package (importlib.util.find_spec, no import) between importing
+    acn_kernels and transformers: the registration still happens when transformers is imported."""
+    import subprocess
+    import sys
+    pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'acn-kernels[hf]'")
+    script = f"""
+import importlib.util
+import acn_kernels
+importlib.util.find_spec("transformers")
+import transformers
+config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16)
+acn_kernels.acnify(transformers.GPT2LMHeadModel(config), backend="reference").save_pretrained({str(tmp_path)!r})
+loaded = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+assert hasattr(loaded.transformer, "long_connections"), "reloaded without its long connections"
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- across processes
 
 WORLDS = (2,)  # tests/spawned.py runs cases(2) in the session's spawn of 2 processes

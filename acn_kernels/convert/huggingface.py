@@ -297,17 +297,24 @@ def register_with_transformers() -> None:
 
 class RegisterAfterImport(importlib.abc.MetaPathFinder):
     """Runs register_with_transformers once transformers has been imported, so that importing
-    acn_kernels does not import transformers (seconds) where nobody uses it."""
+    acn_kernels does not import transformers (seconds) where nobody uses it. It stays on the path until
+    transformers is executed: a bare importlib.util.find_spec("transformers"), as libraries check for an
+    optional package, imports nothing and must not use it up."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "transformers":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        sys.meta_path.remove(self)  # the real spec, without asking this finder again
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None:
             execute = spec.loader.exec_module
 
             def exec_module(module):
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 execute(module)
                 register_with_transformers()
             spec.loader.exec_module = exec_module
