@@ -185,6 +185,8 @@ def save_whole(model, options: TrainOptions, rank: int) -> None:
 def run(options: TrainOptions, progress=None) -> list:
     """Trains as the module docstring says; returns [(step, every depth's held-out loss)]. `progress`
     wraps the steps (tqdm on rank 0)."""
+    if options.steps < 3:  # OneCycleLR's two phases: a warmup of 2 steps at least, then a decay
+        raise ValueError(f"--steps must be at least 3 (the one-cycle schedule warms up over 2), got {options.steps}")
     folder = latest_checkpoint(options.out) if options.resume else None
     data = tokens_of(options)
     rank, world, device = process_group()
