@@ -218,16 +218,11 @@ def _add_train(commands) -> None:
 def _run_train(args) -> int:
     from tqdm.auto import tqdm
 
-    import torch.distributed as dist
-
     from .experiments.train import options_of, run
     try:
         run(options_of(args), progress=lambda steps: tqdm(steps, desc="train", unit="step"))
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(error) from None
-    finally:
-        if dist.is_available() and dist.is_initialized():  # torchrun's group, which run() started
-            dist.destroy_process_group()
     return 0
 
 

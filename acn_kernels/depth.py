@@ -232,6 +232,24 @@ def depth_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     return scores, ExitStatistics(*(stats_total / max(count, 1)).t().tolist())
 
 
+def depth_scores_across_ranks(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                              metric: str = "accuracy") -> list:
+    """depth_scores in eval mode, the model probed as one forward of it where FSDP2 shards it; across
+    processes (torch.distributed initialized) each rank scores its own data and every rank gets the mean
+    over the ranks."""
+    was_training = model.training
+    model.eval()
+    try:
+        scores = fsdp_forward(model, depth_scores, model, inputs, targets, metric)
+    finally:
+        model.train(was_training)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return scores
+    summed = torch.tensor(scores, dtype=torch.float64)
+    torch.distributed.all_reduce(summed)
+    return (summed / torch.distributed.get_world_size()).tolist()
+
+
 def depth_accuracies(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 512) -> list:
     """Percent of `targets` that each depth's logits (model.probe) get right."""
     return depth_scores(model, inputs, targets, "accuracy", batch_size)
@@ -430,21 +448,10 @@ class ShrinkOnCompression:
         return "accuracy" if self.classification else "squared_error"
 
     def scores(self) -> list:
-        """Accuracy (%) or mean squared error of every active depth on the probe data (depth_scores). Across
-        processes (torch.distributed initialized) each rank scores its own probe data, the mean over the
-        ranks is every rank's scores, so that every rank shrinks at the same step to the same depth; a
-        model FSDP2 shards is probed as one forward of it."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            scores = fsdp_forward(self.model, depth_scores, self.model, self.inputs, self.targets, self.metric)
-        finally:
-            self.model.train(was_training)
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return scores
-        summed = torch.tensor(scores, dtype=torch.float64)
-        torch.distributed.all_reduce(summed)
-        return (summed / torch.distributed.get_world_size()).tolist()
+        """Accuracy (%) or mean squared error of every active depth on the probe data, the mean over the
+        ranks across processes (depth_scores_across_ranks): every rank shrinks at the same step to the
+        same depth."""
+        return depth_scores_across_ranks(self.model, self.inputs, self.targets, self.metric)
 
     def within(self, score: float, reference: float) -> bool:
         return within(score, reference, self.tolerance, self.metric)

@@ -215,11 +215,16 @@ class TextSplit:
     validation: torch.Tensor
 
 
-def load_corpus(size: int = CORPUS_BYTES, validation_fraction: float = 0.05) -> TextSplit:
-    """The corpus as byte tokens, the last `validation_fraction` held out."""
-    tokens = torch.frombuffer(bytearray(corpus(size)), dtype=torch.uint8).long()
+def split_bytes(data: bytes, validation_fraction: float = 0.05) -> TextSplit:
+    """`data` as byte tokens, the last `validation_fraction` held out."""
+    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
     cut = int(len(tokens) * (1 - validation_fraction))
     return TextSplit(tokens[:cut], tokens[cut:])
+
+
+def load_corpus(size: int = CORPUS_BYTES, validation_fraction: float = 0.05) -> TextSplit:
+    """The corpus as byte tokens, the last `validation_fraction` held out."""
+    return split_bytes(corpus(size), validation_fraction)
 
 
 def windows(tokens: torch.Tensor, length: int, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..backend import resolve_backend
-from ..long_connections import fsdp_forward
+from ..depth import depth_scores_across_ranks
 from ..models import GPT
 from ..training import early_exit_loss
 from . import text
@@ -63,12 +63,11 @@ def tokens_of(options: TrainOptions) -> text.TextSplit:
     if options.text is None:
         return text.load_corpus()
     with open(options.text, "rb") as handle:
-        tokens = torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8).long()
-    if len(tokens) < 20 * (options.context + 1):
+        data = handle.read()
+    if len(data) < 20 * (options.context + 1):
         raise ValueError(f"--text must hold at least {20 * (options.context + 1)} bytes for --context "
-                         f"{options.context} (5% held out), got {len(tokens)} in {options.text}")
-    cut = int(len(tokens) * 0.95)
-    return text.TextSplit(tokens[:cut], tokens[cut:])
+                         f"{options.context} (5% held out), got {len(data)} in {options.text}")
+    return text.split_bytes(data)
 
 
 def batch_of(tokens: torch.Tensor, options: TrainOptions, step: int, rank: int, device) -> torch.Tensor:
@@ -79,8 +78,10 @@ def batch_of(tokens: torch.Tensor, options: TrainOptions, step: int, rank: int, 
 
 
 def process_group() -> tuple:
-    """(rank, world, device): torchrun's process group, started here where it is not yet."""
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+    """(rank, world, device, started): torchrun's process group, started here (started True) where it is
+    not yet."""
+    started = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized()
+    if started:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if torch.cuda.is_available():
@@ -88,7 +89,7 @@ def process_group() -> tuple:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    return rank, world, device
+    return rank, world, device, started
 
 
 def built(options: TrainOptions, world: int, device) -> tuple:
@@ -111,19 +112,11 @@ def built(options: TrainOptions, world: int, device) -> tuple:
     return model, optimizer, schedule(optimizer, recipe, options.steps)
 
 
-def held_out_losses(model: GPT, validation: torch.Tensor, world: int) -> list:
+def held_out_losses(model: GPT, validation: torch.Tensor, rank: int) -> list:
     """Every depth's mean next-token loss on fixed held-out windows (each rank its own; the mean)."""
-    windows = text.windows(validation, model.max_len - 1, EVAL_WINDOWS,
-                           torch.Generator().manual_seed(dist.get_rank() if world > 1 else 0))
+    windows = text.windows(validation, model.max_len - 1, EVAL_WINDOWS, torch.Generator().manual_seed(rank))
     windows = windows.to(next(model.parameters()).device)
-    model.eval()
-    with torch.no_grad():
-        losses = fsdp_forward(model, model.probe, windows, windows, "loss").double()
-    model.train()
-    if world > 1:
-        dist.all_reduce(losses)
-        losses /= world
-    return losses.tolist()
+    return depth_scores_across_ranks(model, windows, windows, "loss")
 
 
 @contextlib.contextmanager
@@ -189,7 +182,17 @@ def run(options: TrainOptions, progress=None) -> list:
         raise ValueError(f"--steps must be at least 3 (the one-cycle schedule warms up over 2), got {options.steps}")
     folder = latest_checkpoint(options.out) if options.resume else None
     data = tokens_of(options)
-    rank, world, device = process_group()
+    rank, world, device, started = process_group()
+    try:
+        return trained(options, data, folder, rank, world, device, progress)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def trained(options: TrainOptions, data: text.TextSplit, folder: str | None, rank: int, world: int, device,
+            progress) -> list:
+    """run's training in its process group: [(step, every depth's held-out loss)]."""
     os.makedirs(options.out, exist_ok=True)
     model, optimizer, lr_schedule = built(options, world, device)
     first = resumed(model, optimizer, lr_schedule, folder) + 1 if options.resume else 1
@@ -209,7 +212,7 @@ def run(options: TrainOptions, progress=None) -> list:
         optimizer.step()
         lr_schedule.step()
         if step % options.eval_every == 0 or step == options.steps:
-            curve.append((step, held_out_losses(model, data.validation, world)))
+            curve.append((step, held_out_losses(model, data.validation, rank)))
             if rank == 0:
                 say(f"step {step}: held-out loss at depth 0..{options.depth}: "
                     + " ".join(f"{value:.3f}" for value in curve[-1][1]))
