@@ -81,14 +81,15 @@ def check_placements(op: str, kinds: tuple, args: tuple) -> None:
     for kind, spec in zip(kinds, args):
         if not kind or spec is None or not hasattr(spec, "placements") or is_empty(spec):
             continue
+        kind = kind.rstrip("?")
+        token_dims = range(1, row_dim) if kind == "depths" else range(row_dim)
         for placement in spec.placements:
             if placement.is_partial():
                 raise ValueError(f"{op}: a Partial input is not supported (reduce it first), got {spec.placements}")
-            if kind.rstrip("?") == "param" and not placement.is_replicate():
+            if kind == "param" and not placement.is_replicate():
                 raise ValueError(f"{op}: the parameters (norms', linears', the hybrid's scalars) must be "
                                  f"Replicate, got {spec.placements}")
-            token_dims = range(1, row_dim) if kind.rstrip("?") == "depths" else range(row_dim)
-            if kind.rstrip("?") in ("row", "depths") and placement.is_shard() and placement.dim not in token_dims:
+            if kind in ("row", "depths") and placement.is_shard() and placement.dim not in token_dims:
                 raise ValueError(f"{op}: row tensors may be Replicate or Shard on a token dimension "
                                  f"({list(token_dims)}), not on their features (the last), got {spec.placements}")
     if len({spec.placements for _, spec in rows}) > 1:
