@@ -201,7 +201,8 @@ def _add_train(commands) -> None:
     from .experiments.train import TRAINABLE, TrainOptions
 
     train = commands.add_parser("train", help="train a byte-level ACN language model on a text file, in one "
-                                "process or under torchrun (FSDP2), with checkpoints to resume from")
+                                "process or under torchrun (FSDP2, --tp for tensor parallelism), with checkpoints to "
+                                "resume from")
     train.add_argument("--out", required=True, help="folder for the checkpoints, model.pt and config.json")
     train.add_argument("--text", default=None, help="a text file, read as bytes (default: the package's corpus)")
     train.add_argument("--row", choices=TRAINABLE, default=TrainOptions.row,
@@ -213,6 +214,9 @@ def _add_train(commands) -> None:
     train.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
     train.add_argument("--backend", choices=BACKENDS, default=TrainOptions.backend,
                        help="the model's ops (auto: the fused kernels on a GPU, PyTorch on a CPU)")
+    train.add_argument("--tp", type=positive_int, default=TrainOptions.tp,
+                       help="tensor-parallel ranks under torchrun (dividing the processes, the heads and the width); "
+                            "FSDP2 over the rest")
 
 
 def _run_train(args) -> int:

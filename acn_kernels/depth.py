@@ -196,7 +196,7 @@ def depth_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
         raise ValueError(f"statistics=True needs metric='loss' on a causal language model, got metric={metric!r} "
                          f"on {type(model).__name__}")
     total, count, stats_total = None, 0, 0
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode, whose tensors refuse a DTensor's views (tensor parallelism)
         for start in range(0, len(targets), batch_size):
             rows, chunk = batch_rows(inputs, slice(start, start + batch_size)), targets[start:start + batch_size]
             if loss_pass:  # every depth's loss without its logits

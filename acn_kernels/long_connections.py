@@ -67,8 +67,9 @@ from torch.utils.checkpoint import checkpoint
 
 try:
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    from torch.distributed.tensor import DTensor, Replicate
 except ImportError:  # a torch without distributed
-    FSDPModule = register_fsdp_forward_method = None
+    FSDPModule = register_fsdp_forward_method = DTensor = Replicate = None
 
 from ._validation import check_bool, check_choice, check_positive_int, check_real
 from .backend import BACKENDS, resolve_backend
@@ -131,6 +132,8 @@ class Readout:
         backend, so no (E, tokens, vocabulary) logits exist; a "reference" model's on the chunked path
         (plain PyTorch too)."""
         check_labels(input_ids, labels, self.head_weight.shape[0])
+        if DTensor is not None and isinstance(states, DTensor):  # a tensor-parallel model's, split on the tokens: each rank all of them
+            states = states.redistribute(placements=[Replicate()] * states.device_mesh.ndim)
         weight, bias, eps = norm_parameters(self.norm, states)
         return depth_cross_entropy(states[:, :, :-1], labels[:, 1:].to(states.device), weight, bias, self.head_weight,
                                    weights=weights, head_bias=self.head_bias, norm=norm_kind(self.norm, "the final norm"),
@@ -317,7 +320,7 @@ class HybridScalars:
     def gate(self, i: int, like: torch.Tensor) -> torch.Tensor:
         """The gate on the short path after unit i (a constant 1 where that path is whole)."""
         if self.options.skip_attention and i % self.units_per_block == 0:
-            return torch.ones((), dtype=like.dtype, device=like.device)
+            return like.new_ones(())  # a DTensor where like is one (tensor parallelism)
         owner = i // self.units_per_scalar
         if self.gates is not None:
             return self.gates.value(owner)
@@ -385,6 +388,13 @@ def fsdp_forward(module: nn.Module, fn, *args):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         return module.acn_forward(fn, *args)
+
+
+class Unseen:
+    """A value FSDP2's hooks pass through as it is (they look into tuples, lists and dicts)."""
+
+    def __init__(self, value):
+        self.value = value
 
 
 class Outputs:
@@ -577,10 +587,14 @@ class LongConnections(nn.Module):
         owner = None if self.owners is None else self.owners[block]
         return self.run_steps if owner is None else functools.partial(fsdp_forward, owner, self.run_steps)
 
-    def run_steps(self, walk: Walk, units: list, fused: bool, block_kwargs: dict, last: int, keep_last_output: bool,
-                  outputs: "Outputs") -> Walk:
-        """The walk after `units` (each one's output into outputs, where it records), each step recomputed
-        in backward under gradient checkpointing."""
+    def run_steps(self, x: torch.Tensor, walk: "Unseen", units: list, fused: bool, block_kwargs: dict, last: int,
+                  keep_last_output: bool, outputs: "Outputs") -> Walk:
+        """The walk (its x apart) after `units` (each one's output into outputs, where it records), each step
+        recomputed in backward under gradient checkpointing. Of the walk's tensors FSDP2's forward sees x
+        alone, whose gradient is complete only after the block's first boundary (when FSDP2 reduces the
+        block's gradients): where a tensor it takes gets no gradient (the sum, where only the exit states
+        are read), it would give one of zeros, a plain tensor where the walk's are DTensors."""
+        walk = walk.value._replace(x=x)
         for i in units:
             arguments = (i, walk, fused, block_kwargs, i == last, keep_last_output)
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -604,7 +618,7 @@ class LongConnections(nn.Module):
         fused = self.fused(walk.x.device)
         recorded = Outputs(outputs)
         for block, block_units in itertools.groupby(units, key=lambda i: i // self.units_per_block):
-            walk = self.steps_of(block)(walk, list(block_units), fused, block_kwargs, units[-1], keep_last_output,
+            walk = self.steps_of(block)(walk.x, Unseen(walk), list(block_units), fused, block_kwargs, units[-1], keep_last_output,
                                         recorded)  # units[-1]: the groups exist only where units do
         return walk
 

@@ -25,9 +25,15 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.distributed.tensor import Partial, Replicate, Shard
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.experimental import register_sharding
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
+                                               parallelize_module)
 
+from ._validation import check_bool
 from .ops._common import CUDA_EXTENSION
 
 ROW_OPS = {  # op: (what each argument is, what each output is); "row" tensors split with the tokens
@@ -74,8 +80,10 @@ def row_tensors(kinds: tuple, args: tuple) -> list:
             and spec is not None and not is_empty(spec)]
 
 
-def check_placements(op: str, kinds: tuple, args: tuple) -> None:
-    """Refuses, by name, what the rules do not cover (rather than let DTensor gather a tensor)."""
+def row_splits(op: str, kinds: tuple, args: tuple) -> tuple:
+    """The token dimensions the op may run split on (None: replicated): where the row tensors are, or
+    any where they are all Partial or the mesh has several dimensions; refuses, by name, what the rules
+    do not cover (rather than let DTensor gather a tensor)."""
     rows = row_tensors(kinds, args)
     row_dim = rows[0][1].ndim - 1
     for kind, spec in zip(kinds, args):
@@ -84,17 +92,21 @@ def check_placements(op: str, kinds: tuple, args: tuple) -> None:
         kind = kind.rstrip("?")
         token_dims = range(1, row_dim) if kind == "depths" else range(row_dim)
         for placement in spec.placements:
-            if placement.is_partial():
-                raise ValueError(f"{op}: a Partial input is not supported (reduce it first), got {spec.placements}")
             if kind == "param" and not placement.is_replicate():
                 raise ValueError(f"{op}: the parameters (norms', linears', the hybrid's scalars) must be "
                                  f"Replicate, got {spec.placements}")
             if kind in ("row", "depths") and placement.is_shard() and placement.dim not in token_dims:
                 raise ValueError(f"{op}: row tensors may be Replicate or Shard on a token dimension "
                                  f"({list(token_dims)}), not on their features (the last), got {spec.placements}")
-    if len({spec.placements for _, spec in rows}) > 1:
-        raise ValueError(f"{op}: every row tensor must have the same placements, got "
+    placed = {(kind, spec.placements) for kind, spec in rows if not any(p.is_partial() for p in spec.placements)}
+    if len({placements for _, placements in placed}) > 1:  # a Partial one, a gradient summed over the group,
+        raise ValueError(f"{op}: every row tensor must have the same placements, got "  # is reduced to the others'
                          f"{[spec.placements for _, spec in rows]}")
+    everywhere = (None, *range(rows[0][1].ndim - (2 if rows[0][0].startswith("depths") else 1)))
+    if not placed or len(rows[0][1].placements) > 1:
+        return everywhere
+    kind, (placement,) = next(iter(placed))
+    return (None,) if placement.is_replicate() else (placement.dim - kind.startswith("depths"),)
 
 
 def empty_outputs(overload, args: tuple) -> list:
@@ -104,16 +116,51 @@ def empty_outputs(overload, args: tuple) -> list:
     return [tuple(out.shape) == (0,) for out in overload(*meta)]
 
 
+# Tensor parallelism's splits of the GEMM-epilogue ops: (the argument whose placement says which split (the
+# first present one), that placement, every argument's placement, every output's); "S-1" the last dimension
+# of the rows, "P" Partial (a row-split linear's bias enters as Replicate's share, added once over the group)
+COLUMNS = ((1,), "S0", ("R", "S0", "S0", None, None, None), ("S-1", "S-1", "S-1"))  # linear_act_accumulate's
+SPLITS = {
+    "linear_fwd": (((1,), "S0", ("R", "S0", "S0"), ("S-1",)),  # column-wise
+                   ((1,), "S1", ("S-1", "S1", "P"), ("P",))),  # row-wise
+    "weight_grad": (((0,), "S-1", ("S-1", "R", None), ("S0", "S0")),
+                    ((1,), "S-1", ("R", "S-1", None), ("S1", "R"))),
+    "feed_forward_fwd": (((1,), "S0", ("R", "S0", "S0", "S1", "P", None), ("P", "S-1", "S-1")),),  # columns, rows
+    "times_activation_grad": (((1,), "S1", ("R", "S1", "S-1", None), ("S-1",)),),
+    "linear_act_accumulate_fwd": (COLUMNS,),
+    "linear_act_accumulate_cublas_fwd": (COLUMNS,),
+    "activation_backward": (((0, 1), "S-1", ("S-1", "S-1", "S-1", None, None), ("S-1",)),),  # elementwise
+}
+
+
+def split_placement(code: str | None, rows: int):
+    """The placement a SPLITS code names, for row tensors of `rows` dimensions."""
+    if code is None:
+        return None
+    return {"R": Replicate(), "P": Partial(), "S0": Shard(0), "S1": Shard(1), "S-1": Shard(rows - 1)}[code]
+
+
+def tensor_parallel_strategy(op: str, args: tuple, empty: list):
+    """The one strategy of the split the arguments' placements say (None where none of SPLITS' applies)."""
+    rows = next(arg.ndim for arg in args if hasattr(arg, "placements"))
+    for indices, code, inputs, outputs in SPLITS.get(op, ()):
+        key = next(args[i] for i in indices if args[i] is not None)
+        if key.placements[0] == split_placement(code, key.ndim):
+            return ([Replicate() if absent else split_placement(output, rows) for output, absent in zip(outputs, empty)],
+                    [None if arg is None else split_placement(kind, rows) for kind, arg in zip(inputs, args)])
+    return None
+
+
 def row_op_rule(overload, op: str):
     kinds, output_kinds = ROW_OPS[op]
 
     def rule(*args):
-        check_placements(op, kinds, args)
-        kind, first = row_tensors(kinds, args)[0]
-        token_dims = first.ndim - (2 if kind == "depths" else 1)
+        tensor_parallel = tensor_parallel_strategy(op, args, empty_outputs(overload, args))
+        if tensor_parallel is not None:
+            return [tensor_parallel]
         empty = empty_outputs(overload, args)
         strategies = []
-        for split in (None, *range(token_dims)):
+        for split in row_splits(op, kinds, args):
             outputs = [Replicate() if absent else placement_of(kind.removesuffix("?"), None, split)
                        for kind, absent in zip(output_kinds, empty)]
             strategies.append((outputs, [placement_of(kind, spec, split) for kind, spec in zip(kinds, args)]))
@@ -130,3 +177,115 @@ def register_row_op_rules() -> None:
 
 
 register_row_op_rules()
+
+
+# ----------------------------------------------------------------------------- parallelize
+
+def parallelize(model: nn.Module, mesh: DeviceMesh, *, tp: str | None = "tp", dp: str | None = "dp",
+                sequence_parallel: bool = True, loss_parallel: bool = True,
+                activation_checkpointing: bool = False) -> nn.Module:
+    """The package's GPT across the mesh's ranks, in place, as torchtitan parallelizes its Llama:
+
+    tp   tensor parallelism over mesh[tp] (Megatron's splits on DTensors): each block's attention qkv
+         column-wise (whole heads a rank: its rows are head-major) and proj row-wise, its MLP's first
+         linear column-wise and second row-wise (one feed_forward on the shards where it fuses), the
+         token embedding row-wise (the vocabulary split) and the head column-wise; with
+         sequence_parallel the running sum, the norms and every boundary op split on the tokens
+         (Shard(1): each rank its share of every row tensor, gathered before attention and the MLP,
+         reduce-scattered after them), else replicated. With loss_parallel the logits stay split on the
+         vocabulary (model(tokens) a DTensor: F.cross_entropy in torch's loss_parallel(); early_exit_loss
+         runs depth_cross_entropy over the group), else gathered. Every other parameter (the norms', the
+         hybrid's scalars, learned positions) is replicated.
+    dp   FSDP2 over mesh[dp]: each block, then the root (the fused boundary reads a block's input norm in
+         that block's FSDP2 forward: LongConnections.steps_of).
+    activation_checkpointing: each block's steps recomputed in backward (model.gradient_checkpointing).
+
+    tp=None or dp=None leaves that one out (a 1-D mesh). Returns the model."""
+    from .models import GPT
+
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be the package's GPT (acn_kernels.GPT; parallelize knows its blocks' linears), "
+                        f"got {type(model).__name__}")
+    for name, value in (("sequence_parallel", sequence_parallel), ("loss_parallel", loss_parallel),
+                        ("activation_checkpointing", activation_checkpointing)):
+        check_bool(name, value)
+    names = tuple(mesh.mesh_dim_names or ()) if isinstance(mesh, DeviceMesh) else None
+    if names is None:
+        raise TypeError(f"mesh must be a torch.distributed DeviceMesh, got {type(mesh).__name__}")
+    for argument, name in (("tp", tp), ("dp", dp)):
+        if name is not None and name not in names:
+            raise ValueError(f"{argument}={name!r} must name a dimension of the mesh (init_device_mesh(..., "
+                             f"mesh_dim_names=...)), got a mesh with dimensions {names}")
+    if tp is not None:
+        tensor_parallel_gpt(model, mesh[tp], sequence_parallel, loss_parallel)
+    model.gradient_checkpointing = activation_checkpointing
+    if dp is not None:
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh[dp])
+        fully_shard(model, mesh=mesh[dp])
+    return model
+
+
+def check_tensor_parallel_gpt(model: nn.Module, size: int) -> None:
+    attention = model.blocks[0].attn
+    first = model.blocks[0].mlp[0]
+    if model.blocks[0].mlp.activation == "swiglu":
+        raise ValueError("model's MLP must be gelu for tensor parallelism: swiglu's first linear holds every gate "
+                         "row, then every up row, which a split of its rows would part, got mlp='swiglu'")
+    for name, value in (("heads", attention.heads), ("dim", attention.proj.in_features),
+                        ("mlp_dim", first.out_features)):
+        if value % size:
+            raise ValueError(f"the tensor-parallel size ({size}, mesh[tp]) must divide the model's {name}, got "
+                             f"{name}={value}")
+
+
+class FeedForwardParallel(ParallelStyle):
+    """A FeedForward's first linear column-wise, its second row-wise: its input gathered from the stream's
+    placement, its output (the row-wise linear's Partial sum, or the fused op's) reduced back to it."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        first, _, second = module
+        ColwiseParallel(use_local_output=False)._apply(first, device_mesh)
+        RowwiseParallel(output_layouts=self.stream, use_local_output=False)._apply(second, device_mesh)
+        PrepareModuleInput(input_layouts=(self.stream,), desired_input_layouts=(Replicate(),),
+                           use_local_output=False)._apply(module, device_mesh)
+        module.register_forward_hook(lambda _, __, out: out.redistribute(placements=[self.stream]))
+        return module
+
+
+def tensor_parallel_gpt(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool, loss_parallel: bool) -> None:
+    """The GPT's tensor-parallel plan on a 1-D mesh (see parallelize)."""
+    check_tensor_parallel_gpt(model, mesh.size())
+    stream = Shard(1) if sequence_parallel else Replicate()
+    tied = model.lm_head.weight is model.token_embed.weight
+    plan = {"token_embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream, use_local_output=False),
+            "blocks.*.attn.qkv": ColwiseParallel(input_layouts=stream),
+            "blocks.*.attn.proj": RowwiseParallel(output_layouts=stream, use_local_output=False),
+            "blocks.*.mlp": FeedForwardParallel(stream),
+            "lm_head": ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                       use_local_output=not loss_parallel)}
+    if model.pos_embed is not None:
+        plan["pos_embed"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),),
+                                               use_local_output=False)
+    parallelize_module(model, mesh, plan)
+    if tied:  # each style made its own parameter of the shared weight (both split on the vocabulary)
+        model.lm_head.weight = model.token_embed.weight
+    replicate_parameters(model, mesh)
+
+
+def replicate_parameters(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Every parameter the plan did not place, replicated over the mesh (one DTensor a parameter, where
+    modules share it: the hybrid's scalars)."""
+    made = {}
+    for module in model.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is None or isinstance(parameter, DTensor):
+                continue
+            if id(parameter) not in made:
+                made[id(parameter)] = nn.Parameter(distribute_tensor(parameter.data, mesh, [Replicate()]),
+                                                   requires_grad=parameter.requires_grad)
+            module._parameters[name] = made[id(parameter)]

@@ -115,10 +115,18 @@ def early_exit_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, wei
             raise ValueError(f"weights of the exits this step trains ({chosen}) must not all be 0, got "
                              f"{chosen_weights.tolist()}")
         chosen_weights = (chosen_weights / chosen_weights.sum()).to(states.device)
-        loss, _, *stats = readout.losses(states[chosen], input_ids, labels, chosen_weights, statistics)
+        loss, _, *stats = readout.losses(exits_of(states, chosen), input_ids, labels, chosen_weights, statistics)
         return loss, chosen, *stats
     loss, chosen, *stats = fsdp_forward(model, exits_loss)  # FSDP2: the embedding, norm and head gathered once
     return (loss, chosen, *stats) if statistics else loss
+
+
+def exits_of(states: torch.Tensor, chosen: list) -> torch.Tensor:
+    """The states at the chosen depths: a view where they follow one another (every depth, a curriculum's
+    last ones), else a copy (by depths one at a time, which a DTensor takes too)."""
+    if chosen == list(range(chosen[0], chosen[-1] + 1)):
+        return states[chosen[0]:chosen[-1] + 1]
+    return torch.stack([states[k] for k in chosen])
 
 
 class EarlyExitLoss(torch.nn.Module):

@@ -3,6 +3,7 @@ every recipe applies it (each block, then the root) on every connectivity of the
 dropout on ranks seeded apart (the same blocks skipped on every rank, no hang); a distributed checkpoint
 saved at step 2 resumes to step 3 bit for bit, and loads into one process. Every case of a world size runs
 in the session's one spawn (tests/spawned.py)."""
+import contextlib
 import dataclasses
 
 import pytest
@@ -16,7 +17,7 @@ from spawned import session_results
 
 pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="the gloo tests run on the CPU")
 
-WORLDS = (2,)
+WORLDS = (2, 4)
 STEPS = 3
 GPT_CONNECTIVITIES = ("acn", "hybrid", "lsn", "residual", "ffn")
 CASES = ([dict(name=f"{wrapper} mlp {connectivity}", model="mlp", wrapper=wrapper, connectivity=connectivity)
@@ -48,9 +49,35 @@ REFUSED = [dict(name="dtensor refused: the normalized dimension split", op="accu
 
 
 TRAIN = dict(name="python -m acn_kernels train across 2 processes, resumed", train=True)
+TRAIN_TP = dict(name="python -m acn_kernels train --tp 2 across 4 processes, resumed", train=True)
+
+
+# 4 processes: parallelize(model, mesh) on a 2 x 2 (dp, tp) mesh, FSDP2 x tensor parallelism with sequence
+# parallelism and the loss over the TP group, against one process on the whole batch
+TENSOR_PARALLEL = ([dict(name=f"2 x 2 fsdp2 x tp gpt {form}", connectivity=form) for form in GPT_CONNECTIVITIES]
+                   + [dict(name="2 x 2 fsdp2 x tp gpt acn, the reference backend", connectivity="acn",
+                           backend="reference"),
+                      dict(name="2 x 2 fsdp2 x tp gpt acn, every exit's loss", connectivity="acn", early_exit=True),
+                      dict(name="2 x 2 fsdp2 x tp gpt lsn, every exit's loss", connectivity="lsn", early_exit=True),
+                      dict(name="2 x 2 fsdp2 x tp gpt hybrid, no sequence or loss parallelism", connectivity="hybrid",
+                           sequence_parallel=False, loss_parallel=False),
+                      dict(name="2 x 2 fsdp2 x tp gpt acn, rotary, no biases, AdamW, activation checkpointing, "
+                                "float64", connectivity="acn", authors=True, backend="reference",
+                           activation_checkpointing=True)])
+PARALLELIZE_REFUSED = [
+    dict(name="parallelize refused: a mesh without the named dimension", bad="mesh",
+         match=r"tp='model' must name a dimension of the mesh \(init_device_mesh\(\.\.\., mesh_dim_names=\.\.\.\)\), "
+               r"got a mesh with dimensions \('dp', 'tp'\)"),
+    dict(name="parallelize refused: a tp size that does not divide the heads", bad="heads",
+         match=r"the tensor-parallel size \(2, mesh\[tp\]\) must divide the model's heads, got heads=3"),
+    dict(name="parallelize refused: a family the package does not parallelize", bad="family",
+         match=r"TypeError: model must be the package's GPT .*, got MLP"),
+    dict(name="parallelize refused: swiglu's fused rows", bad="swiglu", match=r"model's MLP must be gelu")]
 
 
 def cases(world: int) -> list:
+    if world == 4:
+        return TENSOR_PARALLEL + PARALLELIZE_REFUSED + [TRAIN_TP]
     return CASES + RESUMED + DTENSOR_OPS + REFUSED + [TRAIN]
 
 
@@ -255,9 +282,10 @@ def op_run(case: dict, mesh=None) -> list:
     return [v.full_tensor() if hasattr(v, "full_tensor") else v.detach() for v in values]
 
 
-def run_train(rank: int) -> dict:
-    """The train command's run (the hybrid, every exit's loss, FSDP2 on this group), then the same run
-    resumed from its step-2 checkpoint in a second folder."""
+def run_train(rank: int, tp: int = 1) -> dict:
+    """The train command's run (the hybrid, every exit's loss, parallelize on this group: FSDP2, over tp
+    tensor-parallel ranks too), then the same run resumed from its step-2 checkpoint in a second folder."""
+    import json
     import os
     import shutil
     import tempfile
@@ -270,7 +298,7 @@ def run_train(rank: int) -> dict:
     dist.broadcast_object_list(folder)
     whole, resumed = os.path.join(folder[0], "whole"), os.path.join(folder[0], "resumed")
     options = TrainOptions(out=whole, row="hybrid", depth=2, dim=32, heads=2, context=32, batch=4, steps=4,
-                           eval_every=2, checkpoint_every=2, exit_loss=True, backend="reference")
+                           eval_every=2, checkpoint_every=2, exit_loss=True, backend="reference", tp=tp)
     curve = run(options)
     if rank == 0:
         shutil.copytree(os.path.join(whole, "step-2"), os.path.join(resumed, "step-2"))
@@ -278,7 +306,80 @@ def run_train(rank: int) -> dict:
             handle.write("step-2\n")
     dist.barrier()
     run(dataclasses.replace(options, out=resumed, resume=True))
-    return dict(curve=curve, folder=folder[0])
+    dist.barrier()
+    if rank:
+        return dict(curve=curve)
+    saved = dict(curve=curve, whole=torch.load(os.path.join(whole, "model.pt")),
+                 resumed=torch.load(os.path.join(resumed, "model.pt")),
+                 config=json.load(open(os.path.join(whole, "config.json"))))
+    shutil.rmtree(folder[0])
+    return saved
+
+
+def tensor_parallel_gpt(case: dict):
+    """The case's GPT; the authors' (no biases, rotary positions) in float64, where AdamW's steps do not
+    turn float32's rounding of a gradient near 0 into a step of their size."""
+    torch.manual_seed(0)
+    authors = dict(bias=False, positions="rotary", scaled_output_init=True) if case.get("authors") else {}
+    model = GPT(29, 12, 16, 3, 2, backend=case.get("backend", "auto"), **authors,
+                **GPT_FORMS.get(case["connectivity"], dict(connectivity=case["connectivity"])))
+    return model.double() if case.get("authors") else model
+
+
+def tensor_parallel_steps(model, ids: torch.Tensor, case: dict) -> dict:
+    """STEPS steps (AdamW for the authors' GPT without biases, SGD otherwise: see train); every step's loss,
+    the first step's gradients and the last state, each whole (the shards gathered)."""
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2) if case.get("authors") \
+        else torch.optim.SGD(model.parameters(), lr=0.5)
+    losses, grads = [], None
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        if case.get("early_exit"):
+            loss = early_exit_loss(model, ids, ids)
+            loss.backward()
+        else:
+            logits = model(ids[:, :-1])
+            with loss_parallel() if hasattr(logits, "placements") else contextlib.nullcontext():
+                loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+                loss.backward()
+        losses.append(float(loss.full_tensor() if hasattr(loss, "full_tensor") else loss))
+        if grads is None:
+            grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                     for name, p in model.named_parameters()}
+        optimizer.step()
+    return dict(losses=losses, grads=grads, state=whole(model))
+
+
+def run_parallelized(case: dict, rank: int) -> dict:
+    """parallelize on a 2 x 2 (dp, tp) mesh, each dp rank half of the batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from acn_kernels.parallel import parallelize
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    if "bad" in case:
+        return refused_parallelize(case, mesh)
+    model = parallelize(tensor_parallel_gpt(case), mesh, sequence_parallel=case.get("sequence_parallel", True),
+                        loss_parallel=case.get("loss_parallel", True),
+                        activation_checkpointing=case.get("activation_checkpointing", False))
+    ids = batch("gpt")[0]
+    half = mesh["dp"].get_local_rank()
+    return tensor_parallel_steps(model, ids[half * 2:half * 2 + 2], case)
+
+
+def refused_parallelize(case: dict, mesh):
+    from acn_kernels.parallel import parallelize
+
+    torch.manual_seed(0)
+    if case["bad"] == "mesh":
+        return parallelize(make_gpt("acn"), mesh, tp="model")
+    if case["bad"] == "heads":
+        return parallelize(GPT(29, 12, 18, 2, 3), mesh)
+    if case["bad"] == "family":
+        return parallelize(make_mlp("acn"), mesh)
+    return parallelize(GPT(29, 12, 16, 2, 2, mlp="swiglu"), mesh)
 
 
 def run_on_rank(case: dict, rank: int, world: int, calls) -> dict:
@@ -286,6 +387,10 @@ def run_on_rank(case: dict, rank: int, world: int, calls) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if case == TRAIN_TP:
+        return run_train(rank, tp=2)
+    if world == 4:
+        return run_parallelized(case, rank)
     if case in RESUMED:
         return run_resumed(case, rank, world)
     if case == TRAIN:
@@ -381,20 +486,63 @@ def test_a_placement_the_rules_do_not_cover_is_refused_by_name(spawned, case, ma
         assert isinstance(result, tuple) and re.search(match, result[1]), f"rank {rank}: {result}"
 
 
-def test_the_train_command_across_processes_resumes_bit_for_bit_and_saves_a_gpt(spawned):
-    import json
-    import shutil
-
-    results = [ranks[cases(2).index(TRAIN)] for ranks in spawned]
+def train_results(results: list) -> tuple:
+    """(the held-out curve, the whole run's model.pt), after checking every rank's curve and the resumed
+    run's model (equal to the whole run's bit for bit) and loading model.pt into a GPT of config.json."""
     for rank, result in enumerate(results):
         assert not isinstance(result, tuple), f"rank {rank} raised {result[1]}"
         assert [step for step, _ in result["curve"]] == [2, 4]
         assert all(len(losses) == 3 for _, losses in result["curve"])
-    assert results[0]["curve"] == results[1]["curve"]  # the mean over the ranks, on every rank
-    folder = results[0]["folder"]
-    whole, resumed = (torch.load(f"{folder}/{run}/model.pt") for run in ("whole", "resumed"))
+        assert result["curve"] == results[0]["curve"]  # the mean over the ranks, on every rank
+    whole, resumed = results[0]["whole"], results[0]["resumed"]
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
-    model = GPT(**json.load(open(f"{folder}/whole/config.json")))
+    model = GPT(**results[0]["config"])
     model.load_state_dict(whole)
-    shutil.rmtree(folder)
     assert model.connectivity == "hybrid"
+    return results[0]["curve"], whole
+
+
+def test_the_train_command_across_processes_resumes_bit_for_bit_and_saves_a_gpt(spawned):
+    train_results([ranks[cases(2).index(TRAIN)] for ranks in spawned])
+
+
+def test_the_train_command_with_tensor_parallelism_trains_as_fsdp2_alone(spawned, spawned_four):
+    """--tp 2 on 4 processes: 2 data ranks, as the 2-process run has, drawing the same batches: the same
+    held-out curve and model, within float32's sums in another order."""
+    curve, model = train_results([ranks[cases(4).index(TRAIN_TP)] for ranks in spawned_four])
+    expected_curve, expected = train_results([ranks[cases(2).index(TRAIN)] for ranks in spawned])
+    for (step, losses), (expected_step, expected_losses) in zip(curve, expected_curve):
+        assert step == expected_step and losses == pytest.approx(expected_losses, rel=1e-5)
+    for name, value in expected.items():
+        torch.testing.assert_close(model[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def spawned_four(tmp_path_factory):
+    return session_results(__name__, 4, tmp_path_factory)
+
+
+@pytest.mark.parametrize("case", TENSOR_PARALLEL, ids=lambda case: case["name"])
+def test_fsdp2_by_tensor_parallelism_on_a_2x2_mesh_matches_one_process(spawned_four, case):
+    """Every connectivity, the fused ops (Triton's, interpreted) and the reference backend: the loss at every
+    step (the dp ranks' mean), every gradient of the first step and the state after three steps."""
+    expected = tensor_parallel_steps(tensor_parallel_gpt(case), batch("gpt")[0], case)
+    tolerance = dict(rtol=1e-10, atol=1e-12) if case.get("authors") else dict(rtol=1e-5, atol=1e-6)  # float64
+    results = [ranks[TENSOR_PARALLEL.index(case)] for ranks in spawned_four]
+    for rank, result in enumerate(results):
+        assert not isinstance(result, tuple), f"rank {rank} raised {result[1]}"
+        for name, value in expected["grads"].items():
+            torch.testing.assert_close(result["grads"][name], value, **tolerance, msg=f"rank {rank}: {name}")
+        for name, value in expected["state"].items():
+            torch.testing.assert_close(result["state"][name], value, **tolerance, msg=f"rank {rank}: {name}")
+    for pair in ((0, 2), (1, 3)):  # rank 2 dp + tp: each tp rank's two dp ranks (halves of the batch)
+        means = [sum(results[r]["losses"][step] for r in pair) / 2 for step in range(STEPS)]
+        assert means == pytest.approx(expected["losses"], rel=tolerance["rtol"])
+
+
+@pytest.mark.parametrize("case", PARALLELIZE_REFUSED, ids=lambda case: case["name"])
+def test_parallelize_refuses_what_it_cannot_split_by_name(spawned_four, case):
+    import re
+    for rank, ranks in enumerate(spawned_four):
+        result = ranks[len(TENSOR_PARALLEL) + PARALLELIZE_REFUSED.index(case)]
+        assert isinstance(result, tuple) and re.search(case["match"], result[1]), f"rank {rank}: {result}"

@@ -149,6 +149,36 @@ def test_a_truncated_state_dict_loads_strictly_into_a_gpt_built_at_that_depth(co
     torch.testing.assert_close(built(t), model.probe(t)[2], rtol=1e-5, atol=1e-5)
 
 
+def test_qkv_rows_are_head_major_and_a_state_dict_of_the_earlier_layout_loads_reordered(tmp_path):
+    """Attention from qkv_weights() (each head's query, key and value rows, in that order, together: whole
+    heads a tensor-parallel rank) is multi-head causal attention; a state_dict saved with every query row
+    first, then the keys, then the values (version 1) loads into the same model, and one saved now loads
+    unchanged after torch.save."""
+    torch.manual_seed(0)
+    model = GPT(VOCAB, MAX_LEN, 32, 2, 4, backend="reference").eval()
+    attention, x = model.blocks[0].attn, torch.randn(2, 5, 32)
+    biases = attention.qkv.bias.unflatten(0, (4, 3, 8)).unbind(1)
+
+    def heads(weight, bias):
+        return (x @ weight.T + bias.flatten()).view(2, 5, 4, 8).transpose(1, 2)
+    attended = F.scaled_dot_product_attention(*map(heads, attention.qkv_weights(), biases), is_causal=True)
+    torch.testing.assert_close(attention(x), attention.proj(attended.transpose(1, 2).reshape(2, 5, 32)))
+
+    earlier = model.state_dict()
+    for i in range(2):
+        prefix = f"blocks.{i}.attn"
+        earlier[f"{prefix}.qkv.weight"] = torch.cat(model.blocks[i].attn.qkv_weights())
+        earlier[f"{prefix}.qkv.bias"] = model.blocks[i].attn.qkv.bias.unflatten(0, (4, 3, 8)).transpose(0, 1).flatten()
+        earlier._metadata[prefix]["version"] = 1
+    torch.save(model.state_dict(), tmp_path / "now.pt")
+    for state in (earlier, torch.load(tmp_path / "now.pt")):
+        torch.manual_seed(1)
+        loaded = GPT(VOCAB, MAX_LEN, 32, 2, 4, backend="reference").eval()
+        loaded.load_state_dict(state)
+        for name, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], value), name
+
+
 # ----------------------------------------------------------------------------- the authors' language models
 
 AUTHORS = dict(bias=False, scaled_output_init=True, positions="rotary", norm="layernorm", mlp="gelu")

@@ -1,7 +1,8 @@
 """`python -m acn_kernels train`: a byte-level GPT of any row of table 6 (the ACN, the authors' H-ACN and
 LSN, the residual twin, ...) trained on a text file, or the package's corpus, with the authors' recipe
-(AdamW on the linear weights, one cycle, clipping), in one process or under torchrun: FSDP2 on each
-block, then the root, over every rank (gloo on CPUs, NCCL on GPUs), each rank its own batches.
+(AdamW on the linear weights, one cycle, clipping), in one process or under torchrun: parallelize on a
+(dp, tp) mesh of every rank (gloo on CPUs, NCCL on GPUs): FSDP2 over dp, and with --tp N tensor and
+sequence parallelism over groups of N ranks; each tensor-parallel group its own batches.
 
 Every --eval-every steps it prints the held-out loss at every depth (probe(output="loss"), the mean over
 the ranks); every --checkpoint-every steps and at the end it saves a distributed checkpoint of the model,
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor.parallel import loss_parallel
 
 from ..backend import resolve_backend
 from ..depth import depth_scores_across_ranks
@@ -50,6 +52,7 @@ class TrainOptions:
     seed: int = 0
     resume: bool = False
     backend: str = "auto"       # the GPT's: the fused kernels on a GPU
+    tp: int = 1                 # tensor-parallel ranks (a dimension of the mesh); FSDP2 over the others
 
 
 def config(options: TrainOptions) -> dict:
@@ -92,16 +95,27 @@ def process_group() -> tuple:
     return rank, world, device, started
 
 
+def check_tp(tp: int, world: int) -> None:
+    if world % tp:
+        raise ValueError(f"--tp must divide the number of processes ({world}), got {tp}")
+
+
+def data_rank(rank: int, options: TrainOptions) -> int:
+    """The rank's place among those that draw their own batches: a tensor-parallel group shares one."""
+    return rank // options.tp
+
+
 def built(options: TrainOptions, world: int, device) -> tuple:
-    """(model, optimizer, learning-rate schedule), FSDP2 on each block then the root across processes."""
+    """(model, optimizer, learning-rate schedule), across processes on a (dp, tp) mesh: parallelize."""
     resolve_backend(options.backend, device)  # a backend this device cannot run: named before any work
     torch.manual_seed(options.seed)
     model = GPT(**config(options), backend=options.backend).to(device)
     if world > 1:
-        from torch.distributed.fsdp import fully_shard
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from ..parallel import parallelize
+        mesh = init_device_mesh(device.type, (world // options.tp, options.tp), mesh_dim_names=("dp", "tp"))
+        parallelize(model, mesh, tp="tp" if options.tp > 1 else None)
     recipe = RECIPES["authors"]
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe), lr=recipe.lr, betas=recipe.betas,
                                   weight_decay=recipe.weight_decay)
@@ -113,7 +127,7 @@ def built(options: TrainOptions, world: int, device) -> tuple:
 
 
 def held_out_losses(model: GPT, validation: torch.Tensor, rank: int) -> list:
-    """Every depth's mean next-token loss on fixed held-out windows (each rank its own; the mean)."""
+    """Every depth's mean next-token loss on fixed held-out windows (each data rank its own; the mean)."""
     windows = text.windows(validation, model.max_len - 1, EVAL_WINDOWS, torch.Generator().manual_seed(rank))
     windows = windows.to(next(model.parameters()).device)
     return depth_scores_across_ranks(model, windows, windows, "loss")
@@ -184,6 +198,7 @@ def run(options: TrainOptions, progress=None) -> list:
     data = tokens_of(options)
     rank, world, device, started = process_group()
     try:
+        check_tp(options.tp, world)
         return trained(options, data, folder, rank, world, device, progress)
     finally:
         if started:
@@ -201,18 +216,19 @@ def trained(options: TrainOptions, data: text.TextSplit, folder: str | None, ran
     steps = progress(steps) if progress is not None and rank == 0 else steps
     say = getattr(steps, "write", print)  # beside a progress bar, its own line
     for step in steps:
-        ids = batch_of(data.train, options, step, rank, device)
-        if options.exit_loss:
-            loss = early_exit_loss(model, ids, ids, weights="uniform")
-        else:
-            loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        ids = batch_of(data.train, options, step, data_rank(rank, options), device)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if options.exit_loss:
+            early_exit_loss(model, ids, ids, weights="uniform").backward()
+        else:
+            logits = model(ids[:, :-1])
+            with loss_parallel() if options.tp > 1 else contextlib.nullcontext():  # logits split on the vocabulary
+                F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPES["authors"].clip)
         optimizer.step()
         lr_schedule.step()
         if step % options.eval_every == 0 or step == options.steps:
-            curve.append((step, held_out_losses(model, data.validation, rank)))
+            curve.append((step, held_out_losses(model, data.validation, data_rank(rank, options))))
             if rank == 0:
                 say(f"step {step}: held-out loss at depth 0..{options.depth}: "
                     + " ".join(f"{value:.3f}" for value in curve[-1][1]))

@@ -95,20 +95,39 @@ class Rotary(nn.Module):
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention over (batch, positions, dim); with a KVCache, the new positions
-    attend to every cached one and causally among themselves."""
+    attend to every cached one and causally among themselves. qkv's rows are head-major (Megatron's
+    layout): head h's query, key and value rows together, so that a tensor-parallel split of its rows
+    gives each rank whole heads (acn_kernels.parallel); a state_dict saved with the earlier layout
+    (every head's queries, then keys, then values: version 1) is reordered as it loads."""
+
+    _version = 2
 
     def __init__(self, dim: int, heads: int, layer: int, rotary: Rotary | None, bias: bool = True):
         super().__init__()
         check_positive_int("heads", heads)
         check_divisible("dim", dim, "heads", heads)
-        self.heads, self.layer = heads, layer
+        self.heads, self.layer, self.head_dim = heads, layer, dim // heads
         self.qkv = FusedLinear(dim, 3 * dim, bias=bias)
         self.proj = FusedLinear(dim, dim, bias=bias)
         object.__setattr__(self, "rotary", rotary)  # shared by every layer, registered once by the model
 
+    def qkv_weights(self) -> tuple:
+        """(query, key, value) weights, each (dim, dim) with the heads' rows in order."""
+        return tuple(w.flatten(0, 1) for w in self.qkv.weight.unflatten(0, (self.heads, 3, self.head_dim)).unbind(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version", self._version) < 2:
+            for name in ("weight", "bias"):
+                value = state_dict.get(f"{prefix}qkv.{name}")
+                if value is not None:  # (3, heads, head_dim, ...) -> (heads, 3, head_dim, ...)
+                    state_dict[f"{prefix}qkv.{name}"] = value.unflatten(0, (3, self.heads, -1)).transpose(0, 1) \
+                        .flatten(0, 2)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        batch, positions, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, positions, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        batch, positions, _ = x.shape
+        # -1 heads: a tensor-parallel rank holds its own heads' rows of qkv (and proj's columns)
+        q, k, v = self.qkv(x).view(batch, positions, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         if self.rotary is not None:
             q, k = self.rotary(q, start), self.rotary(k, start)
         if cache is not None:
@@ -122,7 +141,7 @@ class CausalSelfAttention(nn.Module):
         else:  # new positions after cached ones: position start + i sees keys 0..start + i
             keys, queries = torch.arange(k.shape[2], device=x.device), torch.arange(positions, device=x.device)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=keys <= start + queries[:, None])
-        return self.proj(attended.transpose(1, 2).reshape(batch, positions, dim))
+        return self.proj(attended.transpose(1, 2).reshape(batch, positions, -1))
 
 
 class Branch(nn.Module):

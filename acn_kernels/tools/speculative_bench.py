@@ -174,7 +174,7 @@ def as_hf_llama(model: GPT) -> torch.nn.Module:
         lm.model.embed_tokens.weight.copy_(model.token_embed.weight)
         lm.model.norm.weight.copy_(model.final_norm.weight)
         for block, layer in zip(model.blocks, lm.model.layers):
-            q, k, v = block.attn.qkv.weight.chunk(3)
+            q, k, v = block.attn.qkv_weights()
             attention, mlp = layer.self_attn, layer.mlp
             for target, source in ((layer.input_layernorm.weight, block.norm1.weight),
                                    (layer.post_attention_layernorm.weight, block.norm2.weight),
