@@ -1,4 +1,4 @@
-"""The package across processes: DTensor sharding rules of the fused ops.
+"""The package across processes: DTensor sharding rules of the fused ops, and parallelize(model, mesh).
 
 Every fused op a model runs works row by row on its tokens: a boundary op (accumulate_norm,
 hybrid_accumulate_norm, probe_norm) normalizes each row of width D on its own, a GEMM-epilogue op
@@ -12,13 +12,24 @@ each mesh dimension:
                                tokens, D)), the parameters replicated; forward writes each rank's rows,
                                backward's parameter gradients are Partial (summed where they are read)
 
-and nothing else: the normalized dimension split, a parameter sharded, a Partial input or row tensors
-split apart are refused with a ValueError naming the op and the placement (never a silent gather).
-The row statistics the forward keeps for backward (mean, rstd) are placed Shard on their rows
-whatever token dimension is split: their order is each rank's own, and only the op's backward reads
-them. The rules cover the Triton ops (acn_kernels::*) and the CUDA extension's twins where it is
-built; `torch.distributed.tensor.experimental.register_sharding` registers them on import. (Tensor
-parallelism's column and row splits of the weights are not among them.)
+and, for the GEMM-epilogue ops, tensor parallelism's splits of the weights (SPLITS: Megatron's):
+
+    column-wise                x replicated, the weight and bias split on their rows (Shard(0)): the
+                               output split on its features; backward's dx Partial
+    row-wise                   x split on its features, the weight on its columns (Shard(1)): the
+                               output Partial, the bias added once over the group (its Replicate share)
+    feed_forward               its first linear column-wise, its second row-wise: one op on the shards
+
+A Partial row input (a gradient summed over the group, as a column-wise linear's dx) is reduced to
+where the op's other rows are. Nothing else: the normalized dimension split, a norm's parameter
+sharded or row tensors split apart are refused with a ValueError naming the op and the placement
+(never a silent gather). The row statistics the forward keeps for backward (mean, rstd) are placed Shard
+on their rows whatever token dimension is split: their order is each rank's own, and only the op's
+backward reads them. The rules cover the Triton ops (acn_kernels::*) and the CUDA extension's twins
+where it is built; `torch.distributed.tensor.experimental.register_sharding` registers them on import.
+
+`parallelize` lays the package's GPT on a (dp, tp) mesh with torch's own parallel styles and FSDP2, as
+torchtitan lays its Llama: see its docstring.
 """
 from __future__ import annotations
 
@@ -34,6 +45,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, P
                                                parallelize_module)
 
 from ._validation import check_bool
+from .long_connections import LongConnections
 from .ops._common import CUDA_EXTENSION
 
 ROW_OPS = {  # op: (what each argument is, what each output is); "row" tensors split with the tokens
@@ -146,7 +158,7 @@ def tensor_parallel_strategy(op: str, args: tuple, empty: list):
     for indices, code, inputs, outputs in SPLITS.get(op, ()):
         key = next(args[i] for i in indices if args[i] is not None)
         if key.placements[0] == split_placement(code, key.ndim):
-            return ([Replicate() if absent else split_placement(output, rows) for output, absent in zip(outputs, empty)],
+            return ([Replicate() if absent else split_placement(out, rows) for out, absent in zip(outputs, empty)],
                     [None if arg is None else split_placement(kind, rows) for kind, arg in zip(inputs, args)])
     return None
 
@@ -184,28 +196,26 @@ register_row_op_rules()
 def parallelize(model: nn.Module, mesh: DeviceMesh, *, tp: str | None = "tp", dp: str | None = "dp",
                 sequence_parallel: bool = True, loss_parallel: bool = True,
                 activation_checkpointing: bool = False) -> nn.Module:
-    """The package's GPT across the mesh's ranks, in place, as torchtitan parallelizes its Llama:
+    """The package's GPT, or an acnify'd Llama-shaped Hugging Face model, across the mesh's ranks, in
+    place, as torchtitan parallelizes its Llama:
 
-    tp   tensor parallelism over mesh[tp] (Megatron's splits on DTensors): each block's attention qkv
-         column-wise (whole heads a rank: its rows are head-major) and proj row-wise, its MLP's first
-         linear column-wise and second row-wise (one feed_forward on the shards where it fuses), the
-         token embedding row-wise (the vocabulary split) and the head column-wise; with
-         sequence_parallel the running sum, the norms and every boundary op split on the tokens
-         (Shard(1): each rank its share of every row tensor, gathered before attention and the MLP,
-         reduce-scattered after them), else replicated. With loss_parallel the logits stay split on the
-         vocabulary (model(tokens) a DTensor: F.cross_entropy in torch's loss_parallel(); early_exit_loss
-         runs depth_cross_entropy over the group), else gathered. Every other parameter (the norms', the
-         hybrid's scalars, learned positions) is replicated.
-    dp   FSDP2 over mesh[dp]: each block, then the root (the fused boundary reads a block's input norm in
-         that block's FSDP2 forward: LongConnections.steps_of).
-    activation_checkpointing: each block's steps recomputed in backward (model.gradient_checkpointing).
+    tp   tensor parallelism over mesh[tp] (Megatron's splits on DTensors): each block's attention input
+         projections column-wise (whole heads a rank: the GPT's qkv rows are head-major) and its output
+         projection row-wise, the MLP's input projections column-wise and its output projection row-wise
+         (the GPT's one feed_forward on the shards where it fuses), the token embedding row-wise (the
+         vocabulary split) and the head column-wise; with sequence_parallel the running sum, the norms
+         and every boundary op split on the tokens (Shard(1): each rank its share of every row tensor,
+         gathered before attention and the MLP, reduce-scattered after them), else replicated. With
+         loss_parallel the logits stay split on the vocabulary (model(tokens) gives a DTensor:
+         F.cross_entropy in torch's loss_parallel(); early_exit_loss runs depth_cross_entropy over the
+         group), else gathered. Every other parameter (the norms', the hybrid's scalars, learned
+         positions) is replicated.
+    dp   FSDP2 over mesh[dp]: each block (decoder layer), then the root (the fused boundary reads a
+         block's input norm in that block's FSDP2 forward: LongConnections.steps_of).
+    activation_checkpointing: every unit's step recomputed in backward.
 
     tp=None or dp=None leaves that one out (a 1-D mesh). Returns the model."""
-    from .models import GPT
-
-    if not isinstance(model, GPT):
-        raise TypeError(f"model must be the package's GPT (acn_kernels.GPT; parallelize knows its blocks' linears), "
-                        f"got {type(model).__name__}")
+    plan_of, blocks = family_of(model)
     for name, value in (("sequence_parallel", sequence_parallel), ("loss_parallel", loss_parallel),
                         ("activation_checkpointing", activation_checkpointing)):
         check_bool(name, value)
@@ -217,26 +227,84 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, tp: str | None = "tp", dp
             raise ValueError(f"{argument}={name!r} must name a dimension of the mesh (init_device_mesh(..., "
                              f"mesh_dim_names=...)), got a mesh with dimensions {names}")
     if tp is not None:
-        tensor_parallel_gpt(model, mesh[tp], sequence_parallel, loss_parallel)
-    model.gradient_checkpointing = activation_checkpointing
+        stream = Shard(1) if sequence_parallel else Replicate()
+        tensor_parallel(model, mesh[tp], plan_of(model, mesh[tp].size(), stream), stream, loss_parallel)
+    if hasattr(model, "gradient_checkpointing_enable"):  # a Hugging Face model: its layers' flag
+        if activation_checkpointing:
+            model.gradient_checkpointing_enable()
+    else:
+        model.gradient_checkpointing = activation_checkpointing
     if dp is not None:
-        for block in model.blocks:
+        for block in blocks:
             fully_shard(block, mesh=mesh[dp])
         fully_shard(model, mesh=mesh[dp])
     return model
 
 
-def check_tensor_parallel_gpt(model: nn.Module, size: int) -> None:
-    attention = model.blocks[0].attn
-    first = model.blocks[0].mlp[0]
-    if model.blocks[0].mlp.activation == "swiglu":
-        raise ValueError("model's MLP must be gelu for tensor parallelism: swiglu's first linear holds every gate "
-                         "row, then every up row, which a split of its rows would part, got mlp='swiglu'")
-    for name, value in (("heads", attention.heads), ("dim", attention.proj.in_features),
-                        ("mlp_dim", first.out_features)):
+def family_of(model: nn.Module) -> tuple:
+    """(the function giving the model's tensor-parallel plan, the blocks FSDP2 shards one by one)."""
+    from .convert.llama import llama_shaped_base
+    from .models import GPT
+
+    if isinstance(model, GPT):
+        return gpt_plan, list(model.blocks)
+    base = llama_shaped_base(model) if isinstance(model, nn.Module) else None
+    if base is not None and isinstance(getattr(base, "long_connections", None), LongConnections):
+        return llama_plan, list(base.layers)
+    raise TypeError(f"model must be the package's GPT or an acnify'd Llama-shaped Hugging Face model (acnify(model) "
+                    f"first), got {type(model).__name__}")
+
+
+def check_split(size: int, **sizes: int) -> None:
+    for name, value in sizes.items():
         if value % size:
             raise ValueError(f"the tensor-parallel size ({size}, mesh[tp]) must divide the model's {name}, got "
                              f"{name}={value}")
+
+
+def gathered(stream, use_local_output: bool = True) -> PrepareModuleInput:
+    """A module's input gathered from the stream's placement (attention's, the MLP's)."""
+    return PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),),
+                              use_local_output=use_local_output)
+
+
+def gpt_plan(model: nn.Module, size: int, stream) -> dict:
+    """The GPT's blocks: qkv column-wise, proj row-wise, the MLP one FeedForwardParallel."""
+    if model.blocks[0].mlp.activation == "swiglu":
+        raise ValueError("model's MLP must be gelu for tensor parallelism: swiglu's first linear holds every gate "
+                         "row, then every up row, which a split of its rows would part, got mlp='swiglu'")
+    attention = model.blocks[0].attn
+    check_split(size, heads=attention.heads, dim=attention.proj.in_features,
+                mlp_dim=model.blocks[0].mlp[0].out_features)
+    plan = {"blocks.*.attn.qkv": ColwiseParallel(input_layouts=stream),
+            "blocks.*.attn.proj": RowwiseParallel(output_layouts=stream, use_local_output=False),
+            "blocks.*.mlp": FeedForwardParallel(stream)}
+    if model.pos_embed is not None:
+        plan["pos_embed"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),),
+                                               use_local_output=False)
+    return dict(plan=plan, embedding="token_embed", head="lm_head")
+
+
+def llama_plan(model: nn.Module, size: int, stream) -> dict:
+    """An acnify'd Llama's decoder layers as torchtitan splits its Llama's (each branch's input gathered
+    once, its projections on local tensors: the layer's attention reshapes to its own heads)."""
+    from .convert.llama import llama_shaped_base
+
+    base = llama_shaped_base(model)
+    config = base.config
+    check_split(size, num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+                hidden_size=config.hidden_size, intermediate_size=config.intermediate_size)
+    layers = next(name for name, module in model.named_modules() if module is base.layers)
+    plan = {f"{layers}.*.self_attn": gathered(stream),
+            **{f"{layers}.*.self_attn.{name}_proj": ColwiseParallel() for name in "qkv"},
+            f"{layers}.*.self_attn.o_proj": RowwiseParallel(output_layouts=stream, use_local_output=False),
+            f"{layers}.*.mlp": gathered(stream),
+            **{f"{layers}.*.mlp.{name}_proj": ColwiseParallel() for name in ("gate", "up")},
+            f"{layers}.*.mlp.down_proj": RowwiseParallel(output_layouts=stream, use_local_output=False)}
+    embedding = next(name for name, module in model.named_modules() if module is base.embed_tokens)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return dict(plan=plan, embedding=embedding,
+                head=None if head is None else next(name for name, m in model.named_modules() if m is head))
 
 
 class FeedForwardParallel(ParallelStyle):
@@ -251,29 +319,26 @@ class FeedForwardParallel(ParallelStyle):
         first, _, second = module
         ColwiseParallel(use_local_output=False)._apply(first, device_mesh)
         RowwiseParallel(output_layouts=self.stream, use_local_output=False)._apply(second, device_mesh)
-        PrepareModuleInput(input_layouts=(self.stream,), desired_input_layouts=(Replicate(),),
-                           use_local_output=False)._apply(module, device_mesh)
+        gathered(self.stream, use_local_output=False)._apply(module, device_mesh)
         module.register_forward_hook(lambda _, __, out: out.redistribute(placements=[self.stream]))
         return module
 
 
-def tensor_parallel_gpt(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool, loss_parallel: bool) -> None:
-    """The GPT's tensor-parallel plan on a 1-D mesh (see parallelize)."""
-    check_tensor_parallel_gpt(model, mesh.size())
-    stream = Shard(1) if sequence_parallel else Replicate()
-    tied = model.lm_head.weight is model.token_embed.weight
-    plan = {"token_embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream, use_local_output=False),
-            "blocks.*.attn.qkv": ColwiseParallel(input_layouts=stream),
-            "blocks.*.attn.proj": RowwiseParallel(output_layouts=stream, use_local_output=False),
-            "blocks.*.mlp": FeedForwardParallel(stream),
-            "lm_head": ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                                       use_local_output=not loss_parallel)}
-    if model.pos_embed is not None:
-        plan["pos_embed"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),),
-                                               use_local_output=False)
+def tensor_parallel(model: nn.Module, mesh: DeviceMesh, family: dict, stream, loss_parallel: bool) -> None:
+    """The family's plan, with the token embedding row-wise and the head column-wise (split on the
+    vocabulary; a tied pair stays one parameter), on a 1-D mesh; every other parameter replicated."""
+    plan = {family["embedding"]: RowwiseParallel(input_layouts=Replicate(), output_layouts=stream,
+                                                 use_local_output=False), **family["plan"]}
+    embedding = model.get_submodule(family["embedding"])
+    head = None if family["head"] is None else model.get_submodule(family["head"])
+    tied = head is not None and head.weight is embedding.weight
+    if head is not None:
+        plan[family["head"]] = ColwiseParallel(input_layouts=stream,
+                                               output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                               use_local_output=not loss_parallel)
     parallelize_module(model, mesh, plan)
     if tied:  # each style made its own parameter of the shared weight (both split on the vocabulary)
-        model.lm_head.weight = model.token_embed.weight
+        head.weight = embedding.weight
     replicate_parameters(model, mesh)
 
 

@@ -862,15 +862,20 @@ assert hasattr(loaded.transformer, "long_connections"), "reloaded without its lo
 
 # ----------------------------------------------------------------------------- across processes
 
-WORLDS = (2,)  # tests/spawned.py runs cases(2) in the session's spawn of 2 processes
+WORLDS = (2, 4)  # tests/spawned.py runs cases(world) in the session's spawn of that many processes
 FSDP_STEPS = 3
 
 
 def cases(world: int) -> list:
-    """An acnify'd Llama of each long connectivity, FSDP2 on each decoder layer then the root."""
+    """2 processes: an acnify'd Llama of each long connectivity, FSDP2 on each decoder layer then the root;
+    4: parallelize on a 2 x 2 (dp, tp) mesh."""
     import importlib.util
     if importlib.util.find_spec("transformers") is None:
         return []
+    if world == 4:
+        return [dict(name=f"2 x 2 fsdp2 x tp llama {connectivity}", connectivity=connectivity, parallelize=True,
+                     early_exit=early_exit) for connectivity, early_exit in (("acn", True), ("hybrid", False),
+                                                                             ("lsn", True))]
     return [dict(name=f"fsdp2 per layer llama {connectivity}", connectivity=connectivity)
             for connectivity in ("acn", "hybrid", "lsn")] + [
         dict(name="fsdp2 per layer llama acn, every exit's loss", connectivity="acn", early_exit=True)]
@@ -886,13 +891,26 @@ def fsdp_llama(case: dict):
 
 
 def train_llama(model, ids, case: dict) -> None:
+    """FSDP_STEPS SGD steps of every exit's loss, or the model's own (with parallelize the last exit's
+    cross-entropy on the logits split on the vocabulary, in torch's loss_parallel)."""
+    import contextlib
+
+    import torch.nn.functional as F
+    from torch.distributed.tensor.parallel import loss_parallel
+
     from acn_kernels import early_exit_loss
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(FSDP_STEPS):
         optimizer.zero_grad()
-        loss = early_exit_loss(model, ids, ids) if case.get("early_exit") else model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        if case.get("early_exit"):
+            early_exit_loss(model, ids, ids).backward()
+        elif case.get("parallelize"):
+            logits = model(input_ids=ids[:, :-1]).logits
+            with loss_parallel() if hasattr(logits, "placements") else contextlib.nullcontext():
+                F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        else:
+            model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
 
 
@@ -903,31 +921,37 @@ def llama_batch():
 def run_on_rank(case: dict, rank: int, world: int, calls) -> dict:
     """fully_shard on each decoder layer, then the root, as every recipe does; this rank's share of the
     batch; the whole state after training."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = fsdp_llama(case)
-    for layer in base_of(model).layer_list():
-        fully_shard(layer)
-    fully_shard(model)
-    ids = llama_batch()
+    from acn_kernels.parallel import parallelize
+
+    model, ids = fsdp_llama(case), llama_batch()
+    if case.get("parallelize"):
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        parallelize(model, mesh)
+        rank, world = mesh["dp"].get_local_rank(), 2  # each tensor-parallel pair one share of the batch
+    else:
+        for layer in base_of(model).layer_list():
+            fully_shard(layer)
+        fully_shard(model)
     train_llama(model, ids[rank * len(ids) // world:(rank + 1) * len(ids) // world], case)
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
             for k, v in model.state_dict().items()}
 
 
-@pytest.fixture(scope="module")
-def spawned(tmp_path_factory):
-    from spawned import session_results
-    return session_results(__name__, 2, tmp_path_factory)
-
-
-@pytest.mark.parametrize("case", cases(2) or [pytest.param(None, marks=pytest.mark.skip(
+@pytest.mark.parametrize("case", cases(2) + cases(4) or [pytest.param(None, marks=pytest.mark.skip(
     reason="needs the [hf] extra: pip install 'acn-kernels[hf]'"))], ids=lambda case: case and case["name"])
-def test_fsdp2_on_each_decoder_layer_then_the_root_trains_as_one_process(spawned, case):
+def test_fsdp2_on_each_decoder_layer_and_tensor_parallelism_train_as_one_process(case, tmp_path_factory):
+    """FSDP2 on each decoder layer then the root (2 processes), parallelize on a 2 x 2 mesh (4)."""
+    from spawned import session_results
+
+    world = 4 if case.get("parallelize") else 2
+    spawned = session_results(__name__, world, tmp_path_factory)
     model = fsdp_llama(case)
     train_llama(model, llama_batch(), case)
     for rank, results in enumerate(spawned):
-        result = results[cases(2).index(case)]
+        result = results[cases(world).index(case)]
         assert not isinstance(result, tuple), f"rank {rank} raised {result[1]}"
         for name, value in model.state_dict().items():
             torch.testing.assert_close(result[name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")

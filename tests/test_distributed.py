@@ -71,7 +71,8 @@ PARALLELIZE_REFUSED = [
     dict(name="parallelize refused: a tp size that does not divide the heads", bad="heads",
          match=r"the tensor-parallel size \(2, mesh\[tp\]\) must divide the model's heads, got heads=3"),
     dict(name="parallelize refused: a family the package does not parallelize", bad="family",
-         match=r"TypeError: model must be the package's GPT .*, got MLP"),
+         match=r"TypeError: model must be the package's GPT or an acnify'd Llama-shaped Hugging Face model "
+               r"\(acnify\(model\) first\), got MLP"),
     dict(name="parallelize refused: swiglu's fused rows", bad="swiglu", match=r"model's MLP must be gelu")]
 
 

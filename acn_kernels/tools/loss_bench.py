@@ -143,8 +143,8 @@ def run_loss_bench(quick: bool, out: str) -> list:
         with context.Pool(1) as pool:
             rows.append(pool.apply(run_case, (case, device)))
     print_loss_table(rows, shape, device, quick)
-    from .parallel_loss_bench import parallel_rows  # it measures as this module does
-    rows += parallel_rows(quick, context) + probe_rows(quick, device, context)
+    from .parallel_loss_bench import parallel_rows, parallelize_rows  # they measure as this module does
+    rows += parallel_rows(quick, context) + parallelize_rows(quick, context) + probe_rows(quick, device, context)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "loss.csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
