@@ -132,8 +132,8 @@ class Readout:
         backend, so no (E, tokens, vocabulary) logits exist; a "reference" model's on the chunked path
         (plain PyTorch too)."""
         check_labels(input_ids, labels, self.head_weight.shape[0])
-        if DTensor is not None and isinstance(states, DTensor):  # a tensor-parallel model's, split on the tokens: each rank all of them
-            states = states.redistribute(placements=[Replicate()] * states.device_mesh.ndim)
+        if DTensor is not None and isinstance(states, DTensor):  # a tensor-parallel model's, split on the tokens:
+            states = states.redistribute(placements=[Replicate()] * states.device_mesh.ndim)  # each rank all
         weight, bias, eps = norm_parameters(self.norm, states)
         return depth_cross_entropy(states[:, :, :-1], labels[:, 1:].to(states.device), weight, bias, self.head_weight,
                                    weights=weights, head_bias=self.head_bias, norm=norm_kind(self.norm, "the final norm"),
@@ -618,8 +618,8 @@ class LongConnections(nn.Module):
         fused = self.fused(walk.x.device)
         recorded = Outputs(outputs)
         for block, block_units in itertools.groupby(units, key=lambda i: i // self.units_per_block):
-            walk = self.steps_of(block)(walk.x, Unseen(walk), list(block_units), fused, block_kwargs, units[-1], keep_last_output,
-                                        recorded)  # units[-1]: the groups exist only where units do
+            walk = self.steps_of(block)(walk.x, Unseen(walk), list(block_units), fused, block_kwargs, units[-1],
+                                        keep_last_output, recorded)  # units[-1]: the groups exist only where units do
         return walk
 
     # ------------------------------------------------------------------ the whole chain

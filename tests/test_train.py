@@ -36,6 +36,7 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path, capsys, r
     (["--resume"], r"--resume needs a checkpoint in --out: no .*latest"),
     (["--text", "TEXT"], r"--text must hold at least 660 bytes for --context 32 \(5% held out\), got 11"),
     (["--steps", "2"], r"--steps must be at least 3 \(the one-cycle schedule warms up over 2\), got 2"),
+    (["--tp", "2"], r"--tp must divide the number of processes \(1\), got 2"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, argv, message):
     import re

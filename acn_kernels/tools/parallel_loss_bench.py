@@ -218,7 +218,8 @@ def training_step_peak(shape: dict, rank: int = 0) -> float:
     baseline = resident_bytes()
     torch.manual_seed(0)
     model = GPT(shape["vocab"], shape["tokens"], shape["width"], shape["depth"], shape["heads"], bias=False)
-    ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["tokens"]), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["tokens"]),
+                        generator=torch.Generator().manual_seed(1))
     if dist.is_initialized():
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh("cpu", MESH, mesh_dim_names=("dp", "tp"))
@@ -266,8 +267,8 @@ def parallelize_rows(quick: bool, context) -> list:
     target = "" if quick else " (target <= 0.35)"
     print(f"{'SMOKE RUN: ' if quick else ''}an AC-GPT training step (width {shape['width']}, {shape['depth']} blocks, "
           f"vocabulary {shape['vocab']}, {shape['batch']} x {shape['tokens']} tokens, every exit's loss, AdamW): peak "
-          f"resident of the step beyond the imports {one:.3f} GiB in one process; parallelize on a 2 x 2 (dp, tp) mesh of 4 gloo "
-          f"processes, per rank {' '.join(f'{peak:.3f}' for peak in ranks)} GiB: the largest "
+          f"resident of the step beyond the imports {one:.3f} GiB in one process; parallelize on a 2 x 2 (dp, tp) "
+          f"mesh of 4 gloo processes, per rank {' '.join(f'{peak:.3f}' for peak in ranks)} GiB: the largest "
           f"{max(ranks) / one:.3f} of one process's{target}", flush=True)
     return [dict(path="training step, one process", peak_gib=one),
             *(dict(path="training step, parallelize 2 x 2", world=world, rank=rank, peak_gib=peak)
