@@ -115,13 +115,22 @@ class CausalSelfAttention(nn.Module):
         """(query, key, value) weights, each (dim, dim) with the heads' rows in order."""
         return tuple(w.flatten(0, 1) for w in self.qkv.weight.unflatten(0, (self.heads, 3, self.head_dim)).unbind(1))
 
+    def head_major(self, rows: torch.Tensor) -> torch.Tensor:
+        """qkv's rows (a weight or bias) in the version-1 layout, (3, heads, head_dim, ...), as (heads, 3,
+        head_dim, ...)."""
+        return rows.unflatten(0, (3, self.heads, -1)).transpose(0, 1).flatten(0, 2)
+
+    @torch.no_grad()
+    def initialized_as_version_1(self) -> None:
+        """qkv's rows, just initialized, reordered as the version-1 layout held them: a seed gives the
+        model it gave before the layout changed."""
+        self.qkv.weight.copy_(self.head_major(self.qkv.weight))
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         if local_metadata.get("version", self._version) < 2:
             for name in ("weight", "bias"):
-                value = state_dict.get(f"{prefix}qkv.{name}")
-                if value is not None:  # (3, heads, head_dim, ...) -> (heads, 3, head_dim, ...)
-                    state_dict[f"{prefix}qkv.{name}"] = value.unflatten(0, (3, self.heads, -1)).transpose(0, 1) \
-                        .flatten(0, 2)
+                if state_dict.get(f"{prefix}qkv.{name}") is not None:
+                    state_dict[f"{prefix}qkv.{name}"] = self.head_major(state_dict[f"{prefix}qkv.{name}"])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
@@ -215,6 +224,8 @@ class GPT(DepthModel):
         self.final_norm = make_norm(norm, dim, bias)
         self.lm_head = FusedLinear(dim, vocab_size, bias=False)
         self.apply(init_weights)
+        for block in self.blocks:
+            block.attn.initialized_as_version_1()
         if scaled_output_init:  # GPT-2's: each block's two writes into the sum at 0.02 / sqrt(2L)
             for block in self.blocks:
                 for weight in block.output_projections():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -203,13 +204,13 @@ QUICK_STEP = dict(vocab=1000, width=64, depth=2, heads=4, batch=2, tokens=64)
 MESH = (2, 2)  # (dp, tp)
 
 
-def training_step_peak(shape: dict, rank: int = 0) -> float:
-    """Peak resident GiB, beyond what the process held before the model (its imports and process group),
-    of one AdamW step of every exit's loss on its data rank's share of the batch, the AC-GPT built and
-    laid on a MESH of the group's ranks where there is one (parallelize): its parameters' shards resident,
-    the step's gradients, optimizer state and activations on top (what a GPU's peak allocated memory
-    counts). The model is built whole on every rank first (torchtitan builds it on the meta device); that
-    peak, before the step, is left out."""
+def training_step_peak(shape: dict, rank: int = 0) -> tuple:
+    """(peak resident GiB, seconds) of one AdamW step of every exit's loss on its data rank's share of the
+    batch, the peak beyond what the process held before the model (its imports and process group), the
+    AC-GPT built and laid on a MESH of the group's ranks where there is one (parallelize): its parameters'
+    shards resident, the step's gradients, optimizer state and activations on top (what a GPU's peak
+    allocated memory counts). The model is built whole on every rank first (torchtitan builds it on the
+    meta device); that peak, before the step, is left out."""
     from ..models import GPT
     from ..parallel import parallelize
     from ..training import early_exit_loss
@@ -228,17 +229,18 @@ def training_step_peak(shape: dict, rank: int = 0) -> float:
         ids = ids[mesh["dp"].get_local_rank() * share:][:share]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     reset_peak_resident()
+    began = time.perf_counter()
     early_exit_loss(model, ids, ids).backward()
     optimizer.step()
-    return (peak_resident_bytes() - baseline) / 2 ** 30
+    return (peak_resident_bytes() - baseline) / 2 ** 30, time.perf_counter() - began
 
 
 def parallelize_rank(rank: int, world: int, port: int, shape: dict, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    peak = training_step_peak(shape, rank)
+    peak, seconds = training_step_peak(shape, rank)
     with open(os.path.join(folder, f"rank{rank}"), "w") as handle:
-        handle.write(f"{peak}\n")
+        handle.write(f"{peak} {seconds}\n")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -256,20 +258,20 @@ def parallelize_rows(quick: bool, context) -> list:
     # resident set follows the live tensors (glibc raises a dynamic one and keeps what a freed model held)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     with context.Pool(1) as pool:
-        one = pool.apply(training_step_peak, (shape,))
+        one, one_seconds = pool.apply(training_step_peak, (shape,))
     world = MESH[0] * MESH[1]
     with tempfile.TemporaryDirectory() as folder, socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
         probe.close()
         mp.start_processes(parallelize_rank, args=(world, port, shape, folder), nprocs=world, start_method="spawn")
-        ranks = [float(open(f"{folder}/rank{rank}").read()) for rank in range(world)]
+        ranks, seconds = zip(*(map(float, open(f"{folder}/rank{rank}").read().split()) for rank in range(world)))
     target = "" if quick else " (target <= 0.35)"
     print(f"{'SMOKE RUN: ' if quick else ''}an AC-GPT training step (width {shape['width']}, {shape['depth']} blocks, "
           f"vocabulary {shape['vocab']}, {shape['batch']} x {shape['tokens']} tokens, every exit's loss, AdamW): peak "
           f"resident of the step beyond the imports {one:.3f} GiB in one process; parallelize on a 2 x 2 (dp, tp) "
           f"mesh of 4 gloo processes, per rank {' '.join(f'{peak:.3f}' for peak in ranks)} GiB: the largest "
           f"{max(ranks) / one:.3f} of one process's{target}", flush=True)
-    return [dict(path="training step, one process", peak_gib=one),
-            *(dict(path="training step, parallelize 2 x 2", world=world, rank=rank, peak_gib=peak)
-              for rank, peak in enumerate(ranks))]
+    return [dict(path="training step, one process", peak_gib=one, seconds=one_seconds),
+            *(dict(path="training step, parallelize 2 x 2", world=world, rank=rank, peak_gib=peak, seconds=time)
+              for rank, (peak, time) in enumerate(zip(ranks, seconds)))]
