@@ -61,6 +61,8 @@ TENSOR_PARALLEL = ([dict(name=f"2 x 2 fsdp2 x tp gpt {form}", connectivity=form)
                       dict(name="2 x 2 fsdp2 x tp gpt lsn, every exit's loss", connectivity="lsn", early_exit=True),
                       dict(name="2 x 2 fsdp2 x tp gpt hybrid, no sequence or loss parallelism", connectivity="hybrid",
                            sequence_parallel=False, loss_parallel=False),
+                      dict(name="tp over 4 ranks alone (dp=None), gpt acn of 4 heads, every exit's loss",
+                           connectivity="acn", tp_only=True, early_exit=True),
                       dict(name="2 x 2 fsdp2 x tp gpt acn, rotary, no biases, AdamW, activation checkpointing, "
                                 "float64", connectivity="acn", authors=True, backend="reference",
                            activation_checkpointing=True)])
@@ -322,7 +324,7 @@ def tensor_parallel_gpt(case: dict):
     turn float32's rounding of a gradient near 0 into a step of their size."""
     torch.manual_seed(0)
     authors = dict(bias=False, positions="rotary", scaled_output_init=True) if case.get("authors") else {}
-    model = GPT(29, 12, 16, 3, 2, backend=case.get("backend", "auto"), **authors,
+    model = GPT(29, 12, 16, 3, 4 if case.get("tp_only") else 2, backend=case.get("backend", "auto"), **authors,
                 **GPT_FORMS.get(case["connectivity"], dict(connectivity=case["connectivity"])))
     return model.double() if case.get("authors") else model
 
@@ -354,11 +356,15 @@ def tensor_parallel_steps(model, ids: torch.Tensor, case: dict) -> dict:
 
 
 def run_parallelized(case: dict, rank: int) -> dict:
-    """parallelize on a 2 x 2 (dp, tp) mesh, each dp rank half of the batch."""
+    """parallelize on a 2 x 2 (dp, tp) mesh, each dp rank half of the batch (or tensor parallelism alone over
+    the 4 ranks, each the whole batch)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from acn_kernels.parallel import parallelize
 
+    if case.get("tp_only"):
+        model = parallelize(tensor_parallel_gpt(case), init_device_mesh("cpu", (4,), mesh_dim_names=("tp",)), dp=None)
+        return tensor_parallel_steps(model, batch("gpt")[0], case)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     if "bad" in case:
         return refused_parallelize(case, mesh)
@@ -536,9 +542,9 @@ def test_fsdp2_by_tensor_parallelism_on_a_2x2_mesh_matches_one_process(spawned_f
             torch.testing.assert_close(result["grads"][name], value, **tolerance, msg=f"rank {rank}: {name}")
         for name, value in expected["state"].items():
             torch.testing.assert_close(result["state"][name], value, **tolerance, msg=f"rank {rank}: {name}")
-    for pair in ((0, 2), (1, 3)):  # rank 2 dp + tp: each tp rank's two dp ranks (halves of the batch)
-        means = [sum(results[r]["losses"][step] for r in pair) / 2 for step in range(STEPS)]
-        assert means == pytest.approx(expected["losses"], rel=tolerance["rtol"])
+    for pair in ((0, 2), (1, 3)) if not case.get("tp_only") else ((r,) for r in range(4)):  # rank 2 dp + tp:
+        means = [sum(results[r]["losses"][step] for r in pair) / len(pair) for step in range(STEPS)]  # a tp rank's
+        assert means == pytest.approx(expected["losses"], rel=tolerance["rtol"])  # dp ranks, halves of the batch
 
 
 @pytest.mark.parametrize("case", PARALLELIZE_REFUSED, ids=lambda case: case["name"])
