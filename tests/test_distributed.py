@@ -57,6 +57,8 @@ TRAIN_TP = dict(name="python -m acn_kernels train --tp 2 across 4 processes, res
 TENSOR_PARALLEL = ([dict(name=f"2 x 2 fsdp2 x tp gpt {form}", connectivity=form) for form in GPT_CONNECTIVITIES]
                    + [dict(name="2 x 2 fsdp2 x tp gpt acn, the reference backend", connectivity="acn",
                            backend="reference"),
+                      dict(name="2 x 2 fsdp2 x tp gpt hybrid, the triton backend (one fused feed_forward)",
+                           connectivity="hybrid", backend="triton"),
                       dict(name="2 x 2 fsdp2 x tp gpt acn, every exit's loss", connectivity="acn", early_exit=True),
                       dict(name="2 x 2 fsdp2 x tp gpt lsn, every exit's loss", connectivity="lsn", early_exit=True),
                       dict(name="2 x 2 fsdp2 x tp gpt hybrid, no sequence or loss parallelism", connectivity="hybrid",
