@@ -397,16 +397,13 @@ class Unseen:
         self.value = value
 
 
-class Outputs:
-    """Where a walk records each unit's output (a list, or nowhere): an object, so that FSDP2's hooks
-    around a block's steps pass it through as it is (they rebuild lists and dicts)."""
-
-    def __init__(self, outputs: list | None):
-        self.outputs = outputs
+class Outputs(Unseen):
+    """Where a walk records each unit's output (a list, or nowhere), unseen by FSDP2's hooks around a
+    block's steps (they would rebuild the list)."""
 
     def record(self, index: int, x: torch.Tensor | None) -> None:
-        if self.outputs is not None:
-            self.outputs[index] = x
+        if self.value is not None:
+            self.value[index] = x
 
 
 def unhooked(block: nn.Module):

@@ -33,6 +33,7 @@ torchtitan lays its Llama: see its docstring.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -42,7 +43,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
-                                               parallelize_module)
+                                               loss_parallel, parallelize_module)
 
 from ._validation import check_bool
 from .long_connections import LongConnections
@@ -167,10 +168,10 @@ def row_op_rule(overload, op: str):
     kinds, output_kinds = ROW_OPS[op]
 
     def rule(*args):
-        tensor_parallel = tensor_parallel_strategy(op, args, empty_outputs(overload, args))
+        empty = empty_outputs(overload, args)
+        tensor_parallel = tensor_parallel_strategy(op, args, empty)
         if tensor_parallel is not None:
             return [tensor_parallel]
-        empty = empty_outputs(overload, args)
         strategies = []
         for split in row_splits(op, kinds, args):
             outputs = [Replicate() if absent else placement_of(kind.removesuffix("?"), None, split)
@@ -294,17 +295,21 @@ def llama_plan(model: nn.Module, size: int, stream) -> dict:
     config = base.config
     check_split(size, num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
                 hidden_size=config.hidden_size, intermediate_size=config.intermediate_size)
-    layers = next(name for name, module in model.named_modules() if module is base.layers)
+    layers = path_of(model, base.layers)
     plan = {f"{layers}.*.self_attn": gathered(stream),
             **{f"{layers}.*.self_attn.{name}_proj": ColwiseParallel() for name in "qkv"},
             f"{layers}.*.self_attn.o_proj": RowwiseParallel(output_layouts=stream, use_local_output=False),
             f"{layers}.*.mlp": gathered(stream),
             **{f"{layers}.*.mlp.{name}_proj": ColwiseParallel() for name in ("gate", "up")},
             f"{layers}.*.mlp.down_proj": RowwiseParallel(output_layouts=stream, use_local_output=False)}
-    embedding = next(name for name, module in model.named_modules() if module is base.embed_tokens)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return dict(plan=plan, embedding=embedding,
-                head=None if head is None else next(name for name, m in model.named_modules() if m is head))
+    return dict(plan=plan, embedding=path_of(model, base.embed_tokens),
+                head=None if head is None else path_of(model, head))
+
+
+def path_of(model: nn.Module, module: nn.Module) -> str:
+    """module's name in model (what a parallelize_module plan names it by)."""
+    return next(name for name, candidate in model.named_modules() if candidate is module)
 
 
 class FeedForwardParallel(ParallelStyle):
@@ -340,6 +345,13 @@ def tensor_parallel(model: nn.Module, mesh: DeviceMesh, family: dict, stream, lo
     if tied:  # each style made its own parameter of the shared weight (both split on the vocabulary)
         head.weight = embedding.weight
     replicate_parameters(model, mesh)
+
+
+def loss_context(logits: torch.Tensor):
+    """Where F.cross_entropy and its backward run on `logits`: torch's loss_parallel() for logits split on
+    the vocabulary (parallelize(..., loss_parallel=True)), else nothing."""
+    return loss_parallel() if isinstance(logits, DTensor) and logits.placements[-1].is_shard() \
+        else contextlib.nullcontext()
 
 
 def replicate_parameters(model: nn.Module, mesh: DeviceMesh) -> None:

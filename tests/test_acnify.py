@@ -893,12 +893,10 @@ def fsdp_llama(case: dict):
 def train_llama(model, ids, case: dict) -> None:
     """FSDP_STEPS SGD steps of every exit's loss, or the model's own (with parallelize the last exit's
     cross-entropy on the logits split on the vocabulary, in torch's loss_parallel)."""
-    import contextlib
-
     import torch.nn.functional as F
-    from torch.distributed.tensor.parallel import loss_parallel
 
     from acn_kernels import early_exit_loss
+    from acn_kernels.parallel import loss_context
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(FSDP_STEPS):
@@ -907,7 +905,7 @@ def train_llama(model, ids, case: dict) -> None:
             early_exit_loss(model, ids, ids).backward()
         elif case.get("parallelize"):
             logits = model(input_ids=ids[:, :-1]).logits
-            with loss_parallel() if hasattr(logits, "placements") else contextlib.nullcontext():
+            with loss_context(logits):
                 F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
         else:
             model(input_ids=ids, labels=ids).loss.backward()

@@ -3,7 +3,6 @@ every recipe applies it (each block, then the root) on every connectivity of the
 dropout on ranks seeded apart (the same blocks skipped on every rank, no hang); a distributed checkpoint
 saved at step 2 resumes to step 3 bit for bit, and loads into one process. Every case of a world size runs
 in the session's one spawn (tests/spawned.py)."""
-import contextlib
 import dataclasses
 
 import pytest
@@ -334,7 +333,7 @@ def tensor_parallel_gpt(case: dict):
 def tensor_parallel_steps(model, ids: torch.Tensor, case: dict) -> dict:
     """STEPS steps (AdamW for the authors' GPT without biases, SGD otherwise: see train); every step's loss,
     the first step's gradients and the last state, each whole (the shards gathered)."""
-    from torch.distributed.tensor.parallel import loss_parallel
+    from acn_kernels.parallel import loss_context
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2) if case.get("authors") \
         else torch.optim.SGD(model.parameters(), lr=0.5)
@@ -346,7 +345,7 @@ def tensor_parallel_steps(model, ids: torch.Tensor, case: dict) -> dict:
             loss.backward()
         else:
             logits = model(ids[:, :-1])
-            with loss_parallel() if hasattr(logits, "placements") else contextlib.nullcontext():
+            with loss_context(logits):
                 loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
                 loss.backward()
         losses.append(float(loss.full_tensor() if hasattr(loss, "full_tensor") else loss))

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor.parallel import loss_parallel
 
 from ..backend import resolve_backend
 from ..depth import depth_scores_across_ranks
@@ -208,6 +207,8 @@ def run(options: TrainOptions, progress=None) -> list:
 def trained(options: TrainOptions, data: text.TextSplit, folder: str | None, rank: int, world: int, device,
             progress) -> list:
     """run's training in its process group: [(step, every depth's held-out loss)]."""
+    from ..parallel import loss_context
+
     os.makedirs(options.out, exist_ok=True)
     model, optimizer, lr_schedule = built(options, world, device)
     first = resumed(model, optimizer, lr_schedule, folder) + 1 if options.resume else 1
@@ -222,7 +223,7 @@ def trained(options: TrainOptions, data: text.TextSplit, folder: str | None, ran
             early_exit_loss(model, ids, ids, weights="uniform").backward()
         else:
             logits = model(ids[:, :-1])
-            with loss_parallel() if options.tp > 1 else contextlib.nullcontext():  # logits split on the vocabulary
+            with loss_context(logits):  # torch's loss_parallel where they are split on the vocabulary
                 F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPES["authors"].clip)
         optimizer.step()
